@@ -1,0 +1,1 @@
+"""Denoising pretraining for semantic segmentation (DeP and DDeP)."""
