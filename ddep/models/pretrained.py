@@ -1,0 +1,270 @@
+"""Import of ImageNet-21k R50+ViT-B/16 encoders into a TransUNet's params.
+
+Two sources hold the same weights:
+- the original `R50+ViT-B_16.npz` (flat '/'-joined keys, pre-Linen module
+  names, GroupNorm params as (1, 1, 1, C), a class-token row in the position
+  embeddings, and `cls`/`pre_logits`/`head` entries);
+- timm's `vit_base_r50_s16_224.orig_in21k` safetensors (PyTorch names/layouts).
+
+Both are first brought to the npz layout (`read_checkpoint`), then mapped onto
+the model's `encoder` subtree (`load_pretrained_encoder`).
+"""
+import os
+import re
+import zipfile
+from typing import Any, Mapping
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+
+from ddep.models import vit
+
+# Entries of the classifier checkpoints that segmentation does not use.
+_UNUSED_PREFIXES = ('cls', 'head/', 'pre_logits/')
+_POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+# Linen-numbered names (checkpoints re-saved by Linen code) -> our pre-Linen names.
+_LINEN_TO_PRE_LINEN = {
+    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+    'LayerNorm_1': 'LayerNorm_2',
+    'MlpBlock_0': 'MlpBlock_3',
+}
+_GROUPNORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be read or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------
+# Reading either source into the npz layout.
+# ---------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """Reads `.npz` (original ViT layout) or timm `.safetensors` into the npz layout."""
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: checkpoint file does not exist')
+  if path.endswith('.npz'):
+    return _read_npz(path)
+  if path.endswith('.safetensors'):
+    return timm_to_vit_layout(_read_safetensors(path), source=path)
+  raise CheckpointError(f'{path}: unknown checkpoint format; expected .npz or .safetensors')
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: np.asarray(f[k]) for k in f.files}
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    raise CheckpointError(f'{path}: not a readable .npz checkpoint (truncated or corrupt?): '
+                          f'{type(e).__name__}: {e}') from e
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  try:
+    return dict(st_numpy.load_file(path))
+  except Exception as e:  # safetensors raises its own error types.
+    raise CheckpointError(f'{path}: not a readable .safetensors checkpoint (truncated or '
+                          f'corrupt?): {type(e).__name__}: {e}') from e
+
+
+def _conv(w):  # PyTorch OIHW -> Flax HWIO.
+  return np.transpose(w, (2, 3, 1, 0))
+
+
+def _gn(w):  # The npz stores GroupNorm params as (1, 1, 1, C).
+  return w.reshape(1, 1, 1, -1)
+
+
+def timm_to_vit_layout(tensors: Mapping[str, np.ndarray], *, source: str = 'timm checkpoint',
+                       head_dim: int = 64) -> dict[str, np.ndarray]:
+  """Maps timm's R50+ViT hybrid state dict to the original npz layout.
+
+  timm does not store the number of heads; ViT-B (like every ViT size) uses
+  64-dimensional heads, hence the `head_dim` default.
+  """
+  out: dict[str, np.ndarray] = {}
+  unknown = []
+  stage_re = re.compile(r'patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.(.+)$')
+  block_re = re.compile(r'blocks\.(\d+)\.(.+)$')
+  for name, w in tensors.items():
+    w = np.asarray(w)
+    if m := stage_re.match(name):
+      unit = f'block{int(m[1]) + 1}/unit{int(m[2]) + 1}'
+      leaf = m[3]
+      if mm := re.fullmatch(r'conv(\d)\.weight', leaf):
+        out[f'{unit}/conv{mm[1]}/kernel'] = _conv(w)
+      elif mm := re.fullmatch(r'norm(\d)\.(weight|bias)', leaf):
+        out[f'{unit}/gn{mm[1]}/{"scale" if mm[2] == "weight" else "bias"}'] = _gn(w)
+      elif leaf == 'downsample.conv.weight':
+        out[f'{unit}/conv_proj/kernel'] = _conv(w)
+      elif mm := re.fullmatch(r'downsample\.norm\.(weight|bias)', leaf):
+        out[f'{unit}/gn_proj/{"scale" if mm[1] == "weight" else "bias"}'] = _gn(w)
+      else:
+        unknown.append(name)
+    elif name == 'patch_embed.backbone.stem.conv.weight':
+      out['conv_root/kernel'] = _conv(w)
+    elif name in ('patch_embed.backbone.stem.norm.weight', 'patch_embed.backbone.stem.norm.bias'):
+      out[f'gn_root/{"scale" if name.endswith("weight") else "bias"}'] = _gn(w)
+    elif name == 'patch_embed.proj.weight':
+      out['embedding/kernel'] = _conv(w)
+    elif name == 'patch_embed.proj.bias':
+      out['embedding/bias'] = w
+    elif name == 'cls_token':
+      out['cls'] = w
+    elif name == 'pos_embed':
+      out[_POSEMB_KEY] = w
+    elif name in ('norm.weight', 'norm.bias'):
+      out[f'Transformer/encoder_norm/{"scale" if name.endswith("weight") else "bias"}'] = w
+    elif name in ('head.weight', 'head.bias'):
+      out['head/kernel' if name.endswith('weight') else 'head/bias'] = (
+          w.T if name.endswith('weight') else w)
+    elif name.startswith('pre_logits.') or name.startswith('fc_norm.'):
+      continue  # Classifier parts; unused by segmentation.
+    elif m := block_re.match(name):
+      out.update(_timm_block(int(m[1]), m[2], w, name, unknown, head_dim))
+    else:
+      unknown.append(name)
+  if unknown:
+    raise CheckpointError(f'{source}: unexpected keys for a timm R50+ViT hybrid checkpoint: '
+                          f'{sorted(unknown)}')
+  return out
+
+
+def _timm_block(i: int, leaf: str, w: np.ndarray, name: str, unknown: list,
+                head_dim: int) -> dict:
+  p = f'Transformer/encoderblock_{i}'
+  attn = f'{p}/MultiHeadDotProductAttention_1'
+  simple = {
+      'norm1.weight': f'{p}/LayerNorm_0/scale', 'norm1.bias': f'{p}/LayerNorm_0/bias',
+      'norm2.weight': f'{p}/LayerNorm_2/scale', 'norm2.bias': f'{p}/LayerNorm_2/bias',
+      'mlp.fc1.bias': f'{p}/MlpBlock_3/Dense_0/bias', 'mlp.fc2.bias': f'{p}/MlpBlock_3/Dense_1/bias',
+      'attn.proj.bias': f'{attn}/out/bias',
+  }
+  if leaf in simple:
+    return {simple[leaf]: w}
+  if leaf == 'mlp.fc1.weight':
+    return {f'{p}/MlpBlock_3/Dense_0/kernel': w.T}
+  if leaf == 'mlp.fc2.weight':
+    return {f'{p}/MlpBlock_3/Dense_1/kernel': w.T}
+  if leaf in ('attn.qkv.weight', 'attn.qkv.bias'):
+    # timm fuses q, k, v along the output dim; heads are contiguous within each.
+    d = w.shape[0] // 3
+    heads = d // head_dim
+    out = {}
+    for part, qkv in zip(np.split(w, 3, axis=0), ('query', 'key', 'value')):
+      if leaf.endswith('weight'):
+        out[f'{attn}/{qkv}/kernel'] = part.T.reshape(-1, heads, head_dim)
+      else:
+        out[f'{attn}/{qkv}/bias'] = part.reshape(heads, head_dim)
+    return out
+  if leaf == 'attn.proj.weight':
+    d = w.shape[1]
+    return {f'{attn}/out/kernel': w.T.reshape(d // head_dim, head_dim, -1)}
+  unknown.append(name)
+  return {}
+
+
+# ---------------------------------------------------------------------------
+# Mapping the npz layout onto the model.
+# ---------------------------------------------------------------------------
+
+
+def _rename_linen(key: str) -> str:
+  parts = key.split('/')
+  return '/'.join(_LINEN_TO_PRE_LINEN.get(p, p) if 'encoderblock_' in key else p for p in parts)
+
+
+def _posemb_grid(posemb: np.ndarray, key: str) -> np.ndarray:
+  """(1, [1 +] g*g, D) -> (1, g, g, D), dropping a class-token row if there is one."""
+  if posemb.ndim == 4:
+    return posemb
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise CheckpointError(f'{key}: expected shape (1, tokens, D), got {posemb.shape}')
+  n = posemb.shape[1]
+  for skip in (0, 1):
+    g = int(round(np.sqrt(n - skip)))
+    if g * g == n - skip:
+      return posemb[:, skip:].reshape(1, g, g, posemb.shape[2])
+  raise CheckpointError(f'{key}: {n} tokens are neither a square grid nor a square grid '
+                        'plus a class token')
+
+
+def _fit_to(key: str, value: np.ndarray, target: Any) -> np.ndarray:
+  """Brings a checkpoint array to the model's layout where the layouts legitimately differ."""
+  if _GROUPNORM.search(key) and value.ndim == 4:
+    value = value.reshape(-1)
+  elif key.endswith(_POSEMB_KEY):
+    grid = _posemb_grid(value, key)
+    if grid.shape[-1] == target.shape[-1]:
+      value = np.asarray(vit.resize_posemb(jnp.asarray(grid, jnp.float32), target.shape[1:3]))
+    else:
+      value = grid
+  return value
+
+
+def load_pretrained_encoder(params: Mapping[str, Any], path_or_weights) -> dict[str, Any]:
+  """Returns a copy of `params` with its `encoder` subtree read from a checkpoint.
+
+  `path_or_weights` is a `.npz`/`.safetensors` path or an already-read flat dict in
+  the npz layout. The class-token row is dropped and the position embeddings are
+  resized bilinearly to the model's grid; the decoder and `head` are untouched.
+  Every missing, unexpected or misshapen key is reported in one error.
+  """
+  if 'encoder' not in params:
+    raise CheckpointError("params have no 'encoder' subtree; pass model.init(...)['params']")
+  source = path_or_weights if isinstance(path_or_weights, str) else 'weights'
+  flat = read_checkpoint(path_or_weights) if isinstance(path_or_weights, str) else dict(
+      path_or_weights)
+  flat = {_rename_linen(k): v for k, v in flat.items()
+          if not any(k == p or k.startswith(p) for p in _UNUSED_PREFIXES)}
+
+  target = {'/'.join(k): v for k, v in
+            flax.traverse_util.flatten_dict(flax.core.unfreeze(params['encoder'])).items()}
+  missing = sorted(set(target) - set(flat))
+  unexpected = sorted(set(flat) - set(target))
+  loaded, wrong_shape = {}, []
+  for key in sorted(set(target) & set(flat)):
+    value = _fit_to(key, np.asarray(flat[key]), target[key])
+    if value.shape != tuple(target[key].shape):
+      wrong_shape.append(f'{key}: checkpoint {value.shape} vs model {tuple(target[key].shape)}')
+    else:
+      loaded[key] = jnp.asarray(value, dtype=target[key].dtype)
+  if missing or unexpected or wrong_shape:
+    lines = [f'{source}: checkpoint does not fit the model encoder.']
+    if missing:
+      lines.append(f'  missing from checkpoint ({len(missing)}): {missing}')
+    if unexpected:
+      lines.append(f'  unexpected in checkpoint ({len(unexpected)}): {unexpected}')
+    if wrong_shape:
+      lines.append(f'  wrong shape ({len(wrong_shape)}): {wrong_shape}')
+    raise CheckpointError('\n'.join(lines))
+
+  new_params = dict(flax.core.unfreeze(params))
+  new_params['encoder'] = flax.traverse_util.unflatten_dict(
+      {tuple(k.split('/')): v for k, v in loaded.items()})
+  return new_params
+
+
+def encoder_to_vit_layout(encoder_params: Mapping[str, Any], *, class_token: bool = True
+                          ) -> dict[str, np.ndarray]:
+  """Our `encoder` subtree -> the published npz layout (inverse of the loader).
+
+  Used to write checkpoints of our own supervised encoders, and by tests to make
+  checkpoints in the published layout.
+  """
+  flat = {'/'.join(k): np.asarray(v) for k, v in
+          flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params)).items()}
+  out = {}
+  for key, value in flat.items():
+    if _GROUPNORM.search(key):
+      value = _gn(value)
+    elif key == _POSEMB_KEY:
+      _, h, w, d = value.shape
+      value = value.reshape(1, h * w, d)
+      if class_token:
+        value = np.concatenate([np.zeros((1, 1, d), value.dtype), value], axis=1)
+    out[key] = value
+  return out

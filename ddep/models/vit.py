@@ -1,0 +1,132 @@
+"""The Transformer of the hybrid ViT encoder (pre-LayerNorm, no class token).
+
+Submodule names are those of the published `R50+ViT-B_16.npz` (pre-Linen
+numbering: `LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
+`MlpBlock_3`), so the checkpoint loads by key, without renaming.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def resize_posemb(posemb: jnp.ndarray, grid_hw: tuple[int, int]) -> jnp.ndarray:
+  """Bilinearly resizes a (1, h, w, D) position-embedding grid to `grid_hw`.
+
+  Half-pixel-centred bilinear (as `tf.image.resize`), with no antialiasing so
+  that downsizing stays an interpolation of the learned values.
+  """
+  if posemb.shape[1:3] == tuple(grid_hw):
+    return posemb
+  shape = (posemb.shape[0], *grid_hw, posemb.shape[-1])
+  return jax.image.resize(posemb, shape, method='bilinear', antialias=False)
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned position embeddings on a 2-D grid.
+
+  Stored as (1, h, w, D) rather than the checkpoint's (1, h*w, D) so that a
+  non-square grid is unambiguous; inputs of another grid size get a resized copy.
+  """
+  posemb_init: Any = nn.initializers.normal(stddev=0.02)
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, d = x.shape
+    posemb = self.param('pos_embedding', self.posemb_init, (1, h, w, d))
+    return x + resize_posemb(posemb, (h, w)).astype(x.dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with the checkpoint's query/key/value/out parameter layout.
+
+  Uses `jax.nn.dot_product_attention`, which picks a fused kernel per backend
+  (cuDNN flash attention on GPU when `implementation='cudnn'`).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f'hidden_size {d} is not divisible by num_heads {self.num_heads}')
+    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, d // self.num_heads), dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
+                           kernel_init=nn.initializers.xavier_uniform(), name='out')(y)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda f, name: nn.Dense(  # noqa: E731
+        f, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+    y = dense(x.shape[-1], 'Dense_1')(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LayerNorm Transformer block."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
+    y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
+                                     implementation=self.attention_impl,
+                                     name='MultiHeadDotProductAttention_1')(y)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+    x = x + y
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
+                 deterministic=self.deterministic, name='MlpBlock_3')(y)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Position embeddings, `num_layers` blocks and the final `encoder_norm`.
+
+  Takes and returns the token grid (N, h, w, D); flattening happens inside.
+  """
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention_impl: Optional[str] = None
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    n, h, w, d = x.shape
+    x = AddPositionEmbs(name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = x.reshape(n, h * w, d)
+    block_cls = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+    for i in range(self.num_layers):
+      x = block_cls(self.mlp_dim, self.num_heads, dtype=self.dtype,
+                    dropout_rate=self.dropout_rate, deterministic=not train,
+                    attention_impl=self.attention_impl, name=f'encoderblock_{i}')(x)
+    x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+    return x.reshape(n, h, w, d)
