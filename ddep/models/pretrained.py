@@ -41,14 +41,17 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """Reads `.npz` (original ViT layout) or timm `.safetensors` into the npz layout."""
+def read_checkpoint(path: str, *, head_dim: int = 64) -> dict[str, np.ndarray]:
+  """Reads `.npz` (original ViT layout) or timm `.safetensors` into the npz layout.
+
+  `head_dim` splits timm's fused attention weights into heads (64 for ViT-B/16).
+  """
   if not os.path.exists(path):
     raise CheckpointError(f'{path}: checkpoint file does not exist')
   if path.endswith('.npz'):
     return _read_npz(path)
   if path.endswith('.safetensors'):
-    return timm_to_vit_layout(_read_safetensors(path), source=path)
+    return timm_to_vit_layout(_read_safetensors(path), source=path, head_dim=head_dim)
   raise CheckpointError(f'{path}: unknown checkpoint format; expected .npz or .safetensors')
 
 
@@ -202,7 +205,27 @@ def _fit_to(key: str, value: np.ndarray, target: Any) -> np.ndarray:
       value = np.asarray(vit.resize_posemb(jnp.asarray(grid, jnp.float32), target.shape[1:3]))
     else:
       value = grid
+  elif (_ATTENTION.search(key) and value.shape != tuple(target.shape)
+        and value.size == np.prod(target.shape)
+        and _heads_refactored(key, value.shape, tuple(target.shape))):
+    # timm does not record the head count, so its split into heads is a guess
+    # (64-dim heads); re-split to the model's heads.
+    value = value.reshape(target.shape)
   return value
+
+
+_ATTENTION = re.compile(r'MultiHeadDotProductAttention_1/(query|key|value|out)/(kernel|bias)$')
+
+
+def _heads_refactored(key: str, src: tuple, dst: tuple) -> bool:
+  """Whether two attention shapes differ only in how D splits into (heads, head_dim)."""
+  if len(src) != len(dst):
+    return False
+  if key.endswith('out/kernel'):
+    return src[-1] == dst[-1]
+  if key.endswith('kernel'):
+    return src[0] == dst[0]
+  return True  # (heads, head_dim) bias
 
 
 def load_pretrained_encoder(params: Mapping[str, Any], path_or_weights) -> dict[str, Any]:

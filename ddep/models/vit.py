@@ -36,7 +36,11 @@ class AddPositionEmbs(nn.Module):
   @nn.compact
   def __call__(self, x):
     _, h, w, d = x.shape
-    posemb = self.param('pos_embedding', self.posemb_init, (1, h, w, d))
+    if self.is_initializing() or not self.has_variable('params', 'pos_embedding'):
+      posemb = self.param('pos_embedding', self.posemb_init, (1, h, w, d))
+    else:
+      # Read without flax's shape check: the stored grid may differ from this input's.
+      posemb = self.get_variable('params', 'pos_embedding')
     return x + resize_posemb(posemb, (h, w)).astype(x.dtype)
 
 
