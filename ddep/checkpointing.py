@@ -1,0 +1,111 @@
+"""Orbax checkpoints of the train state, plus each process's input-pipeline position.
+
+Layout under a workdir:
+  checkpoints/<step>/state          the last `keep` periodic checkpoints (async)
+  checkpoints/data_state/<step>/process_<i>.json
+  best/<step>/state                 the best by validation mIoU
+"""
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
+
+
+class Checkpointer:
+  """Periodic (last N) and best checkpoints of one run."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._data_dir = os.path.join(self.directory, 'data_state')
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=opts)
+    best_opts = ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m['miou'], best_mode='max',
+        keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save)
+    self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'best'),
+                                       options=best_opts)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Optional[dict] = None) -> None:
+    if data_state is not None:
+      d = os.path.join(self._data_dir, str(step))
+      os.makedirs(d, exist_ok=True)
+      _write_json_atomic(os.path.join(d, f'process_{jax.process_index()}.json'), data_state)
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    self._prune_data_states()
+
+  def save_best(self, step: int, state: Any, miou: float) -> None:
+    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                    metrics={'miou': float(miou)})
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    path = os.path.join(self._data_dir, str(step), f'process_{jax.process_index()}.json')
+    data_state = None
+    if os.path.exists(path):
+      with open(path) as f:
+        data_state = json.load(f)
+    return restored['state'], data_state
+
+  def _prune_data_states(self) -> None:
+    if jax.process_index() != 0 or not os.path.isdir(self._data_dir):
+      return
+    keep = {str(s) for s in self._manager.all_steps()}
+    # Keep the step being saved right now too (not yet in all_steps while async).
+    newest = max((int(s) for s in os.listdir(self._data_dir) if s.isdigit()), default=None)
+    for name in os.listdir(self._data_dir):
+      if name.isdigit() and name not in keep and int(name) != newest:
+        shutil.rmtree(os.path.join(self._data_dir, name), ignore_errors=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+    self._best.close()
+
+
+def resolve_checkpoint(path: str) -> str:
+  """`path` may be a workdir, its checkpoints/ or best/ dir, or one step's dir.
+
+  Returns the directory holding the 'state' item. Errors name what was looked for.
+  """
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'init_from: {path} does not exist')
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  for sub in ('checkpoints', ''):
+    d = os.path.join(path, sub) if sub else path
+    steps = sorted((int(s) for s in os.listdir(d) if s.isdigit() and
+                    os.path.isdir(os.path.join(d, s, 'state'))), reverse=True) if os.path.isdir(d) else []
+    if steps:
+      return os.path.join(d, str(steps[0]))
+  raise FileNotFoundError(f'init_from: no finished checkpoint under {path} '
+                          '(expected <workdir>/checkpoints/<step>/state)')
+
+
+def load_params(path: str) -> dict:
+  """Host (numpy) params of a saved run: trainable and frozen parts merged."""
+  ckpt = resolve_checkpoint(path)
+  try:
+    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, 'state'))
+  except Exception as e:  # Orbax raises many kinds for unreadable data.
+    raise ValueError(f'init_from: cannot read checkpoint {ckpt}: {type(e).__name__}: {e}') from e
+  from ddep import optimizer  # pylint: disable=g-import-not-at-top
+  return optimizer.merge(state.get('params') or {}, state.get('frozen') or {})

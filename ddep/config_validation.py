@@ -1,0 +1,107 @@
+"""Checks a config before anything is built or compiled; errors name the key."""
+from typing import Any
+
+from ddep.models import presets
+
+TASKS = ('denoise', 'segment', 'classify')
+METHODS = ('none', 'supervised', 'dep', 'ddep')
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _fail(key: str, msg: str):
+  raise ConfigError(f'config.{key}: {msg}')
+
+
+def _pair(config, key: str) -> tuple[int, int]:
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  if len(value) != 2 or any(int(v) <= 0 for v in value):
+    _fail(key, f'expected (H, W) with positive entries, got {tuple(value)}')
+  return int(value[0]), int(value[1])
+
+
+def output_stride(config) -> int:
+  return presets.create_model(config.model.preset).output_stride
+
+
+def validate(config: Any, *, num_devices: int = 1) -> None:
+  """Raises ConfigError naming the first invalid key."""
+  if config.task not in TASKS:
+    _fail('task', f'unknown task {config.task!r}; choose from {TASKS}')
+  if config.method not in METHODS:
+    _fail('method', f'unknown method {config.method!r}; choose from {METHODS}')
+  if config.model.preset not in presets.PRESETS:
+    _fail('model.preset', f'unknown preset {config.model.preset!r}; '
+          f'choose from {sorted(presets.PRESETS)}')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    _fail('model.dtype', f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+  if int(config.model.decoder_width_multiplier) < 1:
+    _fail('model.decoder_width_multiplier', 'must be >= 1')
+
+  stride = output_stride(config)
+  h, w = _pair(config, 'data.image_size')
+  if h % stride or w % stride:
+    _fail('data.image_size', f'{h}x{w} is not divisible by {stride}')
+  if config.data.eval_pad_to:
+    ph, pw = _pair(config, 'data.eval_pad_to')
+    if config.eval.protocol == 'whole' and (ph % stride or pw % stride):
+      _fail('data.eval_pad_to', f'{ph}x{pw} is not divisible by {stride}')
+
+  for key in ('batch_size', 'eval_batch_size'):
+    b = int(config.data[key])
+    if b <= 0 or b % num_devices:
+      _fail(f'data.{key}', f'{b} must be positive and divisible by the {num_devices} devices')
+
+  if not 0.0 < float(config.data.label_fraction) <= 1.0:
+    _fail('data.label_fraction', f'{config.data.label_fraction} is outside (0, 1]')
+  if int(config.data.label_count) < 0:
+    _fail('data.label_count', 'must be >= 0 (0 = use label_fraction)')
+  if config.data.scale_range and (len(config.data.scale_range) != 2 or
+                                  not 0 < config.data.scale_range[0] <= config.data.scale_range[1]):
+    _fail('data.scale_range', f'expected (lo, hi) with 0 < lo <= hi, got {config.data.scale_range}')
+
+  if config.task == 'denoise':
+    d = config.denoise
+    if d.sigma_range:
+      if len(d.sigma_range) != 2 or not 0 < d.sigma_range[0] < d.sigma_range[1]:
+        _fail('denoise.sigma_range', f'expected (a, b) with 0 < a < b, got {tuple(d.sigma_range)}')
+    elif not float(d.sigma) > 0:
+      _fail('denoise.sigma', f'must be > 0, got {d.sigma}')
+    if d.form not in ('additive', 'ddpm'):
+      _fail('denoise.form', f"must be 'additive' or 'ddpm', got {d.form!r}")
+    if d.form == 'ddpm':
+      vals = tuple(d.sigma_range) or (d.sigma,)
+      if not all(0 < v < 1 for v in vals):
+        _fail('denoise.sigma', f'the DDPM form reads σ as γ, which must lie in (0, 1); got {vals}')
+    if d.target not in ('eps', 'x'):
+      _fail('denoise.target', f"must be 'eps' or 'x', got {d.target!r}")
+  if config.task == 'classify':
+    if config.classify.loss not in ('sigmoid', 'softmax'):
+      _fail('classify.loss', f"must be 'sigmoid' or 'softmax', got {config.classify.loss!r}")
+
+  o = config.optim
+  if o.name not in ('adam', 'adamw'):
+    _fail('optim.name', f"must be 'adam' or 'adamw', got {o.name!r}")
+  if not float(o.lr) > 0:
+    _fail('optim.lr', f'must be > 0, got {o.lr}')
+  if float(o.weight_decay) < 0:
+    _fail('optim.weight_decay', 'must be >= 0')
+  if int(o.accumulation_steps) < 1:
+    _fail('optim.accumulation_steps', 'must be >= 1')
+  if bool(config.total_steps) == bool(config.total_epochs):
+    _fail('total_steps', 'set exactly one of total_steps and total_epochs')
+  if int(config.total_steps) < 0 or float(config.total_epochs) < 0:
+    _fail('total_steps', 'durations must be positive')
+  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if int(config[key]) <= 0:
+      _fail(key, 'must be > 0')
+  if int(config.eval_every) < 0:
+    _fail('eval_every', 'must be >= 0')
+  if config.frozen and config.task == 'denoise' and not (config.init_from or
+                                                          config.init_encoder_from):
+    _fail('frozen', 'freezing parameters that were never initialised from a checkpoint '
+          '(set init_from or init_encoder_from; DDeP freezes a pretrained encoder)')

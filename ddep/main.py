@@ -1,0 +1,30 @@
+r"""Entry point: `python -m ddep.main --config=configs/<experiment>.py --workdir=DIR`.
+
+Overrides: `--config.key=value`; experiment arguments: `--config=configs/x.py:arg=v,runlocal`.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Import after flag parsing so `--help` stays fast and TF never sees the accelerator.
+  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  from ddep import train  # pylint: disable=g-import-not-at-top
+  logging.info('config:\n%s', _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

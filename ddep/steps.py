@@ -1,0 +1,87 @@
+"""Loss functions of each task and the jit-able train and eval steps.
+
+The train state is a plain dict (big_vision style):
+  params           trainable parameters (the optimizer sees only these)
+  frozen           frozen parameters (DDeP's encoder): no gradients, no optimizer state
+  opt              optimizer state
+  step             int32 scalar
+  first_nonfinite  int32 scalar: first step whose loss or gradient was not finite, or -1.
+                   Kept on device so checking it costs no host sync per step.
+"""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddep import metrics as metrics_lib
+from ddep import objectives
+from ddep import optimizer as optimizer_lib
+from ddep.models import TransUNet
+
+
+def make_loss_fn(model: TransUNet, config) -> Callable:
+  """(params, batch, rng) -> (loss, aux metrics) for `config.task`."""
+  task = config.task
+  d = config.denoise
+
+  def denoise(params, batch, rng):
+    noise_rng, dropout_rng = jax.random.split(rng)
+    noisy, target, sigma = objectives.make_denoising_batch(
+        noise_rng, batch['image'], sigma=None if d.sigma_range else float(d.sigma),
+        sigma_range=tuple(d.sigma_range) or None, form=d.form, target=d.target)
+    pred = model.apply({'params': params}, noisy,
+                       sigma if config.model.noise_conditioning else None,
+                       train=True, rngs={'dropout': dropout_rng})
+    return objectives.mean_squared_error(pred, target), {}
+
+  def segment(params, batch, rng):
+    logits = model.apply({'params': params}, batch['image'], train=True,
+                         rngs={'dropout': rng})
+    loss, n = objectives.softmax_cross_entropy_with_ignore(logits, batch['label'])
+    return loss, {'train/valid_pixels': n}
+
+  def classify(params, batch, rng):
+    logits = model.apply({'params': params}, batch['image'], train=True,
+                         rngs={'dropout': rng}, method=TransUNet.classify)
+    return objectives.image_classification_loss(logits, batch['labels'],
+                                                kind=config.classify.loss), {}
+
+  return {'denoise': denoise, 'segment': segment, 'classify': classify}[task]
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
+                    base_rng: jax.Array, accumulation_steps: int = 1) -> Callable:
+  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+    step = state['step']
+    rng = jax.random.fold_in(base_rng, step)
+
+    def loss_of_trainable(trainable):
+      # `frozen` is closed over: JAX differentiates w.r.t. `trainable` only.
+      return loss_fn(optimizer_lib.merge(trainable, state['frozen']), batch, rng)
+
+    (loss, aux), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state['params'])
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    first_bad = jnp.where((state['first_nonfinite'] < 0) & ~finite, step,
+                          state['first_nonfinite'])
+    new_state = dict(params=params, frozen=state['frozen'], opt=opt, step=step + 1,
+                     first_nonfinite=first_bad.astype(jnp.int32))
+    out = {'train/loss': loss, 'train/grad_norm': grad_norm,
+           'train/param_norm': optax.global_norm(params),
+           'train/update_norm': optax.global_norm(updates),
+           'train/lr': schedule(step // accumulation_steps), **aux}
+    return new_state, out
+
+  return train_step
+
+
+def make_segmentation_eval_step(model: TransUNet, num_classes: int, ignore_label: int = 255):
+  """(params, frozen, batch) -> confusion matrix of this (global) batch."""
+  def eval_step(params, frozen, batch):
+    logits = model.apply({'params': optimizer_lib.merge(params, frozen)}, batch['image'])
+    return metrics_lib.confusion_matrix(batch['label'], jnp.argmax(logits, -1), num_classes,
+                                        ignore_label=ignore_label, mask=batch['_mask'])
+  return eval_step

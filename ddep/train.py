@@ -1,0 +1,317 @@
+"""The train loop: one function that reads top to bottom (big_vision style).
+
+  validate config -> mesh -> data -> model and params -> optimizer -> state
+  -> restore if a checkpoint exists -> loop (step, log, eval, checkpoint) -> final eval.
+"""
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from ddep import checkpointing
+from ddep import config_validation
+from ddep import initialization
+from ddep import input_pipeline
+from ddep import metrics as metrics_lib
+from ddep import optimizer as optimizer_lib
+from ddep import report
+from ddep import sharding
+from ddep import steps as steps_lib
+from ddep.datasets import specs
+from ddep.models import presets
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def build_model(config, *, num_outputs: int, num_image_classes: int = 0):
+  m = config.model
+  return presets.create_model(
+      m.preset, decoder_width_multiplier=int(m.decoder_width_multiplier),
+      num_outputs=num_outputs, dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
+      noise_conditioning=bool(m.noise_conditioning), remat=tuple(m.remat),
+      attention_impl=m.attention_impl or None, dropout_rate=float(m.dropout_rate),
+      num_image_classes=num_image_classes)
+
+
+def _num_image_classes(config, spec) -> int:
+  if config.classify.num_classes:
+    return int(config.classify.num_classes)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = tfds.builder(spec.tfds_name, data_dir=config.data.data_dir or None).info
+  if not spec.image_labels_key:
+    raise ValueError(f'config.task=classify: dataset {spec.name!r} has no image-level labels')
+  return int(info.features[spec.image_labels_key].shape[-1])
+
+
+def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = None):
+  d = config.data
+  common = dict(batch_size=local_batch, seed=int(config.seed), data_dir=d.data_dir or None,
+                state=state, skip_bad_examples=bool(d.skip_bad_examples))
+  if config.task == 'denoise':
+    return input_pipeline.pretrain_dataset(d.dataset, image_size=tuple(d.image_size), **common)
+  if config.task == 'classify':
+    return input_pipeline.supervised_dataset(d.dataset, image_size=tuple(d.image_size), **common)
+  subset = None
+  if int(d.label_count):
+    subset = int(d.label_count)
+  elif float(d.label_fraction) < 1.0:
+    subset = float(d.label_fraction)
+  return input_pipeline.finetune_dataset(
+      d.dataset, crop_size=tuple(d.image_size), scale_range=tuple(d.scale_range) or None,
+      subset=subset, subset_seed=int(d.subset_seed), **common)
+
+
+def _to_global(tree, shardings):
+  """Host values (identical on every process) -> global arrays with `shardings`."""
+  def one(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
+class _JsonlWriter:
+  """Appends metric rows to workdir/metrics.jsonl (the report's training curves)."""
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, report.CURVES_FILE)
+    self._on = jax.process_index() == 0
+
+  def write(self, step: int, scalars: dict) -> None:
+    if self._on:
+      with open(self._path, 'a') as f:
+        f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+
+
+def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dict:
+  """Dataset-level confusion matrix over every eval example once, across all hosts."""
+  num_classes = spec.num_classes
+  acc = metrics_lib.ConfusionMatrixAccumulator(num_classes)
+  if config.eval.protocol == 'whole':
+    eval_step = jax.jit(steps_lib.make_segmentation_eval_step(model, num_classes, spec.ignore_label),
+                        out_shardings=sharding.replicated(mesh))
+    for batch in eval_iter:
+      batch = sharding.global_batch(
+          {k: batch[k] for k in ('image', 'label', '_mask')}, mesh)
+      acc.update(np.asarray(jax.device_get(eval_step(state['params'], state['frozen'], batch))))
+  else:
+    # Protocols (halves, sliding windows) run per process on its own examples.
+    from ddep import inference  # pylint: disable=g-import-not-at-top
+    params = jax.device_get(optimizer_lib.merge(state['params'], state['frozen']))
+    predict = jax.jit(lambda x: model.apply({'params': params}, x))
+    protocol = inference.make_protocol(config.eval.protocol, predict,
+                                       batch_size=int(config.eval.batch_size) or None,
+                                       flip=bool(config.eval.flip))
+    local = np.zeros((num_classes, num_classes), np.int64)
+    for batch in eval_iter:
+      for i in np.flatnonzero(batch['_mask']):
+        image, label = batch['image'][i], batch['label'][i]
+        if 'orig_hw' in batch:
+          h, w = batch['orig_hw'][i]
+          image, label = image[:h, :w], label[:h, :w]
+        pred = inference.predict_labels(protocol, image[None], output_size=label.shape)
+        local += np.asarray(metrics_lib.confusion_matrix(label[None], pred, num_classes,
+                                                         ignore_label=spec.ignore_label))
+    acc.update(np.sum(multihost_utils.process_allgather(local), axis=0)
+               if jax.process_count() > 1 else local)
+  return metrics_lib.segmentation_metrics(acc.result(), class_names=spec.class_names)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) `config` in `workdir`; returns the final metrics."""
+  config_validation.validate(config, num_devices=jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  jsonl = _JsonlWriter(workdir)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = sharding.make_mesh()
+  spec = specs.get(config.data.dataset)
+  if config.data.prepare and spec.name.startswith('demo'):
+    input_pipeline.prepare(spec.name, config.data.data_dir or None)
+
+  # Data.
+  global_batch = int(config.data.batch_size)
+  local_batch = global_batch // jax.process_count()
+  train_iter = make_train_iterator(config, local_batch=local_batch)
+  num_train_examples = train_iter.num_examples * jax.process_count()
+  if is_main and getattr(train_iter, 'subset_ids', None) is not None:
+    input_pipeline.write_subset_ids(os.path.join(workdir, 'subset_ids.txt'), train_iter.subset_ids)
+  total_steps = optimizer_lib.steps_from(
+      steps=int(config.total_steps) or None, epochs=float(config.total_epochs) or None,
+      num_examples=num_train_examples, batch_size=global_batch, name='total')
+
+  # Model and parameters.
+  num_outputs = {'denoise': 3, 'segment': spec.num_classes, 'classify': 3}[config.task]
+  num_image_classes = _num_image_classes(config, spec) if config.task == 'classify' else 0
+  model = build_model(config, num_outputs=num_outputs, num_image_classes=num_image_classes)
+  h, w = config.data.image_size
+  sample = jnp.zeros((1, h, w, 3), jnp.float32)
+  rng = jax.random.key(int(config.seed))
+  init_rng, train_rng = jax.random.split(rng)
+  method = model.classify if config.task == 'classify' else None
+
+  def init_params(key):
+    args = (sample, jnp.ones((1,))) if config.model.noise_conditioning and config.task == 'denoise' else (sample,)
+    if method is not None:
+      return model.init(key, sample, method=type(model).classify)['params']
+    return model.init(key, *args)['params']
+
+  params = jax.jit(init_params, backend='cpu')(init_rng)
+  params = initialization.initial_params(config, jax.device_get(params))
+  mask = optimizer_lib.trainable_mask(params, tuple(config.frozen))
+  trainable, frozen = optimizer_lib.split_trainable(params, mask)
+
+  # Optimizer: Adam + warm-up + cosine (paper Sec. 4.3).
+  o = config.optim
+  accum = int(o.accumulation_steps)
+  schedule = optimizer_lib.make_schedule(
+      base_lr=float(o.lr), total_steps=max(total_steps // accum, 1),
+      warmup_steps=int(o.warmup_steps), decay=o.decay, end_lr_factor=float(o.end_lr_factor))
+  tx = optimizer_lib.make_optimizer(
+      name=o.name, learning_rate=schedule, weight_decay=float(o.weight_decay), b1=float(o.b1),
+      b2=float(o.b2), grad_clip_norm=float(o.grad_clip_norm) or None, accumulation_steps=accum)
+
+  # Train state with explicit shardings.
+  def make_state(trainable, frozen):
+    return dict(params=trainable, frozen=frozen, opt=tx.init(trainable),
+                step=jnp.zeros((), jnp.int32), first_nonfinite=jnp.full((), -1, jnp.int32))
+  abstract_state = jax.eval_shape(make_state, trainable, frozen)
+  state_shardings = sharding.state_shardings(abstract_state, mesh, fsdp=bool(config.mesh.fsdp))
+  state = jax.jit(make_state, out_shardings=state_shardings)(
+      _to_global(trainable, state_shardings['params']),
+      _to_global(frozen, state_shardings['frozen']))
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+  n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+  logging.info('params: %d trainable, %d frozen; %d steps of global batch %d (%d examples)',
+               n_train, n_frozen, total_steps, global_batch, num_train_examples)
+
+  # Resume.
+  ckpt = checkpointing.Checkpointer(workdir, keep=int(config.keep_checkpoints))
+  start_step = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract_state, state_shardings)
+    state, data_state = ckpt.restore(latest, abstract)
+    start_step = int(jax.device_get(state['step']))
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    else:
+      train_iter = make_train_iterator(config, local_batch=local_batch,
+                                       state=None) if start_step == 0 else train_iter
+    logging.info('resumed from step %d', start_step)
+    if is_main:
+      print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
+
+  train_step = jax.jit(
+      steps_lib.make_train_step(steps_lib.make_loss_fn(model, config), tx, schedule, train_rng, accum),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  eval_iter = None
+  if config.task == 'segment':
+    pad_to = tuple(config.data.eval_pad_to) or None
+    eval_iter = input_pipeline.eval_dataset(
+        spec.name, batch_size=int(config.data.eval_batch_size) // jax.process_count(),
+        split=config.data.eval_split or None, data_dir=config.data.data_dir or None,
+        pad_to=pad_to)
+
+  def check_finite(step: int):
+    bad = int(jax.device_get(state['first_nonfinite']))
+    if bad >= 0:
+      last = ckpt.latest_step()
+      raise NonFiniteLossError(
+          f'non-finite loss or gradient at step {bad}; stopping. The last good checkpoint '
+          f'(step {last}) in {ckpt.directory} was left untouched.')
+
+  def run_eval(step: int) -> Optional[dict]:
+    if eval_iter is None:
+      return None
+    result = evaluate_segmentation(config, model, state, mesh, spec, eval_iter=eval_iter)
+    scalars = {'val/miou': result['miou'], 'val/pixel_accuracy': result['pixel_accuracy']}
+    writer.write_scalars(step, scalars)
+    jsonl.write(step, scalars)
+    if is_main:
+      print(f'[ddep] step {step}: val mIoU {100 * result["miou"]:.2f}', flush=True)
+    ckpt.save_best(step, state, result['miou'])
+    return result
+
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=int(config.log_every))]
+  if config.profile and is_main:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+
+  pending = []
+  t0, step = time.time(), start_step
+  with metric_writers.ensure_flushes(writer):
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
+      for hook in hooks:
+        hook(step)
+      if step % int(config.log_every) == 0 or step == total_steps:
+        check_finite(step)
+        scalars = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+        pending = []
+        writer.write_scalars(step, scalars)
+        jsonl.write(step, scalars)
+        if is_main:
+          rate = (step - start_step) / max(time.time() - t0, 1e-9)
+          eta = (total_steps - step) / max(rate, 1e-9)
+          print(f'[ddep] {config.task} step {step}/{total_steps} loss {scalars["train/loss"]:.4f} '
+                f'lr {scalars["train/lr"]:.2e} {rate:.2f} steps/s ETA {eta:.0f}s', flush=True)
+      if step % int(config.checkpoint_every) == 0 or step == total_steps:
+        check_finite(step)
+        ckpt.save(step, state, data_state=train_iter.get_state())
+      if eval_iter is not None and config.eval_every and step % int(config.eval_every) == 0 \
+          and step != total_steps:
+        run_eval(step)
+
+  check_finite(step)
+  if ckpt.latest_step() != total_steps:
+    ckpt.save(total_steps, state, data_state=train_iter.get_state())
+  result = {}
+  if eval_iter is not None:
+    done = os.path.join(workdir, report.RESULTS_FILE)
+    if os.path.exists(done) and start_step == total_steps:
+      with open(done) as f:
+        result = json.load(f)
+    else:
+      result = run_eval(total_steps)
+      if is_main:
+        print(metrics_lib.format_table(result), flush=True)
+        report.write_results(
+            workdir, method=config.method, dataset=spec.name,
+            label_fraction=_label_fraction(config, train_iter),
+            subset_seed=int(config.data.subset_seed),
+            decoder_width=int(config.model.decoder_width_multiplier), metrics=result)
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  return result
+
+
+def _label_fraction(config, train_iter) -> float:
+  ids = getattr(train_iter, 'subset_ids', None)
+  if int(config.data.label_count) and ids is not None:
+    return len(ids) / max(train_iter.num_examples * jax.process_count(), len(ids))
+  return float(config.data.label_fraction)
