@@ -624,10 +624,10 @@ def pretrain_dataset(
 ) -> TrainIterator:
     """Unlabelled images for denoising pretraining: {'image': float32 (B, H, W, 3) in [-1, 1]}.
 
-    Reads the spec's `pretrain_splits`; inception-style crop + left-right flip
+    Reads the spec's `pretrain_splits` (of `pretrain_tfds_name` if set); inception-style crop + left-right flip
     (paper Sec. 5.1; pretraining at 512x512).
     """
-    spec = specs.get(dataset)
+    spec = specs.get(dataset).pretrain_view()
     out_hw = tuple(int(s) for s in image_size)
 
     def transform(ex, seed):

@@ -78,6 +78,9 @@ class DatasetSpec:
       image_key, label_key: feature names in the tfds builder.
       image_labels_key: feature with multi-hot image-level labels, if any
         (used by the supervised encoder-pretraining stand-in).
+      pretrain_tfds_name: builder that holds `pretrain_splits` when it is not
+        `tfds_name` (e.g. Cityscapes' extra images, all of Pascal VOC).
+      pretrain_image_key: image feature in that builder (default `image_key`).
     """
 
     name: str
@@ -93,6 +96,8 @@ class DatasetSpec:
     image_key: str = "image"
     label_key: str = "segmentation"
     image_labels_key: str | None = None
+    pretrain_tfds_name: str | None = None
+    pretrain_image_key: str | None = None
 
     def __post_init__(self):
         if not 0 < self.num_classes < INVALID_LABEL:
@@ -125,6 +130,16 @@ class DatasetSpec:
             if palette.shape != (self.num_classes, 3):
                 raise ValueError(f"{self.name}: palette shape {palette.shape} != ({self.num_classes}, 3)")
             object.__setattr__(self, "palette", palette)
+
+    def pretrain_view(self) -> "DatasetSpec":
+        """This spec as seen by denoising pretraining: its builder and image key."""
+        return dataclasses.replace(
+            self,
+            tfds_name=self.pretrain_tfds_name or self.tfds_name,
+            image_key=self.pretrain_image_key or self.image_key,
+            pretrain_tfds_name=None,
+            pretrain_image_key=None,
+        )
 
     @property
     def valid_raw_ids(self) -> np.ndarray:
