@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import archives
+from ddep import input_pipeline
 from ddep.datasets import specs
 
 
@@ -65,6 +66,24 @@ def pascal_voc(tmp_path_factory, data_dir):
 def cityscapes_archives(tmp_path_factory):
     manual = tmp_path_factory.mktemp("cityscapes_manual")
     return manual, archives.write_cityscapes(os.fspath(manual))
+
+
+@pytest.fixture(scope="module")
+def cityscapes_fine(cityscapes_archives, data_dir):
+    from ddep.datasets import cityscapes  # pylint: disable=import-outside-toplevel
+
+    manual, written = cityscapes_archives
+    spec = specs.get("cityscapes")
+    return cityscapes.download_and_prepare(spec.tfds_name, os.fspath(data_dir), os.fspath(manual)), written
+
+
+@pytest.fixture(scope="module")
+def cityscapes_extra(cityscapes_archives, data_dir):
+    from ddep.datasets import cityscapes  # pylint: disable=import-outside-toplevel
+
+    manual, written = cityscapes_archives
+    builder = cityscapes.download_and_prepare(cityscapes.PRETRAIN_TFDS_NAME, os.fspath(data_dir), os.fspath(manual))
+    return builder, written
 
 
 # --- ADE20K -----------------------------------------------------------------
@@ -180,12 +199,9 @@ def test_cityscapes_label_tables():
     np.testing.assert_array_equal(cityscapes.PALETTE[[0, 13]], [[128, 64, 128], [0, 0, 142]])
 
 
-def test_cityscapes_fine_config(cityscapes_archives, data_dir):
-    from ddep.datasets import cityscapes  # pylint: disable=import-outside-toplevel
-
-    manual, written = cityscapes_archives
+def test_cityscapes_fine_config(cityscapes_fine):
+    builder, written = cityscapes_fine
     spec = specs.get("cityscapes")
-    builder = cityscapes.download_and_prepare(spec.tfds_name, os.fspath(data_dir), os.fspath(manual))
     assert {spec.image_key, spec.label_key, "image_id"} <= set(builder.info.features)
     sizes = {s: builder.info.splits[s].num_examples for s in ("train", "validation", "test")}
     assert sizes == {"train": 2, "validation": 1, "test": 1}
@@ -202,11 +218,8 @@ def test_cityscapes_fine_config(cityscapes_archives, data_dir):
     assert (mapped[label == 33] == 18).all()
 
 
-def test_cityscapes_extra_config_for_pretraining(cityscapes_archives, data_dir):
-    from ddep.datasets import cityscapes  # pylint: disable=import-outside-toplevel
-
-    manual, written = cityscapes_archives
-    builder = cityscapes.download_and_prepare(cityscapes.PRETRAIN_TFDS_NAME, os.fspath(data_dir), os.fspath(manual))
+def test_cityscapes_extra_config_for_pretraining(cityscapes_extra):
+    builder, written = cityscapes_extra
     sizes = {s: builder.info.splits[s].num_examples for s in ("train", "train_extra", "validation")}
     assert sizes == {"train": 2, "train_extra": 2, "validation": 1}
     for split in ("train", "train_extra"):
@@ -228,3 +241,65 @@ def test_cityscapes_missing_archive_named_before_tfds(tmp_path):
     message = str(err.value)
     assert "leftImg8bit_trainextra.zip" in message and "gtCoarse.zip" in message
     assert "leftImg8bit_trainvaltest.zip" not in message and os.fspath(manual) in message
+
+
+# --- Through the input pipelines trainers use ------------------------------------
+
+
+def _pipeline_kwargs(data_dir):
+    return dict(data_dir=os.fspath(data_dir), process_index=0, process_count=1)
+
+
+def _check_eval(dataset, data_dir, written, pad_to, image_tolerance):
+    """Every eval row: the spec-mapped raw label and the image, padding ignored."""
+    spec = specs.get(dataset)
+    seen = set()
+    for batch in input_pipeline.eval_dataset(dataset, batch_size=2, pad_to=pad_to, **_pipeline_kwargs(data_dir)):
+        for row in np.flatnonzero(batch["_mask"]):
+            image_id = batch["image_id"][row].decode()
+            example = written[image_id]
+            h, w = batch["orig_hw"][row] if pad_to else batch["label"].shape[1:]
+            assert (h, w) == example.label.shape
+            np.testing.assert_array_equal(batch["label"][row, :h, :w], spec.label_map[example.label])
+            assert (batch["label"][row, h:] == 255).all() and (batch["label"][row, :, w:] == 255).all()
+            expected = example.image / 127.5 - 1.0
+            assert np.abs(batch["image"][row, :h, :w] - expected).mean() <= image_tolerance
+            seen.add(image_id)
+    assert seen == set(written)
+
+
+def test_ade20k_through_pipelines(ade20k, data_dir):
+    _, written, spec = ade20k
+    _check_eval("ade20k", data_dir, written["validation"], pad_to=(48, 48), image_tolerance=3 / 127.5)
+    it = input_pipeline.finetune_dataset("ade20k", batch_size=2, crop_size=(16, 24), seed=0, **_pipeline_kwargs(data_dir))
+    batch = next(it)
+    assert batch["image"].shape == (2, 16, 24, 3) and batch["label"].shape == (2, 16, 24)
+    # Raw ids 0, 1, 150, 75, 12 arrive as train ids; raw 150 itself never does.
+    assert set(np.unique(batch["label"])) <= {255, 0, 149, 74, 11}
+    pretrain = input_pipeline.pretrain_dataset("ade20k", batch_size=2, image_size=(16, 16), seed=0, **_pipeline_kwargs(data_dir))
+    assert pretrain.num_examples == 3 and next(pretrain)["image"].shape == (2, 16, 16, 3)
+
+
+def test_pascal_context_through_pipelines(pascal_context, pascal_voc, data_dir):
+    written, voc_written = pascal_context[1], pascal_voc[1]
+    _check_eval("pascal_context_59", data_dir, written["validation"], pad_to=(48, 48), image_tolerance=3 / 127.5)
+    _check_eval("pascal_context_60", data_dir, written["validation"], pad_to=(48, 48), image_tolerance=3 / 127.5)
+    # Pretraining reads the Pascal VOC images, not Pascal Context's train split.
+    pretrain = input_pipeline.pretrain_dataset(
+        "pascal_context_60", batch_size=3, image_size=(16, 16), seed=0, **_pipeline_kwargs(data_dir)
+    )
+    assert pretrain.num_examples == len(voc_written["train"]) == 3
+    assert next(pretrain)["image"].shape == (3, 16, 16, 3)
+
+
+def test_cityscapes_through_pipelines(cityscapes_fine, cityscapes_extra, data_dir):
+    written = cityscapes_fine[1]
+    _check_eval("cityscapes", data_dir, written["validation"], pad_to=None, image_tolerance=1e-6)
+    it = input_pipeline.finetune_dataset("cityscapes", batch_size=2, crop_size=(64, 128), seed=0, **_pipeline_kwargs(data_dir))
+    batch = next(it)
+    assert batch["label"].shape == (2, 64, 128)
+    assert set(np.unique(batch["label"])) <= {255, 0, 18, 13, 11, 2, 10}
+    # Paper Sec. 5.2: TRAIN_FINE + TRAIN_COARSE images, from the extra config.
+    pretrain = input_pipeline.pretrain_dataset("cityscapes", batch_size=2, image_size=(32, 32), seed=0, **_pipeline_kwargs(data_dir))
+    assert pretrain.num_examples == len(written["train"]) + len(written["train_extra"]) == 4
+    assert next(pretrain)["image"].shape == (2, 32, 32, 3)

@@ -126,9 +126,9 @@ SPEC = specs.register(
         num_classes=len(CLASS_NAMES),
         train_split="train",
         eval_split="validation",
-        # TODO: paper Sec. 5.2 pretrains on train + train_extra, which live in
-        # PRETRAIN_TFDS_NAME; the spec cannot name another builder yet.
-        pretrain_splits=("train",),
+        # Paper Sec. 5.2: pretraining on TRAIN_FINE + TRAIN_COARSE images.
+        pretrain_tfds_name=PRETRAIN_TFDS_NAME,
+        pretrain_splits=("train", "train_extra"),
         class_names=CLASS_NAMES,
         palette=PALETTE,
         label_map=LABEL_MAP,

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from ddep.datasets import pascal_voc
+from ddep.datasets import pascal_voc  # also registers the builder pretraining reads
 from ddep.datasets import specs
 
 ARCHIVE = "VOCtrainval_03-May-2010.tar"
@@ -142,8 +142,8 @@ def _spec(name, num_classes, class_names, palette, label_map):
             num_classes=num_classes,
             train_split="train",
             eval_split="validation",
-            # TODO: paper Sec. 5.2 pretrains on all of Pascal VOC (builder
-            # 'pascal_voc', split 'train'); the spec cannot name another builder yet.
+            # Paper Sec. 5.2: pretraining on all of Pascal VOC helps Pascal Context.
+            pretrain_tfds_name="pascal_voc",
             pretrain_splits=("train",),
             class_names=class_names,
             palette=palette,

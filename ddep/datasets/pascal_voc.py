@@ -3,6 +3,9 @@
 The paper (Sec. 5.2) pretrains for Pascal Context on all of Pascal VOC. Manual
 file: `VOCtrainval_11-May-2012.tar`, whose images are
 `VOCdevkit/VOC2012/JPEGImages/<image_id>.jpg` (17,125 of them).
+
+There is no 'pascal_voc' spec (a spec needs classes); the Pascal Context specs
+name this builder as their `pretrain_tfds_name`.
 """
 from __future__ import annotations
 
