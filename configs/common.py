@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 1000             # 0 = only at the end
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
+  c.checkpoint_async = True       # saves overlap training; tests may want them synchronous
   c.profile = False
 
   # Devices: a 1-D 'data' mesh over all devices; FSDP shards params along it.

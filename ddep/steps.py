@@ -63,15 +63,16 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     (loss, aux), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state['params'])
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    first_bad = jnp.where((state['first_nonfinite'] < 0) & ~finite, step,
+    # Recorded 1-based, like checkpoint and log step numbers (steps completed).
+    first_bad = jnp.where((state['first_nonfinite'] < 0) & ~finite, step + 1,
                           state['first_nonfinite'])
     new_state = dict(params=params, frozen=state['frozen'], opt=opt, step=step + 1,
                      first_nonfinite=first_bad.astype(jnp.int32))
     out = {'train/loss': loss, 'train/grad_norm': grad_norm,
-           'train/param_norm': optax.global_norm(params),
-           'train/update_norm': optax.global_norm(updates),
+           'train/param_norm': optax.tree.norm(params),
+           'train/update_norm': optax.tree.norm(updates),
            'train/lr': schedule(step // accumulation_steps), **aux}
     return new_state, out
 

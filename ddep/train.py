@@ -3,6 +3,7 @@
   validate config -> mesh -> data -> model and params -> optimizer -> state
   -> restore if a checkpoint exists -> loop (step, log, eval, checkpoint) -> final eval.
 """
+import dataclasses
 import json
 import os
 import time
@@ -33,6 +34,27 @@ from ddep.models import presets
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+  metrics: dict           # final evaluation (segmentation) or {}
+  params: dict            # host copy of the final parameters (trainable and frozen merged)
+  step: int
+
+
+def _fetch(x) -> np.ndarray:
+  """A replicated array's value; works when the array spans other processes' devices."""
+  return np.asarray(x.addressable_data(0))
+
+
+def host_params(state) -> dict:
+  """The full parameters as numpy on every process, whatever their sharding."""
+  def one(x):
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, optimizer_lib.merge(state['params'], state['frozen']))
 
 
 def build_model(config, *, num_outputs: int, num_image_classes: int = 0):
@@ -104,11 +126,11 @@ def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dic
     for batch in eval_iter:
       batch = sharding.global_batch(
           {k: batch[k] for k in ('image', 'label', '_mask')}, mesh)
-      acc.update(np.asarray(jax.device_get(eval_step(state['params'], state['frozen'], batch))))
+      acc.update(_fetch(eval_step(state['params'], state['frozen'], batch)))
   else:
     # Protocols (halves, sliding windows) run per process on its own examples.
     from ddep import inference  # pylint: disable=g-import-not-at-top
-    params = jax.device_get(optimizer_lib.merge(state['params'], state['frozen']))
+    params = host_params(state)
     predict = jax.jit(lambda x: model.apply({'params': params}, x))
     protocol = inference.make_protocol(config.eval.protocol, predict,
                                        batch_size=int(config.eval.batch_size) or None,
@@ -128,8 +150,15 @@ def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dic
   return metrics_lib.segmentation_metrics(acc.result(), class_names=spec.class_names)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) `config` in `workdir`; returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       train_iter=None) -> TrainResult:
+  """Trains (or resumes) `config` in `workdir`.
+
+  `train_iter` replaces the config's input pipeline with any iterator of
+  process-local batches that has `get_state()`/`set_state()` and `num_examples`
+  (custom data; tests feed identical global batches to runs of different
+  process counts).
+  """
   config_validation.validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -147,7 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Data.
   global_batch = int(config.data.batch_size)
   local_batch = global_batch // jax.process_count()
-  train_iter = make_train_iterator(config, local_batch=local_batch)
+  if train_iter is None:
+    train_iter = make_train_iterator(config, local_batch=local_batch)
   num_train_examples = train_iter.num_examples * jax.process_count()
   if is_main and getattr(train_iter, 'subset_ids', None) is not None:
     input_pipeline.write_subset_ids(os.path.join(workdir, 'subset_ids.txt'), train_iter.subset_ids)
@@ -171,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return model.init(key, sample, method=type(model).classify)['params']
     return model.init(key, *args)['params']
 
-  params = jax.jit(init_params, backend='cpu')(init_rng)
+  params = jax.jit(init_params)(init_rng)
   params = initialization.initial_params(config, jax.device_get(params))
   mask = optimizer_lib.trainable_mask(params, tuple(config.frozen))
   trainable, frozen = optimizer_lib.split_trainable(params, mask)
@@ -201,19 +231,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                n_train, n_frozen, total_steps, global_batch, num_train_examples)
 
   # Resume.
-  ckpt = checkpointing.Checkpointer(workdir, keep=int(config.keep_checkpoints))
+  ckpt = checkpointing.Checkpointer(workdir, keep=int(config.keep_checkpoints),
+                                    async_save=bool(config.get('checkpoint_async', True)))
   start_step = 0
   latest = ckpt.latest_step()
   if latest is not None:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract_state, state_shardings)
     state, data_state = ckpt.restore(latest, abstract)
-    start_step = int(jax.device_get(state['step']))
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    else:
-      train_iter = make_train_iterator(config, local_batch=local_batch,
-                                       state=None) if start_step == 0 else train_iter
+    start_step = int(_fetch(state['step']))
+    if data_state is None:
+      raise FileNotFoundError(f'checkpoint step {start_step} in {ckpt.directory} has no input '
+                              f'pipeline state for process {jax.process_index()}')
+    train_iter.set_state(data_state)
     logging.info('resumed from step %d', start_step)
     if is_main:
       print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
@@ -233,8 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pad_to=pad_to)
 
   def check_finite(step: int):
-    bad = int(jax.device_get(state['first_nonfinite']))
+    bad = int(_fetch(state['first_nonfinite']))
     if bad >= 0:
+      ckpt.wait()  # Let the good checkpoints already queued finish; nothing new is saved.
       last = ckpt.latest_step()
       raise NonFiniteLossError(
           f'non-finite loss or gradient at step {bad}; stopping. The last good checkpoint '
@@ -269,8 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         hook(step)
       if step % int(config.log_every) == 0 or step == total_steps:
         check_finite(step)
-        scalars = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)]))
-                   for k in pending[0]}
+        scalars = {k: float(np.mean([_fetch(m[k]) for m in pending])) for k in pending[0]}
         pending = []
         writer.write_scalars(step, scalars)
         jsonl.write(step, scalars)
@@ -307,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.wait()
   ckpt.close()
   writer.flush()
-  return result
+  return TrainResult(metrics=result or {}, params=host_params(state), step=total_steps)
 
 
 def _label_fraction(config, train_iter) -> float:

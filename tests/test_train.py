@@ -1,0 +1,232 @@
+"""The train loop: frozen encoders, hand-off, bad input, exact resume, multiple hosts."""
+import os
+import signal
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import common
+from ddep import checkpointing
+from ddep import config_validation
+from ddep import initialization
+from ddep import train
+from ddep.models import create_model
+from ddep.models import pretrained
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flat(tree):
+  return {'/'.join(k): np.asarray(v) for k, v in
+          flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+
+
+class Batches:
+  """Deterministic synthetic batches with the iterator interface the trainer needs."""
+
+  def __init__(self, batch_size=4, hw=(32, 32), nan_at_step=None, labels=None):
+    self._step, self._b, self._hw = 0, batch_size, hw
+    self._nan_at = nan_at_step
+    self._labels = labels
+    self.num_examples = 64
+
+  def get_state(self):
+    return {'step': self._step}
+
+  def set_state(self, state):
+    self._step = int(state['step'])
+
+  def __next__(self):
+    rng = np.random.default_rng(self._step)
+    self._step += 1
+    image = rng.uniform(-1, 1, (self._b, *self._hw, 3)).astype(np.float32)
+    if self._nan_at == self._step:
+      image[0, 0, 0, 0] = np.nan
+    batch = {'image': image}
+    if self._labels:
+      batch['label'] = rng.integers(0, self._labels, (self._b, *self._hw)).astype(np.int32)
+    return batch
+
+
+def _config(**kw):
+  c = common.base_config()
+  c.task = 'denoise'
+  c.model.preset = 'tiny'
+  c.data.dataset = 'demo_tiny'
+  c.data.prepare = False
+  c.data.batch_size = 4
+  c.data.image_size = (32, 32)
+  c.total_steps = 2
+  c.log_every = 1
+  c.checkpoint_every = 1
+  c.optim.lr = 1e-3
+  for k, v in kw.items():
+    node = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def encoder_npz(tmp_path_factory):
+  """A 'supervised' encoder in the published npz layout."""
+  model = create_model('tiny', num_outputs=3)
+  params = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))['params']
+  leaves, treedef = jax.tree.flatten(params['encoder'])
+  keys = jax.random.split(jax.random.key(8), len(leaves))
+  enc = jax.tree.unflatten(treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  path = str(tmp_path_factory.mktemp('enc') / 'encoder.npz')
+  np.savez(path, **pretrained.encoder_to_vit_layout(enc))
+  return path, _flat(enc)
+
+
+@pytest.fixture(scope='module')
+def ddep_run(encoder_npz, tmp_path_factory):
+  path, _ = encoder_npz
+  workdir = str(tmp_path_factory.mktemp('ddep'))
+  config = _config(init_encoder_from=path, frozen=('encoder/.*',), method='ddep')
+  config.denoise.sigma = 0.1
+  return workdir, train.train_and_evaluate(config, workdir, train_iter=Batches())
+
+
+def test_ddep_trains_decoder_only_with_no_encoder_optimizer_state(encoder_npz, ddep_run):
+  _, enc = encoder_npz
+  workdir, result = ddep_run
+  got = _flat(result.params['encoder'])
+  for k, v in enc.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)  # Frozen: bit-identical.
+  fresh = _flat(create_model('tiny', num_outputs=3).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']['decoder'])
+  moved = [k for k, v in _flat(result.params['decoder']).items() if not np.allclose(v, fresh[k])]
+  assert moved, 'decoder did not train'
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '2', 'state'))
+  opt_paths = ['/'.join(str(getattr(p, 'key', p)) for p in path)
+               for path, _ in jax.tree_util.tree_flatten_with_path(state['opt'])[0]]
+  assert opt_paths and not any('encoder' in p for p in opt_paths)
+  assert any('decoder' in p for p in opt_paths)
+  assert set(state['frozen']) == {'encoder'} and 'encoder' not in state['params']
+
+
+def test_handoff_takes_encoder_and_decoder_and_reinitialises_head(ddep_run):
+  workdir, result = ddep_run
+  config = _config(task='segment', init_from=workdir)
+  model = create_model('tiny', num_outputs=6)
+  fresh = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))['params']
+  params = _flat(initialization.initial_params(config, fresh))
+  src = _flat(result.params)
+  for k, v in params.items():
+    if k.startswith('head/'):
+      np.testing.assert_array_equal(v, _flat(fresh)[k])
+      assert v.shape[-1] == 6
+    else:
+      np.testing.assert_array_equal(v, src[k], err_msg=k)
+
+
+def test_handoff_errors_are_clear(ddep_run, tmp_path):
+  workdir, _ = ddep_run
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    checkpointing.load_params(str(tmp_path / 'missing'))
+  with pytest.raises(FileNotFoundError, match='no finished checkpoint'):
+    checkpointing.load_params(str(tmp_path))
+  wide = create_model('tiny', num_outputs=6, decoder_width_multiplier=2)
+  fresh = wide.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))['params']
+  with pytest.raises(ValueError, match=r'differ in shape: .*decoder/block0/conv1/kernel'):
+    initialization.initial_params(_config(task='segment', init_from=workdir), fresh)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  config = _config(total_steps=5)
+  with pytest.raises(train.NonFiniteLossError, match='at step 3;.*step 2'):
+    train.train_and_evaluate(config, workdir, train_iter=Batches(nan_at_step=3))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert steps[-1] == 2
+  params = checkpointing.load_params(workdir)
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('data.image_size', (40, 32), r'config\.data\.image_size: 40x32 is not divisible by 16'),
+    ('denoise.sigma', 0.0, r'config\.denoise\.sigma: must be > 0'),
+    ('method', 'mae', r"config\.method: unknown method 'mae'"),
+    ('data.label_fraction', 1.5, r'config\.data\.label_fraction: 1\.5 is outside \(0, 1\]'),
+    ('denoise.sigma_range', (0.3, 0.2), r'config\.denoise\.sigma_range'),
+    ('data.batch_size', 3, r'config\.data\.batch_size: 3 must be .* divisible by the 2 devices'),
+])
+def test_invalid_configs_fail_before_compiling(key, value, match):
+  with pytest.raises(config_validation.ConfigError, match=match):
+    config_validation.validate(_config(**{key: value}), num_devices=2)
+
+
+def _main(workdir, data_dir, **popen_kw):
+  cmd = [sys.executable, '-m', 'ddep.main', '--config=tests/configs/tiny_denoise.py',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}']
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_backend_optimization_level=0',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='true')
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen_kw)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+  data_dir = str(tmp_path / 'data')
+  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
+  p = _main(straight, data_dir)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out[-3000:]
+
+  # Kill -9 after step 3, between the checkpoints at steps 2 and 4.
+  p = _main(killed, data_dir)
+  seen = []
+  for line in p.stdout:
+    seen.append(line)
+    if 'step 3/6' in line:
+      p.send_signal(signal.SIGKILL)
+      break
+  p.wait(timeout=60)
+  assert p.returncode == -signal.SIGKILL, ''.join(seen)[-3000:]
+  assert checkpointing.Checkpointer(killed, keep=2).latest_step() == 2
+
+  p = _main(killed, data_dir)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out[-3000:]
+  assert 'resumed' in out and 'at step 2/6' in out
+  a, b = _flat(checkpointing.load_params(straight)), _flat(checkpointing.load_params(killed))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
+  worker = os.path.join(REPO, 'tests', 'multihost_worker.py')
+  base_env = dict(os.environ, PYTHONPATH=REPO)
+  procs = []
+  for i in range(2):
+    env = dict(base_env, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               JAX_COORDINATOR_ADDRESS='localhost:12391', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, worker, str(tmp_path / 'wd2'),
+                                   str(tmp_path / f'p{i}.npz')], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  # Only process 0 writes the metrics file and progress lines.
+  assert '[ddep] denoise step 3/3' in outs[0] and '[ddep]' not in outs[1]
+  env = dict(base_env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  ref = subprocess.run([sys.executable, worker, str(tmp_path / 'wd1'), str(tmp_path / 'ref.npz')],
+                       env=env, capture_output=True, text=True, timeout=400)
+  assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+  p0, p1, r = (np.load(tmp_path / f) for f in ('p0.npz', 'p1.npz', 'ref.npz'))
+  assert set(p0.files) == set(r.files) and len(p0.files) > 50
+  for k in p0.files:
+    np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+    # Cross-process sums reduce in another order: equal up to float32 rounding.
+    np.testing.assert_allclose(p0[k], r[k], rtol=1e-4, atol=2e-5, err_msg=k)
