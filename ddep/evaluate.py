@@ -87,6 +87,9 @@ def find_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
                         'best/<step>/state and checkpoints/<step>/state')
 
 
+_MAX_KEYS = 20
+
+
 def _flat_shapes(tree) -> dict[str, tuple]:
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
   return {'/'.join(k): tuple(v.shape) for k, v in flat.items()}
@@ -100,7 +103,10 @@ def check_params_fit(params, expected, *, where: str) -> None:
   misshapen = [f'{k}: checkpoint {got[k]} vs model {want[k]}'
                for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
   if missing or unexpected or misshapen:
-    parts = [f'{name} ({len(keys)}): {", ".join(keys)}' for name, keys in (
+    # Every kind of mismatch at once; long lists cut so the message stays readable.
+    shown = lambda keys: ', '.join(keys[:_MAX_KEYS]) + (  # noqa: E731
+        f', ... ({len(keys) - _MAX_KEYS} more)' if len(keys) > _MAX_KEYS else '')
+    parts = [f'{name} ({len(keys)}): {shown(keys)}' for name, keys in (
         ('missing from the checkpoint', missing), ('not in the model', unexpected),
         ('different shapes', misshapen)) if keys]
     raise CheckpointError(f'checkpoint {where} does not fit the config\'s model; ' + '; '.join(parts))
