@@ -1,0 +1,31 @@
+r"""Denoising pretraining for Cityscapes (paper Sec. 4.3; Table 1, Figures 2 and 8).
+
+DeP (sigma 0.8, whole network from scratch) or DDeP (sigma 0.1, decoder only on the
+frozen ImageNet-21k encoder) on the TRAIN_FINE + TRAIN_COARSE images, 512x512
+crops, Adam lr 1e-4, batch 128, 6000 epochs (configs/recipes.py).
+
+  python -m ddep.main --workdir=$W \
+    --config=configs/pretrain_cityscapes.py:method=ddep,width=2
+
+Arguments:
+  method       'dep' | 'ddep'
+  width        decoder width multiplier (Sec. 4.2: 1x and 2x on Cityscapes); the
+               fine-tuning run uses the same width
+  sigma        noise level; 0 = the method's default, 0.8 / 0.1 (Sec. 3.3)
+  sigma_range  'lo:hi' draws sigma ~ U(lo, hi) per example instead (Table 6)
+  target       'eps' (Eq. 4) or 'x' (Table 7)
+  epochs, lr   pretraining length and learning rate (Figure 8)
+  batch        global batch size
+  model        'r50_vit_b16' (TransUNet) or 'r50_unet' (Table 5)
+  encoder      DDeP's ImageNet-21k encoder (.npz / .safetensors); '' = the model's
+               file under checkpoints/ (docs/experiments.md)
+  init_from    DDeP on the encoder of a supervised run of ours instead
+  runlocal     toy size on the generated 'demo_tiny' data, for CPUs and tests
+"""
+from configs import recipes
+
+
+def get_config(arg=None):
+  # The spec pretrains on train + train_extra of cityscapes/semantic_segmentation_extra
+  # (its `pretrain_tfds_name`, docs/datasets.md); labels are never read.
+  return recipes.denoising_pretraining(arg, dataset='cityscapes')

@@ -1,0 +1,254 @@
+r"""Expands a table or figure of the paper into runs, one workdir each, and launches them.
+
+  python launch/sweep.py table1 --workdir_root=/shared/ddep --dry_run
+  python launch/sweep.py table3 --workdir_root=gs://B/ddep --launcher=tpu \
+      --tpu_name=ddep-v4 --zone=us-central2-b --stage=pretrain
+  python launch/sweep.py table1 --workdir_root=/shared/ddep --launcher=slurm \
+      --methods=ddep --fractions=1/30 --seeds=1 --lrs=1e-5,3e-5,1e-4,3e-4 --wds=1e-5,1e-4,3e-4
+
+A grid is rows (method, decoder width, model, pretraining variant) x label
+fractions x seeds (x lr x wd). Runs that need a pretraining (DeP, DDeP) get
+`init_from=` its workdir; pretraining runs come first. Workdirs:
+
+  ROOT/pretrain/<dataset>/<method>_w<width>[_<model>][_<variant>]
+  ROOT/finetune/<dataset>/<method>_w<width>[_<model>][_<variant>]/f<fraction>_s<seed>[_lr.._wd..]
+
+Launchers: 'local' runs `python -m ddep.main` one after another; 'tpu' runs each
+on all workers of one TPU VM through launch/tpu.sh, in order; 'slurm' submits
+launch/slurm.sbatch jobs, fine-tuning jobs depending (afterok) on their
+pretraining job. --dry_run prints the commands (for slurm, a bash script) instead.
+`python -m ddep.report --workdirs=ROOT/finetune/<dataset>/<row>/*` then gathers a row.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fractions
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+
+PRETRAIN_CONFIG = {d: f'configs/pretrain_{d}.py' for d in ('cityscapes', 'pascal_context', 'ade20k')}
+FINETUNE_CONFIG = {d: f'configs/finetune_{d}.py' for d in ('cityscapes', 'pascal_context', 'ade20k')}
+
+# Sec. 4.3: runs averaged per label fraction (different subsets per run). Fractions
+# the paper does not list (e.g. Figure 2's 1% and 2%) get 10, as its small ones do.
+PAPER_SEEDS = {
+    'cityscapes': {'1': 10, '1/4': 4, '1/8': 6, '1/30': 10},
+    'pascal_context': {'1': 10, '0.2': 5, '0.1': 10, '0.05': 10, '0.01': 10},
+    'ade20k': {'1': 10, '0.2': 5, '0.1': 10, '0.05': 10, '0.01': 10},
+}
+DEFAULT_SEEDS = 10
+
+CITYSCAPES_FRACTIONS = ('1', '1/4', '1/8', '1/30')        # Table 1
+PC_ADE_FRACTIONS = ('1', '0.2', '0.1', '0.05', '0.01')    # Tables 3-5
+# Figure 7's sigmas and Figure 8's epochs/lrs are not given in the text; these
+# grids bracket the paper's defaults (sigma 0.1 / 0.8, 6000 epochs at lr 1e-4).
+FIG7_SIGMAS = ('0.05', '0.1', '0.2', '0.3', '0.4', '0.6', '0.8')
+FIG8_EPOCHS = ('100', '300', '1000', '3000', '6000')
+FIG8_LRS = ('3e-5', '1e-4', '3e-4', '1e-3')
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of a table: a method at a decoder width, with its pretraining variant."""
+  method: str
+  width: int = 1
+  model: str = 'r50_vit_b16'
+  pretrain_args: tuple[tuple[str, str], ...] = ()  # e.g. (('sigma', '0.2'),)
+
+  @property
+  def name(self) -> str:
+    parts = [f'{self.method}_w{self.width}']
+    if self.model != 'r50_vit_b16':
+      parts.append(self.model)
+    parts += [f'{k}{v.replace(":", "-")}' for k, v in self.pretrain_args]
+    return '_'.join(parts)
+
+  @property
+  def needs_pretraining(self) -> bool:
+    return self.method in ('dep', 'ddep')
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  datasets: tuple[str, ...]
+  rows: tuple[Row, ...]
+  fractions: tuple[str, ...]
+
+
+def _rows(methods: Sequence[str], widths: Sequence[int], **kw) -> tuple[Row, ...]:
+  return tuple(Row(m, w, **kw) for w in widths for m in methods)
+
+
+_BASELINES_AND_DDEP = ('none', 'supervised', 'ddep')
+GRIDS = {
+    # Table 1: Cityscapes, every method at 1x; DeP has no 2x row.
+    'table1': Grid(('cityscapes',), _rows(('none', 'supervised', 'dep', 'ddep'), (1,))
+                   + _rows(_BASELINES_AND_DDEP, (2,)), CITYSCAPES_FRACTIONS),
+    # Table 2: our row is Table 1's DDeP 2x (the baselines are other papers').
+    'table2': Grid(('cityscapes',), (Row('ddep', 2),), CITYSCAPES_FRACTIONS),
+    # Figure 2: Cityscapes, 1x, down to 1% and 2% labels (Sec. 4.4).
+    'fig2': Grid(('cityscapes',), _rows(('none', 'supervised', 'dep', 'ddep'), (1,)),
+                 ('1', '1/4', '1/8', '1/30', '0.02', '0.01')),
+    'table3': Grid(('pascal_context',), _rows(_BASELINES_AND_DDEP, (1, 3)), PC_ADE_FRACTIONS),
+    'fig5': Grid(('pascal_context',), _rows(_BASELINES_AND_DDEP, (1,)), PC_ADE_FRACTIONS),
+    'table4': Grid(('ade20k',), _rows(_BASELINES_AND_DDEP, (1, 3)), PC_ADE_FRACTIONS),
+    'fig6': Grid(('ade20k',), _rows(_BASELINES_AND_DDEP, (1,)), PC_ADE_FRACTIONS),
+    # Table 5: the plain ResNet-50 UNet on Pascal Context.
+    'table5': Grid(('pascal_context',), _rows(_BASELINES_AND_DDEP, (1,), model='r50_unet'),
+                   PC_ADE_FRACTIONS),
+    # Table 6: DDeP 3x, sigma ~ U(0.2, 0.3) against sigma = 0.2.
+    'table6': Grid(('pascal_context',), (Row('ddep', 3, pretrain_args=(('sigma_range', '0.2:0.3'),)),
+                                         Row('ddep', 3, pretrain_args=(('sigma', '0.2'),))),
+                   ('1', '0.2', '0.1')),
+    # Table 7: predict x against predict eps (Eq. 4), DDeP 1x, all labels.
+    'table7': Grid(('pascal_context', 'ade20k'),
+                   tuple(Row('ddep', 1, pretrain_args=(('target', t),)) for t in ('x', 'eps')),
+                   ('1',)),
+    # Figure 7: DDeP's pretraining sigma.
+    'fig7': Grid(('pascal_context', 'ade20k'),
+                 tuple(Row('ddep', 1, pretrain_args=(('sigma', s),)) for s in FIG7_SIGMAS), ('1',)),
+    # Figure 8: pretraining length x learning rate (Sec. 4.5.3).
+    'fig8': Grid(('pascal_context',),
+                 tuple(Row('ddep', 1, pretrain_args=(('epochs', e), ('lr', lr)))
+                       for e in FIG8_EPOCHS for lr in FIG8_LRS), ('1',)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  config: str        # configs/<file>.py
+  arg: str           # its get_config argument
+  workdir: str
+  name: str          # the workdir below the sweep's root, e.g. 'pretrain/ade20k/ddep_w1'
+  after: str = ''    # workdir of the run this one initialises from
+
+  @property
+  def config_flag(self) -> str:
+    return f'--config={self.config}:{self.arg}' if self.arg else f'--config={self.config}'
+
+
+def _arg(pairs) -> str:
+  return ','.join(f'{k}={v}' for k, v in pairs)
+
+
+def fraction_dir(fraction: str) -> str:
+  return 'f' + fraction.replace('/', 'of')
+
+
+def seeds_for(dataset: str, fraction: str, seeds: str) -> range:
+  if seeds != 'paper':
+    return range(int(seeds))
+  by_value = {fractions.Fraction(k): v for k, v in PAPER_SEEDS[dataset].items()}
+  return range(by_value.get(fractions.Fraction(fraction), DEFAULT_SEEDS))
+
+
+def expand(grid: Grid, root: str, *, seeds: str = 'paper', methods: Sequence[str] = (),
+           widths: Sequence[int] = (), fractions_: Sequence[str] = (),
+           lrs: Sequence[str] = (), wds: Sequence[str] = (), encoder: str = '',
+           stage: str = 'all') -> list[Run]:
+  """Pretraining runs (deduplicated, first) and then fine-tuning runs of `grid`."""
+  root = root.rstrip('/')
+  rows = [r for r in grid.rows if (not methods or r.method in methods)
+          and (not widths or r.width in widths)]
+  extra = (('encoder', encoder),) if encoder else ()
+  pretrain, finetune = {}, []
+  for dataset in grid.datasets:
+    for row in rows:
+      base = (('method', row.method), ('width', row.width))
+      if row.model != 'r50_vit_b16':
+        base += (('model', row.model),)
+      init = ''
+      if row.needs_pretraining:
+        rel = f'pretrain/{dataset}/{row.name}'
+        init = f'{root}/{rel}'
+        pretrain.setdefault(init, Run(PRETRAIN_CONFIG[dataset],
+                                      _arg(base + row.pretrain_args + extra), init, rel))
+      for fraction in fractions_ or grid.fractions:
+        for seed in seeds_for(dataset, fraction, seeds):
+          for lr in lrs or ('',):
+            for wd in wds or ('',):
+              hp = (('lr', lr),) if lr else ()
+              hp += (('wd', wd),) if wd else ()
+              run = f'{fraction_dir(fraction)}_s{seed}' + ''.join(f'_{k}{v}' for k, v in hp)
+              rel = f'finetune/{dataset}/{row.name}/{run}'
+              pairs = base + (('fraction', fraction), ('seed', seed)) + hp
+              pairs += (('init_from', init),) if init else extra
+              finetune.append(Run(FINETUNE_CONFIG[dataset], _arg(pairs), f'{root}/{rel}', rel,
+                                  after=init))
+  return {'pretrain': list(pretrain.values()), 'finetune': finetune,
+          'all': list(pretrain.values()) + finetune}[stage]
+
+
+def _quote(args: Sequence[str]) -> str:
+  return ' '.join(shlex.quote(a) for a in args)
+
+
+def commands(runs: Sequence[Run], *, launcher: str, python: str = 'python',
+             tpu_name: str = '', zone: str = '', extra_flags: Sequence[str] = ()) -> list[str]:
+  """One shell line per run, in launch order."""
+  lines, job_vars = [], {}
+  for i, run in enumerate(runs):  # i: a unique shell variable for a slurm job id
+    flags = [run.config_flag, f'--workdir={run.workdir}', *extra_flags]
+    if launcher == 'local':
+      lines.append(_quote([python, '-m', 'ddep.main', *flags]))
+    elif launcher == 'tpu':
+      lines.append(_quote(['launch/tpu.sh', 'run', f'--name={tpu_name}', f'--zone={zone}', *flags]))
+    elif launcher == 'slurm':
+      sbatch = ['sbatch', '--parsable', f'--job-name=ddep.{run.name.replace("/", ".")}']
+      dependency = ''
+      if run.after in job_vars:  # submitted in this sweep: wait for it to succeed
+        dependency = f' --dependency=afterok:${job_vars[run.after]}'
+      line = _quote(sbatch) + dependency + ' ' + _quote(['launch/slurm.sbatch', *flags])
+      if any(r.after == run.workdir for r in runs):
+        job_vars[run.workdir] = f'JOB{i}'
+        line = f'JOB{i}=$({line})'
+      lines.append(line)
+    else:
+      raise ValueError(f'unknown launcher {launcher!r}')
+  return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('grid', choices=sorted(GRIDS))
+  p.add_argument('--workdir_root', required=True)
+  p.add_argument('--stage', choices=('all', 'pretrain', 'finetune'), default='all')
+  p.add_argument('--launcher', choices=('local', 'tpu', 'slurm'), default='local')
+  p.add_argument('--seeds', default='paper', help="'paper' (Sec. 4.3) or a number of seeds")
+  p.add_argument('--methods', default='', help='comma-separated subset of the grid\'s methods')
+  p.add_argument('--widths', default='', help='comma-separated decoder widths')
+  p.add_argument('--fractions', default='', help="comma-separated, e.g. '1,1/30'")
+  p.add_argument('--lrs', default='', help='fine-tuning learning rates (Sec. 4.3 sweep)')
+  p.add_argument('--wds', default='', help='fine-tuning weight decays (Sec. 4.3 sweep)')
+  p.add_argument('--encoder', default='', help='ImageNet-21k encoder file for every run')
+  p.add_argument('--tpu_name', default='')
+  p.add_argument('--zone', default='')
+  p.add_argument('--python', default=sys.executable, help="the local launcher's interpreter")
+  p.add_argument('--dry_run', action='store_true', help='print the commands only')
+  argv = sys.argv[1:] if argv is None else list(argv)
+  extra = argv[argv.index('--') + 1:] if '--' in argv else []  # flags for every ddep.main
+  a = p.parse_args(argv[:len(argv) - len(extra) - (1 if '--' in argv else 0)])
+  split = lambda s: [x for x in s.split(',') if x]  # noqa: E731
+  if a.launcher == 'tpu' and not (a.tpu_name and a.zone):
+    p.error('--launcher=tpu needs --tpu_name and --zone')
+  runs = expand(GRIDS[a.grid], a.workdir_root, seeds=a.seeds, methods=split(a.methods),
+                widths=[int(w) for w in split(a.widths)], fractions_=split(a.fractions),
+                lrs=split(a.lrs), wds=split(a.wds), encoder=a.encoder, stage=a.stage)
+  lines = commands(runs, launcher=a.launcher, python=a.python, tpu_name=a.tpu_name,
+                   zone=a.zone, extra_flags=extra)
+  if a.dry_run:
+    print('\n'.join(lines))
+    return 0
+  if a.launcher == 'slurm':  # job ids flow from line to line: run them as one script
+    return subprocess.run(['bash', '-euo', 'pipefail', '-c', '\n'.join(lines)], check=False).returncode
+  for line in lines:  # in order, so a pretraining finishes before its fine-tuning starts
+    print(f'+ {line}', flush=True)
+    subprocess.run(line, shell=True, check=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
