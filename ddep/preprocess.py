@@ -11,8 +11,9 @@ from typing import Sequence
 
 import tensorflow as tf
 
-# Explicit algorithm: 'auto_select' may change with the device or TF version.
-_ALG = "philox"
+# TF runs only on the host CPU here (input_pipeline hides accelerators), where
+# 'auto_select' is Philox; it builds half the graph ops of naming 'philox'.
+_ALG = "auto_select"
 
 
 def split_seed(seed, num: int):
@@ -32,6 +33,7 @@ def scale_to_minus1_1(image):
 
 def _as_hwc(label):
     """(label HxWx1, whether the input was HxW)."""
+    label = tf.convert_to_tensor(label)
     squeeze = label.shape.rank == 2
     return (label[..., None] if squeeze else label), squeeze
 
@@ -58,6 +60,7 @@ def inception_crop(
     The "inception-style" crop of Szegedy et al. the paper uses for augmentation
     (Sec. 2); returns float32 (resizing interpolates).
     """
+    image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape,
@@ -94,6 +97,7 @@ def resize_short_side(image, short_side: int, method: str = "bilinear"):
 
 def pad_to(image, hw: Sequence[int], value=0):
     """Pads at the bottom/right up to `hw` (no-op on sides already as large)."""
+    image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
     pad_h = tf.maximum(hw[0] - shape[0], 0)
     pad_w = tf.maximum(hw[1] - shape[1], 0)
