@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
       label_fraction=1.0,         # fraction of the labelled split (Sec. 4.3)
       label_count=0,              # or an exact count; overrides label_fraction
       subset_seed=0,
+      train_split='',             # '' = the dataset's labelled train split (segment, classify)
       eval_split='',              # '' = the dataset's validation split
       eval_pad_to=(),             # pad eval images/labels to this (H, W) when sizes vary
       skip_bad_examples=False,

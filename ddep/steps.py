@@ -5,6 +5,9 @@ The train state is a plain dict (big_vision style):
   frozen           frozen parameters (DDeP's encoder): no gradients, no optimizer state
   opt              optimizer state
   step             int32 scalar
+  rng              the run's base PRNG key data (uint32); each step uses fold_in(rng, step). Kept in the
+                   state, not closed over, so runs that differ only in seed share one
+                   compiled step (and one persistent-cache entry).
   first_nonfinite  int32 scalar: first step whose loss or gradient was not finite, or -1.
                    Kept on device so checking it costs no host sync per step.
 """
@@ -51,10 +54,10 @@ def make_loss_fn(model: TransUNet, config) -> Callable:
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
-                    base_rng: jax.Array, accumulation_steps: int = 1) -> Callable:
+                    accumulation_steps: int = 1) -> Callable:
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
     step = state['step']
-    rng = jax.random.fold_in(base_rng, step)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
 
     def loss_of_trainable(trainable):
       # `frozen` is closed over: JAX differentiates w.r.t. `trainable` only.
@@ -69,7 +72,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     first_bad = jnp.where((state['first_nonfinite'] < 0) & ~finite, step + 1,
                           state['first_nonfinite'])
     new_state = dict(params=params, frozen=state['frozen'], opt=opt, step=step + 1,
-                     first_nonfinite=first_bad.astype(jnp.int32))
+                     rng=state['rng'], first_nonfinite=first_bad.astype(jnp.int32))
     out = {'train/loss': loss, 'train/grad_norm': grad_norm,
            'train/param_norm': optax.tree.norm(params),
            'train/update_norm': optax.tree.norm(updates),
@@ -79,10 +82,18 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
   return train_step
 
 
-def make_segmentation_eval_step(model: TransUNet, num_classes: int, ignore_label: int = 255):
-  """(params, frozen, batch) -> confusion matrix of this (global) batch."""
+def make_segmentation_eval_step(model: TransUNet, num_classes: int, ignore_label: int = 255,
+                                flip: bool = False):
+  """(params, frozen, batch) -> confusion matrix of this (global) batch.
+
+  With `flip`, logits are averaged with those of the mirrored image (Sec. 4.3).
+  """
   def eval_step(params, frozen, batch):
-    logits = model.apply({'params': optimizer_lib.merge(params, frozen)}, batch['image'])
+    variables = {'params': optimizer_lib.merge(params, frozen)}
+    logits = model.apply(variables, batch['image'])
+    if flip:
+      mirrored = model.apply(variables, batch['image'][:, :, ::-1])[:, :, ::-1]
+      logits = (logits + mirrored) / 2
     return metrics_lib.confusion_matrix(batch['label'], jnp.argmax(logits, -1), num_classes,
                                         ignore_label=ignore_label, mask=batch['_mask'])
   return eval_step

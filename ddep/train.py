@@ -4,6 +4,7 @@
   -> restore if a checkpoint exists -> loop (step, log, eval, checkpoint) -> final eval.
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -84,7 +85,8 @@ def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = Non
   if config.task == 'denoise':
     return input_pipeline.pretrain_dataset(d.dataset, image_size=tuple(d.image_size), **common)
   if config.task == 'classify':
-    return input_pipeline.supervised_dataset(d.dataset, image_size=tuple(d.image_size), **common)
+    return input_pipeline.supervised_dataset(d.dataset, image_size=tuple(d.image_size),
+                                             split=d.get('train_split') or None, **common)
   subset = None
   if int(d.label_count):
     subset = int(d.label_count)
@@ -92,7 +94,8 @@ def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = Non
     subset = float(d.label_fraction)
   return input_pipeline.finetune_dataset(
       d.dataset, crop_size=tuple(d.image_size), scale_range=tuple(d.scale_range) or None,
-      subset=subset, subset_seed=int(d.subset_seed), **common)
+      subset=subset, subset_seed=int(d.subset_seed), split=d.get('train_split') or None,
+      **common)
 
 
 def _to_global(tree, shardings):
@@ -121,7 +124,8 @@ def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dic
   num_classes = spec.num_classes
   acc = metrics_lib.ConfusionMatrixAccumulator(num_classes)
   if config.eval.protocol == 'whole':
-    eval_step = jax.jit(steps_lib.make_segmentation_eval_step(model, num_classes, spec.ignore_label),
+    eval_step = jax.jit(steps_lib.make_segmentation_eval_step(
+        model, num_classes, spec.ignore_label, flip=bool(config.eval.flip)),
                         out_shardings=sharding.replicated(mesh))
     for batch in eval_iter:
       batch = sharding.global_batch(
@@ -130,8 +134,10 @@ def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dic
   else:
     # Protocols (halves, sliding windows) run per process on its own examples.
     from ddep import inference  # pylint: disable=g-import-not-at-top
+    # Params go in as an argument: closed over, they would be baked in as constants.
+    apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
     params = host_params(state)
-    predict = jax.jit(lambda x: model.apply({'params': params}, x))
+    predict = functools.partial(apply, params)
     protocol = inference.make_protocol(config.eval.protocol, predict,
                                        batch_size=int(config.eval.batch_size) or None,
                                        flip=bool(config.eval.flip))
@@ -217,14 +223,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       b2=float(o.b2), grad_clip_norm=float(o.grad_clip_norm) or None, accumulation_steps=accum)
 
   # Train state with explicit shardings.
-  def make_state(trainable, frozen):
+  def make_state(trainable, frozen, rng):
     return dict(params=trainable, frozen=frozen, opt=tx.init(trainable),
-                step=jnp.zeros((), jnp.int32), first_nonfinite=jnp.full((), -1, jnp.int32))
-  abstract_state = jax.eval_shape(make_state, trainable, frozen)
+                step=jnp.zeros((), jnp.int32), rng=rng,
+                first_nonfinite=jnp.full((), -1, jnp.int32))
+  # Raw uint32 key data: checkpointable as a plain array.
+  train_rng = jax.random.key_data(train_rng)
+  abstract_state = jax.eval_shape(make_state, trainable, frozen, train_rng)
   state_shardings = sharding.state_shardings(abstract_state, mesh, fsdp=bool(config.mesh.fsdp))
   state = jax.jit(make_state, out_shardings=state_shardings)(
       _to_global(trainable, state_shardings['params']),
-      _to_global(frozen, state_shardings['frozen']))
+      _to_global(frozen, state_shardings['frozen']),
+      _to_global(np.asarray(train_rng), state_shardings['rng']))
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
   logging.info('params: %d trainable, %d frozen; %d steps of global batch %d (%d examples)',
@@ -249,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
 
   train_step = jax.jit(
-      steps_lib.make_train_step(steps_lib.make_loss_fn(model, config), tx, schedule, train_rng, accum),
+      steps_lib.make_train_step(steps_lib.make_loss_fn(model, config), tx, schedule, accum),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
