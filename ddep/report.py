@@ -49,8 +49,8 @@ REQUIRED = {
     "miou": (int, float),
 }
 # Paper order: baselines first, then ours; other methods follow alphabetically.
-METHOD_ORDER = ("no_pretraining", "random_init", "supervised", "dep", "ddep")
-METHOD_LABELS = {"no_pretraining": "No pretraining", "random_init": "No pretraining",
+METHOD_ORDER = ("none", "no_pretraining", "random_init", "supervised", "dep", "ddep")
+METHOD_LABELS = {"none": "No pretraining", "no_pretraining": "No pretraining", "random_init": "No pretraining",
                  "supervised": "Supervised", "dep": "DeP", "ddep": "DDeP"}
 
 
