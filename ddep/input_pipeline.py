@@ -807,15 +807,15 @@ class EvalDataset:
         out = {"image_id": ex["image_id"], "_mask": tf.constant(True)}
         if self.pad_to is not None:
             hw = tf.shape(image)[:2]
-            with tf.control_dependencies([
-                tf.debugging.Assert(
-                    tf.reduce_all(hw <= tf.constant(self.pad_to)),
-                    ["Image larger than pad_to=" + str(self.pad_to) + ": image_id", ex["image_id"], "size", hw],
-                )
-            ]):
+            fits = tf.debugging.Assert(
+                tf.reduce_all(hw <= tf.constant(self.pad_to)),
+                ["Image larger than pad_to=" + str(self.pad_to) + ": image_id", ex["image_id"], "size", hw],
+            )
+            # Gate the padding on the check so its message, not ensure_shape's, is what fails.
+            with tf.control_dependencies([fits]):
                 out["orig_hw"] = tf.identity(hw)
-            image = tf.ensure_shape(pp.pad_to(image, self.pad_to, 0.0), [*self.pad_to, 3])
-            label = tf.ensure_shape(pp.pad_to(label, self.pad_to, ignore), list(self.pad_to))
+                image = tf.ensure_shape(pp.pad_to(tf.identity(image), self.pad_to, 0.0), [*self.pad_to, 3])
+                label = tf.ensure_shape(pp.pad_to(tf.identity(label), self.pad_to, ignore), list(self.pad_to))
         out.update(image=image, label=label)
         return out
 
