@@ -29,8 +29,9 @@ import subprocess
 import sys
 from typing import Sequence
 
-PRETRAIN_CONFIG = {d: f'configs/pretrain_{d}.py' for d in ('cityscapes', 'pascal_context', 'ade20k')}
-FINETUNE_CONFIG = {d: f'configs/finetune_{d}.py' for d in ('cityscapes', 'pascal_context', 'ade20k')}
+DATASETS = ('cityscapes', 'pascal_context', 'ade20k')
+PRETRAIN_CONFIG = {d: f'configs/pretrain_{d}.py' for d in DATASETS}
+FINETUNE_CONFIG = {d: f'configs/finetune_{d}.py' for d in DATASETS}
 
 # Sec. 4.3: runs averaged per label fraction (different subsets per run). Fractions
 # the paper does not list (e.g. Figure 2's 1% and 2%) get 10, as its small ones do.
@@ -100,8 +101,9 @@ GRIDS = {
     'table5': Grid(('pascal_context',), _rows(_BASELINES_AND_DDEP, (1,), model='r50_unet'),
                    PC_ADE_FRACTIONS),
     # Table 6: DDeP 3x, sigma ~ U(0.2, 0.3) against sigma = 0.2.
-    'table6': Grid(('pascal_context',), (Row('ddep', 3, pretrain_args=(('sigma_range', '0.2:0.3'),)),
-                                         Row('ddep', 3, pretrain_args=(('sigma', '0.2'),))),
+    'table6': Grid(('pascal_context',),
+                   (Row('ddep', 3, pretrain_args=(('sigma_range', '0.2:0.3'),)),
+                    Row('ddep', 3, pretrain_args=(('sigma', '0.2'),))),
                    ('1', '0.2', '0.1')),
     # Table 7: predict x against predict eps (Eq. 4), DDeP 1x, all labels.
     'table7': Grid(('pascal_context', 'ade20k'),
@@ -243,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print('\n'.join(lines))
     return 0
   if a.launcher == 'slurm':  # job ids flow from line to line: run them as one script
-    return subprocess.run(['bash', '-euo', 'pipefail', '-c', '\n'.join(lines)], check=False).returncode
+    script = '\n'.join(lines)
+    return subprocess.run(['bash', '-euo', 'pipefail', '-c', script], check=False).returncode
   for line in lines:  # in order, so a pretraining finishes before its fine-tuning starts
     print(f'+ {line}', flush=True)
     subprocess.run(line, shell=True, check=True)

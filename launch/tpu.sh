@@ -108,7 +108,8 @@ case $command in
     do_cmd git -C "$repo" archive --format=tar.gz --output="$archive" HEAD
     do_cmd gcloud compute tpus tpu-vm scp "$archive" "$name":ddep.tar.gz --worker=all "${where[@]}"
     # The TPU images ship Python 3.10; ddep needs 3.11.
-    remote="set -e; sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv"
+    remote="set -e; sudo apt-get -qq update"
+    remote+=" && sudo apt-get -qq install -y python3.11 python3.11-venv"
     remote+="; mkdir -p $REMOTE_DIR && tar -xzf ddep.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR"
     remote+="; python3.11 -m venv .venv && .venv/bin/pip install -q -U pip"
     remote+="; .venv/bin/pip install -q -e . $(quote "jax[tpu]==$JAX_VERSION") -f $LIBTPU_INDEX"
@@ -124,7 +125,8 @@ case $command in
     if ((background)); then
       # Survives the ssh session; each worker logs to ddep/logs/<workdir's name>.log.
       log=logs/$(basename "$workdir").log
-      remote="cd $REMOTE_DIR && mkdir -p logs && nohup setsid $(quote "${main[@]}") > $(quote "$log") 2>&1 < /dev/null &"
+      remote="cd $REMOTE_DIR && mkdir -p logs"
+      remote+=" && nohup setsid $(quote "${main[@]}") > $(quote "$log") 2>&1 < /dev/null &"
     fi
     do_cmd gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command="$remote"
     ;;

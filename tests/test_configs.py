@@ -217,9 +217,11 @@ def test_runlocal_shrinks_to_the_tiny_presets():
 RUNLOCAL_ARGS = {
     'supervised_demo': 'runlocal',
     'pretrain_cityscapes': 'method=dep,width=2,runlocal',
-    'pretrain_pascal_context': 'method=ddep,sigma_range=0.2:0.3,init_from={supervised_demo},runlocal',
+    'pretrain_pascal_context':
+        'method=ddep,sigma_range=0.2:0.3,init_from={supervised_demo},runlocal',
     'pretrain_ade20k': 'method=ddep,target=x,init_from={supervised_demo},runlocal',
-    'finetune_cityscapes': 'method=dep,width=2,fraction=1/8,init_from={pretrain_cityscapes},runlocal',
+    'finetune_cityscapes':
+        'method=dep,width=2,fraction=1/8,init_from={pretrain_cityscapes},runlocal',
     'finetune_ade20k': 'method=ddep,fraction=0.05,seed=1,init_from={pretrain_ade20k},runlocal',
     'finetune_pascal_context': 'method=none,model=r50_unet,classes=59,fraction=0.1,runlocal',
 }

@@ -1,6 +1,7 @@
 """Launch scripts: the commands they would run (--dry_run), parsed back into words,
 and the sweep's expansion of the paper's tables into runs."""
 import collections
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -13,7 +14,6 @@ import sys
 
 import pytest
 
-from configs import common  # noqa: F401  (the configs package must import from the repo root)
 from ddep import config_validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -179,7 +179,8 @@ def test_ablation_grids_vary_only_pretraining():
   assert len(f8) == len(sweep.FIG8_EPOCHS) * len(sweep.FIG8_LRS)
   t5 = sweep.expand(sweep.GRIDS['table5'], '/r', seeds='1', fractions_=['0.01'])
   assert {_args(r)['model'] for r in t5} == {'r50_unet'}
-  assert [r.name for r in t5 if 'pretrain' in r.config] == ['pretrain/pascal_context/ddep_w1_r50_unet']
+  assert [r.name for r in t5 if 'pretrain' in r.config] == [
+      'pretrain/pascal_context/ddep_w1_r50_unet']
 
 
 def test_hparam_sweep_names_each_run():
@@ -198,8 +199,7 @@ def test_every_sweep_run_is_a_valid_full_size_config():
       if (run.config, run.arg) in seen:
         continue
       seen.add((run.config, run.arg))
-      name = pathlib.Path(run.config).stem
-      module = __import__(f'configs.{name}', fromlist=['get_config'])
+      module = importlib.import_module(f'configs.{pathlib.Path(run.config).stem}')
       config_validation.validate(module.get_config(run.arg), num_devices=8)
   assert len(seen) > 100
 
