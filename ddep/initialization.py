@@ -13,6 +13,9 @@ import numpy as np
 
 from ddep import checkpointing
 from ddep.models import load_pretrained_encoder
+from ddep.models import vit
+
+_POSEMB = 'posembed_input/pos_embedding'
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -31,10 +34,17 @@ def merge_from_run(params, source, *, reinit: Sequence[str] = (), source_name: s
       continue
     if key not in src:
       not_in_source.append(key)
-    elif tuple(np.shape(src[key])) != tuple(value.shape):
+      continue
+    source_value = np.asarray(src[key])
+    if (key.endswith(_POSEMB) and source_value.ndim == 4 and source_value.shape[-1] == value.shape[-1]
+        and source_value.shape != tuple(value.shape)):
+      # Pretraining and fine-tuning may use other crop sizes: resize the grid (as when
+      # importing published encoders) rather than refuse.
+      source_value = np.asarray(vit.resize_posemb(source_value, value.shape[1:3]))
+    if tuple(source_value.shape) != tuple(value.shape):
       mismatched.append(f'{key}: checkpoint {tuple(np.shape(src[key]))} vs model {tuple(value.shape)}')
     else:
-      out[key] = np.asarray(src[key], dtype=value.dtype)
+      out[key] = source_value.astype(value.dtype)
       taken.append(key)
   if mismatched:
     raise ValueError(f'{source_name}: the checkpoint does not fit the model; '
