@@ -1,0 +1,586 @@
+r"""Step time, FLOPs, MFU and memory of the train and eval steps on synthetic batches.
+
+  python -m ddep.tools.benchmark --preset r50_vit_b16 --image_size 512 --batch_size 8 \
+      --dtype bfloat16 --task denoise,ddep --eval_size 1024x2048 --output bench.jsonl
+
+Each phase (a train step per `--task`, then the eval step at `--eval_size`) is
+compiled, warmed up and timed: `--trials` runs of `--steps` back-to-back steps,
+each run ending in a single `block_until_ready`, and the step time is the median
+over runs of run time / steps. FLOPs come from XLA (`cost_analysis()`) and from
+`ddep.flops`; MFU uses the analytic (model) count, HFU XLA's (which includes
+remat's recomputation). With several phases, each runs in its own process so
+that `peak_bytes_in_use` is that phase's own peak.
+
+Tasks: `denoise` = DeP (everything trained), `ddep` = DDeP (encoder frozen, Sec. 3.1),
+`segment` = fine-tuning with pixelwise cross-entropy.
+
+Imports no TensorFlow, TFDS, clu or ml_collections: it runs on a bare JAX + flax +
+optax install. The input pipeline is measured by `ddep.tools.benchmark_input`.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from typing import Any, Callable, Optional, Sequence
+
+TASKS = ('denoise', 'ddep', 'segment')
+# DDeP freezes the encoder (configs: frozen=('encoder/.*',)).
+DDEP_FROZEN = ('encoder/.*',)
+
+# Dense (no sparsity) bf16 peak per chip, TFLOP/s, from the vendors' datasheets.
+# First match of the regex on `device.device_kind` wins, so variants come first.
+PEAK_BF16_TFLOPS = (
+    (r'TPU v4', 'TPU v4', 275.0),
+    (r'TPU v5 ?lite|TPU v5e', 'TPU v5e', 197.0),
+    (r'TPU v5p?$', 'TPU v5p', 459.0),  # JAX reports v5p as 'TPU v5'.
+    (r'TPU v6 ?lite|TPU v6e', 'TPU v6e', 918.0),
+    (r'H100.*PCIe', 'H100 PCIe', 756.0),
+    # NVL cards have rates of their own, not double-checked here: no MFU rather
+    # than a guessed one.
+    (r'NVL', None, None),
+    (r'H100', 'H100 SXM', 989.0),
+    (r'H200', 'H200 SXM', 989.0),
+    (r'A100', 'A100', 312.0),
+)
+
+
+def peak_bf16_tflops(device_kind: str) -> tuple[Optional[str], Optional[float]]:
+  """(table name, dense bf16 TFLOP/s) of a device kind, or (None, None) if unknown."""
+  for pattern, name, tflops in PEAK_BF16_TFLOPS:
+    if re.search(pattern, device_kind):
+      return name, tflops
+  return None, None
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """'512' -> (512, 512); '1024x2048' -> (1024, 2048)."""
+  parts = [int(p) for p in re.split(r'[x,]', text.strip())]
+  if len(parts) == 1:
+    parts *= 2
+  if len(parts) != 2 or min(parts) <= 0:
+    raise argparse.ArgumentTypeError(f'size must be N or HxW, got {text!r}')
+  return tuple(parts)
+
+
+def is_oom(exc: BaseException) -> bool:
+  """Whether an XLA error is an out-of-memory (compile-time or at run time)."""
+  text = str(exc)
+  return 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text or 'out of memory' in text
+
+
+def largest_fitting_batch(fits: Callable[[int], bool], start: int, limit: int) -> Optional[int]:
+  """Doubles the per-device batch from `start` while `fits(batch)`; the last that fit."""
+  best, b = None, start
+  while b <= limit:
+    if not fits(b):
+      break
+    best, b = b, 2 * b
+  return best
+
+
+def accumulation_plan(max_per_device: int, global_batch: int,
+                      num_devices: int) -> tuple[int, int]:
+  """(per-device micro-batch, accumulation steps) reaching `global_batch` exactly,
+  with the largest micro-batch not above `max_per_device`."""
+  if global_batch % num_devices:
+    raise ValueError(f'global batch {global_batch} is not divisible by {num_devices} devices')
+  per_device = global_batch // num_devices
+  micro = max(d for d in range(1, min(max_per_device, per_device) + 1) if per_device % d == 0)
+  return micro, per_device // micro
+
+
+def loss_config(task: str, *, noise_conditioning: bool = False) -> types.SimpleNamespace:
+  """The fields of a ddep config that `steps.make_loss_fn` reads, without ml_collections."""
+  ns = types.SimpleNamespace
+  return ns(
+      task='segment' if task == 'segment' else 'denoise',
+      # Sec. 3.3: sigma 0.8 for DeP, 0.1 for DDeP; the value does not change the cost.
+      denoise=ns(sigma=0.1 if task == 'ddep' else 0.8, sigma_range=(), form='additive',
+                 target='eps'),
+      model=ns(noise_conditioning=noise_conditioning),
+      classify=ns(loss='sigmoid'))
+
+
+def time_steps(run_once: Callable[[], Any], *, warmup: int, steps: int, trials: int,
+               block: Callable[[], None]) -> list[float]:
+  """Per-step times of `trials` runs of `steps` asynchronously dispatched steps.
+
+  Nothing syncs with the host inside a run but the final `block()`.
+  """
+  for _ in range(warmup):
+    run_once()
+  block()
+  per_step = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      run_once()
+    block()
+    per_step.append((time.perf_counter() - t0) / steps)
+  return per_step
+
+
+def _cost(obj) -> dict:
+  cost = obj.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per partition.
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def _memory(compiled) -> dict:
+  """XLA's static buffer assignment of the executable (per device)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
+    return {}
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, k)) for k in ('argument_size_in_bytes', 'output_size_in_bytes',
+                                         'temp_size_in_bytes', 'alias_size_in_bytes',
+                                         'generated_code_size_in_bytes') if hasattr(m, k)}
+  if 'temp_size_in_bytes' in out:
+    out['total_bytes'] = (out['argument_size_in_bytes'] + out['output_size_in_bytes'] +
+                          out['temp_size_in_bytes'] - out['alias_size_in_bytes'])
+  return out
+
+
+def _device_memory(device) -> dict:
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if not stats:
+    return {'peak_bytes_in_use': None, 'bytes_limit': None}
+  return {'peak_bytes_in_use': stats.get('peak_bytes_in_use'),
+          'bytes_limit': stats.get('bytes_limit')}
+
+
+def build_model(args, *, num_outputs: int):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddep.models import presets  # pylint: disable=g-import-not-at-top
+  return presets.create_model(
+      args.preset, decoder_width_multiplier=args.decoder_width, num_outputs=num_outputs,
+      dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32,
+      remat=tuple(args.remat), attention_impl=args.attention_impl or None,
+      noise_conditioning=args.noise_conditioning)
+
+
+def _synthetic_batch(task: str, hw, batch_size: int, num_classes: int, with_mask: bool):
+  """Random images in [-1, 1] (and labels with some ignored pixels), on the host."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(-1, 1, (batch_size, *hw, 3)).astype(np.float32)}
+  if task == 'segment':
+    labels = rng.integers(0, num_classes, (batch_size, *hw)).astype(np.int32)
+    labels[:, :hw[0] // 8] = 255
+    batch['label'] = labels
+  if with_mask:
+    batch['_mask'] = np.ones((batch_size,), bool)
+  return batch
+
+
+def _abstract(tree, sharding):
+  """Shapes only, for --compile_only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _optimizer_flops(tx, state) -> float:
+  """XLA's count of the optimizer update alone (Adam + the norms the step logs):
+  ~20 FLOPs per trained parameter, which the analytic count of the network omits."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def update(grads, opt, params):
+    updates, opt = tx.update(grads, opt, params)
+    return (optax.apply_updates(params, updates), opt, optax.global_norm(grads),
+            optax.global_norm(updates), optax.global_norm(params))
+  p = state['params']
+  return float(_cost(jax.jit(update).lower(p, state['opt'], p).compile()).get('flops', 0.0))
+
+
+def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
+              accumulation_steps: Optional[int] = None, probe: bool = False) -> dict:
+  """Compiles and times one phase ('denoise', 'ddep', 'segment' or 'eval'); returns its row.
+
+  `probe=True` only compiles and runs two steps (for --find_max_batch).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
+
+  is_eval = phase == 'eval'
+  task = 'segment' if is_eval else phase
+  per_device_batch = per_device_batch or (args.eval_batch_size if is_eval else args.batch_size)
+  accum = 1 if is_eval else (accumulation_steps or args.accumulation_steps)
+  mesh = sharding.make_mesh()
+  n_dev = mesh.devices.size
+  batch_size = per_device_batch * n_dev
+  model = build_model(args, num_outputs=args.num_classes if task == 'segment' else 3)
+  noise_cond = args.noise_conditioning and task != 'segment'
+  hw = tuple(args.eval_size) if is_eval else tuple(args.image_size)
+  replicated = sharding.replicated(mesh)
+  notes = []
+
+  # Parameters initialised at the train size, as in training: the eval step then
+  # resizes the position embeddings as a real evaluation at another size does.
+  # --compile_only works on shapes alone, so it never runs the model (e.g. on a CPU).
+  sample = jnp.zeros((1, *args.image_size, 3), jnp.float32)
+  init_args = (sample, jnp.ones((1,))) if noise_cond else (sample,)
+  init = lambda k: model.init(k, *init_args)['params']  # noqa: E731
+  key = jax.random.key(0)
+  params = jax.eval_shape(init, key) if args.compile_only else jax.jit(init)(key)
+  mask = optimizer_lib.trainable_mask(params, DDEP_FROZEN if phase == 'ddep' else ())
+  trainable, frozen = optimizer_lib.split_trainable(params, mask)
+  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
+  n_params, n_trainable, n_frozen = count(params), count(trainable), count(frozen)
+  del params
+  batch = _synthetic_batch(task, hw, batch_size, args.num_classes, with_mask=is_eval)
+  if args.compile_only:
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+             for k, v in batch.items()}
+  else:
+    batch = sharding.global_batch(batch, mesh)
+
+  ops = flops_lib.model_ops(model, hw, per_device_batch)  # per device
+  trained = (() if is_eval else
+             flops_lib.DDEP_TRAINED if phase == 'ddep' else flops_lib.ALL_MODULES)
+  analytic = flops_lib.train_step_flops(ops, trained)  # = forward_flops when nothing trains
+  optimizer_flops = 0.0
+  if is_eval:
+    eval_step = steps_lib.make_segmentation_eval_step(model, args.num_classes)
+    jitted = jax.jit(eval_step, out_shardings=replicated)
+    put = _abstract if args.compile_only else jax.device_put
+    call_args = (put(trainable, replicated), put(frozen, replicated), batch)
+  else:
+    schedule = optimizer_lib.make_schedule(base_lr=1e-4, total_steps=1000)
+    tx = optimizer_lib.make_optimizer(name='adam', learning_rate=schedule,
+                                      accumulation_steps=accum)
+    loss_fn = steps_lib.make_loss_fn(model, loss_config(phase, noise_conditioning=noise_cond))
+    train_step = steps_lib.make_train_step(loss_fn, tx, schedule, accum)
+
+    def make_state(trainable, frozen, rng):  # The layout of ddep.steps' train state.
+      return dict(params=trainable, frozen=frozen, opt=tx.init(trainable),
+                  step=jnp.zeros((), jnp.int32), rng=rng,
+                  first_nonfinite=jnp.full((), -1, jnp.int32))
+    train_rng = jax.random.key_data(jax.random.key(1))
+    state_shardings = jax.tree.map(lambda _: replicated,
+                                   jax.eval_shape(make_state, trainable, frozen, train_rng))
+    if args.compile_only:
+      state = _abstract(jax.eval_shape(make_state, trainable, frozen, train_rng), replicated)
+    else:
+      state = jax.jit(make_state, out_shardings=state_shardings)(trainable, frozen, train_rng)
+    optimizer_flops = _optimizer_flops(tx, state)
+    # Donated state, as in ddep.train: the update happens in place.
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    call_args = (state, batch)
+  del trainable, frozen
+
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*call_args)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  xla, xla_lowered = _cost(compiled), _cost(lowered)
+
+  holder = {'args': call_args, 'out': None}
+
+  def run_once():
+    if is_eval:
+      holder['out'] = compiled(*holder['args'])
+    else:
+      new_state, holder['out'] = compiled(*holder['args'])
+      holder['args'] = (new_state, batch)
+
+  def block():
+    jax.block_until_ready((holder['args'][0], holder['out']))
+
+  if probe:
+    time_steps(run_once, warmup=2, steps=1, trials=0, block=block)
+    return {'fits': True}
+  step_time, trial_times, finite = None, None, None
+  if not args.compile_only:
+    trial_times = time_steps(run_once, warmup=args.warmup, steps=args.steps,
+                             trials=args.trials, block=block)
+    step_time = statistics.median(trial_times)
+    if not is_eval:
+      finite = bool(np.isfinite(float(jax.device_get(holder['out']['train/loss']))))
+  per_s = lambda x: x / step_time if step_time else None  # noqa: E731
+
+  # XLA's count, less the optimizer, against the analytic count of the same work.
+  comparable = analytic
+  if args.attention_impl == 'cudnn':
+    # A cuDNN attention kernel is a custom call, which XLA counts as 0 FLOPs.
+    comparable -= sum(op.flops + op.backward_flops(trained) for op in ops
+                      if op.part == 'transformer: attention')
+    notes.append('attention_impl=cudnn: XLA counts the fused attention call as 0 FLOPs; '
+                 'xla_over_analytic compares against the count without attention')
+  if args.remat and not is_eval:
+    notes.append(f'remat {list(args.remat)}: XLA counts the recomputed forward too (HFU > MFU)')
+  device = jax.devices()[0]
+  peak_name, peak = peak_bf16_tflops(device.device_kind)
+  if peak is None:
+    notes.append(f'unknown device kind {device.device_kind!r}: no peak, MFU omitted')
+  elif args.dtype != 'bfloat16':
+    notes.append('MFU is against the bf16 peak; this run computes in float32')
+  xla_flops = float(xla.get('flops', 0.0))
+  xla_flops_unoptimized = float(xla_lowered.get('flops', 0.0))
+  model_tflops = per_s(analytic / 1e12)
+  xla_tflops = per_s(xla_flops / 1e12)
+  mem = _device_memory(device)
+  row = {
+      'tool': 'ddep.tools.benchmark',
+      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'phase': phase,
+      'preset': args.preset,
+      'decoder_width': args.decoder_width,
+      'image_size': list(hw),
+      'per_device_batch': per_device_batch,
+      'global_batch': batch_size,
+      'accumulation_steps': accum,
+      'dtype': args.dtype,
+      'remat': list(args.remat),
+      'attention_impl': args.attention_impl or None,
+      'noise_conditioning': noise_cond,
+      'num_classes': args.num_classes if task == 'segment' else None,
+      'params': n_params,
+      'trainable_params': None if is_eval else n_trainable,
+      'frozen_params': None if is_eval else n_frozen,
+      'platform': device.platform,
+      'device_kind': device.device_kind,
+      'num_devices': n_dev,
+      'jax_version': jax.__version__,
+      'compile_s': round(compile_s, 3),
+      # With a persistent cache, compile_s may be a cache hit.
+      'compilation_cache': jax.config.jax_compilation_cache_dir,
+      'warmup': args.warmup,
+      'steps': args.steps,
+      'trials': args.trials,
+      'step_time_s': step_time,
+      'trial_step_times_s': trial_times,
+      # With accumulation, one call is one micro-batch.
+      'images_per_s': per_s(batch_size),
+      # FLOPs are per device: XLA's counts are of the partitioned (per-device) program.
+      'xla_flops': xla_flops,
+      'xla_flops_unoptimized': xla_flops_unoptimized,
+      'xla_bytes_accessed': float(xla.get('bytes accessed', 0.0)),
+      'xla_optimizer_flops': optimizer_flops,
+      'analytic_flops': float(analytic),
+      'analytic_forward_flops': float(flops_lib.forward_flops(ops)),
+      'xla_over_analytic': (xla_flops - optimizer_flops) / comparable,
+      # Before XLA's rewrites (e.g. into cuDNN/cuBLAS calls), in case a backend's
+      # compiled count misses some of them.
+      'xla_unoptimized_over_analytic': (xla_flops_unoptimized - optimizer_flops) / comparable,
+      'achieved_tflops': model_tflops,
+      'xla_tflops': xla_tflops,
+      'peak_device': peak_name,
+      'peak_bf16_tflops': peak,
+      # MFU counts model FLOPs (analytic); HFU what the hardware ran (XLA's, with remat).
+      'mfu': model_tflops / peak if peak and step_time else None,
+      'hfu': xla_tflops / peak if peak and step_time else None,
+      'peak_bytes_in_use': mem['peak_bytes_in_use'],
+      'bytes_limit': mem['bytes_limit'],
+      'xla_memory': _memory(compiled),
+      'loss_finite': finite,
+      'notes': notes,
+  }
+  if accum > 1 and step_time:
+    row['update_time_s'] = accum * step_time
+  return row
+
+
+def find_max_batch(args, phase: str) -> dict:
+  """Largest per-device batch (powers of two) that compiles and runs, and the
+  micro-batch x accumulation that reaches `--global_batch` with it."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def fits(b: int) -> bool:
+    try:
+      run_phase(args, phase, per_device_batch=b, accumulation_steps=1, probe=True)
+      return True
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_oom(e):
+        raise
+      return False
+    finally:
+      # Drop the failed attempt's buffers and executables before the next size.
+      gc.collect()
+      jax.clear_caches()
+
+  best = largest_fitting_batch(fits, args.batch_size, args.max_batch)
+  if best is None:
+    raise SystemExit(f'{phase}: even a per-device batch of {args.batch_size} does not fit')
+  micro, accum = accumulation_plan(best, args.global_batch, jax.device_count())
+  return {'max_per_device_batch': best, 'per_device_batch': micro, 'accumulation_steps': accum,
+          'hit_limit': best * 2 > args.max_batch}
+
+
+def phases_of(args) -> list[str]:
+  phases = list(args.task)
+  if args.eval_size:
+    phases.append('eval')
+  return phases
+
+
+def run_isolated(argv: Sequence[str], phases: Sequence[str],
+                 run: Callable[..., Any] = subprocess.run) -> list[dict]:
+  """Runs each phase in a child process (so each peak memory is its own); returns rows.
+
+  The child gets the same flags, then overrides (argparse keeps the last value).
+  """
+  rows = []
+  for phase in phases:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'row.jsonl')
+      cmd = [sys.executable, '-m', 'ddep.tools.benchmark', *argv, '--only_phase', phase,
+             '--output', out, '--quiet']
+      proc = run(cmd, check=False)
+      if proc.returncode:
+        raise SystemExit(f'phase {phase} failed (exit {proc.returncode}): {" ".join(cmd)}')
+      with open(out) as f:
+        rows.extend(json.loads(line) for line in f if line.strip())
+  return rows
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+  gib = lambda b: f'{b / 2**30:.2f}' if b else '-'  # noqa: E731
+  pct = lambda x: f'{100 * x:.1f}%' if x is not None else '-'  # noqa: E731
+  header = ('phase', 'batch', 'accum', 'step ms', 'img/s', 'XLA GFLOP', 'model GFLOP',
+            'XLA/model', 'TFLOP/s', 'MFU', 'HFU', 'peak GiB', 'XLA GiB')
+  lines = [' | '.join(header), ' | '.join('-' * len(h) for h in header)]
+  num = lambda x, f='.2f': '-' if x is None else format(x, f)  # noqa: E731
+  for r in rows:
+    step_ms = None if r['step_time_s'] is None else 1e3 * r['step_time_s']
+    lines.append(' | '.join([
+        r['phase'], str(r['per_device_batch']), str(r['accumulation_steps']), num(step_ms),
+        num(r['images_per_s']), f'{r["xla_flops"] / 1e9:.2f}',
+        f'{r["analytic_flops"] / 1e9:.2f}', num(r['xla_over_analytic'], '.3f'),
+        num(r['achieved_tflops']), pct(r['mfu']), pct(r['hfu']),
+        gib(r['peak_bytes_in_use']), gib(r['xla_memory'].get('total_bytes'))]))
+  by_phase = {r['phase']: r for r in rows}
+  if 'denoise' in by_phase and 'ddep' in by_phase:
+    dep, ddep = by_phase['denoise'], by_phase['ddep']
+    time_ratio = (f'step time {ddep["step_time_s"] / dep["step_time_s"]:.3f}, '
+                  if dep['step_time_s'] else '')
+    lines.append(f'DDeP/DeP: {time_ratio}'
+                 f'model FLOPs {ddep["analytic_flops"] / dep["analytic_flops"]:.3f}')
+  notes = sorted({n for r in rows for n in r['notes']})
+  lines += [f'note: {n}' for n in notes]
+  if rows:
+    r = rows[0]
+    lines.append(f'device: {r["device_kind"]} x{r["num_devices"]} ({r["platform"]}), '
+                 f'jax {r["jax_version"]}; per-device numbers')
+  return '\n'.join(lines)
+
+
+def flops_table(args) -> str:
+  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  model = build_model(args, num_outputs=args.num_classes if 'segment' in args.task else 3)
+  ops = flops_lib.model_ops(model, tuple(args.image_size), 1)
+  h, w = args.image_size
+  return (f'{args.preset}, decoder {args.decoder_width}x, {h}x{w}, per image\n' +
+          flops_lib.format_table(ops))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m ddep.tools.benchmark', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  csv = lambda s: tuple(x for x in s.split(',') if x)  # noqa: E731
+  p.add_argument('--preset', default='r50_vit_b16')
+  p.add_argument('--task', type=csv, default=('denoise', 'ddep'),
+                 help=f'comma-separated train steps to time, of {TASKS}')
+  p.add_argument('--batch_size', type=int, default=8, help='per device (micro-batch)')
+  p.add_argument('--accumulation_steps', type=int, default=1)
+  p.add_argument('--image_size', type=parse_size, default=(512, 512), help='N or HxW')
+  p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')
+  p.add_argument('--remat', type=csv, default=(),
+                 help='comma-separated parts: resnet,transformer,decoder')
+  p.add_argument('--attention_impl', default='', choices=('', 'xla', 'cudnn'))
+  p.add_argument('--decoder_width', type=int, default=1, help='1x, 2x or 3x decoder')
+  p.add_argument('--num_classes', type=int, default=19, help='for segment and eval')
+  p.add_argument('--noise_conditioning', action='store_true')
+  p.add_argument('--eval_size', type=lambda s: parse_size(s) if s not in ('', '0') else None,
+                 default=(1024, 2048), help="eval step input HxW; '' or 0 skips it")
+  p.add_argument('--eval_batch_size', type=int, default=1, help='per device')
+  p.add_argument('--steps', type=int, default=20, help='steps per timed trial')
+  p.add_argument('--trials', type=int, default=3)
+  p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--find_max_batch', action='store_true',
+                 help='double the per-device batch from --batch_size until out of memory, '
+                      'then time the micro-batch x accumulation giving --global_batch')
+  p.add_argument('--max_batch', type=int, default=256, help='upper limit for --find_max_batch')
+  p.add_argument('--global_batch', type=int, default=128, help='paper Sec. 4.3')
+  p.add_argument('--output', default='', help='append one JSON line per phase here')
+  p.add_argument('--compile_only', action='store_true',
+                 help='compile and report XLA FLOPs and memory, run nothing (plans GPU runs '
+                      'from a CPU)')
+  p.add_argument('--flops_only', action='store_true',
+                 help='print the analytic FLOP table and exit (compiles nothing)')
+  p.add_argument('--no_isolate', action='store_true',
+                 help='run all phases in this process (peak memory is then cumulative)')
+  p.add_argument('--only_phase', default='', help=argparse.SUPPRESS)
+  p.add_argument('--quiet', action='store_true', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  bad = set(args.task) - set(TASKS)
+  if bad:
+    p.error(f'unknown --task {sorted(bad)}; choose from {TASKS}')
+  if args.steps < 1 or args.trials < 1 or args.warmup < 0:
+    p.error('need --steps >= 1, --trials >= 1, --warmup >= 0')
+  if args.find_max_batch and args.compile_only:
+    p.error('--find_max_batch runs steps; it cannot be --compile_only')
+  if min(args.image_size) % 16 or (args.eval_size and min(args.eval_size) % 16):
+    p.error('image sizes must be divisible by 16 (the encoder output stride)')
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  if args.flops_only:
+    print(flops_table(args))
+    return []
+  if args.find_max_batch:
+    # Search up to (nearly) all of the GPU's memory, not JAX's default 75% share.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+  phases = [args.only_phase] if args.only_phase else phases_of(args)
+
+  def record(new_rows):
+    # Appended as each phase finishes, so a later failure (say, an eval step out of
+    # memory) keeps the earlier results.
+    rows.extend(new_rows)
+    if args.output:
+      with open(args.output, 'a') as f:
+        f.writelines(json.dumps(row) + '\n' for row in new_rows)
+
+  rows, failed = [], []
+  for phase in phases:
+    if len(phases) > 1 and not args.no_isolate:
+      try:
+        record(run_isolated(argv, [phase]))
+      except SystemExit as e:
+        failed.append(str(e))
+      continue
+    plan = find_max_batch(args, phase) if args.find_max_batch and phase != 'eval' else {}
+    row = run_phase(args, phase, per_device_batch=plan.get('per_device_batch'),
+                    accumulation_steps=plan.get('accumulation_steps'))
+    record([{**row, **plan}])
+    gc.collect()
+  if not args.quiet:
+    print(format_rows(rows), flush=True)
+  if failed:
+    raise SystemExit('\n'.join(failed))
+  return rows
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,200 @@
+"""The benchmark tool: its pure helpers, and a tiny CPU run without TF, clu or ml_collections.
+
+Nothing here asserts a speed: CPU timings in tests say nothing about an accelerator.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ddep.tools import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections')
+
+
+@pytest.mark.parametrize('kind,name,tflops', [
+    ('NVIDIA H100 80GB HBM3', 'H100 SXM', 989.0),
+    ('NVIDIA H100 PCIe', 'H100 PCIe', 756.0),
+    ('NVIDIA H100 NVL', None, None),  # not the SXM part's 989
+    ('NVIDIA H200', 'H200 SXM', 989.0),
+    ('NVIDIA A100-SXM4-80GB', 'A100', 312.0),
+    ('TPU v4', 'TPU v4', 275.0),
+    ('TPU v5 lite', 'TPU v5e', 197.0),
+    ('TPU v5', 'TPU v5p', 459.0),
+    ('TPU v5p', 'TPU v5p', 459.0),
+    ('TPU v6 lite', 'TPU v6e', 918.0),
+    ('cpu', None, None),
+    ('NVIDIA GeForce RTX 4090', None, None),
+])
+def test_peak_table(kind, name, tflops):
+  assert benchmark.peak_bf16_tflops(kind) == (name, tflops)
+
+
+@pytest.mark.parametrize('max_per_device,devices,expected', [
+    (32, 1, (32, 4)),    # the paper's 128 as 4 x 32
+    (48, 1, (32, 4)),    # largest divisor of 128 that fits
+    (256, 1, (128, 1)),  # no accumulation needed
+    (16, 8, (16, 1)),
+    (3, 2, (2, 32)),
+])
+def test_accumulation_plan(max_per_device, devices, expected):
+  micro, accum = benchmark.accumulation_plan(max_per_device, 128, devices)
+  assert (micro, accum) == expected
+  assert micro * accum * devices == 128
+
+
+def test_largest_fitting_batch_doubles_until_out_of_memory():
+  tried = []
+
+  def fits(b):
+    tried.append(b)
+    return b <= 12
+
+  assert benchmark.largest_fitting_batch(fits, 1, 256) == 8
+  assert tried == [1, 2, 4, 8, 16]
+  assert benchmark.largest_fitting_batch(lambda b: True, 2, 16) == 16
+  assert benchmark.largest_fitting_batch(lambda b: False, 1, 16) is None
+
+
+def test_is_oom():
+  assert benchmark.is_oom(RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to '
+                                       'allocate 12.3GiB'))
+  assert not benchmark.is_oom(ValueError('INVALID_ARGUMENT: shapes differ'))
+
+
+def test_time_steps_syncs_once_per_trial():
+  calls, blocks = [], []
+  times = benchmark.time_steps(lambda: calls.append(1), warmup=2, steps=5, trials=3,
+                               block=lambda: blocks.append(len(calls)))
+  assert len(calls) == 2 + 5 * 3
+  # One block after warm-up, then exactly one at the end of each trial.
+  assert blocks == [2, 7, 12, 17]
+  assert len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_parse_args():
+  args = benchmark.parse_args(['--task', 'segment,ddep', '--image_size', '256x512',
+                               '--eval_size', '0', '--remat', 'decoder'])
+  assert args.task == ('segment', 'ddep') and args.image_size == (256, 512)
+  assert args.eval_size is None and args.remat == ('decoder',)
+  assert benchmark.phases_of(args) == ['segment', 'ddep']
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(['--task', 'pretrain'])
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(['--image_size', '100'])
+
+
+def test_run_isolated_runs_each_phase_in_its_own_process():
+  commands, outputs = [], []
+
+  def fake_run(cmd, check):
+    del check
+    commands.append(cmd)
+    args = benchmark.parse_args(cmd[3:])  # What the child would see.
+    outputs.append(args.output)
+    with open(args.output, 'a') as f:
+      f.write(json.dumps({'phase': args.only_phase, 'task': list(args.task)}) + '\n')
+    return subprocess.CompletedProcess(cmd, 0)
+
+  argv = ['--preset', 'tiny', '--task', 'denoise,ddep', '--output', 'all.jsonl']
+  rows = benchmark.run_isolated(argv, ['denoise', 'ddep', 'eval'], run=fake_run)
+  assert [r['phase'] for r in rows] == ['denoise', 'ddep', 'eval']
+  assert all(cmd[1:3] == ['-m', 'ddep.tools.benchmark'] for cmd in commands)
+  # The children write to their own files, never to the parent's --output.
+  assert 'all.jsonl' not in outputs and len(set(outputs)) == 3
+
+
+def test_a_failed_phase_keeps_the_others_results(tmp_path, monkeypatch):
+  def fake_isolated(argv, phases):
+    del argv
+    if phases == ['ddep']:
+      raise SystemExit('phase ddep failed (exit 1)')
+    return [{'phase': p} for p in phases]
+
+  monkeypatch.setattr(benchmark, 'run_isolated', fake_isolated)
+  out = tmp_path / 'rows.jsonl'
+  with pytest.raises(SystemExit, match='phase ddep failed'):
+    benchmark.main(['--task', 'denoise,ddep', '--eval_size', '64', '--output', str(out),
+                    '--quiet'])
+  assert [json.loads(x)['phase'] for x in out.read_text().splitlines()] == ['denoise', 'eval']
+
+
+@pytest.fixture(scope='module')
+def blocked_env(tmp_path_factory):
+  """An environment whose Python cannot import TF, TFDS, clu or ml_collections.
+
+  Shadow packages that raise on import, first on PYTHONPATH, so that the tool's
+  child processes (one per phase) are blocked too.
+  """
+  root = tmp_path_factory.mktemp('blocked')
+  for name in BLOCKED:
+    (root / name).mkdir()
+    (root / name / '__init__.py').write_text(
+        f'raise ImportError("{name} is blocked: the benchmark must run without it")\n')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), REPO]))
+  for name in BLOCKED:  # The block itself works, so the run below proves something.
+    proc = subprocess.run([sys.executable, '-c', f'import {name}'], env=env, cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and 'is blocked' in proc.stderr
+  return env
+
+
+def _run_tool(env, tmp_path, *flags):
+  out = tmp_path / 'bench.jsonl'
+  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--preset', 'tiny', '--image_size', '32',
+         '--batch_size', '2', '--steps', '2', '--trials', '2', '--warmup', '1',
+         '--output', str(out), *flags,
+         # One process: one per phase would multiply the start-up (run_isolated is
+         # tested above).
+         '--no_isolate']
+  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  for r in rows:
+    assert r['device_kind'] and r['platform'] == 'cpu'
+    assert r['step_time_s'] > 0 and len(r['trial_step_times_s']) == 2
+    assert r['images_per_s'] == pytest.approx(r['global_batch'] / r['step_time_s'])
+    assert r['xla_flops'] > 0 and r['analytic_flops'] > 0
+    assert r['xla_memory']['total_bytes'] > 0
+    # No peak for a CPU: MFU is omitted, with a note saying why.
+    assert r['mfu'] is None and any('no peak' in n for n in r['notes'])
+    # XLA counts what the analytic count leaves out (norms, activations, softmax, the
+    # loss, weight standardization), which at 32x32 in a 16-channel model is 5-10%;
+    # a missing or doubled backward pass would be off by 30% or more.
+    assert 1.0 < r['xla_over_analytic'] < 1.15, (r['phase'], r['xla_over_analytic'])
+  return {r['phase']: r for r in rows}, proc.stdout
+
+
+def test_dep_and_ddep_steps_without_tensorflow(blocked_env, tmp_path):
+  rows, stdout = _run_tool(blocked_env, tmp_path, '--task', 'denoise,ddep', '--eval_size', '0')
+  assert list(rows) == ['denoise', 'ddep']
+  assert 'DDeP/DeP: step time' in stdout
+  dep, ddep = rows['denoise'], rows['ddep']
+  assert dep['per_device_batch'] == ddep['per_device_batch'] == 2
+  assert dep['image_size'] == [32, 32]
+  assert dep['loss_finite'] and ddep['loss_finite']
+  # DDeP trains the decoder only: fewer trainable parameters, the rest frozen.
+  assert dep['frozen_params'] == 0 and ddep['frozen_params'] > 0
+  assert dep['trainable_params'] == dep['params'] == ddep['params']
+  assert ddep['trainable_params'] + ddep['frozen_params'] == dep['params']
+  # ...and its frozen encoder has no backward pass, in XLA's count as in ours.
+  assert ddep['analytic_flops'] < 0.95 * dep['analytic_flops']
+  assert ddep['xla_flops'] < 0.95 * dep['xla_flops']
+  # Adam's per-parameter work, measured apart: ~20 FLOPs per trained parameter.
+  assert 10 < dep['xla_optimizer_flops'] / dep['trainable_params'] < 40
+
+
+def test_segment_and_eval_steps_without_tensorflow(blocked_env, tmp_path):
+  rows, _ = _run_tool(blocked_env, tmp_path, '--task', 'segment', '--eval_size', '32x64',
+                      '--num_classes', '5')
+  assert list(rows) == ['segment', 'eval']
+  seg, ev = rows['segment'], rows['eval']
+  assert seg['num_classes'] == ev['num_classes'] == 5 and seg['loss_finite']
+  assert ev['image_size'] == [32, 64] and ev['per_device_batch'] == 1
+  assert ev['xla_optimizer_flops'] == 0 and ev['trainable_params'] is None
+  assert ev['params'] == seg['params']
+  assert ev['analytic_flops'] == ev['analytic_forward_flops']
