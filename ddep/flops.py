@@ -11,9 +11,10 @@ Conventions (those of XLA's HloCostAnalysis, so the two can be compared):
     standardization, the loss and the optimizer are not counted: they are
     elementwise or per-parameter work, a few percent of XLA's total (see
     docs/performance.md), and bound by memory bandwidth rather than FLOPs;
-  * bilinear x2 upsampling *is* counted, as the two dense contractions that
-    `jax.image.resize` actually performs (one (out x in) interpolation matrix per
-    spatial axis), because at full resolution that is ~10% of the decoder's work.
+  * bilinear x2 upsampling is not counted either: the decoder uses a 2-tap stencil
+    (`ddep.models.decoder.upsample2x`), elementwise work. `resize2x_flops` gives
+    what `jax.image.resize` would cost instead (two dense contractions, ~10% of the
+    decoder's work at full resolution), which is why the model does not use it.
 
 Train step (backward of y = f(x, W) costs one forward for dW and one for dx):
   * a layer's weight gradient is computed iff its module is trained;
@@ -154,8 +155,7 @@ def transunet_ops(image_hw: Sequence[int], batch: int = 1, *, backbone: str = 'r
     part, pre = f'decoder block{i}', f'decoder/block{i}'
     skip_c = 0
     if i >= len(decoder_widths) - num_up:
-      ops.append(Op(f'{pre}/upsample', part, resize2x_flops(batch, hw, c), None, (src,)))
-      hw = (2 * hw[0], 2 * hw[1])
+      hw = (2 * hw[0], 2 * hw[1])  # 2-tap bilinear stencil: elementwise, not counted.
       skip_c = skips.get(hw, 0)
     # conv1 over concat([x, skip]) is one convolution, so its input gradient covers
     # the skip channels too, even when the encoder is frozen and nothing uses them

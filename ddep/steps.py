@@ -34,7 +34,7 @@ def make_loss_fn(model: TransUNet, config) -> Callable:
         noise_rng, batch['image'], sigma=None if d.sigma_range else float(d.sigma),
         sigma_range=tuple(d.sigma_range) or None, form=d.form, target=d.target)
     pred = model.apply({'params': params}, noisy,
-                       sigma if config.model.noise_conditioning else None,
+                       sigma if model.noise_conditioning else None,
                        train=True, rngs={'dropout': dropout_rng})
     return objectives.mean_squared_error(pred, target), {}
 

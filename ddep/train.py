@@ -63,7 +63,9 @@ def build_model(config, *, num_outputs: int, num_image_classes: int = 0):
   return presets.create_model(
       m.preset, decoder_width_multiplier=int(m.decoder_width_multiplier),
       num_outputs=num_outputs, dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
-      noise_conditioning=bool(m.noise_conditioning), remat=tuple(m.remat),
+      # σ conditioning (Sec. 3.2) only exists while denoising; fine-tuning drops it.
+      noise_conditioning=bool(m.noise_conditioning) and config.task == 'denoise',
+      remat=tuple(m.remat),
       attention_impl=m.attention_impl or None, dropout_rate=float(m.dropout_rate),
       num_image_classes=num_image_classes)
 
@@ -199,13 +201,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sample = jnp.zeros((1, h, w, 3), jnp.float32)
   rng = jax.random.key(int(config.seed))
   init_rng, train_rng = jax.random.split(rng)
-  method = model.classify if config.task == 'classify' else None
 
   def init_params(key):
-    args = (sample, jnp.ones((1,))) if config.model.noise_conditioning and config.task == 'denoise' else (sample,)
-    if method is not None:
+    if config.task == 'classify':
       return model.init(key, sample, method=type(model).classify)['params']
-    return model.init(key, *args)['params']
+    if model.noise_conditioning:
+      return model.init(key, sample, jnp.ones((1,)))['params']
+    return model.init(key, sample)['params']
 
   params = jax.jit(init_params)(init_rng)
   params = initialization.initial_params(config, jax.device_get(params))

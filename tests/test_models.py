@@ -102,6 +102,14 @@ def test_position_embeddings_follow_the_grid(tiny):
   np.testing.assert_allclose(model.apply(const, x), model.apply(big, x), atol=1e-5)
 
 
+@pytest.mark.parametrize('hw', [(1, 1), (2, 3), (5, 4)])
+def test_upsample2x_equals_bilinear_resize(hw):
+  from ddep.models import decoder
+  x = jax.random.normal(jax.random.key(0), (2, *hw, 3))
+  want = jax.image.resize(x, (2, 2 * hw[0], 2 * hw[1], 3), method='bilinear')
+  np.testing.assert_allclose(decoder.upsample2x(x), want, atol=1e-6)
+
+
 def test_rejects_sizes_not_divisible_by_16(tiny):
   model, variables = tiny
   with pytest.raises(ValueError, match='divisible by 16'):

@@ -26,7 +26,6 @@ _MODULES = {
     "ade20k": "ddep.datasets.ade20k",
     "pascal_context_60": "ddep.datasets.pascal_context",
     "pascal_context_59": "ddep.datasets.pascal_context",
-    "pascal_voc": "ddep.datasets.pascal_voc",
 }
 
 _REGISTRY: dict[str, "DatasetSpec"] = {}

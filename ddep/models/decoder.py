@@ -11,10 +11,30 @@ Dtype = Any
 DECODER_WIDTHS_1X = (1024, 512, 256, 128, 64)
 
 
+def _upsample2x_axis(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+  # With half-pixel centres, output 2i sits at input i - 1/4 and 2i+1 at i + 1/4:
+  # two taps (3/4, 1/4), with edges clamped, as jax.image.resize renormalises them.
+  n = x.shape[axis]
+  prev = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
+                          jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis),
+                         jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+  even = 0.75 * x + 0.25 * prev
+  odd = 0.75 * x + 0.25 * nxt
+  out = jnp.stack([even, odd], axis=axis + 1)
+  shape = list(x.shape)
+  shape[axis] = 2 * n
+  return out.reshape(shape)
+
+
 def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
-  """Bilinear x2 with half-pixel centres (align_corners=False)."""
-  n, h, w, c = x.shape
-  return jax.image.resize(x, (n, 2 * h, 2 * w, c), method='bilinear')
+  """Bilinear x2 with half-pixel centres (align_corners=False).
+
+  Equal to `jax.image.resize(..., 'bilinear')`, which lowers to dense resize
+  matrices (34 GFLOPs per 512x512 image in the 1x decoder); two taps per axis
+  cost a few elementwise ops instead.
+  """
+  return _upsample2x_axis(_upsample2x_axis(x, 1), 2)
 
 
 class NoiseEmbedding(nn.Module):

@@ -1,0 +1,45 @@
+"""The main job, end to end at its quick size: every stage runs, reruns reuse them."""
+import os
+import subprocess
+import sys
+
+from configs import common  # noqa: F401  (the demo builds on the base config)
+from ddep import config_validation
+from ddep import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_stages_are_valid_configs_wired_to_their_pretraining():
+  runs = demo.stage_configs('/out', quick=False, pretrain_steps=500, finetune_steps=200,
+                            fractions=['0.02', '1.0'], seeds=2)
+  names = [n for n, _, _ in runs]
+  assert names[:3] == ['pretrain_supervised', 'pretrain_dep', 'pretrain_ddep']
+  assert len(names) == 3 + (2 + 1) * 4  # one run at 100%: every seed picks the same subset
+  by_name = {n: c for n, _, c in runs}
+  for config in by_name.values():
+    config_validation.validate(config, num_devices=1)
+  assert by_name['pretrain_dep'].denoise.sigma == 0.8 and not by_name['pretrain_dep'].frozen
+  ddep = by_name['pretrain_ddep']
+  assert ddep.denoise.sigma == 0.1 and ddep.frozen == ('encoder/.*',)
+  assert ddep.init_from == '/out/runs/pretrain_supervised'
+  ft = by_name['finetune_ddep_f0.02_s1']
+  assert (ft.task, ft.init_from, ft.data.label_fraction, ft.data.subset_seed) == (
+      'segment', '/out/runs/pretrain_ddep', 0.02, 1)
+  assert by_name['finetune_none_f1.0_s0'].init_from == ''
+  assert 'finetune_none_f1.0_s1' not in by_name
+
+
+def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  cmd = [sys.executable, '-m', 'ddep.demo', '--quick', f'--output={tmp_path}']
+  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  for name in ('results.md', 'denoising.png', 'miou_vs_fraction_demo_tiny_1x.png'):
+    assert (tmp_path / name).stat().st_size > 0, name
+  table = (tmp_path / 'results.md').read_text()
+  for method in ('No pretraining', 'Supervised', 'DeP', 'DDeP'):
+    assert f'| {method} |' in table
+  second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  assert second.stdout.count('already done') == 11
