@@ -19,6 +19,7 @@ method x label fraction, per dataset and decoder width), table_*.png,
 miou_vs_fraction_*.png (Figures 2, 5, 6: log-x, error bars = std) and
 curves/<run>.png. `denoising_grid` draws Figure 4.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,389 +42,460 @@ import numpy as np  # noqa: E402
 RESULTS_FILE = "results.json"
 CURVES_FILE = "metrics.jsonl"
 REQUIRED = {
-    "method": str,
-    "dataset": str,
-    "label_fraction": (int, float),
-    "subset_seed": int,
-    "decoder_width": (int, float),
-    "miou": (int, float),
+  "method": str,
+  "dataset": str,
+  "label_fraction": (int, float),
+  "subset_seed": int,
+  "decoder_width": (int, float),
+  "miou": (int, float),
 }
 # Paper order: baselines first, then ours; other methods follow alphabetically.
 METHOD_ORDER = ("none", "no_pretraining", "random_init", "supervised", "dep", "ddep")
-METHOD_LABELS = {"none": "No pretraining", "no_pretraining": "No pretraining", "random_init": "No pretraining",
-                 "supervised": "Supervised", "dep": "DeP", "ddep": "DDeP"}
+METHOD_LABELS = {
+  "none": "No pretraining",
+  "no_pretraining": "No pretraining",
+  "random_init": "No pretraining",
+  "supervised": "Supervised",
+  "dep": "DeP",
+  "ddep": "DDeP",
+}
 
 
 class ReportError(Exception):
-    """Bad or missing run files; the message names the file."""
+  """Bad or missing run files; the message names the file."""
 
 
 def _json_safe(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  if isinstance(value, Mapping):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, np.generic):
+    return _json_safe(value.item())
+  return value
 
 
-def write_results(workdir, *, method: str, dataset: str, label_fraction: float, subset_seed: int,
-                  decoder_width: float, metrics: Mapping[str, Any], **extra) -> Path:
-    """Writes `workdir/results.json` from segmentation_metrics' dict (plus extras)."""
-    results = {"method": method, "dataset": dataset, "label_fraction": float(label_fraction),
-               "subset_seed": int(subset_seed), "decoder_width": decoder_width,
-               "miou": metrics["miou"], "per_class_iou": metrics.get("per_class_iou", {}),
-               "pixel_accuracy": metrics.get("pixel_accuracy"),
-               "mean_class_accuracy": metrics.get("mean_class_accuracy"), **extra}
-    path = Path(workdir) / RESULTS_FILE
-    path.write_text(json.dumps(_json_safe(results), indent=1))
-    return path
+def write_results(
+  workdir,
+  *,
+  method: str,
+  dataset: str,
+  label_fraction: float,
+  subset_seed: int,
+  decoder_width: float,
+  metrics: Mapping[str, Any],
+  **extra,
+) -> Path:
+  """Writes `workdir/results.json` from segmentation_metrics' dict (plus extras)."""
+  results = {
+    "method": method,
+    "dataset": dataset,
+    "label_fraction": float(label_fraction),
+    "subset_seed": int(subset_seed),
+    "decoder_width": decoder_width,
+    "miou": metrics["miou"],
+    "per_class_iou": metrics.get("per_class_iou", {}),
+    "pixel_accuracy": metrics.get("pixel_accuracy"),
+    "mean_class_accuracy": metrics.get("mean_class_accuracy"),
+    **extra,
+  }
+  path = Path(workdir) / RESULTS_FILE
+  path.write_text(json.dumps(_json_safe(results), indent=1))
+  return path
 
 
 @dataclasses.dataclass
 class Run:
-    workdir: Path
-    results: dict
-    curves: list[dict]
+  workdir: Path
+  results: dict
+  curves: list[dict]
 
-    @property
-    def key(self) -> tuple:
-        """(dataset, decoder_width, method, label_fraction): runs averaged together."""
-        r = self.results
-        return r["dataset"], r["decoder_width"], r["method"], _fraction_key(r["label_fraction"])
+  @property
+  def key(self) -> tuple:
+    """(dataset, decoder_width, method, label_fraction): runs averaged together."""
+    r = self.results
+    return r["dataset"], r["decoder_width"], r["method"], _fraction_key(r["label_fraction"])
 
-    @property
-    def name(self) -> str:
-        dataset, width, method, fraction = self.key
-        return f"{dataset}_{method}_{width:g}x_f{fraction:g}_seed{self.results['subset_seed']}"
+  @property
+  def name(self) -> str:
+    dataset, width, method, fraction = self.key
+    return f"{dataset}_{method}_{width:g}x_f{fraction:g}_seed{self.results['subset_seed']}"
 
 
 def _fraction_key(fraction: float) -> float:
-    # 1/30 may be written as 0.0333 or 0.033333333; both are the same setting.
-    return float(f"{float(fraction):.3g}")
+  # 1/30 may be written as 0.0333 or 0.033333333; both are the same setting.
+  return float(f"{float(fraction):.3g}")
 
 
 def validate_results(results: Any, path: Path) -> dict:
-    if not isinstance(results, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
-    problems = []
-    for key, kind in REQUIRED.items():
-        value = results.get(key)
-        if value is None:
-            problems.append(f"missing {key!r}")
-        elif isinstance(value, bool) or not isinstance(value, kind):
-            problems.append(f"{key!r} is {value!r}")
-    if not problems:
-        if not 0 <= results["miou"] <= 1:
-            problems.append(f"miou {results['miou']} is not a fraction in [0, 1]")
-        if not 0 < results["label_fraction"] <= 1:
-            problems.append(f"label_fraction {results['label_fraction']} is not in (0, 1]")
-    if problems:
-        raise ReportError(f"{path}: " + "; ".join(problems))
-    return results
+  if not isinstance(results, dict):
+    raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
+  problems = []
+  for key, kind in REQUIRED.items():
+    value = results.get(key)
+    if value is None:
+      problems.append(f"missing {key!r}")
+    elif isinstance(value, bool) or not isinstance(value, kind):
+      problems.append(f"{key!r} is {value!r}")
+  if not problems:
+    if not 0 <= results["miou"] <= 1:
+      problems.append(f"miou {results['miou']} is not a fraction in [0, 1]")
+    if not 0 < results["label_fraction"] <= 1:
+      problems.append(f"label_fraction {results['label_fraction']} is not in (0, 1]")
+  if problems:
+    raise ReportError(f"{path}: " + "; ".join(problems))
+  return results
 
 
 def read_curves(path: Path) -> list[dict]:
-    """metrics.jsonl rows; a malformed line is an error naming its number."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}:{number}: not JSON ({e})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
-            raise ReportError(f"{path}:{number}: expected an object with a numeric 'step'")
-        rows.append(row)
-    return rows
+  """metrics.jsonl rows; a malformed line is an error naming its number."""
+  rows = []
+  for number, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ReportError(f"{path}:{number}: not JSON ({e})") from e
+    if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+      raise ReportError(f"{path}:{number}: expected an object with a numeric 'step'")
+    rows.append(row)
+  return rows
 
 
 def load_run(workdir) -> Run:
-    workdir = Path(workdir)
-    path = workdir / RESULTS_FILE
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ReportError(f"{path}: missing (run not finished?)") from e
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not JSON ({e})") from e
-    validate_results(results, path)
-    curves_path = workdir / CURVES_FILE
-    curves = read_curves(curves_path) if curves_path.exists() else []
-    return Run(workdir, results, curves)
+  workdir = Path(workdir)
+  path = workdir / RESULTS_FILE
+  try:
+    results = json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise ReportError(f"{path}: missing (run not finished?)") from e
+  except json.JSONDecodeError as e:
+    raise ReportError(f"{path}: not JSON ({e})") from e
+  validate_results(results, path)
+  curves_path = workdir / CURVES_FILE
+  curves = read_curves(curves_path) if curves_path.exists() else []
+  return Run(workdir, results, curves)
 
 
 def find_workdirs(patterns: Sequence[str]) -> list[Path]:
-    """Run dirs: each pattern is glob-expanded; a dir without results.json is
-    searched below for run dirs. Unfinished runs (no results.json) are skipped."""
-    found: dict[Path, None] = {}
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) or [pattern]
-        hits = []
-        for match in map(Path, matches):
-            if (match / RESULTS_FILE).is_file():
-                hits.append(match)
-            elif match.is_dir():
-                hits.extend(sorted(p.parent for p in match.rglob(RESULTS_FILE)))
-        if not hits:
-            raise ReportError(f"no {RESULTS_FILE} found for --workdirs entry {pattern!r}")
-        for hit in hits:
-            found.setdefault(hit.resolve(), None)
-    return list(found)
+  """Run dirs: each pattern is glob-expanded; a dir without results.json is
+  searched below for run dirs. Unfinished runs (no results.json) are skipped."""
+  found: dict[Path, None] = {}
+  for pattern in patterns:
+    matches = sorted(glob.glob(pattern)) or [pattern]
+    hits = []
+    for match in map(Path, matches):
+      if (match / RESULTS_FILE).is_file():
+        hits.append(match)
+      elif match.is_dir():
+        hits.extend(sorted(p.parent for p in match.rglob(RESULTS_FILE)))
+    if not hits:
+      raise ReportError(f"no {RESULTS_FILE} found for --workdirs entry {pattern!r}")
+    for hit in hits:
+      found.setdefault(hit.resolve(), None)
+  return list(found)
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One (dataset, decoder width, method, label fraction) setting over runs."""
+  """One (dataset, decoder width, method, label fraction) setting over runs."""
 
-    values: tuple[float, ...]
+  values: tuple[float, ...]
 
-    @property
-    def n(self) -> int:
-        return len(self.values)
+  @property
+  def n(self) -> int:
+    return len(self.values)
 
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.values))
+  @property
+  def mean(self) -> float:
+    return float(np.mean(self.values))
 
-    @property
-    def std(self) -> float:
-        # Sample std over seeds/subsets; undefined (NaN) for a single run.
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+  @property
+  def std(self) -> float:
+    # Sample std over seeds/subsets; undefined (NaN) for a single run.
+    return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
 
 
 def summarize(runs: Sequence[Run]) -> dict[tuple, Cell]:
-    """{(dataset, decoder_width, method, label_fraction): Cell of mIoUs}."""
-    values: dict[tuple, list[float]] = {}
-    for run in runs:
-        values.setdefault(run.key, []).append(float(run.results["miou"]))
-    return {key: Cell(tuple(v)) for key, v in sorted(values.items(), key=lambda kv: _sort_key(kv[0]))}
+  """{(dataset, decoder_width, method, label_fraction): Cell of mIoUs}."""
+  values: dict[tuple, list[float]] = {}
+  for run in runs:
+    values.setdefault(run.key, []).append(float(run.results["miou"]))
+  return {key: Cell(tuple(v)) for key, v in sorted(values.items(), key=lambda kv: _sort_key(kv[0]))}
 
 
 def _method_rank(method: str) -> tuple:
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+  return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
 def _sort_key(key: tuple) -> tuple:
-    dataset, width, method, fraction = key
-    return dataset, width, _method_rank(method), -fraction
+  dataset, width, method, fraction = key
+  return dataset, width, _method_rank(method), -fraction
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+  return METHOD_LABELS.get(method, method)
 
 
 def format_fraction(fraction: float) -> str:
-    return f"{100 * fraction:.3g}%"
+  return f"{100 * fraction:.3g}%"
 
 
 def _groups(summary: Mapping[tuple, Cell]) -> dict[tuple, dict]:
-    """{(dataset, width): {"methods": [...], "fractions": [...]}} in paper order."""
-    groups: dict[tuple, dict] = {}
-    for dataset, width, method, fraction in summary:
-        group = groups.setdefault((dataset, width), {"methods": [], "fractions": []})
-        if method not in group["methods"]:
-            group["methods"].append(method)
-        if fraction not in group["fractions"]:
-            group["fractions"].append(fraction)
-    for group in groups.values():
-        group["methods"].sort(key=_method_rank)
-        group["fractions"].sort(reverse=True)  # 100% first, as in Tables 1, 3, 4.
-    return groups
+  """{(dataset, width): {"methods": [...], "fractions": [...]}} in paper order."""
+  groups: dict[tuple, dict] = {}
+  for dataset, width, method, fraction in summary:
+    group = groups.setdefault((dataset, width), {"methods": [], "fractions": []})
+    if method not in group["methods"]:
+      group["methods"].append(method)
+    if fraction not in group["fractions"]:
+      group["fractions"].append(fraction)
+  for group in groups.values():
+    group["methods"].sort(key=_method_rank)
+    group["fractions"].sort(reverse=True)  # 100% first, as in Tables 1, 3, 4.
+  return groups
 
 
 def format_cell(cell: Cell | None) -> str:
-    if cell is None:
-        return "–"
-    std = "" if math.isnan(cell.std) else f" ± {100 * cell.std:.2f}"
-    return f"{100 * cell.mean:.2f}{std} (n={cell.n})"
+  if cell is None:
+    return "–"
+  std = "" if math.isnan(cell.std) else f" ± {100 * cell.std:.2f}"
+  return f"{100 * cell.mean:.2f}{std} (n={cell.n})"
 
 
 def _group_title(dataset: str, width: float) -> str:
-    return f"{dataset}, {width:g}× decoder"
+  return f"{dataset}, {width:g}× decoder"
 
 
 def markdown_summary(summary: Mapping[tuple, Cell]) -> str:
-    """mIoU (%) mean ± sample std (n runs), one table per dataset and decoder width."""
-    parts = []
-    for (dataset, width), group in _groups(summary).items():
-        header = ["Method"] + [format_fraction(f) for f in group["fractions"]]
-        lines = [f"## {_group_title(dataset, width)}: mIoU (%), mean ± std over runs", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for method in group["methods"]:
-            cells = [format_cell(summary.get((dataset, width, method, f))) for f in group["fractions"]]
-            lines.append("| " + " | ".join([method_label(method)] + cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+  """mIoU (%) mean ± sample std (n runs), one table per dataset and decoder width."""
+  parts = []
+  for (dataset, width), group in _groups(summary).items():
+    header = ["Method"] + [format_fraction(f) for f in group["fractions"]]
+    lines = [
+      f"## {_group_title(dataset, width)}: mIoU (%), mean ± std over runs",
+      "",
+      "| " + " | ".join(header) + " |",
+      "|" + "---|" * len(header),
+    ]
+    for method in group["methods"]:
+      cells = [format_cell(summary.get((dataset, width, method, f))) for f in group["fractions"]]
+      lines.append("| " + " | ".join([method_label(method)] + cells) + " |")
+    parts.append("\n".join(lines))
+  return "\n\n".join(parts) + "\n"
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
 def plot_table(summary: Mapping[tuple, Cell], dataset: str, width: float, path) -> None:
-    group = _groups(summary)[(dataset, width)]
-    cells = [[format_cell(summary.get((dataset, width, m, f))) for f in group["fractions"]]
-             for m in group["methods"]]
-    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(group["fractions"]), 1 + 0.45 * len(cells)))
-    ax.axis("off")
-    table = ax.table(cellText=cells, rowLabels=[method_label(m) for m in group["methods"]],
-                     colLabels=[format_fraction(f) for f in group["fractions"]], loc="center")
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    table.scale(1, 1.4)
-    ax.set_title(f"{_group_title(dataset, width)}: mIoU (%)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+  group = _groups(summary)[(dataset, width)]
+  cells = [
+    [format_cell(summary.get((dataset, width, m, f))) for f in group["fractions"]]
+    for m in group["methods"]
+  ]
+  fig, ax = plt.subplots(figsize=(2 + 2.2 * len(group["fractions"]), 1 + 0.45 * len(cells)))
+  ax.axis("off")
+  table = ax.table(
+    cellText=cells,
+    rowLabels=[method_label(m) for m in group["methods"]],
+    colLabels=[format_fraction(f) for f in group["fractions"]],
+    loc="center",
+  )
+  table.auto_set_font_size(False)
+  table.set_fontsize(9)
+  table.scale(1, 1.4)
+  ax.set_title(f"{_group_title(dataset, width)}: mIoU (%)")
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
 
 
 def plot_miou_vs_fraction(summary: Mapping[tuple, Cell], dataset: str, width: float, path) -> None:
-    """Figures 2, 5, 6: mIoU against label fraction (log x), one line per method."""
-    group = _groups(summary)[(dataset, width)]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method in group["methods"]:
-        points = [(f, summary[(dataset, width, method, f)]) for f in sorted(group["fractions"])
-                  if (dataset, width, method, f) in summary]
-        fractions = [f for f, _ in points]
-        means = [100 * c.mean for _, c in points]
-        stds = [0.0 if math.isnan(c.std) else 100 * c.std for _, c in points]
-        ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=method_label(method))
-    ax.set_xscale("log")
-    ax.set_xticks(sorted(group["fractions"]))
-    ax.set_xticklabels([format_fraction(f) for f in sorted(group["fractions"])])
-    ax.minorticks_off()
-    ax.set_xlabel("fraction of labelled training images")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(_group_title(dataset, width))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+  """Figures 2, 5, 6: mIoU against label fraction (log x), one line per method."""
+  group = _groups(summary)[(dataset, width)]
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for method in group["methods"]:
+    points = [
+      (f, summary[(dataset, width, method, f)])
+      for f in sorted(group["fractions"])
+      if (dataset, width, method, f) in summary
+    ]
+    fractions = [f for f, _ in points]
+    means = [100 * c.mean for _, c in points]
+    stds = [0.0 if math.isnan(c.std) else 100 * c.std for _, c in points]
+    ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=method_label(method))
+  ax.set_xscale("log")
+  ax.set_xticks(sorted(group["fractions"]))
+  ax.set_xticklabels([format_fraction(f) for f in sorted(group["fractions"])])
+  ax.minorticks_off()
+  ax.set_xlabel("fraction of labelled training images")
+  ax.set_ylabel("mIoU (%)")
+  ax.set_title(_group_title(dataset, width))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
 
 
 def plot_training_curves(run: Run, path) -> bool:
-    """One panel per logged metric against step; False if there is nothing to plot."""
-    series: dict[str, tuple[list, list]] = {}
-    for row in run.curves:
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value):
-                steps, values = series.setdefault(key, ([], []))
-                steps.append(row["step"])
-                values.append(value)
-    if not series:
-        return False
-    cols = min(3, len(series))
-    rows = math.ceil(len(series) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (key, (steps, values)) in zip(axes.flat, sorted(series.items())):
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(series):]:
-        ax.axis("off")
-    fig.suptitle(run.name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return True
+  """One panel per logged metric against step; False if there is nothing to plot."""
+  series: dict[str, tuple[list, list]] = {}
+  for row in run.curves:
+    for key, value in row.items():
+      if (
+        key != "step"
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+      ):
+        steps, values = series.setdefault(key, ([], []))
+        steps.append(row["step"])
+        values.append(value)
+  if not series:
+    return False
+  cols = min(3, len(series))
+  rows = math.ceil(len(series) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+  for ax, (key, (steps, values)) in zip(axes.flat, sorted(series.items())):
+    ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+    ax.set_title(key)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(series) :]:
+    ax.axis("off")
+  fig.suptitle(run.name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return True
 
 
 def to_display(image, scale: float = 1.0) -> np.ndarray:
-    """[-scale, scale] -> [0, 1], clipped (Figure 4 clips noisy pixels too)."""
-    return np.clip((np.asarray(image, np.float32) / scale + 1) / 2, 0, 1)
+  """[-scale, scale] -> [0, 1], clipped (Figure 4 clips noisy pixels too)."""
+  return np.clip((np.asarray(image, np.float32) / scale + 1) / 2, 0, 1)
 
 
-def denoising_grid(clean, noisy_by_sigma: Mapping[float, Any], predicted_noise_by_sigma: Mapping[float, Any],
-                   denoised_by_sigma: Mapping[float, Any], *, path=None, noise_scale: float = 3.0) -> bytes:
-    """Figure 4: per σ, a row clean | noisy x+σε | predicted ε | denoised.
+def denoising_grid(
+  clean,
+  noisy_by_sigma: Mapping[float, Any],
+  predicted_noise_by_sigma: Mapping[float, Any],
+  denoised_by_sigma: Mapping[float, Any],
+  *,
+  path=None,
+  noise_scale: float = 3.0,
+) -> bytes:
+  """Figure 4: per σ, a row clean | noisy x+σε | predicted ε | denoised.
 
-    Images are (H, W, 3) or (H, W) in [-1, 1] and are shown clipped to [0, 1]
-    after mapping. ε ~ N(0, I) is not bounded, so the predicted noise is
-    shown with ±noise_scale mapped to [0, 1]. Returns the PNG bytes and writes
-    them to `path` if given.
-    """
-    sigmas = sorted(noisy_by_sigma)
-    for name, images in (("predicted_noise_by_sigma", predicted_noise_by_sigma),
-                         ("denoised_by_sigma", denoised_by_sigma)):
-        if sorted(images) != sigmas:
-            raise ValueError(f"{name} has σ {sorted(images)}, noisy_by_sigma has {sigmas}")
-    columns = ("clean", "noisy", "predicted noise", "denoised")
-    fig, axes = plt.subplots(len(sigmas), 4, figsize=(8, 2.1 * len(sigmas)), squeeze=False)
-    for row, sigma in enumerate(sigmas):
-        images = (to_display(clean), to_display(noisy_by_sigma[sigma]),
-                  to_display(predicted_noise_by_sigma[sigma], noise_scale), to_display(denoised_by_sigma[sigma]))
-        for col, image in enumerate(images):
-            ax = axes[row, col]
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(columns[col])
-        axes[row, 0].set_ylabel(f"σ = {sigma:g}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    data = buffer.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data
+  Images are (H, W, 3) or (H, W) in [-1, 1] and are shown clipped to [0, 1]
+  after mapping. ε ~ N(0, I) is not bounded, so the predicted noise is
+  shown with ±noise_scale mapped to [0, 1]. Returns the PNG bytes and writes
+  them to `path` if given.
+  """
+  sigmas = sorted(noisy_by_sigma)
+  for name, images in (
+    ("predicted_noise_by_sigma", predicted_noise_by_sigma),
+    ("denoised_by_sigma", denoised_by_sigma),
+  ):
+    if sorted(images) != sigmas:
+      raise ValueError(f"{name} has σ {sorted(images)}, noisy_by_sigma has {sigmas}")
+  columns = ("clean", "noisy", "predicted noise", "denoised")
+  fig, axes = plt.subplots(len(sigmas), 4, figsize=(8, 2.1 * len(sigmas)), squeeze=False)
+  for row, sigma in enumerate(sigmas):
+    images = (
+      to_display(clean),
+      to_display(noisy_by_sigma[sigma]),
+      to_display(predicted_noise_by_sigma[sigma], noise_scale),
+      to_display(denoised_by_sigma[sigma]),
+    )
+    for col, image in enumerate(images):
+      ax = axes[row, col]
+      ax.imshow(
+        image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
+      )
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        ax.set_title(columns[col])
+    axes[row, 0].set_ylabel(f"σ = {sigma:g}")
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  plt.close(fig)
+  data = buffer.getvalue()
+  if path is not None:
+    Path(path).write_bytes(data)
+  return data
 
 
 def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
-    """Writes every table and figure for `runs` into `output`."""
-    output = Path(output)
-    (output / "curves").mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs)
-    written: dict[str, list[Path]] = {"tables": [], "figures": [], "curves": []}
-    (output / "summary.md").write_text(markdown_summary(summary))
-    (output / "summary.json").write_text(json.dumps(_json_safe([
-        {"dataset": d, "decoder_width": w, "method": m, "label_fraction": f, "miou_mean": c.mean,
-         "miou_std": c.std, "n": c.n, "mious": list(c.values)}
-        for (d, w, m, f), c in summary.items()]), indent=1))
-    written["tables"].append(output / "summary.md")
-    for dataset, width in _groups(summary):
-        suffix = f"{_slug(dataset)}_{width:g}x"
-        plot_table(summary, dataset, width, output / f"table_{suffix}.png")
-        plot_miou_vs_fraction(summary, dataset, width, output / f"miou_vs_fraction_{suffix}.png")
-        written["tables"].append(output / f"table_{suffix}.png")
-        written["figures"].append(output / f"miou_vs_fraction_{suffix}.png")
-    used: set[str] = set()
-    for run in runs:
-        name = _slug(run.name)
-        while name in used:  # Two runs of one setting and seed: keep both.
-            name += "_"
-        used.add(name)
-        path = output / "curves" / f"{name}.png"
-        if plot_training_curves(run, path):
-            written["curves"].append(path)
-    return written
+  """Writes every table and figure for `runs` into `output`."""
+  output = Path(output)
+  (output / "curves").mkdir(parents=True, exist_ok=True)
+  summary = summarize(runs)
+  written: dict[str, list[Path]] = {"tables": [], "figures": [], "curves": []}
+  (output / "summary.md").write_text(markdown_summary(summary))
+  (output / "summary.json").write_text(
+    json.dumps(
+      _json_safe(
+        [
+          {
+            "dataset": d,
+            "decoder_width": w,
+            "method": m,
+            "label_fraction": f,
+            "miou_mean": c.mean,
+            "miou_std": c.std,
+            "n": c.n,
+            "mious": list(c.values),
+          }
+          for (d, w, m, f), c in summary.items()
+        ]
+      ),
+      indent=1,
+    )
+  )
+  written["tables"].append(output / "summary.md")
+  for dataset, width in _groups(summary):
+    suffix = f"{_slug(dataset)}_{width:g}x"
+    plot_table(summary, dataset, width, output / f"table_{suffix}.png")
+    plot_miou_vs_fraction(summary, dataset, width, output / f"miou_vs_fraction_{suffix}.png")
+    written["tables"].append(output / f"table_{suffix}.png")
+    written["figures"].append(output / f"miou_vs_fraction_{suffix}.png")
+  used: set[str] = set()
+  for run in runs:
+    name = _slug(run.name)
+    while name in used:  # Two runs of one setting and seed: keep both.
+      name += "_"
+    used.add(name)
+    path = output / "curves" / f"{name}.png"
+    if plot_training_curves(run, path):
+      written["curves"].append(path)
+  return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddep.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdirs", required=True,
-                        help="comma-separated run dirs, parent dirs or glob patterns")
-    parser.add_argument("--output", required=True, help="directory for the tables and figures")
-    args = parser.parse_args(argv)
-    try:
-        workdirs = find_workdirs([p for p in args.workdirs.split(",") if p])
-        runs = [load_run(w) for w in workdirs]
-        written = build_report(runs, args.output)
-    except ReportError as e:
-        print(f"ddep.report: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{len(runs)} runs -> {args.output}")
-    for kind, paths in written.items():
-        print(f"  {kind}: {len(paths)} files")
-    return 0
+  parser = argparse.ArgumentParser(prog="python -m ddep.report", description=__doc__.split("\n")[0])
+  parser.add_argument(
+    "--workdirs", required=True, help="comma-separated run dirs, parent dirs or glob patterns"
+  )
+  parser.add_argument("--output", required=True, help="directory for the tables and figures")
+  args = parser.parse_args(argv)
+  try:
+    workdirs = find_workdirs([p for p in args.workdirs.split(",") if p])
+    runs = [load_run(w) for w in workdirs]
+    written = build_report(runs, args.output)
+  except ReportError as e:
+    print(f"ddep.report: error: {e}", file=sys.stderr)
+    return 1
+  print(f"{len(runs)} runs -> {args.output}")
+  for kind, paths in written.items():
+    print(f"  {kind}: {len(paths)} files")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

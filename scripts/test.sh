@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest -q tests "$@"
+# Two workers, one test file each at a time (module fixtures are built once).
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile tests "$@"

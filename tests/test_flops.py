@@ -49,12 +49,11 @@ def test_paper_model_at_512_closed_forms():
   assert parts['embedding']['forward'] == 2 * t * 1024 * d
   # A 3x3 stride-1 SAME conv sees 3n - 2 taps per axis of length n.
   conv3 = lambda n, cin, cout: 2 * (3 * n - 2)**2 * cin * cout  # noqa: E731
-  resize = lambda n, c: 2 * c * (2 * n * n * n + 4 * n * n * n)  # noqa: E731
+  # The x2 upsampling is a 2-tap stencil: elementwise, not counted.
   assert parts['decoder block0']['forward'] == conv3(32, 768, 1024) + conv3(32, 1024, 1024)
   assert parts['decoder block1']['forward'] == (
-      resize(32, 1024) + conv3(64, 1024 + 512, 512) + conv3(64, 512, 512))
-  assert parts['decoder block4']['forward'] == (
-      resize(256, 128) + conv3(512, 128, 64) + conv3(512, 64, 64))
+      conv3(64, 1024 + 512, 512) + conv3(64, 512, 512))
+  assert parts['decoder block4']['forward'] == conv3(512, 128, 64) + conv3(512, 64, 64)
   assert parts['head']['forward'] == 2 * 512 * 512 * 64 * 3
   # Linear in the batch.
   assert flops.forward_flops(flops.model_ops(create_model('r50_vit_b16'), (512, 512), 4)) == (
@@ -65,17 +64,16 @@ def test_train_step_rules():
   ops = flops.model_ops(create_model('r50_vit_b16'), (256, 256), batch=2)
   fwd = {op.name: op.flops for op in ops}
   total = flops.forward_flops(ops)
-  upsample = sum(f for n, f in fwd.items() if n.endswith('/upsample'))
-  # DeP: 3x everything, but the root conv has no input gradient (the image) and the
-  # parameter-free resizes have no weight gradient.
-  assert flops.train_step_flops(ops) == 3 * total - fwd['encoder/conv_root'] - upsample
+  assert not any(n.endswith('/upsample') for n in fwd)  # Elementwise: not counted.
+  # DeP: 3x everything, but the root conv has no input gradient (the image).
+  assert flops.train_step_flops(ops) == 3 * total - fwd['encoder/conv_root']
   # DDeP: the frozen encoder runs forward only; decoder block0's input is the frozen
   # Transformer's output, so its first conv needs no input gradient either. The skip
   # channels of the concatenating convs still get one (one conv over the concat).
   enc = flops.encoder_flops(ops)
   dec = total - enc
   assert flops.train_step_flops(ops, flops.DDEP_TRAINED) == (
-      enc + 3 * dec - fwd['decoder/block0/conv1'] - upsample)
+      enc + 3 * dec - fwd['decoder/block0/conv1'])
   assert flops.frozen_skip_input_grad_flops(ops) == sum(
       fwd[f'decoder/block{i}/conv1 (skip channels)'] for i in (1, 2, 3))
 

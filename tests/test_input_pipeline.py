@@ -1,4 +1,5 @@
 """Input pipelines on the real `tiny` demo builder and on a builder of bad examples."""
+
 import io
 import json
 
@@ -15,15 +16,15 @@ SINGLE = dict(process_index=0, process_count=1)
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    ip.prepare("demo_tiny", data_dir=path)
-    for kind in _BAD_KINDS:
-        tfds.builder(f"ddep_test_bad_scenes/{kind}", data_dir=path).download_and_prepare()
-    return path
+  path = str(tmp_path_factory.mktemp("tfds"))
+  ip.prepare("demo_tiny", data_dir=path)
+  for kind in _BAD_KINDS:
+    tfds.builder(f"ddep_test_bad_scenes/{kind}", data_dir=path).download_and_prepare()
+  return path
 
 
 def _all_equal(a, b):
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------
@@ -31,41 +32,47 @@ def _all_equal(a, b):
 
 
 def test_paper_subset_counts():
-    expected = {
-        ("cityscapes", 2975): {1 / 30: 100, 1 / 8: 372, 1 / 4: 744},
-        ("pascal_context_59", 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
-        ("pascal_context_60", 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
-        ("ade20k", 20210): {0.01: 202, 0.05: 1010, 0.1: 2021, 0.2: 4042},
-    }
-    for (name, n), counts in expected.items():
-        for fraction, count in counts.items():
-            assert ip.subset_size(n, fraction, name) == count
-            assert len(ip.select_subset(n, fraction=fraction, seed=0, dataset=name)) == count
-    # Away from the paper's tables: round half up, at least one.
-    assert ip.subset_size(1024, 0.25) == 256 and ip.subset_size(10, 0.01) == 1 and ip.subset_size(10, 0.25) == 3
+  expected = {
+    ("cityscapes", 2975): {1 / 30: 100, 1 / 8: 372, 1 / 4: 744},
+    ("pascal_context_59", 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
+    ("pascal_context_60", 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
+    ("ade20k", 20210): {0.01: 202, 0.05: 1010, 0.1: 2021, 0.2: 4042},
+  }
+  for (name, n), counts in expected.items():
+    for fraction, count in counts.items():
+      assert ip.subset_size(n, fraction, name) == count
+      assert len(ip.select_subset(n, fraction=fraction, seed=0, dataset=name)) == count
+  # Away from the paper's tables: round half up, at least one.
+  assert (
+    ip.subset_size(1024, 0.25) == 256
+    and ip.subset_size(10, 0.01) == 1
+    and ip.subset_size(10, 0.25) == 3
+  )
 
 
 def test_select_subset_is_seeded_and_nested():
-    ids = [f"img_{i:04d}" for i in range(500)]
-    a = ip.select_subset(ids, fraction=0.1, seed=1)
-    assert a == ip.select_subset(list(reversed(ids)), fraction=0.1, seed=1)  # Storage order is irrelevant.
-    assert a != ip.select_subset(ids, fraction=0.1, seed=2)
-    assert set(ip.select_subset(ids, fraction=0.05, seed=1)) < set(a)
-    assert len(a) == 50 and a == sorted(a) and set(a) <= set(ids)
-    idx = ip.select_subset(500, count=7, seed=3)
-    assert idx.dtype.kind == "i" and len(set(idx.tolist())) == 7 and idx.max() < 500
+  ids = [f"img_{i:04d}" for i in range(500)]
+  a = ip.select_subset(ids, fraction=0.1, seed=1)
+  assert a == ip.select_subset(
+    list(reversed(ids)), fraction=0.1, seed=1
+  )  # Storage order is irrelevant.
+  assert a != ip.select_subset(ids, fraction=0.1, seed=2)
+  assert set(ip.select_subset(ids, fraction=0.05, seed=1)) < set(a)
+  assert len(a) == 50 and a == sorted(a) and set(a) <= set(ids)
+  idx = ip.select_subset(500, count=7, seed=3)
+  assert idx.dtype.kind == "i" and len(set(idx.tolist())) == 7 and idx.max() < 500
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
 def test_select_subset_rejects_bad_fractions(fraction):
-    with pytest.raises(ValueError, match="fraction"):
-        ip.select_subset(100, fraction=fraction, seed=0)
+  with pytest.raises(ValueError, match="fraction"):
+    ip.select_subset(100, fraction=fraction, seed=0)
 
 
 def test_subset_ids_round_trip(tmp_path):
-    path = str(tmp_path / "subset_ids.txt")
-    ip.write_subset_ids(path, ["b", "a_1", "c"])
-    assert ip.read_subset_ids(path) == ["b", "a_1", "c"]
+  path = str(tmp_path / "subset_ids.txt")
+  ip.write_subset_ids(path, ["b", "a_1", "c"])
+  assert ip.read_subset_ids(path) == ["b", "a_1", "c"]
 
 
 # ---------------------------------------------------------------------------
@@ -74,37 +81,39 @@ def test_subset_ids_round_trip(tmp_path):
 
 @pytest.mark.parametrize("chunk_sizes", [[11], [4, 4, 3]])
 def test_every_epoch_is_a_fresh_permutation(chunk_sizes):
-    plan = ip._Plan(chunk_sizes, seed=5, process_index=0, shuffle=True, repeat=True)
-    n = sum(chunk_sizes)
-    epochs = [[plan.locate(e * n + i) for i in range(n)] for e in range(3)]
-    everything = {(c, i) for c, size in enumerate(chunk_sizes) for i in range(size)}
-    for order in epochs:
-        assert set(order) == everything and len(order) == n
-    assert epochs[0] != epochs[1] != epochs[2]
-    other_seed = ip._Plan(chunk_sizes, seed=6, process_index=0, shuffle=True, repeat=True)
-    assert [other_seed.locate(i) for i in range(n)] != epochs[0]
-    ordered = ip._Plan(chunk_sizes, seed=5, process_index=0, shuffle=False, repeat=False)
-    assert [ordered.locate(i) for i in range(n)] == sorted(everything)
+  plan = ip._Plan(chunk_sizes, seed=5, process_index=0, shuffle=True, repeat=True)
+  n = sum(chunk_sizes)
+  epochs = [[plan.locate(e * n + i) for i in range(n)] for e in range(3)]
+  everything = {(c, i) for c, size in enumerate(chunk_sizes) for i in range(size)}
+  for order in epochs:
+    assert set(order) == everything and len(order) == n
+  assert epochs[0] != epochs[1] != epochs[2]
+  other_seed = ip._Plan(chunk_sizes, seed=6, process_index=0, shuffle=True, repeat=True)
+  assert [other_seed.locate(i) for i in range(n)] != epochs[0]
+  ordered = ip._Plan(chunk_sizes, seed=5, process_index=0, shuffle=False, repeat=False)
+  assert [ordered.locate(i) for i in range(n)] == sorted(everything)
 
 
 def test_process_ranges_are_disjoint_and_cover():
-    for n, count in [(10, 3), (7, 8), (4096, 16)]:
-        ranges = [ip.process_range(n, i, count) for i in range(count)]
-        assert ranges[0][0] == 0 and ranges[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+  for n, count in [(10, 3), (7, 8), (4096, 16)]:
+    ranges = [ip.process_range(n, i, count) for i in range(count)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
 
 
 def test_process_shards_of_the_data_are_disjoint(data_dir):
-    spec = specs.get("demo_tiny")
-    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-    shards = []
-    for i in range(3):
-        source = ip._Source(spec, builder, ("train",), i, 3, subset_ids=None, in_memory=True, shuffle_chunk=1024)
-        shards.append(source.parse_ids([source.record(0, j) for j in range(source.num_examples)]))
-    flat = [i for s in shards for i in s]
-    assert len(flat) == len(set(flat)) == 24
-    assert set(flat) == {f"train_{i:06d}" for i in range(24)}
+  spec = specs.get("demo_tiny")
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  shards = []
+  for i in range(3):
+    source = ip._Source(
+      spec, builder, ("train",), i, 3, subset_ids=None, in_memory=True, shuffle_chunk=1024
+    )
+    shards.append(source.parse_ids([source.record(0, j) for j in range(source.num_examples)]))
+  flat = [i for s in shards for i in s]
+  assert len(flat) == len(set(flat)) == 24
+  assert set(flat) == {f"train_{i:06d}" for i in range(24)}
 
 
 # ---------------------------------------------------------------------------
@@ -112,98 +121,142 @@ def test_process_shards_of_the_data_are_disjoint(data_dir):
 
 
 def test_pretrain_batches(data_dir):
-    it = ip.pretrain_dataset("demo_tiny", batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE)
-    a = [next(it) for _ in range(2)]
-    assert set(a[0]) == {"image"}
-    img = a[0]["image"]
-    assert img.shape == (6, 20, 24, 3) and img.dtype == np.float32
-    assert img.min() >= -1 and img.max() <= 1 and img.std() > 0.1
-    assert it.num_examples == 48
-    again = ip.pretrain_dataset("demo_tiny", batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE)
-    other = ip.pretrain_dataset("demo_tiny", batch_size=6, image_size=(20, 24), seed=1, data_dir=data_dir, **SINGLE)
-    assert all(_all_equal(x, next(again)) for x in a)
-    assert not np.array_equal(a[0]["image"], next(other)["image"])
-    assert json.loads(json.dumps(it.get_state())) == it.get_state()
+  it = ip.pretrain_dataset(
+    "demo_tiny", batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
+  )
+  a = [next(it) for _ in range(2)]
+  assert set(a[0]) == {"image"}
+  img = a[0]["image"]
+  assert img.shape == (6, 20, 24, 3) and img.dtype == np.float32
+  assert img.min() >= -1 and img.max() <= 1 and img.std() > 0.1
+  assert it.num_examples == 48
+  again = ip.pretrain_dataset(
+    "demo_tiny", batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
+  )
+  other = ip.pretrain_dataset(
+    "demo_tiny", batch_size=6, image_size=(20, 24), seed=1, data_dir=data_dir, **SINGLE
+  )
+  assert all(_all_equal(x, next(again)) for x in a)
+  assert not np.array_equal(a[0]["image"], next(other)["image"])
+  assert json.loads(json.dumps(it.get_state())) == it.get_state()
 
 
 def test_finetune_batches_share_crop_and_flip(data_dir):
-    # Crops larger than the 24-40 px images force padding: label 255 exactly where the image is 0 (grey).
-    it = ip.finetune_dataset("demo_tiny", batch_size=8, crop_size=(44, 44), seed=0, data_dir=data_dir, **SINGLE)
-    for _ in range(3):
-        batch = next(it)
-        image, label = batch["image"], batch["label"]
-        assert image.shape == (8, 44, 44, 3) and label.shape == (8, 44, 44) and label.dtype == np.int32
-        assert image.min() >= -1 and image.max() <= 1
-        assert set(np.unique(label).tolist()) <= set(range(6)) | {255}
-        np.testing.assert_array_equal(label == 255, np.all(image == 0, axis=-1))
-    # Padding sits bottom-right and flips move it left: both occur, always identically in image and label.
-    padded_left = [(label[i, :, 0] == 255).all() and not (label[i, :, -1] == 255).all() for i in range(8)]
-    assert 0 < sum(padded_left) < 8
+  # Crops larger than the 24-40 px images force padding: label 255 exactly where the image is 0 (grey).
+  it = ip.finetune_dataset(
+    "demo_tiny", batch_size=8, crop_size=(44, 44), seed=0, data_dir=data_dir, **SINGLE
+  )
+  for _ in range(3):
+    batch = next(it)
+    image, label = batch["image"], batch["label"]
+    assert image.shape == (8, 44, 44, 3) and label.shape == (8, 44, 44) and label.dtype == np.int32
+    assert image.min() >= -1 and image.max() <= 1
+    assert set(np.unique(label).tolist()) <= set(range(6)) | {255}
+    np.testing.assert_array_equal(label == 255, np.all(image == 0, axis=-1))
+  # Padding sits bottom-right and flips move it left: both occur, always identically in image and label.
+  padded_left = [
+    (label[i, :, 0] == 255).all() and not (label[i, :, -1] == 255).all() for i in range(8)
+  ]
+  assert 0 < sum(padded_left) < 8
 
 
 def test_finetune_with_scale_range(data_dir):
-    it = ip.finetune_dataset(
-        "demo_tiny", batch_size=4, crop_size=(24, 24), scale_range=(0.5, 2.0), seed=3, data_dir=data_dir, **SINGLE
-    )
-    batch = next(it)
-    assert batch["label"].shape == (4, 24, 24)
-    assert set(np.unique(batch["label"]).tolist()) <= set(range(6)) | {255}
-    assert (batch["label"] < 6).mean() > 0.3
+  it = ip.finetune_dataset(
+    "demo_tiny",
+    batch_size=4,
+    crop_size=(24, 24),
+    scale_range=(0.5, 2.0),
+    seed=3,
+    data_dir=data_dir,
+    **SINGLE,
+  )
+  batch = next(it)
+  assert batch["label"].shape == (4, 24, 24)
+  assert set(np.unique(batch["label"]).tolist()) <= set(range(6)) | {255}
+  assert (batch["label"] < 6).mean() > 0.3
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_resume_is_exact(data_dir, in_memory):
-    # process 1 of 2 has 12 examples; batches of 5 cross epoch boundaries, chunks of 5 stream from disk.
-    kw = dict(batch_size=5, crop_size=(24, 24), scale_range=(0.8, 1.25), seed=3, data_dir=data_dir,
-              process_index=1, process_count=2, in_memory=in_memory, shuffle_chunk=5)
-    reference = ip.finetune_dataset("demo_tiny", **kw)
-    expected = [next(reference) for _ in range(8)]
-    interrupted = ip.finetune_dataset("demo_tiny", **kw)
-    for _ in range(3):
-        next(interrupted)
-    state = json.loads(json.dumps(interrupted.get_state()))  # As a checkpoint would store it.
-    assert state["position"] == 15 and state["step"] == 3
-    resumed = ip.finetune_dataset("demo_tiny", state=state, **kw)
-    for k in range(3, 8):
-        assert _all_equal(next(resumed), expected[k]), k
-    if in_memory:
-        by_step = ip.finetune_dataset("demo_tiny", start_step=3, **kw)
-        assert all(_all_equal(next(by_step), expected[k]) for k in range(3, 8))
-    else:
-        interrupted.set_state(state)
-        assert _all_equal(next(interrupted), expected[3])
+  # process 1 of 2 has 12 examples; batches of 5 cross epoch boundaries, chunks of 5 stream from disk.
+  kw = dict(
+    batch_size=5,
+    crop_size=(24, 24),
+    scale_range=(0.8, 1.25),
+    seed=3,
+    data_dir=data_dir,
+    process_index=1,
+    process_count=2,
+    in_memory=in_memory,
+    shuffle_chunk=5,
+  )
+  reference = ip.finetune_dataset("demo_tiny", **kw)
+  expected = [next(reference) for _ in range(8)]
+  interrupted = ip.finetune_dataset("demo_tiny", **kw)
+  for _ in range(3):
+    next(interrupted)
+  state = json.loads(json.dumps(interrupted.get_state()))  # As a checkpoint would store it.
+  assert state["position"] == 15 and state["step"] == 3
+  resumed = ip.finetune_dataset("demo_tiny", state=state, **kw)
+  for k in range(3, 8):
+    assert _all_equal(next(resumed), expected[k]), k
+  if in_memory:
+    by_step = ip.finetune_dataset("demo_tiny", start_step=3, **kw)
+    assert all(_all_equal(next(by_step), expected[k]) for k in range(3, 8))
+  else:
+    interrupted.set_state(state)
+    assert _all_equal(next(interrupted), expected[3])
 
 
 def test_state_from_other_settings_is_rejected(data_dir):
-    kw = dict(batch_size=4, image_size=(16, 16), data_dir=data_dir, **SINGLE)
-    state = ip.pretrain_dataset("demo_tiny", seed=0, **kw).get_state()
-    with pytest.raises(ValueError, match="seed"):
-        ip.pretrain_dataset("demo_tiny", seed=1, state=state, **kw)
+  kw = dict(batch_size=4, image_size=(16, 16), data_dir=data_dir, **SINGLE)
+  state = ip.pretrain_dataset("demo_tiny", seed=0, **kw).get_state()
+  with pytest.raises(ValueError, match="seed"):
+    ip.pretrain_dataset("demo_tiny", seed=1, state=state, **kw)
 
 
 def test_finetune_subset(data_dir):
-    kw = dict(batch_size=2, crop_size=(16, 16), seed=0, data_dir=data_dir)
-    it = ip.finetune_dataset("demo_tiny", subset=0.25, subset_seed=1, **kw, **SINGLE)
-    assert len(it.subset_ids) == 6 and it.num_examples == 6
-    assert it.subset_ids == ip.select_subset([f"train_{i:06d}" for i in range(24)], fraction=0.25, seed=1)
-    assert ip.finetune_dataset("demo_tiny", subset=0.25, subset_seed=2, **kw, **SINGLE).subset_ids != it.subset_ids
-    # Processes split the subset between them.
-    counts = [ip.finetune_dataset("demo_tiny", subset=it.subset_ids, **kw, process_index=i, process_count=2).num_examples
-              for i in range(2)]
-    assert sum(counts) == 6
-    with pytest.raises(ValueError, match="not in"):
-        ip.finetune_dataset("demo_tiny", subset=["train_000001", "nope"], **kw, **SINGLE)
+  kw = dict(batch_size=2, crop_size=(16, 16), seed=0, data_dir=data_dir)
+  it = ip.finetune_dataset("demo_tiny", subset=0.25, subset_seed=1, **kw, **SINGLE)
+  assert len(it.subset_ids) == 6 and it.num_examples == 6
+  assert it.subset_ids == ip.select_subset(
+    [f"train_{i:06d}" for i in range(24)], fraction=0.25, seed=1
+  )
+  assert (
+    ip.finetune_dataset("demo_tiny", subset=0.25, subset_seed=2, **kw, **SINGLE).subset_ids
+    != it.subset_ids
+  )
+  # Processes split the subset between them.
+  counts = [
+    ip.finetune_dataset(
+      "demo_tiny", subset=it.subset_ids, **kw, process_index=i, process_count=2
+    ).num_examples
+    for i in range(2)
+  ]
+  assert sum(counts) == 6
+  with pytest.raises(ValueError, match="not in"):
+    ip.finetune_dataset("demo_tiny", subset=["train_000001", "nope"], **kw, **SINGLE)
 
 
 def test_supervised_batches(data_dir):
-    it = ip.supervised_dataset("demo_tiny", batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE)
-    batch = next(it)
-    assert batch["image"].shape == (4, 16, 16, 3)
-    assert batch["labels"].shape == (4, 5) and batch["labels"].dtype == np.float32
-    assert set(np.unique(batch["labels"]).tolist()) <= {0.0, 1.0} and batch["labels"].sum(-1).min() >= 1
-    no_labels = specs.register(specs.DatasetSpec(name="demo_tiny_no_image_labels", tfds_name="ddep_demo_scenes/tiny", num_classes=6))
-    with pytest.raises(ValueError, match="no image-level labels"):
-        ip.supervised_dataset(no_labels, batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE)
+  it = ip.supervised_dataset(
+    "demo_tiny", batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
+  )
+  batch = next(it)
+  assert batch["image"].shape == (4, 16, 16, 3)
+  assert batch["labels"].shape == (4, 5) and batch["labels"].dtype == np.float32
+  assert (
+    set(np.unique(batch["labels"]).tolist()) <= {0.0, 1.0} and batch["labels"].sum(-1).min() >= 1
+  )
+  no_labels = specs.register(
+    specs.DatasetSpec(
+      name="demo_tiny_no_image_labels", tfds_name="ddep_demo_scenes/tiny", num_classes=6
+    )
+  )
+  with pytest.raises(ValueError, match="no image-level labels"):
+    ip.supervised_dataset(
+      no_labels, batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -211,42 +264,51 @@ def test_supervised_batches(data_dir):
 
 
 def test_eval_covers_every_example_once_at_original_resolution(data_dir):
-    spec = specs.get("demo_tiny")
-    raw = {
-        ex["image_id"].decode(): ex
-        for ex in tfds.as_numpy(tfds.builder(spec.tfds_name, data_dir=data_dir).as_dataset(split="validation"))
-    }
-    seen = []
-    per_process = []
-    for i in range(3):
-        ev = ip.eval_dataset("demo_tiny", batch_size=2, pad_to=(40, 44), data_dir=data_dir, process_index=i, process_count=3)
-        batches = list(ev)
-        per_process.append(len(batches))
-        for batch in batches:
-            assert batch["image"].shape == (2, 40, 44, 3) and batch["image_id"].dtype.kind == "S"
-            for j in np.flatnonzero(batch["_mask"]):
-                image_id = batch["image_id"][j].decode()
-                h, w = batch["orig_hw"][j]
-                ex = raw[image_id]
-                assert (h, w) == ex["image"].shape[:2]
-                np.testing.assert_array_equal(batch["label"][j, :h, :w], ex["segmentation"][..., 0])
-                np.testing.assert_allclose(batch["image"][j, :h, :w], ex["image"] / 127.5 - 1, atol=1e-6)
-                assert (batch["label"][j, h:] == 255).all() and (batch["label"][j, :, w:] == 255).all()
-                seen.append(image_id)
-            padding = ~batch["_mask"]
-            assert (batch["label"][padding] == 255).all() and (batch["image_id"][padding] == b"").all()
-    assert sorted(seen) == sorted(raw) and len(seen) == 10
-    assert per_process == [2, 2, 2]  # Same count everywhere, so collectives line up.
+  spec = specs.get("demo_tiny")
+  raw = {
+    ex["image_id"].decode(): ex
+    for ex in tfds.as_numpy(
+      tfds.builder(spec.tfds_name, data_dir=data_dir).as_dataset(split="validation")
+    )
+  }
+  seen = []
+  per_process = []
+  for i in range(3):
+    ev = ip.eval_dataset(
+      "demo_tiny",
+      batch_size=2,
+      pad_to=(40, 44),
+      data_dir=data_dir,
+      process_index=i,
+      process_count=3,
+    )
+    batches = list(ev)
+    per_process.append(len(batches))
+    for batch in batches:
+      assert batch["image"].shape == (2, 40, 44, 3) and batch["image_id"].dtype.kind == "S"
+      for j in np.flatnonzero(batch["_mask"]):
+        image_id = batch["image_id"][j].decode()
+        h, w = batch["orig_hw"][j]
+        ex = raw[image_id]
+        assert (h, w) == ex["image"].shape[:2]
+        np.testing.assert_array_equal(batch["label"][j, :h, :w], ex["segmentation"][..., 0])
+        np.testing.assert_allclose(batch["image"][j, :h, :w], ex["image"] / 127.5 - 1, atol=1e-6)
+        assert (batch["label"][j, h:] == 255).all() and (batch["label"][j, :, w:] == 255).all()
+        seen.append(image_id)
+      padding = ~batch["_mask"]
+      assert (batch["label"][padding] == 255).all() and (batch["image_id"][padding] == b"").all()
+  assert sorted(seen) == sorted(raw) and len(seen) == 10
+  assert per_process == [2, 2, 2]  # Same count everywhere, so collectives line up.
 
 
 def test_eval_without_pad_to(data_dir):
-    batches = list(ip.eval_dataset("demo_tiny", batch_size=1, data_dir=data_dir, **SINGLE))
-    assert len(batches) == 10 and "orig_hw" not in batches[0]
-    assert batches[0]["label"].shape[1:] == batches[0]["image"].shape[1:3]
-    with pytest.raises(ValueError, match="pad_to"):
-        list(ip.eval_dataset("demo_tiny", batch_size=4, data_dir=data_dir, **SINGLE))
-    with pytest.raises(ValueError, match=r"larger than pad_to=\(30, 30\): image_id.*validation_0000"):
-        list(ip.eval_dataset("demo_tiny", batch_size=4, pad_to=(30, 30), data_dir=data_dir, **SINGLE))
+  batches = list(ip.eval_dataset("demo_tiny", batch_size=1, data_dir=data_dir, **SINGLE))
+  assert len(batches) == 10 and "orig_hw" not in batches[0]
+  assert batches[0]["label"].shape[1:] == batches[0]["image"].shape[1:3]
+  with pytest.raises(ValueError, match="pad_to"):
+    list(ip.eval_dataset("demo_tiny", batch_size=4, data_dir=data_dir, **SINGLE))
+  with pytest.raises(ValueError, match=r"larger than pad_to=\(30, 30\): image_id.*validation_0000"):
+    list(ip.eval_dataset("demo_tiny", batch_size=4, pad_to=(30, 30), data_dir=data_dir, **SINGLE))
 
 
 # ---------------------------------------------------------------------------
@@ -257,92 +319,121 @@ _BAD_ID = "bad_000005"
 
 
 class DdepTestBadScenes(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=k) for k in _BAD_KINDS]
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=k) for k in _BAD_KINDS]
 
-    def _info(self):
-        # DatasetInfo directly: dataset_info_from_configs looks for metadata files next to a package.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "segmentation": tfds.features.Image(shape=(None, None, 1)),
-                "image_id": tfds.features.Text(),
-            }),
-        )
+  def _info(self):
+    # DatasetInfo directly: dataset_info_from_configs looks for metadata files next to a package.
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "segmentation": tfds.features.Image(shape=(None, None, 1)),
+          "image_id": tfds.features.Text(),
+        }
+      ),
+    )
 
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(), "validation": self._generate_examples()}
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(), "validation": self._generate_examples()}
 
-    def _generate_examples(self):
-        kind = self.builder_config.name
-        for i in range(8):
-            rng = np.random.default_rng(i)
-            image = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
-            label = rng.integers(0, 3, (12, 12, 1), dtype=np.uint8)
-            if i == 5:
-                if kind == "corrupt":
-                    image = io.BytesIO(b"\x89PNG\r\n\x1a\n this is not a png")
-                elif kind == "size":
-                    label = label[:10]
-                elif kind == "range":
-                    label[3, 4] = 7
-                else:
-                    label[3, 4] = 9  # Mapped to ignore by the spec: fine.
-            yield f"bad_{i:06d}", {"image": image, "segmentation": label, "image_id": f"bad_{i:06d}"}
+  def _generate_examples(self):
+    kind = self.builder_config.name
+    for i in range(8):
+      rng = np.random.default_rng(i)
+      image = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+      label = rng.integers(0, 3, (12, 12, 1), dtype=np.uint8)
+      if i == 5:
+        if kind == "corrupt":
+          image = io.BytesIO(b"\x89PNG\r\n\x1a\n this is not a png")
+        elif kind == "size":
+          label = label[:10]
+        elif kind == "range":
+          label[3, 4] = 7
+        else:
+          label[3, 4] = 9  # Mapped to ignore by the spec: fine.
+      yield f"bad_{i:06d}", {"image": image, "segmentation": label, "image_id": f"bad_{i:06d}"}
 
 
 def _bad_spec(kind):
-    return specs.register(specs.DatasetSpec(
-        name=f"bad_{kind}", tfds_name=f"ddep_test_bad_scenes/{kind}", num_classes=3,
-        label_map={0: 0, 1: 1, 2: 2, 9: 255, 255: 255},
-    ))
+  return specs.register(
+    specs.DatasetSpec(
+      name=f"bad_{kind}",
+      tfds_name=f"ddep_test_bad_scenes/{kind}",
+      num_classes=3,
+      label_map={0: 0, 1: 1, 2: 2, 9: 255, 255: 255},
+    )
+  )
 
 
-@pytest.mark.parametrize("kind, message", [("corrupt", "undecodable"), ("size", "size"), ("range", "label values")])
+@pytest.mark.parametrize(
+  "kind, message", [("corrupt", "undecodable"), ("size", "size"), ("range", "label values")]
+)
 def test_bad_examples_fail_naming_the_example(data_dir, kind, message):
-    it = ip.finetune_dataset(_bad_spec(kind), batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE)
-    with pytest.raises(ip.BadExampleError, match=message) as err:
-        for _ in range(2):  # One epoch.
-            next(it)
-    assert _BAD_ID in str(err.value)
-    with pytest.raises(ip.BadExampleError, match=_BAD_ID):
-        list(ip.eval_dataset(_bad_spec(kind), batch_size=4, pad_to=(12, 12), data_dir=data_dir, **SINGLE))
+  it = ip.finetune_dataset(
+    _bad_spec(kind), batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
+  )
+  with pytest.raises(ip.BadExampleError, match=message) as err:
+    for _ in range(2):  # One epoch.
+      next(it)
+  assert _BAD_ID in str(err.value)
+  with pytest.raises(ip.BadExampleError, match=_BAD_ID):
+    list(
+      ip.eval_dataset(_bad_spec(kind), batch_size=4, pad_to=(12, 12), data_dir=data_dir, **SINGLE)
+    )
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "range"])
 def test_bad_examples_can_be_skipped_and_counted(data_dir, kind):
-    kw = dict(batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, skip_bad_examples=True, **SINGLE)
-    it = ip.finetune_dataset(_bad_spec(kind), **kw)
-    batches = [next(it) for _ in range(7)]  # 28 good examples = 4 epochs of 7.
-    assert it.get_state()["position"] == 32 and it.num_bad_examples == 4
-    if kind == "range":
-        resumed = ip.finetune_dataset(_bad_spec(kind), state=it.get_state(), **kw)
-        assert _all_equal(next(resumed), next(it)) and resumed.num_bad_examples == it.num_bad_examples
-    assert all(set(np.unique(b["label"]).tolist()) <= {0, 1, 2, 255} for b in batches)
-    ev = ip.eval_dataset(_bad_spec(kind), batch_size=4, pad_to=(12, 12), data_dir=data_dir, skip_bad_examples=True, **SINGLE)
-    batches = list(ev)
-    ids = [i for b in batches for i in b["image_id"][b["_mask"]].tolist()]
-    assert len(batches) == 2 and len(ids) == 7 and _BAD_ID.encode() not in ids and ev.num_bad_examples == 1
+  kw = dict(
+    batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, skip_bad_examples=True, **SINGLE
+  )
+  it = ip.finetune_dataset(_bad_spec(kind), **kw)
+  batches = [next(it) for _ in range(7)]  # 28 good examples = 4 epochs of 7.
+  assert it.get_state()["position"] == 32 and it.num_bad_examples == 4
+  if kind == "range":
+    resumed = ip.finetune_dataset(_bad_spec(kind), state=it.get_state(), **kw)
+    assert _all_equal(next(resumed), next(it)) and resumed.num_bad_examples == it.num_bad_examples
+  assert all(set(np.unique(b["label"]).tolist()) <= {0, 1, 2, 255} for b in batches)
+  ev = ip.eval_dataset(
+    _bad_spec(kind),
+    batch_size=4,
+    pad_to=(12, 12),
+    data_dir=data_dir,
+    skip_bad_examples=True,
+    **SINGLE,
+  )
+  batches = list(ev)
+  ids = [i for b in batches for i in b["image_id"][b["_mask"]].tolist()]
+  assert (
+    len(batches) == 2 and len(ids) == 7 and _BAD_ID.encode() not in ids and ev.num_bad_examples == 1
+  )
 
 
 def test_ignored_raw_ids_are_not_bad(data_dir):
-    ev = ip.eval_dataset(_bad_spec("ignored"), batch_size=8, pad_to=(12, 12), data_dir=data_dir, **SINGLE)
-    (batch,) = list(ev)
-    j = list(batch["image_id"]).index(_BAD_ID.encode())
-    assert batch["label"][j, 3, 4] == 255 and batch["_mask"].all()
+  ev = ip.eval_dataset(
+    _bad_spec("ignored"), batch_size=8, pad_to=(12, 12), data_dir=data_dir, **SINGLE
+  )
+  (batch,) = list(ev)
+  j = list(batch["image_id"]).index(_BAD_ID.encode())
+  assert batch["label"][j, 3, 4] == 255 and batch["_mask"].all()
 
 
 def test_pretraining_also_rejects_undecodable_images(data_dir):
-    it = ip.pretrain_dataset(_bad_spec("corrupt"), batch_size=8, image_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE)
-    with pytest.raises(ip.BadExampleError, match=_BAD_ID):
-        next(it)
+  it = ip.pretrain_dataset(
+    _bad_spec("corrupt"), batch_size=8, image_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
+  )
+  with pytest.raises(ip.BadExampleError, match=_BAD_ID):
+    next(it)
 
 
 def test_unprepared_dataset_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare"):
-        ip.pretrain_dataset("demo_tiny", batch_size=2, image_size=(8, 8), seed=0, data_dir=str(tmp_path), **SINGLE)
+  with pytest.raises(FileNotFoundError, match="prepare"):
+    ip.pretrain_dataset(
+      "demo_tiny", batch_size=2, image_size=(8, 8), seed=0, data_dir=str(tmp_path), **SINGLE
+    )
 
 
 def test_tf_sees_no_accelerator():
-    assert tf.config.get_visible_devices("GPU") == []
+  assert tf.config.get_visible_devices("GPU") == []

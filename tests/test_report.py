@@ -1,4 +1,5 @@
 """Tests for ddep.report on synthetic workdirs."""
+
 import json
 import re
 
@@ -14,131 +15,172 @@ SEEDS = (0, 1, 2)
 
 
 def make_runs(root):
-    """3 seeds x 2 methods x 3 fractions of pascal_context_60, known mIoUs."""
-    rng = np.random.default_rng(0)
-    mious = {}
-    for method in METHODS:
-        for fraction in FRACTIONS:
-            for seed in SEEDS:
-                workdir = root / f"{method}_{fraction}_{seed}"
-                workdir.mkdir(parents=True)
-                miou = float(rng.uniform(0.1, 0.6))
-                mious.setdefault((method, fraction), []).append(miou)
-                cm = rng.integers(0, 50, size=(3, 3))
-                m = metrics.segmentation_metrics(cm, ["background", "aeroplane", "bag"])
-                m["miou"] = miou  # the value the table must reproduce.
-                report.write_results(workdir, method=method, dataset="pascal_context_60",
-                                     label_fraction=fraction, subset_seed=seed, decoder_width=1, metrics=m)
-                with open(workdir / report.CURVES_FILE, "w") as f:
-                    for step in range(0, 500, 50):
-                        f.write(json.dumps({"step": step, "train/loss": 2.0 / (1 + step),
-                                            "val/miou": miou * step / 450}) + "\n")
-                    f.write("\n")  # blank lines are tolerated.
-    return mious
+  """3 seeds x 2 methods x 3 fractions of pascal_context_60, known mIoUs."""
+  rng = np.random.default_rng(0)
+  mious = {}
+  for method in METHODS:
+    for fraction in FRACTIONS:
+      for seed in SEEDS:
+        workdir = root / f"{method}_{fraction}_{seed}"
+        workdir.mkdir(parents=True)
+        miou = float(rng.uniform(0.1, 0.6))
+        mious.setdefault((method, fraction), []).append(miou)
+        cm = rng.integers(0, 50, size=(3, 3))
+        m = metrics.segmentation_metrics(cm, ["background", "aeroplane", "bag"])
+        m["miou"] = miou  # the value the table must reproduce.
+        report.write_results(
+          workdir,
+          method=method,
+          dataset="pascal_context_60",
+          label_fraction=fraction,
+          subset_seed=seed,
+          decoder_width=1,
+          metrics=m,
+        )
+        with open(workdir / report.CURVES_FILE, "w") as f:
+          for step in range(0, 500, 50):
+            f.write(
+              json.dumps(
+                {"step": step, "train/loss": 2.0 / (1 + step), "val/miou": miou * step / 450}
+              )
+              + "\n"
+            )
+          f.write("\n")  # blank lines are tolerated.
+  return mious
 
 
 def assert_png(path, min_width=200, min_height=150):
-    with Image.open(path) as image:
-        image.verify()  # a complete, decodable PNG.
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        width, height = image.size
-        assert width >= min_width and height >= min_height, (path, image.size)
-        pixels = np.asarray(image.convert("L"))
-        assert pixels.std() > 1  # something was drawn.
-    return width, height
+  with Image.open(path) as image:
+    image.verify()  # a complete, decodable PNG.
+  with Image.open(path) as image:
+    assert image.format == "PNG"
+    width, height = image.size
+    assert width >= min_width and height >= min_height, (path, image.size)
+    pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 1  # something was drawn.
+  return width, height
 
 
 def test_report_end_to_end(tmp_path, capsys):
-    mious = make_runs(tmp_path / "runs")
-    (tmp_path / "runs" / "unfinished").mkdir()  # no results.json: skipped.
-    out = tmp_path / "report"
-    assert report.main([f"--workdirs={tmp_path / 'runs'}/*", f"--output={out}"]) == 0
-    assert "18 runs" in capsys.readouterr().out
+  mious = make_runs(tmp_path / "runs")
+  (tmp_path / "runs" / "unfinished").mkdir()  # no results.json: skipped.
+  out = tmp_path / "report"
+  assert report.main([f"--workdirs={tmp_path / 'runs'}/*", f"--output={out}"]) == 0
+  assert "18 runs" in capsys.readouterr().out
 
-    assert_png(out / "miou_vs_fraction_pascal_context_60_1x.png", 400, 300)
-    assert_png(out / "table_pascal_context_60_1x.png")
-    curves = sorted((out / "curves").glob("*.png"))
-    assert len(curves) == 18
-    assert_png(curves[0])
+  assert_png(out / "miou_vs_fraction_pascal_context_60_1x.png", 400, 300)
+  assert_png(out / "table_pascal_context_60_1x.png")
+  curves = sorted((out / "curves").glob("*.png"))
+  assert len(curves) == 18
+  assert_png(curves[0])
 
-    # The markdown table's numbers equal numpy's mean and sample std, x100.
-    markdown = (out / "summary.md").read_text()
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| Method | 100% | 10% | 1% |"
-    rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:] for line in lines[1:]}
-    assert list(rows) == ["Supervised", "DDeP"]  # paper order: baseline first.
-    for method, label in (("ddep", "DDeP"), ("supervised", "Supervised")):
-        for cell, fraction in zip(rows[label], FRACTIONS):
-            mean, std, n = re.fullmatch(r"([\d.]+) ± ([\d.]+) \(n=(\d+)\)", cell).groups()
-            values = np.array(mious[(method, fraction)])
-            assert float(mean) == pytest.approx(100 * values.mean(), abs=0.005)
-            assert float(std) == pytest.approx(100 * values.std(ddof=1), abs=0.005)
-            assert int(n) == 3
+  # The markdown table's numbers equal numpy's mean and sample std, x100.
+  markdown = (out / "summary.md").read_text()
+  lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+  assert lines[0] == "| Method | 100% | 10% | 1% |"
+  rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:] for line in lines[1:]}
+  assert list(rows) == ["Supervised", "DDeP"]  # paper order: baseline first.
+  for method, label in (("ddep", "DDeP"), ("supervised", "Supervised")):
+    for cell, fraction in zip(rows[label], FRACTIONS):
+      mean, std, n = re.fullmatch(r"([\d.]+) ± ([\d.]+) \(n=(\d+)\)", cell).groups()
+      values = np.array(mious[(method, fraction)])
+      assert float(mean) == pytest.approx(100 * values.mean(), abs=0.005)
+      assert float(std) == pytest.approx(100 * values.std(ddof=1), abs=0.005)
+      assert int(n) == 3
 
-    summary = json.loads((out / "summary.json").read_text())
-    entry = next(e for e in summary if e["method"] == "ddep" and e["label_fraction"] == 0.01)
-    assert entry["miou_mean"] == pytest.approx(np.mean(mious[("ddep", 0.01)]), rel=1e-12)
-    assert entry["miou_std"] == pytest.approx(np.std(mious[("ddep", 0.01)], ddof=1), rel=1e-12)
+  summary = json.loads((out / "summary.json").read_text())
+  entry = next(e for e in summary if e["method"] == "ddep" and e["label_fraction"] == 0.01)
+  assert entry["miou_mean"] == pytest.approx(np.mean(mious[("ddep", 0.01)]), rel=1e-12)
+  assert entry["miou_std"] == pytest.approx(np.std(mious[("ddep", 0.01)], ddof=1), rel=1e-12)
 
 
 def test_single_run_has_no_std_and_fractions_are_merged(tmp_path):
-    runs = []
-    for seed, fraction in enumerate((1 / 30, 0.0333333)):
-        results = {"method": "dep", "dataset": "cityscapes", "label_fraction": fraction,
-                   "subset_seed": seed, "decoder_width": 2, "miou": 0.5 + 0.1 * seed}
-        runs.append(report.Run(tmp_path, results, []))
-    runs.append(report.Run(tmp_path, dict(runs[0].results, label_fraction=0.25), []))
-    summary = report.summarize(runs)
-    assert summary[("cityscapes", 2, "dep", 0.0333)].values == (0.5, 0.6)
-    single = summary[("cityscapes", 2, "dep", 0.25)]
-    assert single.n == 1 and np.isnan(single.std)
-    assert "| DeP | 50.00 (n=1) | 55.00 ± 7.07 (n=2) |" in report.markdown_summary(summary)
-    report.plot_miou_vs_fraction(summary, "cityscapes", 2, tmp_path / "fig.png")
-    assert_png(tmp_path / "fig.png")
+  runs = []
+  for seed, fraction in enumerate((1 / 30, 0.0333333)):
+    results = {
+      "method": "dep",
+      "dataset": "cityscapes",
+      "label_fraction": fraction,
+      "subset_seed": seed,
+      "decoder_width": 2,
+      "miou": 0.5 + 0.1 * seed,
+    }
+    runs.append(report.Run(tmp_path, results, []))
+  runs.append(report.Run(tmp_path, dict(runs[0].results, label_fraction=0.25), []))
+  summary = report.summarize(runs)
+  assert summary[("cityscapes", 2, "dep", 0.0333)].values == (0.5, 0.6)
+  single = summary[("cityscapes", 2, "dep", 0.25)]
+  assert single.n == 1 and np.isnan(single.std)
+  assert "| DeP | 50.00 (n=1) | 55.00 ± 7.07 (n=2) |" in report.markdown_summary(summary)
+  report.plot_miou_vs_fraction(summary, "cityscapes", 2, tmp_path / "fig.png")
+  assert_png(tmp_path / "fig.png")
 
 
-@pytest.mark.parametrize("content,message", [
+@pytest.mark.parametrize(
+  "content,message",
+  [
     ("{not json", "not JSON"),
-    (json.dumps({"method": "ddep", "dataset": "ade20k", "label_fraction": 0.1, "subset_seed": 0,
-                 "decoder_width": 1}), "missing 'miou'"),
-    (json.dumps({"method": "ddep", "dataset": "ade20k", "label_fraction": 0.1, "subset_seed": 0,
-                 "decoder_width": 1, "miou": 48.6}), "not a fraction"),
-])
+    (
+      json.dumps(
+        {
+          "method": "ddep",
+          "dataset": "ade20k",
+          "label_fraction": 0.1,
+          "subset_seed": 0,
+          "decoder_width": 1,
+        }
+      ),
+      "missing 'miou'",
+    ),
+    (
+      json.dumps(
+        {
+          "method": "ddep",
+          "dataset": "ade20k",
+          "label_fraction": 0.1,
+          "subset_seed": 0,
+          "decoder_width": 1,
+          "miou": 48.6,
+        }
+      ),
+      "not a fraction",
+    ),
+  ],
+)
 def test_bad_results_name_the_file(tmp_path, capsys, content, message):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "results.json").write_text(content)
-    assert report.main([f"--workdirs={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]) == 1
-    err = capsys.readouterr().err
-    assert message in err and str(tmp_path / "run" / "results.json") in err
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "results.json").write_text(content)
+  assert report.main([f"--workdirs={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]) == 1
+  err = capsys.readouterr().err
+  assert message in err and str(tmp_path / "run" / "results.json") in err
 
 
 def test_malformed_curve_line_is_reported(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"train/loss": 2}\n')
-    with pytest.raises(report.ReportError, match="metrics.jsonl:2"):
-        report.read_curves(tmp_path / "metrics.jsonl")
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"train/loss": 2}\n')
+  with pytest.raises(report.ReportError, match="metrics.jsonl:2"):
+    report.read_curves(tmp_path / "metrics.jsonl")
 
 
 def test_missing_workdir_is_an_error(tmp_path, capsys):
-    assert report.main([f"--workdirs={tmp_path / 'nothing'}", f"--output={tmp_path / 'out'}"]) == 1
-    assert "no results.json" in capsys.readouterr().err
+  assert report.main([f"--workdirs={tmp_path / 'nothing'}", f"--output={tmp_path / 'out'}"]) == 1
+  assert "no results.json" in capsys.readouterr().err
 
 
 def test_to_display_maps_and_clips():
-    np.testing.assert_allclose(report.to_display([-1.5, -1, 0, 1, 2]), [0, 0, 0.5, 1, 1])
-    np.testing.assert_allclose(report.to_display([-3, 1.5], scale=3), [0, 0.75])
+  np.testing.assert_allclose(report.to_display([-1.5, -1, 0, 1, 2]), [0, 0, 0.5, 1, 1])
+  np.testing.assert_allclose(report.to_display([-3, 1.5], scale=3), [0, 0.75])
 
 
 def test_denoising_grid(tmp_path):
-    rng = np.random.default_rng(0)
-    clean = np.clip(rng.normal(0, 0.5, (32, 32, 3)), -1, 1)
-    sigmas = (0.1, 0.2, 0.4)
-    noise = {s: rng.normal(size=clean.shape) for s in sigmas}
-    noisy = {s: clean + s * noise[s] for s in sigmas}
-    denoised = {s: noisy[s] - s * noise[s] for s in sigmas}
-    data = report.denoising_grid(clean, noisy, noise, denoised, path=tmp_path / "grid.png")
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = assert_png(tmp_path / "grid.png", 600, 450)
-    assert width > height  # 4 columns, 3 rows.
-    with pytest.raises(ValueError, match="denoised_by_sigma"):
-        report.denoising_grid(clean, noisy, noise, {0.1: clean})
+  rng = np.random.default_rng(0)
+  clean = np.clip(rng.normal(0, 0.5, (32, 32, 3)), -1, 1)
+  sigmas = (0.1, 0.2, 0.4)
+  noise = {s: rng.normal(size=clean.shape) for s in sigmas}
+  noisy = {s: clean + s * noise[s] for s in sigmas}
+  denoised = {s: noisy[s] - s * noise[s] for s in sigmas}
+  data = report.denoising_grid(clean, noisy, noise, denoised, path=tmp_path / "grid.png")
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  width, height = assert_png(tmp_path / "grid.png", 600, 450)
+  assert width > height  # 4 columns, 3 rows.
+  with pytest.raises(ValueError, match="denoised_by_sigma"):
+    report.denoising_grid(clean, noisy, noise, {0.1: clean})

@@ -6,6 +6,7 @@ triangle/dots, ring/gradient, bar/speckle) while every colour is drawn at
 random, so a model has to look at structure, not colour, as on real data.
 Scenes are a pure function of (config seed, split, index).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,181 +19,185 @@ from ddep.datasets import specs
 CLASS_NAMES = ("background", "disk", "square", "triangle", "ring", "bar")
 NUM_CLASSES = len(CLASS_NAMES)
 PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
-    np.uint8,
+  [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
+  np.uint8,
 )
 _SPLIT_IDS = {"unlabelled": 0, "train": 1, "validation": 2}
 
 
 @dataclasses.dataclass
 class DemoScenesConfig(tfds.core.BuilderConfig):
-    """Image size range (square sizes drawn per image) and split sizes."""
+  """Image size range (square sizes drawn per image) and split sizes."""
 
-    min_size: int = 64
-    max_size: int = 64
-    num_unlabelled: int = 4096
-    num_train: int = 1024
-    num_validation: int = 256
-    seed: int = 0
+  min_size: int = 64
+  max_size: int = 64
+  num_unlabelled: int = 4096
+  num_train: int = 1024
+  num_validation: int = 256
+  seed: int = 0
 
 
 def _rotated_coords(size_hw, centre, angle):
-    yy, xx = np.mgrid[0 : size_hw[0], 0 : size_hw[1]].astype(np.float32)
-    dy, dx = yy - centre[0], xx - centre[1]
-    c, s = np.cos(angle), np.sin(angle)
-    return c * dx + s * dy, -s * dx + c * dy
+  yy, xx = np.mgrid[0 : size_hw[0], 0 : size_hw[1]].astype(np.float32)
+  dy, dx = yy - centre[0], xx - centre[1]
+  c, s = np.cos(angle), np.sin(angle)
+  return c * dx + s * dy, -s * dx + c * dy
 
 
 def _shape_mask(cls, u, v, r):
-    d = np.hypot(u, v)
-    if cls == 1:
-        return d < r
-    if cls == 2:
-        return (np.abs(u) < 0.8 * r) & (np.abs(v) < 0.8 * r)
-    if cls == 3:
-        # Equilateral triangle as three half-planes at 120 degrees.
-        inside = np.ones_like(u, bool)
-        for k in range(3):
-            a = 2 * np.pi * k / 3
-            inside &= np.cos(a) * u + np.sin(a) * v < 0.55 * r
-        return inside
-    if cls == 4:
-        return (d < r) & (d > 0.55 * r)
-    if cls == 5:
-        return (np.abs(u) < 1.3 * r) & (np.abs(v) < 0.3 * r)
-    raise ValueError(cls)
+  d = np.hypot(u, v)
+  if cls == 1:
+    return d < r
+  if cls == 2:
+    return (np.abs(u) < 0.8 * r) & (np.abs(v) < 0.8 * r)
+  if cls == 3:
+    # Equilateral triangle as three half-planes at 120 degrees.
+    inside = np.ones_like(u, bool)
+    for k in range(3):
+      a = 2 * np.pi * k / 3
+      inside &= np.cos(a) * u + np.sin(a) * v < 0.55 * r
+    return inside
+  if cls == 4:
+    return (d < r) & (d > 0.55 * r)
+  if cls == 5:
+    return (np.abs(u) < 1.3 * r) & (np.abs(v) < 0.3 * r)
+  raise ValueError(cls)
 
 
 def _texture(cls, u, v, r, rng):
-    """Blend weight in [0, 1] between the object's two colours."""
-    if cls == 1:  # stripes across the disk
-        period = rng.uniform(0.35, 0.6) * r
-        return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
-    if cls == 2:  # checkerboard
-        p = rng.uniform(0.3, 0.5) * r
-        return ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
-    if cls == 3:  # dot lattice
-        p = max(3.0, rng.uniform(0.25, 0.4) * r)
-        du, dv = (u % p) - p / 2, (v % p) - p / 2
-        return (np.hypot(du, dv) < 0.3 * p).astype(np.float32)
-    if cls == 4:  # smooth gradient along the ring
-        return np.clip(0.5 + u / (2 * r), 0.0, 1.0).astype(np.float32)
-    if cls == 5:  # per-pixel speckle
-        return (rng.random(u.shape) < 0.5).astype(np.float32)
-    raise ValueError(cls)
+  """Blend weight in [0, 1] between the object's two colours."""
+  if cls == 1:  # stripes across the disk
+    period = rng.uniform(0.35, 0.6) * r
+    return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
+  if cls == 2:  # checkerboard
+    p = rng.uniform(0.3, 0.5) * r
+    return ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
+  if cls == 3:  # dot lattice
+    p = max(3.0, rng.uniform(0.25, 0.4) * r)
+    du, dv = (u % p) - p / 2, (v % p) - p / 2
+    return (np.hypot(du, dv) < 0.3 * p).astype(np.float32)
+  if cls == 4:  # smooth gradient along the ring
+    return np.clip(0.5 + u / (2 * r), 0.0, 1.0).astype(np.float32)
+  if cls == 5:  # per-pixel speckle
+    return (rng.random(u.shape) < 0.5).astype(np.float32)
+  raise ValueError(cls)
 
 
 def _two_colours(rng, min_dist=90.0):
-    while True:
-        c = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
-        if np.linalg.norm(c[0] - c[1]) > min_dist:
-            return c
+  while True:
+    c = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    if np.linalg.norm(c[0] - c[1]) > min_dist:
+      return c
 
 
 def _background(size_hw, rng):
-    c = _two_colours(rng, min_dist=40.0)
-    u, _ = _rotated_coords(size_hw, (size_hw[0] / 2, size_hw[1] / 2), rng.uniform(0, 2 * np.pi))
-    w = np.clip(0.5 + u / max(size_hw), 0, 1)
-    # Low-frequency blotches so the background is not a flat colour either.
-    yy, xx = np.mgrid[0 : size_hw[0], 0 : size_hw[1]].astype(np.float32)
-    for _ in range(3):
-        f = rng.uniform(0.05, 0.2, size=2)
-        w = w + 0.15 * np.sin(f[0] * yy + f[1] * xx + rng.uniform(0, 2 * np.pi))
-    w = np.clip(w, 0, 1)[..., None]
-    return (1 - w) * c[0] + w * c[1]
+  c = _two_colours(rng, min_dist=40.0)
+  u, _ = _rotated_coords(size_hw, (size_hw[0] / 2, size_hw[1] / 2), rng.uniform(0, 2 * np.pi))
+  w = np.clip(0.5 + u / max(size_hw), 0, 1)
+  # Low-frequency blotches so the background is not a flat colour either.
+  yy, xx = np.mgrid[0 : size_hw[0], 0 : size_hw[1]].astype(np.float32)
+  for _ in range(3):
+    f = rng.uniform(0.05, 0.2, size=2)
+    w = w + 0.15 * np.sin(f[0] * yy + f[1] * xx + rng.uniform(0, 2 * np.pi))
+  w = np.clip(w, 0, 1)[..., None]
+  return (1 - w) * c[0] + w * c[1]
 
 
 def draw_scene(rng: np.random.Generator, size_hw: tuple[int, int]):
-    """One (image uint8 HxWx3, segmentation uint8 HxW) pair."""
-    image = _background(size_hw, rng)
-    seg = np.zeros(size_hw, np.uint8)
-    short = min(size_hw)
-    for _ in range(rng.integers(1, 5)):
-        cls = int(rng.integers(1, NUM_CLASSES))
-        r = rng.uniform(0.12, 0.26) * short
-        centre = rng.uniform(0.15, 0.85, size=2) * np.array(size_hw)
-        u, v = _rotated_coords(size_hw, centre, rng.uniform(0, 2 * np.pi))
-        mask = _shape_mask(cls, u, v, r)
-        colours = _two_colours(rng)
-        w = _texture(cls, u, v, r, rng)[..., None]
-        image = np.where(mask[..., None], (1 - w) * colours[0] + w * colours[1], image)
-        seg[mask] = cls
-    image = image + rng.normal(0, 6.0, size=image.shape)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8), seg
+  """One (image uint8 HxWx3, segmentation uint8 HxW) pair."""
+  image = _background(size_hw, rng)
+  seg = np.zeros(size_hw, np.uint8)
+  short = min(size_hw)
+  for _ in range(rng.integers(1, 5)):
+    cls = int(rng.integers(1, NUM_CLASSES))
+    r = rng.uniform(0.12, 0.26) * short
+    centre = rng.uniform(0.15, 0.85, size=2) * np.array(size_hw)
+    u, v = _rotated_coords(size_hw, centre, rng.uniform(0, 2 * np.pi))
+    mask = _shape_mask(cls, u, v, r)
+    colours = _two_colours(rng)
+    w = _texture(cls, u, v, r, rng)[..., None]
+    image = np.where(mask[..., None], (1 - w) * colours[0] + w * colours[1], image)
+    seg[mask] = cls
+  image = image + rng.normal(0, 6.0, size=image.shape)
+  return np.clip(np.round(image), 0, 255).astype(np.uint8), seg
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, _SPLIT_IDS[split], index])
+  return np.random.default_rng([seed, _SPLIT_IDS[split], index])
 
 
 def make_example(config: DemoScenesConfig, split: str, index: int) -> dict:
-    rng = scene_rng(config.seed, split, index)
-    size = int(rng.integers(config.min_size, config.max_size + 1))
-    aspect_jitter = int(rng.integers(0, (config.max_size - config.min_size) // 4 + 1))
-    image, seg = draw_scene(rng, (size, size + aspect_jitter))
-    labels = np.zeros((NUM_CLASSES - 1,), np.uint8)
-    labels[np.unique(seg[seg > 0]) - 1] = 1
-    return {
-        "image": image,
-        "segmentation": seg[..., None],
-        "image_id": f"{split}_{index:06d}",
-        "labels": labels,
-    }
+  rng = scene_rng(config.seed, split, index)
+  size = int(rng.integers(config.min_size, config.max_size + 1))
+  aspect_jitter = int(rng.integers(0, (config.max_size - config.min_size) // 4 + 1))
+  image, seg = draw_scene(rng, (size, size + aspect_jitter))
+  labels = np.zeros((NUM_CLASSES - 1,), np.uint8)
+  labels[np.unique(seg[seg > 0]) - 1] = 1
+  return {
+    "image": image,
+    "segmentation": seg[..., None],
+    "image_id": f"{split}_{index:06d}",
+    "labels": labels,
+  }
 
 
 class DdepDemoScenes(tfds.core.GeneratorBasedBuilder):
-    """Generated scenes with 5 object classes + background."""
+  """Generated scenes with 5 object classes + background."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
-        DemoScenesConfig(name="default", description="64x64 images, 4096/1024/256 examples."),
-        # Varying sizes on purpose: tests exercise padding and per-image eval shapes.
-        DemoScenesConfig(
-            name="tiny",
-            description="24-40 px images, 48/24/10 examples, for tests.",
-            min_size=24,
-            max_size=40,
-            num_unlabelled=48,
-            num_train=24,
-            num_validation=10,
-        ),
-    ]
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+    DemoScenesConfig(name="default", description="64x64 images, 4096/1024/256 examples."),
+    # Varying sizes on purpose: tests exercise padding and per-image eval shapes.
+    DemoScenesConfig(
+      name="tiny",
+      description="24-40 px images, 48/24/10 examples, for tests.",
+      min_size=24,
+      max_size=40,
+      num_unlabelled=48,
+      num_train=24,
+      num_validation=10,
+    ),
+  ]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "segmentation": tfds.features.Image(shape=(None, None, 1)),
-                    "image_id": tfds.features.Text(),
-                    "labels": tfds.features.Tensor(shape=(NUM_CLASSES - 1,), dtype=np.uint8),
-                }
-            ),
-            description=__doc__,
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "segmentation": tfds.features.Image(shape=(None, None, 1)),
+          "image_id": tfds.features.Text(),
+          "labels": tfds.features.Tensor(shape=(NUM_CLASSES - 1,), dtype=np.uint8),
+        }
+      ),
+      description=__doc__,
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Nothing to download.
-        c = self.builder_config
-        sizes = {"unlabelled": c.num_unlabelled, "train": c.num_train, "validation": c.num_validation}
-        return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    c = self.builder_config
+    sizes = {"unlabelled": c.num_unlabelled, "train": c.num_train, "validation": c.num_validation}
+    return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
-    def _generate_examples(self, split, num_examples):
-        for index in range(num_examples):
-            example = make_example(self.builder_config, split, index)
-            yield example["image_id"], example
+  def _generate_examples(self, split, num_examples):
+    for index in range(num_examples):
+      example = make_example(self.builder_config, split, index)
+      yield example["image_id"], example
 
 
 _COMMON = dict(
-    num_classes=NUM_CLASSES,
-    train_split="train",
-    eval_split="validation",
-    pretrain_splits=("unlabelled",),
-    class_names=CLASS_NAMES,
-    palette=PALETTE,
-    label_map=specs.identity_label_map(NUM_CLASSES),
-    image_labels_key="labels",
+  num_classes=NUM_CLASSES,
+  train_split="train",
+  eval_split="validation",
+  pretrain_splits=("unlabelled",),
+  class_names=CLASS_NAMES,
+  palette=PALETTE,
+  label_map=specs.identity_label_map(NUM_CLASSES),
+  image_labels_key="labels",
 )
-specs.register(specs.DatasetSpec(name="demo", tfds_name="ddep_demo_scenes/default:1.0.0", **_COMMON))
-specs.register(specs.DatasetSpec(name="demo_tiny", tfds_name="ddep_demo_scenes/tiny:1.0.0", **_COMMON))
+specs.register(
+  specs.DatasetSpec(name="demo", tfds_name="ddep_demo_scenes/default:1.0.0", **_COMMON)
+)
+specs.register(
+  specs.DatasetSpec(name="demo_tiny", tfds_name="ddep_demo_scenes/tiny:1.0.0", **_COMMON)
+)

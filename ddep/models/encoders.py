@@ -14,10 +14,6 @@ from ddep.models import vit
 Dtype = Any
 
 
-def _stage_features(width: int, stage: int) -> int:
-  return width * 2**stage
-
-
 class HybridViTEncoder(nn.Module):
   """R50+ViT-B/16 as in the original ViT code: ResNet stem + 3 stages, 1x1 patch
   embedding of the 1/16 map, Transformer, no class token."""
@@ -36,17 +32,9 @@ class HybridViTEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    x = images.astype(self.dtype)
-    root, x = resnet.resnet_root(x, width=self.resnet_width, num_groups=self.num_groups,
-                                 dtype=self.dtype)
-    skips = {'root': root}
-    for i, block_size in enumerate(self.resnet_layers):
-      x = resnet.ResNetStage(block_size, _stage_features(self.resnet_width, i),
-                             first_stride=(1, 1) if i == 0 else (2, 2),
-                             num_groups=self.num_groups, dtype=self.dtype,
-                             remat=self.remat_resnet, name=f'block{i + 1}')(x)
-      if i + 1 < len(self.resnet_layers):
-        skips[f'block{i + 1}'] = x
+    x, skips = resnet.resnet_features(
+        images.astype(self.dtype), layers=self.resnet_layers, width=self.resnet_width,
+        num_groups=self.num_groups, dtype=self.dtype, remat=self.remat_resnet)
     # The R50 stages already reach 1/16, so the "patches" are 1x1.
     x = nn.Conv(self.hidden_size, (1, 1), dtype=self.dtype, name='embedding')(x)
     x = vit.Encoder(self.num_layers, self.mlp_dim, self.num_heads, dtype=self.dtype,
@@ -66,15 +54,7 @@ class ResNetEncoder(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     del train  # No dropout in the ResNet.
-    x = images.astype(self.dtype)
-    root, x = resnet.resnet_root(x, width=self.resnet_width, num_groups=self.num_groups,
-                                 dtype=self.dtype)
-    skips = {'root': root}
-    for i, block_size in enumerate(self.resnet_layers):
-      x = resnet.ResNetStage(block_size, _stage_features(self.resnet_width, i),
-                             first_stride=(1, 1) if i == 0 else (2, 2),
-                             num_groups=self.num_groups, dtype=self.dtype,
-                             remat=self.remat_resnet, name=f'block{i + 1}')(x)
-      if i + 1 < len(self.resnet_layers):
-        skips[f'block{i + 1}'] = x
+    x, skips = resnet.resnet_features(
+        images.astype(self.dtype), layers=self.resnet_layers, width=self.resnet_width,
+        num_groups=self.num_groups, dtype=self.dtype, remat=self.remat_resnet)
     return x, skips

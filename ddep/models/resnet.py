@@ -77,6 +77,21 @@ class ResNetStage(nn.Module):
     return x
 
 
+def resnet_features(x, *, layers: Sequence[int], width: int, num_groups: int, dtype: Dtype,
+                    remat: bool = False):
+  """Root block and stages, in the calling module's scope (names `conv_root`, `gn_root`,
+  `block{i}`); returns the last stage's map and the earlier maps the decoder may use:
+  {'root': 1/2 (before max-pool), 'block1': 1/4, 'block2': 1/8, ...}."""
+  root, x = resnet_root(x, width=width, num_groups=num_groups, dtype=dtype)
+  skips = {'root': root}
+  for i, block_size in enumerate(layers):
+    x = ResNetStage(block_size, width * 2**i, first_stride=(1, 1) if i == 0 else (2, 2),
+                    num_groups=num_groups, dtype=dtype, remat=remat, name=f'block{i + 1}')(x)
+    if i + 1 < len(layers):
+      skips[f'block{i + 1}'] = x
+  return x, skips
+
+
 def resnet_root(x, *, width: int, num_groups: int, dtype: Dtype):
   """Root block inside the calling module's scope; returns (1/2 map, 1/4 map).
 
