@@ -12,14 +12,12 @@ label_map turns them into train ids 0..149 with 0 ignored.
 
 from __future__ import annotations
 
-import io
-import os
 import zipfile
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
+from ddep.datasets import manual
 from ddep.datasets import specs
 
 ARCHIVE = "ADEChallengeData2016.zip"
@@ -343,32 +341,6 @@ PALETTE = np.array(
 LABEL_MAP = specs.make_label_map({0: specs.IGNORE_LABEL, **{raw: raw - 1 for raw in range(1, 151)}})
 
 
-def _require_manual_file(dl_manager, filename: str, instructions: str):
-  """The path of `filename` in the manual directory, or an error naming both."""
-  # `dl_manager.manual_dir` itself fails with a generic message on an empty
-  # directory; the user needs to know which file is missing.
-  manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
-  path = manual_dir / filename
-  if not path.exists():
-    raise FileNotFoundError(
-      f"Missing manual file {filename!r}: put it in the manual directory {os.fspath(manual_dir)}.\n{instructions}"
-    )
-  return path
-
-
-def _check_label(label_bytes: bytes, image_bytes: bytes, name: str):
-  """Fails on labels the stored-raw-ids convention cannot carry."""
-  # Both opens parse headers only; a colour or resized label would otherwise
-  # be stored silently and decode into wrong ids.
-  with Image.open(io.BytesIO(label_bytes)) as label, Image.open(io.BytesIO(image_bytes)) as image:
-    if label.mode != "L":
-      raise ValueError(
-        f"{name}: label PNG has mode {label.mode}, expected 8-bit grayscale ids ('L')"
-      )
-    if label.size != image.size:
-      raise ValueError(f"{name}: label size {label.size} != image size {image.size}")
-
-
 class Ade20k(tfds.core.GeneratorBasedBuilder):
   """SceneParse150 (ADE20K challenge 2016): 20,210 train / 2,000 validation."""
 
@@ -396,7 +368,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    archive = _require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    archive = manual.require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     return {
       split: self._generate_examples(archive, subdir) for split, subdir in _SPLIT_DIRS.items()
     }
@@ -418,7 +390,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
           raise ValueError(f"{archive}: {image_name} has no label {label_name}")
         image_bytes = zf.read(image_name)
         label_bytes = zf.read(label_name)
-        _check_label(label_bytes, image_bytes, label_name)
+        manual.check_label(label_bytes, image_bytes, label_name)
         yield image_id, {"image": image_bytes, "segmentation": label_bytes, "image_id": image_id}
 
 

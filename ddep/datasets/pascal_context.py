@@ -18,12 +18,11 @@ alphabetical); the official 59_labels.txt order differs.
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
+from ddep.datasets import manual
 from ddep.datasets import pascal_voc  # also registers the builder pretraining reads
 from ddep.datasets import specs
 
@@ -120,19 +119,6 @@ LABEL_MAP_59 = specs.make_label_map(
 )
 
 
-def _check_label(label_bytes: bytes, image_bytes: bytes, name: str):
-  """Fails on labels the stored-raw-ids convention cannot carry."""
-  # Both opens parse headers only; a colour or resized label would otherwise
-  # be stored silently and decode into wrong ids.
-  with Image.open(io.BytesIO(label_bytes)) as label, Image.open(io.BytesIO(image_bytes)) as image:
-    if label.mode != "L":
-      raise ValueError(
-        f"{name}: label PNG has mode {label.mode}, expected 8-bit grayscale ids ('L')"
-      )
-    if label.size != image.size:
-      raise ValueError(f"{name}: label size {label.size} != image size {image.size}")
-
-
 class PascalContext(tfds.core.GeneratorBasedBuilder):
   """Pascal Context, 60-class labels: 4,998 train / 5,105 validation."""
 
@@ -166,14 +152,14 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     instructions = self.MANUAL_DOWNLOAD_INSTRUCTIONS
-    archive = pascal_voc.require_manual_file(dl_manager, ARCHIVE, instructions)
-    label_dir = pascal_voc.require_manual_file(dl_manager, LABEL_DIR, instructions)
+    archive = manual.require_manual_file(dl_manager, ARCHIVE, instructions)
+    label_dir = manual.require_manual_file(dl_manager, LABEL_DIR, instructions)
     return {
       split: self._generate_examples(
         dl_manager,
         archive,
         label_dir,
-        pascal_voc.require_manual_file(dl_manager, ids, instructions),
+        manual.require_manual_file(dl_manager, ids, instructions),
       )
       for split, ids in SPLIT_LISTS.items()
     }
@@ -188,7 +174,7 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
       if not label_path.exists():
         raise ValueError(f"{id_list} lists {image_id} but {label_path} does not exist")
       label = label_path.read_bytes()
-      _check_label(label, image, str(label_path))
+      manual.check_label(label, image, str(label_path))
       found.add(image_id)
       yield image_id, {"image": image, "segmentation": label, "image_id": image_id}
     if found != wanted:

@@ -14,23 +14,10 @@ import os
 
 import tensorflow_datasets as tfds
 
-from ddep.datasets import specs
+from ddep.datasets import manual
 
 ARCHIVE = "VOCtrainval_11-May-2012.tar"
 _IMAGE_DIR = "VOCdevkit/VOC2012/JPEGImages/"
-
-
-def require_manual_file(dl_manager, filename: str, instructions: str):
-  """The path of `filename` in the manual directory, or an error naming both."""
-  # `dl_manager.manual_dir` itself fails with a generic message on an empty
-  # directory; the user needs to know which file is missing.
-  manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
-  path = manual_dir / filename
-  if not path.exists():
-    raise FileNotFoundError(
-      f"Missing manual file {filename!r}: put it in the manual directory {os.fspath(manual_dir)}.\n{instructions}"
-    )
-  return path
 
 
 def iter_jpegs(dl_manager, archive, image_dir: str):
@@ -67,7 +54,7 @@ class PascalVoc(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    archive = require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    archive = manual.require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     return {"train": self._generate_examples(dl_manager, archive)}
 
   def _generate_examples(self, dl_manager, archive):
