@@ -80,6 +80,18 @@ class Checkpointer:
     self._best.close()
 
 
+def latest_step_dir(directory: str) -> Optional[str]:
+  """`directory/<step>` of the newest finished save, or None.
+
+  Only finished saves have a 'state' item; orbax's temporaries are not named <int>.
+  """
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(s) for s in os.listdir(directory)
+           if s.isdigit() and os.path.isdir(os.path.join(directory, s, 'state'))]
+  return os.path.join(directory, str(max(steps))) if steps else None
+
+
 def resolve_checkpoint(path: str) -> str:
   """`path` may be a workdir, its checkpoints/ or best/ dir, or one step's dir.
 
@@ -90,12 +102,9 @@ def resolve_checkpoint(path: str) -> str:
     raise FileNotFoundError(f'init_from: {path} does not exist')
   if os.path.isdir(os.path.join(path, 'state')):
     return path
-  for sub in ('checkpoints', ''):
-    d = os.path.join(path, sub) if sub else path
-    steps = sorted((int(s) for s in os.listdir(d) if s.isdigit() and
-                    os.path.isdir(os.path.join(d, s, 'state'))), reverse=True) if os.path.isdir(d) else []
-    if steps:
-      return os.path.join(d, str(steps[0]))
+  found = latest_step_dir(os.path.join(path, 'checkpoints')) or latest_step_dir(path)
+  if found:
+    return found
   raise FileNotFoundError(f'init_from: no finished checkpoint under {path} '
                           '(expected <workdir>/checkpoints/<step>/state)')
 

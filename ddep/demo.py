@@ -131,8 +131,7 @@ def run_stages(runs, *, log=print) -> None:
 def denoising_figure(runs, output: str, *, quick: bool) -> str:
   """Figure 4 from the DeP model: clean / noisy / predicted ε / denoised for several σ."""
   from ddep import checkpointing, input_pipeline, report, train  # pylint: disable=g-import-not-at-top
-  name, workdir, config = next(r for r in runs if r[0] == 'pretrain_dep')
-  del name
+  _, workdir, config = next(r for r in runs if r[0] == 'pretrain_dep')
   model = train.build_model(config, num_outputs=3)
   params = checkpointing.load_params(workdir)
   batch = next(iter(input_pipeline.eval_dataset(
@@ -155,11 +154,10 @@ def denoising_figure(runs, output: str, *, quick: bool) -> str:
 def write_report(runs, output: str) -> str:
   from ddep import report  # pylint: disable=g-import-not-at-top
   finetunes = [report.load_run(wd) for name, wd, _ in runs if name.startswith('finetune_')]
-  written = report.build_report(finetunes, output)
+  report.build_report(finetunes, output)
   summary = report.markdown_summary(report.summarize(finetunes))
   with open(os.path.join(output, 'results.md'), 'w') as f:
     f.write(summary)
-  del written
   return summary
 
 

@@ -59,15 +59,6 @@ def load_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _latest_step_dir(directory: str) -> Optional[str]:
-  if not os.path.isdir(directory):
-    return None
-  # Only finished saves have a 'state' item; orbax's temporaries are not named <int>.
-  steps = [int(s) for s in os.listdir(directory)
-           if s.isdigit() and os.path.isdir(os.path.join(directory, s, 'state'))]
-  return os.path.join(directory, str(max(steps))) if steps else None
-
-
 def find_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
   """The step directory to load: `checkpoint` resolved, else the best, else the latest."""
   if checkpoint:
@@ -80,7 +71,7 @@ def find_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
       raise CheckpointError(f'no finished checkpoint under {path} (expected <step>/state, '
                             'checkpoints/<step>/state or best/<step>/state)') from e
   for sub in ('best', 'checkpoints'):
-    found = _latest_step_dir(os.path.join(workdir, sub))
+    found = checkpointing.latest_step_dir(os.path.join(workdir, sub))
     if found:
       return found
   raise CheckpointError(f'no finished checkpoint in workdir {os.path.abspath(workdir)}: looked for '

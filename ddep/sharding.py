@@ -3,6 +3,8 @@
 Multi-host runs use JAX's own runtime: `jax.distributed.initialize()` and global
 arrays assembled from each process's local batch.
 """
+import os
+
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
@@ -17,7 +19,6 @@ def maybe_initialize_distributed() -> None:
   explicit coordinator can be given with JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   """
-  import os  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():
     return
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
