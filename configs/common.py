@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32',            # computation dtype; parameters stay float32
       noise_conditioning=False,   # Sec. 3.2
       remat=(),                   # any of 'resnet', 'transformer', 'decoder'
-      attention_impl='',          # '' lets JAX choose; 'cudnn' on GPUs
+      attention_impl='',          # '' per backend: cuDNN on GPUs (bf16), else XLA; or 'xla'/'cudnn'
       dropout_rate=0.0,
   ))
 

@@ -2,6 +2,7 @@
 from typing import Any
 
 from ddep.models import presets
+from ddep.models import vit
 
 TASKS = ('denoise', 'segment', 'classify')
 METHODS = ('none', 'supervised', 'dep', 'ddep')
@@ -41,6 +42,9 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
     _fail('model.dtype', f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
   if int(config.model.decoder_width_multiplier) < 1:
     _fail('model.decoder_width_multiplier', 'must be >= 1')
+  if config.model.attention_impl not in vit.ATTENTION_IMPLS:
+    _fail('model.attention_impl', f'unknown {config.model.attention_impl!r}; choose from '
+          f'{vit.ATTENTION_IMPLS}')
 
   stride = output_stride(config)
   h, w = _pair(config, 'data.image_size')

@@ -21,8 +21,8 @@ Train step (backward of y = f(x, W) costs one forward for dW and one for dx):
   * its input gradient iff a trained parameter lies upstream of its input
     (none for the image, so the root conv costs 2x forward, not 3x);
   * so DeP costs ~3x forward, and DDeP's frozen encoder (Sec. 3.1) costs 1x forward:
-    no backward pass at all. The decoder's convs over concat([upsampled, skip]) still
-    compute the input gradient of the skip channels (see `frozen_skip_input_grad_flops`).
+    no backward pass at all, not even into its skip maps (the decoder convolves
+    concat([upsampled, skip]) as two convolutions, see `decoder.ConcatConv`).
 """
 import dataclasses
 from typing import Iterable, Sequence
@@ -157,12 +157,11 @@ def transunet_ops(image_hw: Sequence[int], batch: int = 1, *, backbone: str = 'r
     if i >= len(decoder_widths) - num_up:
       hw = (2 * hw[0], 2 * hw[1])  # 2-tap bilinear stencil: elementwise, not counted.
       skip_c = skips.get(hw, 0)
-    # conv1 over concat([x, skip]) is one convolution, so its input gradient covers
-    # the skip channels too, even when the encoder is frozen and nothing uses them
-    # (XLA does compute them). The skip share is a separate Op to make that visible.
+    # conv1 of concat([x, skip]) is computed as two convolutions by kernel slices
+    # (decoder.ConcatConv), so the skip's input gradient follows the encoder alone.
     ops.append(_conv(f'{pre}/conv1', part, 'decoder', src, hw, c, width, 3, 1, batch)[0])
     if skip_c:
-      ops.append(_conv(f'{pre}/conv1 (skip channels)', part, 'decoder', src, hw, skip_c,
+      ops.append(_conv(f'{pre}/conv1 (skip channels)', part, 'decoder', 'encoder', hw, skip_c,
                        width, 3, 1, batch)[0])
     ops.append(_conv(f'{pre}/conv2', part, 'decoder', 'decoder', hw, width, width, 3, 1,
                      batch)[0])
@@ -194,12 +193,6 @@ def train_step_flops(ops: Sequence[Op], trained: Iterable[str] = ALL_MODULES) ->
   """Forward of everything (frozen parts too) plus the backward of what needs it."""
   trained = tuple(trained)
   return sum(op.flops + op.backward_flops(trained) for op in ops)
-
-
-def frozen_skip_input_grad_flops(ops: Sequence[Op]) -> int:
-  """Backward FLOPs of a DDeP step spent on gradients of the frozen encoder's skip
-  maps, which nothing consumes: avoidable by convolving x and skip separately."""
-  return sum(op.flops for op in ops if op.name.endswith('(skip channels)'))
 
 
 def encoder_flops(ops: Sequence[Op]) -> int:

@@ -87,6 +87,51 @@ def test_parse_args():
     benchmark.parse_args(['--image_size', '100'])
 
 
+def test_config_sets_the_flags_not_given():
+  args = benchmark.parse_args(['--config', 'configs/finetune_cityscapes.py:method=none',
+                               '--batch_size', '4', '--remat', 'decoder'])
+  # From the config: the paper's fine-tuning setting and its eval protocol (two
+  # 1024x1024 halves, each with its flip, Sec. 4.3).
+  assert (args.preset, args.dtype, args.task) == ('r50_vit_b16', 'bfloat16', ('segment',))
+  assert args.image_size == (1024, 1024) and args.num_classes == 19
+  assert args.eval_size == (1024, 1024) and args.eval_flip
+  assert args.global_batch == 16 and args.frozen == ()
+  # Given explicitly: kept.
+  assert args.batch_size == 4 and args.remat == ('decoder',)
+  assert benchmark.phases_of(args) == ['segment', 'eval', 'input']
+
+  args = benchmark.parse_args(['--config', 'configs/pretrain_cityscapes.py:method=ddep',
+                               '--input_batches', '0'])
+  assert args.task == ('ddep',) and args.frozen == ('encoder/.*',)
+  assert args.loss.denoise.sigma == 0.1 and args.image_size == (512, 512)
+  # The config's global batch (128), split over the devices when the phase runs.
+  assert args.batch_size is None and args.global_batch == 128
+  assert benchmark.phases_of(args) == ['ddep']
+
+  with pytest.raises(SystemExit, match='no such file'):
+    benchmark.parse_args(['--config', 'configs/nope.py'])
+
+
+def test_config_run_times_its_steps_and_input_pipeline(tmp_path):
+  out = tmp_path / 'bench.jsonl'
+  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--no_isolate', '--output', str(out),
+         '--config', 'configs/pretrain_cityscapes.py:method=dep,runlocal',
+         '--steps', '2', '--trials', '1', '--warmup', '1', '--input_batches', '2']
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'tfds'))
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r['phase']: r for r in map(json.loads, out.read_text().splitlines())}
+  assert list(rows) == ['denoise', 'input']
+  step, data = rows['denoise'], rows['input']
+  assert step['config'].startswith('configs/pretrain_cityscapes.py')
+  assert step['preset'] == 'tiny' and step['global_batch'] == 2 and step['frozen'] == []
+  assert step['loss_finite'] and 1.0 < step['xla_over_analytic'] < 1.15
+  assert data['dataset'] == 'demo_tiny' and data['per_host_batch'] == 2
+  assert data['images_per_s'] > 0
+  assert 'input pipeline (demo_tiny' in proc.stdout
+
+
 def test_run_isolated_runs_each_phase_in_its_own_process():
   commands, outputs = [], []
 

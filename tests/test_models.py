@@ -7,6 +7,7 @@ import pytest
 
 from ddep.models import TransUNet, create_model
 from ddep.models import resnet
+from ddep.models import vit
 
 # R50+ViT-B_16 as a 1000-class classifier without pre-logits has 98,659,112 params
 # (vit_jax models_test). The encoder alone drops the head (768*1000 + 1000), the
@@ -196,3 +197,28 @@ def test_classify_head_for_supervised_pretraining():
   v = model.init(jax.random.key(0), x, method=TransUNet.classify)
   assert set(v['params']) == {'encoder', 'classifier'}
   assert model.apply(v, x, method=TransUNet.classify).shape == (2, 5)
+
+
+def test_attention_implementation_per_backend(monkeypatch):
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 8), jnp.bfloat16) for i in range(3))
+  want = jax.nn.dot_product_attention(q, k, v, implementation='xla')
+  tried = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    tried.append(implementation)
+    return real(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  # On a CPU, the default is XLA's attention, without trying cuDNN.
+  assert jnp.array_equal(vit.dot_product_attention(q, k, v), want) and tried == ['xla']
+  # On a GPU, cuDNN's in bf16; where JAX refuses it (here: no cuDNN), XLA's.
+  tried.clear()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert jnp.array_equal(vit.dot_product_attention(q, k, v, 'auto'), want)
+  assert tried == ['cudnn', 'xla']
+  tried.clear()
+  vit.dot_product_attention(*(t.astype(jnp.float32) for t in (q, k, v)))  # XLA only.
+  assert tried == ['xla']
+  with pytest.raises(ValueError, match='choose from'):
+    vit.dot_product_attention(q, k, v, 'flash')

@@ -6,6 +6,7 @@ numbering: `LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
 """
 from typing import Any, Optional
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,11 +45,36 @@ class AddPositionEmbs(nn.Module):
     return x + resize_posemb(posemb, (h, w)).astype(x.dtype)
 
 
+ATTENTION_IMPLS = ('', 'auto', 'xla', 'cudnn')
+
+
+def dot_product_attention(q, k, v, implementation: Optional[str] = None) -> jnp.ndarray:
+  """`jax.nn.dot_product_attention`, its implementation chosen per backend.
+
+  None, '' or 'auto': cuDNN's fused flash attention on GPUs for bf16/fp16 inputs
+  when JAX accepts them there (cuDNN present, supported head dim), else XLA's. JAX's
+  own default (None) is XLA everywhere, which on GPUs materialises the T x T scores
+  of every head. 'xla' or 'cudnn' force one.
+  """
+  if implementation is not None and implementation not in ATTENTION_IMPLS:
+    raise ValueError(f'attention implementation {implementation!r}: choose from '
+                     f'{ATTENTION_IMPLS[1:]}')
+  if implementation in (None, '', 'auto'):
+    if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+      try:
+        # JAX checks the cuDNN version, layout and shapes while tracing, so an
+        # unsupported case raises here, before anything is built.
+        return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+      except (NotImplementedError, ValueError, RuntimeError) as e:
+        logging.warning('cuDNN attention unavailable (%s); using XLA attention', e)
+    implementation = 'xla'
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with the checkpoint's query/key/value/out parameter layout.
 
-  Uses `jax.nn.dot_product_attention`, which picks a fused kernel per backend
-  (cuDNN flash attention on GPU when `implementation='cudnn'`).
+  `implementation`: see `dot_product_attention` (None = per backend).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -63,7 +89,7 @@ class MultiHeadDotProductAttention(nn.Module):
         (self.num_heads, d // self.num_heads), dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), name=name)
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
-    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    y = dot_product_attention(q, k, v, self.implementation)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
                            kernel_init=nn.initializers.xavier_uniform(), name='out')(y)
 

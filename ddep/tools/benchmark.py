@@ -2,6 +2,14 @@ r"""Step time, FLOPs, MFU and memory of the train and eval steps on synthetic ba
 
   python -m ddep.tools.benchmark --preset r50_vit_b16 --image_size 512 --batch_size 8 \
       --dtype bfloat16 --task denoise,ddep --eval_size 1024x2048 --output bench.jsonl
+  python -m ddep.tools.benchmark --config=configs/pretrain_cityscapes.py:method=ddep \
+      --find_max_batch
+
+With `--config`, the model, task, frozen parameters, loss, crop, dtype, remat,
+attention, batch (global, and its accumulation) and eval protocol come from an
+experiment config, and the config's input pipeline is timed too (`input` phase,
+images/s on this host; needs TensorFlow and the prepared dataset, `--input_batches 0`
+skips it). Flags given explicitly override the config.
 
 Each phase (a train step per `--task`, then the eval step at `--eval_size`) is
 compiled, warmed up and timed: `--trials` runs of `--steps` back-to-back steps,
@@ -14,12 +22,14 @@ that `peak_bytes_in_use` is that phase's own peak.
 Tasks: `denoise` = DeP (everything trained), `ddep` = DDeP (encoder frozen, Sec. 3.1),
 `segment` = fine-tuning with pixelwise cross-entropy.
 
-Imports no TensorFlow, TFDS, clu or ml_collections: it runs on a bare JAX + flax +
-optax install. The input pipeline is measured by `ddep.tools.benchmark_input`.
+Without `--config` it imports no TensorFlow, TFDS, clu or ml_collections: it runs on
+a bare JAX + flax + optax install (`ddep.tools.benchmark_input` times the input
+pipelines on a synthetic dataset).
 """
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import re
@@ -107,6 +117,69 @@ def loss_config(task: str, *, noise_conditioning: bool = False) -> types.SimpleN
                  target='eps'),
       model=ns(noise_conditioning=noise_conditioning),
       classify=ns(loss='sigmoid'))
+
+
+def load_config(spec: str):
+  """An experiment config from 'path/to/config.py[:arg]', read as `ddep.main` reads it."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise SystemExit(f'--config: no such file {path!r}')
+  # Config files import their siblings as `configs.*`, from the repository root.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module_spec = importlib.util.spec_from_file_location('_ddep_benchmark_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+# The model input of one eval call per protocol (ddep.inference.PROTOCOLS): Cityscapes
+# halves are 1024x1024 crops of 1024x2048 images; sliding protocols run one window.
+_PROTOCOL_INPUT = {'cityscapes_halves': (1024, 1024), 'ade20k_sliding': (512, 512),
+                   'pascal_context_sliding': (480, 480)}
+
+
+def apply_config(args: argparse.Namespace, config, explicit: set[str]) -> list[str]:
+  """Sets the flags not given in `explicit` from an experiment config; returns notes."""
+  from ddep import config_validation  # pylint: disable=g-import-not-at-top
+  config_validation.validate(config)
+  task, frozen = config.task, tuple(config.frozen)
+  if task not in ('denoise', 'segment'):
+    raise SystemExit(f'--config: task {task!r} is not benchmarked; only denoise and segment')
+  notes = []
+  m, d, e = config.model, config.data, config.eval
+  num_classes = args.num_classes
+  if task == 'segment':
+    try:
+      from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+      num_classes = specs.get(d.dataset).num_classes
+    except ImportError as err:  # The spec's module needs TFDS.
+      notes.append(f'dataset {d.dataset!r} unreadable ({err}); --num_classes {num_classes}')
+  if e.protocol == 'whole':
+    eval_size = tuple(d.eval_pad_to) or tuple(d.image_size)
+    eval_batch = None  # The global eval batch over the devices, in run_phase.
+    args.global_eval_batch = int(d.eval_batch_size)
+  else:
+    eval_size = _PROTOCOL_INPUT.get(e.protocol, tuple(d.image_size))
+    eval_batch = int(e.batch_size) or 1  # windows per call, on one device
+  from_config = dict(
+      preset=m.preset, decoder_width=int(m.decoder_width_multiplier), dtype=m.dtype,
+      remat=tuple(m.remat), attention_impl=m.attention_impl or '',
+      noise_conditioning=bool(m.noise_conditioning) and task == 'denoise',
+      task=('ddep' if task == 'denoise' and frozen else task,),
+      image_size=tuple(d.image_size), global_batch=int(d.batch_size),
+      accumulation_steps=int(config.optim.accumulation_steps), num_classes=num_classes,
+      eval_size=eval_size if task == 'segment' else None, eval_batch_size=eval_batch,
+      eval_flip=bool(e.flip))
+  for key, value in from_config.items():
+    if key not in explicit:
+      setattr(args, key, value)
+  if 'batch_size' not in explicit:
+    args.batch_size = None  # The config's global batch, split over the devices.
+  args.frozen = frozen
+  args.loss = config
+  return notes
 
 
 def time_steps(run_once: Callable[[], Any], *, warmup: int, steps: int, trials: int,
@@ -221,16 +294,22 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
 
   is_eval = phase == 'eval'
   task = 'segment' if is_eval else phase
-  per_device_batch = per_device_batch or (args.eval_batch_size if is_eval else args.batch_size)
   accum = 1 if is_eval else (accumulation_steps or args.accumulation_steps)
   mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
+  per_device_batch = per_device_batch or (args.eval_batch_size if is_eval else args.batch_size)
+  if per_device_batch is None:  # --config: its global batch over devices and accumulation.
+    global_batch = args.global_eval_batch if is_eval else args.global_batch
+    if global_batch % (n_dev * accum):
+      raise SystemExit(f'--config: global batch {global_batch} does not split over {n_dev} '
+                       f'devices x {accum} accumulation steps')
+    per_device_batch = global_batch // (n_dev * accum)
   batch_size = per_device_batch * n_dev
   model = build_model(args, num_outputs=args.num_classes if task == 'segment' else 3)
   noise_cond = args.noise_conditioning and task != 'segment'
   hw = tuple(args.eval_size) if is_eval else tuple(args.image_size)
   replicated = sharding.replicated(mesh)
-  notes = []
+  notes = list(args.config_notes)
 
   # Parameters initialised at the train size, as in training: the eval step then
   # resizes the position embeddings as a real evaluation at another size does.
@@ -240,8 +319,17 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   init = lambda k: model.init(k, *init_args)['params']  # noqa: E731
   key = jax.random.key(0)
   params = jax.eval_shape(init, key) if args.compile_only else jax.jit(init)(key)
-  mask = optimizer_lib.trainable_mask(params, DDEP_FROZEN if phase == 'ddep' else ())
+  frozen_patterns = (args.frozen if args.frozen is not None else
+                     DDEP_FROZEN if phase == 'ddep' else ())
+  mask = optimizer_lib.trainable_mask(params, () if is_eval else frozen_patterns)
   trainable, frozen = optimizer_lib.split_trainable(params, mask)
+  # The analytic count knows top-level modules: trained if any of their leaves is.
+  by_module = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
+    by_module.setdefault(path[0].key, set()).add(bool(leaf))
+  partial = sorted(k for k, v in by_module.items() if v == {True, False})
+  if partial:
+    notes.append(f'partly frozen {partial}: the analytic count trains all of them')
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
   n_params, n_trainable, n_frozen = count(params), count(trainable), count(frozen)
   del params
@@ -253,12 +341,12 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
     batch = sharding.global_batch(batch, mesh)
 
   ops = flops_lib.model_ops(model, hw, per_device_batch)  # per device
-  trained = (() if is_eval else
-             flops_lib.DDEP_TRAINED if phase == 'ddep' else flops_lib.ALL_MODULES)
+  trained = tuple(sorted(k for k, v in by_module.items() if True in v and not is_eval))
   analytic = flops_lib.train_step_flops(ops, trained)  # = forward_flops when nothing trains
   optimizer_flops = 0.0
   if is_eval:
-    eval_step = steps_lib.make_segmentation_eval_step(model, args.num_classes)
+    eval_step = steps_lib.make_segmentation_eval_step(model, args.num_classes,
+                                                      flip=args.eval_flip)
     jitted = jax.jit(eval_step, out_shardings=replicated)
     put = _abstract if args.compile_only else jax.device_put
     call_args = (put(trainable, replicated), put(frozen, replicated), batch)
@@ -266,7 +354,8 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
     schedule = optimizer_lib.make_schedule(base_lr=1e-4, total_steps=1000)
     tx = optimizer_lib.make_optimizer(name='adam', learning_rate=schedule,
                                       accumulation_steps=accum)
-    loss_fn = steps_lib.make_loss_fn(model, loss_config(phase, noise_conditioning=noise_cond))
+    loss_fn = steps_lib.make_loss_fn(
+        model, args.loss or loss_config(phase, noise_conditioning=noise_cond))
     train_step = steps_lib.make_train_step(loss_fn, tx, schedule, accum)
 
     def make_state(trainable, frozen, rng):  # The layout of ddep.steps' train state.
@@ -319,11 +408,12 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
 
   # XLA's count, less the optimizer, against the analytic count of the same work.
   comparable = analytic
-  if args.attention_impl == 'cudnn':
+  fused_attention = '__cudnn$fmha' in compiled.as_text()  # What the default chose, too.
+  if fused_attention:
     # A cuDNN attention kernel is a custom call, which XLA counts as 0 FLOPs.
     comparable -= sum(op.flops + op.backward_flops(trained) for op in ops
                       if op.part == 'transformer: attention')
-    notes.append('attention_impl=cudnn: XLA counts the fused attention call as 0 FLOPs; '
+    notes.append('cuDNN fused attention: XLA counts its calls as 0 FLOPs; '
                  'xla_over_analytic compares against the count without attention')
   if args.remat and not is_eval:
     notes.append(f'remat {list(args.remat)}: XLA counts the recomputed forward too (HFU > MFU)')
@@ -342,6 +432,8 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'tool': 'ddep.tools.benchmark',
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'phase': phase,
+      'config': args.config or None,
+      'frozen': list(frozen_patterns) if not is_eval else [],
       'preset': args.preset,
       'decoder_width': args.decoder_width,
       'image_size': list(hw),
@@ -351,6 +443,7 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'dtype': args.dtype,
       'remat': list(args.remat),
       'attention_impl': args.attention_impl or None,
+      'fused_attention': fused_attention,
       'noise_conditioning': noise_cond,
       'num_classes': args.num_classes if task == 'segment' else None,
       'params': n_params,
@@ -399,6 +492,36 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   return row
 
 
+def run_input_phase(args) -> dict:
+  """Images/s of the config's own train input pipeline on this host (tf.data, CPU),
+  built as `ddep.train` builds it, one host's share of the global batch."""
+  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep import train  # pylint: disable=g-import-not-at-top
+  from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+  config = load_config(args.config)
+  d = config.data
+  if d.prepare and specs.get(d.dataset).name.startswith('demo'):
+    input_pipeline.prepare(d.dataset, d.data_dir or None)
+  local_batch = int(d.batch_size) // args.input_hosts
+  iterator = train.make_train_iterator(config, local_batch=local_batch)
+  for _ in range(args.warmup):
+    next(iterator)
+  t0 = time.perf_counter()
+  for _ in range(args.input_batches):
+    next(iterator)
+  seconds = time.perf_counter() - t0
+  cores = len(os.sched_getaffinity(0))
+  rate = args.input_batches * local_batch / seconds
+  return {
+      'tool': 'ddep.tools.benchmark',
+      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'phase': 'input', 'config': args.config, 'dataset': d.dataset, 'task': config.task,
+      'image_size': list(d.image_size), 'per_host_batch': local_batch,
+      'hosts': args.input_hosts, 'batches': args.input_batches, 'seconds': seconds,
+      'images_per_s': rate, 'cpu_cores': cores, 'images_per_s_per_core': rate / cores,
+      'notes': []}
+
+
 def find_max_batch(args, phase: str) -> dict:
   """Largest per-device batch (powers of two) that compiles and runs, and the
   micro-batch x accumulation that reaches `--global_batch` with it."""
@@ -417,7 +540,7 @@ def find_max_batch(args, phase: str) -> dict:
       gc.collect()
       jax.clear_caches()
 
-  best = largest_fitting_batch(fits, args.batch_size, args.max_batch)
+  best = largest_fitting_batch(fits, args.batch_size or 8, args.max_batch)
   if best is None:
     raise SystemExit(f'{phase}: even a per-device batch of {args.batch_size} does not fit')
   micro, accum = accumulation_plan(best, args.global_batch, jax.device_count())
@@ -429,6 +552,8 @@ def phases_of(args) -> list[str]:
   phases = list(args.task)
   if args.eval_size:
     phases.append('eval')
+  if args.config and args.input_batches:
+    phases.append('input')
   return phases
 
 
@@ -459,6 +584,8 @@ def format_rows(rows: Sequence[dict]) -> str:
             'XLA/model', 'TFLOP/s', 'MFU', 'HFU', 'peak GiB', 'XLA GiB')
   lines = [' | '.join(header), ' | '.join('-' * len(h) for h in header)]
   num = lambda x, f='.2f': '-' if x is None else format(x, f)  # noqa: E731
+  inputs = [r for r in rows if r['phase'] == 'input']
+  rows = [r for r in rows if r['phase'] != 'input']
   for r in rows:
     step_ms = None if r['step_time_s'] is None else 1e3 * r['step_time_s']
     lines.append(' | '.join([
@@ -474,6 +601,11 @@ def format_rows(rows: Sequence[dict]) -> str:
                   if dep['step_time_s'] else '')
     lines.append(f'DDeP/DeP: {time_ratio}'
                  f'model FLOPs {ddep["analytic_flops"] / dep["analytic_flops"]:.3f}')
+  for r in inputs:
+    lines.append(f'input pipeline ({r["dataset"]}, {r["task"]}, '
+                 f'{"x".join(map(str, r["image_size"]))}, batch {r["per_host_batch"]}): '
+                 f'{r["images_per_s"]:.1f} images/s per host, '
+                 f'{r["images_per_s_per_core"]:.1f} per core ({r["cpu_cores"]} cores)')
   notes = sorted({n for r in rows for n in r['notes']})
   lines += [f'note: {n}' for n in notes]
   if rows:
@@ -496,6 +628,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m ddep.tools.benchmark', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   csv = lambda s: tuple(x for x in s.split(',') if x)  # noqa: E731
+  p.add_argument('--config', default='',
+                 help='experiment config, path[:args] as for ddep.main; sets the flags '
+                      'below that are not given explicitly')
   p.add_argument('--preset', default='r50_vit_b16')
   p.add_argument('--task', type=csv, default=('denoise', 'ddep'),
                  help=f'comma-separated train steps to time, of {TASKS}')
@@ -505,13 +640,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')
   p.add_argument('--remat', type=csv, default=(),
                  help='comma-separated parts: resnet,transformer,decoder')
-  p.add_argument('--attention_impl', default='', choices=('', 'xla', 'cudnn'))
+  p.add_argument('--attention_impl', default='', choices=('', 'auto', 'xla', 'cudnn'),
+                 help="'' or auto: cuDNN flash attention on GPUs in bf16, else XLA")
   p.add_argument('--decoder_width', type=int, default=1, help='1x, 2x or 3x decoder')
   p.add_argument('--num_classes', type=int, default=19, help='for segment and eval')
   p.add_argument('--noise_conditioning', action='store_true')
   p.add_argument('--eval_size', type=lambda s: parse_size(s) if s not in ('', '0') else None,
                  default=(1024, 2048), help="eval step input HxW; '' or 0 skips it")
   p.add_argument('--eval_batch_size', type=int, default=1, help='per device')
+  p.add_argument('--eval_flip', action='store_true',
+                 help='average with the mirrored prediction (doubles the eval forward)')
+  p.add_argument('--input_batches', type=int, default=20,
+                 help='--config: batches of its input pipeline to time (0 skips it)')
+  p.add_argument('--input_hosts', type=int, default=1,
+                 help='--config: hosts sharing the global batch (per-host input batch)')
   p.add_argument('--steps', type=int, default=20, help='steps per timed trial')
   p.add_argument('--trials', type=int, default=3)
   p.add_argument('--warmup', type=int, default=3)
@@ -531,6 +673,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument('--only_phase', default='', help=argparse.SUPPRESS)
   p.add_argument('--quiet', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  args.frozen, args.loss, args.config_notes = None, None, []
+  if args.config:
+    # Which flags were given: argparse leaves an attribute that is already set alone
+    # unless the flag is on the command line.
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in p._actions})  # pylint: disable=protected-access
+    given = {k for k, v in vars(p.parse_args(argv, namespace=probe)).items() if v is not unset}
+    args.config_notes = apply_config(args, load_config(args.config), given)
   bad = set(args.task) - set(TASKS)
   if bad:
     p.error(f'unknown --task {sorted(bad)}; choose from {TASKS}')
@@ -569,6 +719,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         record(run_isolated(argv, [phase]))
       except SystemExit as e:
         failed.append(str(e))
+      continue
+    if phase == 'input':
+      record([run_input_phase(args)])
       continue
     plan = find_max_batch(args, phase) if args.find_max_batch and phase != 'eval' else {}
     row = run_phase(args, phase, per_device_batch=plan.get('per_device_batch'),
