@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from ddep.tools import benchmark
+from ddep.tools import gpu_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections')
@@ -130,6 +131,40 @@ def test_config_run_times_its_steps_and_input_pipeline(tmp_path):
   assert data['dataset'] == 'demo_tiny' and data['per_host_batch'] == 2
   assert data['images_per_s'] > 0
   assert 'input pipeline (demo_tiny' in proc.stdout
+
+
+@pytest.mark.parametrize('name', sorted(gpu_targets.TARGETS))
+def test_gpu_targets_describe_hopper_parts_the_peak_table_knows(name):
+  text = gpu_targets.target_config(name)
+  target = gpu_targets.TARGETS[name]
+  assert f'device_memory_size: {target["memory_bytes"]}' in text
+  assert f'memory_bandwidth: {target["bandwidth"]}' in text
+  assert 'cuda_compute_capability {\n    major: 9' in text and 'core_count: 132' in text
+  # The device kind XLA reports is the description: MFU must find its peak.
+  assert benchmark.peak_bf16_tflops(target['description'])[1] == 989.0
+  with pytest.raises(ValueError, match='unknown GPU target'):
+    gpu_targets.target_config('a100')
+
+
+def test_target_implies_compile_only_and_gpu_attention():
+  args = benchmark.parse_args(['--target', 'h100', '--find_max_batch'])
+  assert args.compile_only and args.find_max_batch
+  # The per-backend choice on a GPU (tracing here would see the host's backend).
+  assert args.attention_impl == 'cudnn'
+  assert benchmark.parse_args(['--target', 'h200', '--attention_impl', 'xla']).attention_impl == 'xla'
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(['--compile_only', '--find_max_batch'])  # Without a target: runs.
+
+
+def test_target_without_the_cuda_plugin_says_what_to_install():
+  try:
+    import jax_plugins.xla_cuda13  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip('the CUDA plugin is installed here')
+  except ImportError:
+    pass
+  with pytest.raises(SystemExit, match=r'needs the CUDA plugin.*jax\[cuda13\]'):
+    benchmark.main(['--target', 'h100', '--preset', 'tiny', '--image_size', '32', '--task',
+                    'ddep', '--eval_size', '0', '--quiet'])
 
 
 def test_run_isolated_runs_each_phase_in_its_own_process():

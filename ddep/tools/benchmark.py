@@ -202,7 +202,10 @@ def time_steps(run_once: Callable[[], Any], *, warmup: int, steps: int, trials: 
 
 
 def _cost(obj) -> dict:
-  cost = obj.cost_analysis()
+  try:
+    cost = obj.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # e.g. deviceless GPU executables.
+    return {}
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per partition.
     cost = cost[0] if cost else {}
   return dict(cost or {})
@@ -226,7 +229,10 @@ def _memory(compiled) -> dict:
 
 
 def _device_memory(device) -> dict:
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # No stats (CPU) or no device (--target).
+    stats = None
   if not stats:
     return {'peak_bytes_in_use': None, 'bytes_limit': None}
   return {'peak_bytes_in_use': stats.get('peak_bytes_in_use'),
@@ -273,6 +279,8 @@ def _optimizer_flops(tx, state) -> float:
     updates, opt = tx.update(grads, opt, params)
     return (optax.apply_updates(params, updates), opt, optax.global_norm(grads),
             optax.global_norm(updates), optax.global_norm(params))
+  # Counted on the host backend: a count of shapes, wherever the step itself runs.
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   p = state['params']
   return float(_cost(jax.jit(update).lower(p, state['opt'], p).compile()).get('flops', 0.0))
 
@@ -295,7 +303,11 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   is_eval = phase == 'eval'
   task = 'segment' if is_eval else phase
   accum = 1 if is_eval else (accumulation_steps or args.accumulation_steps)
-  mesh = sharding.make_mesh()
+  if args.target:  # Described, not present: compiled for, never run.
+    from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
+    mesh = gpu_targets.mesh(args.target, sharding.DATA)
+  else:
+    mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
   per_device_batch = per_device_batch or (args.eval_batch_size if is_eval else args.batch_size)
   if per_device_batch is None:  # --config: its global batch over devices and accumulation.
@@ -417,7 +429,7 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
                  'xla_over_analytic compares against the count without attention')
   if args.remat and not is_eval:
     notes.append(f'remat {list(args.remat)}: XLA counts the recomputed forward too (HFU > MFU)')
-  device = jax.devices()[0]
+  device = mesh.devices.flat[0]
   peak_name, peak = peak_bf16_tflops(device.device_kind)
   if peak is None:
     notes.append(f'unknown device kind {device.device_kind!r}: no peak, MFU omitted')
@@ -470,10 +482,11 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'xla_optimizer_flops': optimizer_flops,
       'analytic_flops': float(analytic),
       'analytic_forward_flops': float(flops_lib.forward_flops(ops)),
-      'xla_over_analytic': (xla_flops - optimizer_flops) / comparable,
+      'xla_over_analytic': (xla_flops - optimizer_flops) / comparable if xla_flops else None,
       # Before XLA's rewrites (e.g. into cuDNN/cuBLAS calls), in case a backend's
       # compiled count misses some of them.
-      'xla_unoptimized_over_analytic': (xla_flops_unoptimized - optimizer_flops) / comparable,
+      'xla_unoptimized_over_analytic': ((xla_flops_unoptimized - optimizer_flops) / comparable
+                                        if xla_flops_unoptimized else None),
       'achieved_tflops': model_tflops,
       'xla_tflops': xla_tflops,
       'peak_device': peak_name,
@@ -522,12 +535,23 @@ def run_input_phase(args) -> dict:
       'notes': []}
 
 
+# --target --find_max_batch: the share of the GPU's memory a step's buffers may take.
+# Headroom for what deviceless compilation cannot see: cuDNN workspaces (chosen
+# by autotuning on a device), the CUDA context and allocator fragmentation.
+TARGET_MEMORY_FRACTION = 0.85
+
+
 def find_max_batch(args, phase: str) -> dict:
   """Largest per-device batch (powers of two) that compiles and runs, and the
   micro-batch x accumulation that reaches `--global_batch` with it."""
   import jax  # pylint: disable=g-import-not-at-top
 
   def fits(b: int) -> bool:
+    if args.target:  # XLA's buffer assignment against the described memory.
+      from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
+      row = run_phase(args, phase, per_device_batch=b, accumulation_steps=1)
+      limit = TARGET_MEMORY_FRACTION * gpu_targets.memory_bytes(args.target)
+      return row['xla_memory'].get('total_bytes', float('inf')) <= limit
     try:
       run_phase(args, phase, per_device_batch=b, accumulation_steps=1, probe=True)
       return True
@@ -543,7 +567,8 @@ def find_max_batch(args, phase: str) -> dict:
   best = largest_fitting_batch(fits, args.batch_size or 8, args.max_batch)
   if best is None:
     raise SystemExit(f'{phase}: even a per-device batch of {args.batch_size} does not fit')
-  micro, accum = accumulation_plan(best, args.global_batch, jax.device_count())
+  micro, accum = accumulation_plan(best, args.global_batch,
+                                  1 if args.target else jax.device_count())
   return {'max_per_device_batch': best, 'per_device_batch': micro, 'accumulation_steps': accum,
           'hit_limit': best * 2 > args.max_batch}
 
@@ -663,6 +688,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument('--max_batch', type=int, default=256, help='upper limit for --find_max_batch')
   p.add_argument('--global_batch', type=int, default=128, help='paper Sec. 4.3')
   p.add_argument('--output', default='', help='append one JSON line per phase here')
+  p.add_argument('--target', default='', choices=('', 'h100', 'h200'),
+                 help='compile for this GPU without one (needs the jax CUDA plugin; '
+                      'implies --compile_only; --find_max_batch then fits by XLA memory)')
   p.add_argument('--compile_only', action='store_true',
                  help='compile and report XLA FLOPs and memory, run nothing (plans GPU runs '
                       'from a CPU)')
@@ -686,8 +714,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.error(f'unknown --task {sorted(bad)}; choose from {TASKS}')
   if args.steps < 1 or args.trials < 1 or args.warmup < 0:
     p.error('need --steps >= 1, --trials >= 1, --warmup >= 0')
-  if args.find_max_batch and args.compile_only:
-    p.error('--find_max_batch runs steps; it cannot be --compile_only')
+  if args.target:
+    args.compile_only = True  # A described GPU runs nothing.
+    if args.dtype == 'bfloat16' and args.attention_impl in ('', 'auto'):
+      # What the per-backend choice makes on a GPU; tracing here sees the host backend.
+      args.attention_impl = 'cudnn'
+  elif args.find_max_batch and args.compile_only:
+    p.error('--find_max_batch runs steps; it cannot be --compile_only (except with --target)')
   if min(args.image_size) % 16 or (args.eval_size and min(args.eval_size) % 16):
     p.error('image sizes must be divisible by 16 (the encoder output stride)')
   return args
