@@ -62,6 +62,24 @@ PEAK_BF16_TFLOPS = (
 )
 
 
+# HBM bandwidth per chip, bytes/s, for the roofline of GPU programs (datasheets).
+HBM_BYTES_PER_S = (
+    (r'H100.*PCIe', 2.0e12),
+    (r'NVL', None),
+    (r'H100', 3.35e12),
+    (r'H200', 4.8e12),
+    (r'A100.*80', 2.039e12),
+    (r'A100', 1.555e12),
+)
+
+
+def hbm_bytes_per_s(device_kind: str) -> Optional[float]:
+  for pattern, rate in HBM_BYTES_PER_S:
+    if re.search(pattern, device_kind):
+      return rate
+  return None
+
+
 def peak_bf16_tflops(device_kind: str) -> tuple[Optional[str], Optional[float]]:
   """(table name, dense bf16 TFLOP/s) of a device kind, or (None, None) if unknown."""
   for pattern, name, tflops in PEAK_BF16_TFLOPS:
@@ -418,10 +436,34 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       finite = bool(np.isfinite(float(jax.device_get(holder['out']['train/loss']))))
   per_s = lambda x: x / step_time if step_time else None  # noqa: E731
 
+  device = mesh.devices.flat[0]
+  peak_name, peak = peak_bf16_tflops(device.device_kind)
+  if peak is None:
+    notes.append(f'unknown device kind {device.device_kind!r}: no peak, MFU omitted')
+  elif args.dtype != 'bfloat16':
+    notes.append('MFU is against the bf16 peak; this run computes in float32')
+  hlo_text = compiled.as_text()
+  fused_attention = '__cudnn$fmha' in hlo_text  # What the per-backend default chose, too.
+  # A GPU program's kernels, bounded by peak FLOP/s and HBM bandwidth one by one.
+  roofline = None
+  bandwidth = hbm_bytes_per_s(device.device_kind)
+  if device.platform in ('gpu', 'cuda') and peak and bandwidth:
+    from ddep.tools import hlo_roofline  # pylint: disable=g-import-not-at-top
+    roofline = hlo_roofline.analyze(hlo_text, peak_flops=peak * 1e12,
+                                    hbm_bytes_per_s=bandwidth, top=5)
+  del hlo_text
+
   # XLA's count, less the optimizer, against the analytic count of the same work.
   comparable = analytic
-  fused_attention = '__cudnn$fmha' in compiled.as_text()  # What the default chose, too.
-  if fused_attention:
+  xla_flops = float(xla.get('flops', 0.0))
+  flops_source = 'xla_cost_analysis'
+  if not xla_flops and roofline:
+    # Deviceless GPU executables have no cost analysis: count the compiled HLO.
+    xla_flops, flops_source = float(roofline['flops']), 'hlo_roofline'
+    notes.append('no XLA cost analysis for this executable: XLA FLOPs are counted from '
+                 'its HLO (ddep.tools.hlo_roofline; cuDNN attention backward taken as 2.5x '
+                 'its forward)')
+  elif fused_attention:
     # A cuDNN attention kernel is a custom call, which XLA counts as 0 FLOPs.
     comparable -= sum(op.flops + op.backward_flops(trained) for op in ops
                       if op.part == 'transformer: attention')
@@ -429,13 +471,6 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
                  'xla_over_analytic compares against the count without attention')
   if args.remat and not is_eval:
     notes.append(f'remat {list(args.remat)}: XLA counts the recomputed forward too (HFU > MFU)')
-  device = mesh.devices.flat[0]
-  peak_name, peak = peak_bf16_tflops(device.device_kind)
-  if peak is None:
-    notes.append(f'unknown device kind {device.device_kind!r}: no peak, MFU omitted')
-  elif args.dtype != 'bfloat16':
-    notes.append('MFU is against the bf16 peak; this run computes in float32')
-  xla_flops = float(xla.get('flops', 0.0))
   xla_flops_unoptimized = float(xla_lowered.get('flops', 0.0))
   model_tflops = per_s(analytic / 1e12)
   xla_tflops = per_s(xla_flops / 1e12)
@@ -477,6 +512,7 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'images_per_s': per_s(batch_size),
       # FLOPs are per device: XLA's counts are of the partitioned (per-device) program.
       'xla_flops': xla_flops,
+      'xla_flops_source': flops_source,
       'xla_flops_unoptimized': xla_flops_unoptimized,
       'xla_bytes_accessed': float(xla.get('bytes accessed', 0.0)),
       'xla_optimizer_flops': optimizer_flops,
@@ -494,6 +530,15 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       # MFU counts model FLOPs (analytic); HFU what the hardware ran (XLA's, with remat).
       'mfu': model_tflops / peak if peak and step_time else None,
       'hfu': xla_tflops / peak if peak and step_time else None,
+      # The sum over kernels of max(FLOPs / peak, bytes / HBM bandwidth): no step can be
+      # faster, so analytic FLOPs over it at peak bound the MFU (GPU programs only).
+      'roofline_lower_bound_s': roofline and roofline['lower_bound_s'],
+      'roofline_bytes': roofline and roofline['bytes'],
+      'roofline_memory_bound_s': roofline and roofline['memory_bound_s'],
+      'roofline_mfu_ceiling': (roofline and roofline['lower_bound_s'] and
+                               analytic / (roofline['lower_bound_s'] * peak * 1e12)),
+      'roofline_by_category': roofline and {
+          k: round(v['seconds'], 6) for k, v in roofline['by_category'].items()},
       'peak_bytes_in_use': mem['peak_bytes_in_use'],
       'bytes_limit': mem['bytes_limit'],
       'xla_memory': _memory(compiled),
@@ -606,7 +651,8 @@ def format_rows(rows: Sequence[dict]) -> str:
   gib = lambda b: f'{b / 2**30:.2f}' if b else '-'  # noqa: E731
   pct = lambda x: f'{100 * x:.1f}%' if x is not None else '-'  # noqa: E731
   header = ('phase', 'batch', 'accum', 'step ms', 'img/s', 'XLA GFLOP', 'model GFLOP',
-            'XLA/model', 'TFLOP/s', 'MFU', 'HFU', 'peak GiB', 'XLA GiB')
+            'XLA/model', 'TFLOP/s', 'MFU', 'HFU', 'roofline ms', 'MFU ceiling', 'peak GiB',
+            'XLA GiB')
   lines = [' | '.join(header), ' | '.join('-' * len(h) for h in header)]
   num = lambda x, f='.2f': '-' if x is None else format(x, f)  # noqa: E731
   inputs = [r for r in rows if r['phase'] == 'input']
@@ -618,6 +664,8 @@ def format_rows(rows: Sequence[dict]) -> str:
         num(r['images_per_s']), f'{r["xla_flops"] / 1e9:.2f}',
         f'{r["analytic_flops"] / 1e9:.2f}', num(r['xla_over_analytic'], '.3f'),
         num(r['achieved_tflops']), pct(r['mfu']), pct(r['hfu']),
+        num(r.get('roofline_lower_bound_s') and 1e3 * r['roofline_lower_bound_s']),
+        pct(r.get('roofline_mfu_ceiling')),
         gib(r['peak_bytes_in_use']), gib(r['xla_memory'].get('total_bytes'))]))
   by_phase = {r['phase']: r for r in rows}
   if 'denoise' in by_phase and 'ddep' in by_phase:
