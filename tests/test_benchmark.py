@@ -66,6 +66,28 @@ def test_is_oom():
   assert not benchmark.is_oom(ValueError('INVALID_ARGUMENT: shapes differ'))
 
 
+def test_count_auto_remat():
+  hlo = """ENTRY %main {
+  %fusion.12 = bf16[16,64]{1,0} fusion(%p0), kind=kLoop, calls=%fused_computation.12
+  %fusion.12.remat = bf16[16,64]{1,0} fusion(%p0), kind=kLoop, calls=%fused_computation.12
+  %cudnn-conv.3.remat2 = (bf16[16,64]{1,0}, u8[0]{0}) custom-call(%a, %b)
+  ROOT %copy.remat_like = bf16[16,64]{1,0} copy(%fusion.12)
+  %x = f32[] add(%y, %z), metadata={op_name="jit(f)/remat/add"}
+}"""
+  # The clones, not an op name that merely contains 'remat'.
+  assert benchmark.count_auto_remat(hlo) == 2
+  assert benchmark.count_auto_remat(hlo.replace('.remat', '')) == 0
+
+
+def test_a_batch_fits_unless_xla_recomputes_much():
+  fits = benchmark.recomputes_little
+  assert fits({'xla_auto_remat': 0, 'xla_auto_remat_share': None})
+  # Near the limit XLA often recomputes a few cheap kernels (9 at DeP 64 on an H100).
+  assert fits({'xla_auto_remat': 9, 'xla_auto_remat_share': 0.001})
+  assert not fits({'xla_auto_remat': 900, 'xla_auto_remat_share': 0.05})
+  assert not fits({'xla_auto_remat': 9, 'xla_auto_remat_share': None})  # No roofline (CPU).
+
+
 def test_time_steps_syncs_once_per_trial():
   calls, blocks = [], []
   times = benchmark.time_steps(lambda: calls.append(1), warmup=2, steps=5, trials=3,
@@ -151,7 +173,8 @@ def test_target_implies_compile_only_and_gpu_attention():
   assert args.compile_only and args.find_max_batch
   # The per-backend choice on a GPU (tracing here would see the host's backend).
   assert args.attention_impl == 'cudnn'
-  assert benchmark.parse_args(['--target', 'h200', '--attention_impl', 'xla']).attention_impl == 'xla'
+  args = benchmark.parse_args(['--target', 'h200', '--attention_impl', 'xla'])
+  assert args.attention_impl == 'xla'
   with pytest.raises(SystemExit):
     benchmark.parse_args(['--compile_only', '--find_max_batch'])  # Without a target: runs.
 

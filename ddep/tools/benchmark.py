@@ -98,6 +98,15 @@ def parse_size(text: str) -> tuple[int, int]:
   return tuple(parts)
 
 
+def count_auto_remat(hlo_text: str) -> int:
+  """Instructions XLA rematerialised on its own in an optimized HLO module.
+
+  XLA recomputes when a program would exceed the device's memory, naming each
+  clone '<name>.remat' (.remat2, ...): a batch that "fits" that way pays in FLOPs.
+  """
+  return len(re.findall(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\.remat\d*\s*=', hlo_text, re.M))
+
+
 def is_oom(exc: BaseException) -> bool:
   """Whether an XLA error is an out-of-memory (compile-time or at run time)."""
   text = str(exc)
@@ -424,9 +433,28 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   def block():
     jax.block_until_ready((holder['args'][0], holder['out']))
 
+  device = mesh.devices.flat[0]
+  peak_name, peak = peak_bf16_tflops(device.device_kind)
+  hlo_text = compiled.as_text()
+  fused_attention = '__cudnn$fmha' in hlo_text  # What the per-backend default chose, too.
+  # A GPU program's kernels, bounded by peak FLOP/s and HBM bandwidth one by one.
+  roofline = None
+  bandwidth = hbm_bytes_per_s(device.device_kind)
+  if device.platform in ('gpu', 'cuda') and peak and bandwidth:
+    from ddep.tools import hlo_roofline  # pylint: disable=g-import-not-at-top
+    roofline = hlo_roofline.analyze(hlo_text, peak_flops=peak * 1e12,
+                                    hbm_bytes_per_s=bandwidth, top=None)
+  auto_remat = count_auto_remat(hlo_text)
+  # The recomputed kernels' share of the bound (None without a roofline).
+  auto_remat_share = roofline and roofline['lower_bound_s'] and sum(
+      k['seconds'] for k in roofline['top_kernels']
+      if re.search(r'\.remat\d*$', k['name'])) / roofline['lower_bound_s']
+  del hlo_text
   if probe:
-    time_steps(run_once, warmup=2, steps=1, trials=0, block=block)
-    return {'fits': True}
+    if not args.target:
+      time_steps(run_once, warmup=2, steps=1, trials=0, block=block)
+    return {'fits': True, 'xla_auto_remat': auto_remat,
+            'xla_auto_remat_share': auto_remat_share}
   step_time, trial_times, finite = None, None, None
   if not args.compile_only:
     trial_times = time_steps(run_once, warmup=args.warmup, steps=args.steps,
@@ -436,22 +464,10 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       finite = bool(np.isfinite(float(jax.device_get(holder['out']['train/loss']))))
   per_s = lambda x: x / step_time if step_time else None  # noqa: E731
 
-  device = mesh.devices.flat[0]
-  peak_name, peak = peak_bf16_tflops(device.device_kind)
   if peak is None:
     notes.append(f'unknown device kind {device.device_kind!r}: no peak, MFU omitted')
   elif args.dtype != 'bfloat16':
     notes.append('MFU is against the bf16 peak; this run computes in float32')
-  hlo_text = compiled.as_text()
-  fused_attention = '__cudnn$fmha' in hlo_text  # What the per-backend default chose, too.
-  # A GPU program's kernels, bounded by peak FLOP/s and HBM bandwidth one by one.
-  roofline = None
-  bandwidth = hbm_bytes_per_s(device.device_kind)
-  if device.platform in ('gpu', 'cuda') and peak and bandwidth:
-    from ddep.tools import hlo_roofline  # pylint: disable=g-import-not-at-top
-    roofline = hlo_roofline.analyze(hlo_text, peak_flops=peak * 1e12,
-                                    hbm_bytes_per_s=bandwidth, top=5)
-  del hlo_text
 
   # XLA's count, less the optimizer, against the analytic count of the same work.
   comparable = analytic
@@ -471,6 +487,10 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
                  'xla_over_analytic compares against the count without attention')
   if args.remat and not is_eval:
     notes.append(f'remat {list(args.remat)}: XLA counts the recomputed forward too (HFU > MFU)')
+  if auto_remat:
+    share = '' if auto_remat_share is None else f', {auto_remat_share:.1%} of the roofline'
+    notes.append(f'XLA rematerialised {auto_remat} instructions to fit the device memory'
+                 f'{share}: a smaller batch may be faster')
   xla_flops_unoptimized = float(xla_lowered.get('flops', 0.0))
   model_tflops = per_s(analytic / 1e12)
   xla_tflops = per_s(xla_flops / 1e12)
@@ -542,6 +562,8 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'peak_bytes_in_use': mem['peak_bytes_in_use'],
       'bytes_limit': mem['bytes_limit'],
       'xla_memory': _memory(compiled),
+      'xla_auto_remat': auto_remat,
+      'xla_auto_remat_share': auto_remat_share,
       'loss_finite': finite,
       'notes': notes,
   }
@@ -586,20 +608,34 @@ def run_input_phase(args) -> dict:
 TARGET_MEMORY_FRACTION = 0.85
 
 
+# A batch fits if XLA's own rematerialisation costs less than this share of the
+# step's roofline (a handful of clones is common near the limit, and harmless).
+AUTO_REMAT_TOLERANCE = 0.02
+
+
+def recomputes_little(row: dict) -> bool:
+  """Whether XLA's rematerialisation, if any, is negligible (without a roofline: none)."""
+  if not row['xla_auto_remat']:
+    return True
+  share = row.get('xla_auto_remat_share')
+  return share is not None and share < AUTO_REMAT_TOLERANCE
+
+
 def find_max_batch(args, phase: str) -> dict:
-  """Largest per-device batch (powers of two) that compiles and runs, and the
-  micro-batch x accumulation that reaches `--global_batch` with it."""
+  """Largest per-device batch (powers of two) that compiles and runs without XLA
+  rematerialising, and the micro-batch x accumulation that reaches `--global_batch`."""
   import jax  # pylint: disable=g-import-not-at-top
 
   def fits(b: int) -> bool:
+    # Fitting means without XLA's own rematerialisation, which trades FLOPs for memory.
     if args.target:  # XLA's buffer assignment against the described memory.
       from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
       row = run_phase(args, phase, per_device_batch=b, accumulation_steps=1)
       limit = TARGET_MEMORY_FRACTION * gpu_targets.memory_bytes(args.target)
-      return row['xla_memory'].get('total_bytes', float('inf')) <= limit
+      return row['xla_memory'].get('total_bytes', float('inf')) <= limit and recomputes_little(row)
     try:
-      run_phase(args, phase, per_device_batch=b, accumulation_steps=1, probe=True)
-      return True
+      return recomputes_little(
+          run_phase(args, phase, per_device_batch=b, accumulation_steps=1, probe=True))
     except Exception as e:  # pylint: disable=broad-except
       if not is_oom(e):
         raise
@@ -754,7 +790,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     # Which flags were given: argparse leaves an attribute that is already set alone
     # unless the flag is on the command line.
     unset = object()
-    probe = argparse.Namespace(**{a.dest: unset for a in p._actions})  # pylint: disable=protected-access
+    actions = p._actions  # pylint: disable=protected-access
+    probe = argparse.Namespace(**{a.dest: unset for a in actions})
     given = {k for k, v in vars(p.parse_args(argv, namespace=probe)).items() if v is not unset}
     args.config_notes = apply_config(args, load_config(args.config), given)
   bad = set(args.task) - set(TASKS)

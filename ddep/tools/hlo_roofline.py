@@ -370,7 +370,7 @@ def analyze(hlo_text, *, peak_flops, hbm_bytes_per_s, top=10):
 
   Returns a dict: kernels, flops, bytes, lower_bound_s, compute_bound_s,
   memory_bound_s, by_category {name: {count, flops, bytes, seconds, share}},
-  top_kernels (the `top` slowest), skipped (unparsed lines) and notes.
+  top_kernels (the `top` slowest; top=None: all), skipped (unparsed lines) and notes.
   """
   comps, entry, skipped = parse_module(hlo_text)
   analyzer = _Analyzer(comps, peak_flops, hbm_bytes_per_s)
