@@ -275,7 +275,7 @@ def _run_tool(env, tmp_path, *flags):
 def test_dep_and_ddep_steps_without_tensorflow(blocked_env, tmp_path):
   rows, stdout = _run_tool(blocked_env, tmp_path, '--task', 'denoise,ddep', '--eval_size', '0')
   assert list(rows) == ['denoise', 'ddep']
-  assert 'DDeP/DeP: step time' in stdout
+  assert 'DDeP/DeP per image: time' in stdout
   dep, ddep = rows['denoise'], rows['ddep']
   assert dep['per_device_batch'] == ddep['per_device_batch'] == 2
   assert dep['image_size'] == [32, 32]

@@ -706,10 +706,12 @@ def format_rows(rows: Sequence[dict]) -> str:
   by_phase = {r['phase']: r for r in rows}
   if 'denoise' in by_phase and 'ddep' in by_phase:
     dep, ddep = by_phase['denoise'], by_phase['ddep']
-    time_ratio = (f'step time {ddep["step_time_s"] / dep["step_time_s"]:.3f}, '
-                  if dep['step_time_s'] else '')
-    lines.append(f'DDeP/DeP: {time_ratio}'
-                 f'model FLOPs {ddep["analytic_flops"] / dep["analytic_flops"]:.3f}')
+    # Per image: the two phases may run different batches (--find_max_batch).
+    per_image = lambda r, key: r[key] / r['per_device_batch']  # noqa: E731
+    time_ratio = (f'time {per_image(ddep, "step_time_s") / per_image(dep, "step_time_s"):.3f}, '
+                  if dep['step_time_s'] and ddep['step_time_s'] else '')
+    flops_ratio = per_image(ddep, 'analytic_flops') / per_image(dep, 'analytic_flops')
+    lines.append(f'DDeP/DeP per image: {time_ratio}model FLOPs {flops_ratio:.3f}')
   for r in inputs:
     lines.append(f'input pipeline ({r["dataset"]}, {r["task"]}, '
                  f'{"x".join(map(str, r["image_size"]))}, batch {r["per_host_batch"]}): '
