@@ -292,8 +292,10 @@ def test_dep_and_ddep_steps_without_tensorflow(blocked_env, tmp_path):
 
 
 def test_segment_and_eval_steps_without_tensorflow(blocked_env, tmp_path):
+  # With the eval's flip (Sec. 4.3), whose second forward the analytic count must see:
+  # _run_tool checks XLA's count against it.
   rows, _ = _run_tool(blocked_env, tmp_path, '--task', 'segment', '--eval_size', '32x64',
-                      '--num_classes', '5')
+                      '--num_classes', '5', '--eval_flip')
   assert list(rows) == ['segment', 'eval']
   seg, ev = rows['segment'], rows['eval']
   assert seg['num_classes'] == ev['num_classes'] == 5 and seg['loss_finite']

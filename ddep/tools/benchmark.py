@@ -379,7 +379,9 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   else:
     batch = sharding.global_batch(batch, mesh)
 
-  ops = flops_lib.model_ops(model, hw, per_device_batch)  # per device
+  # Per device; a flipped eval runs the forward twice (the image and its mirror).
+  passes = 2 if is_eval and args.eval_flip else 1
+  ops = flops_lib.model_ops(model, hw, passes * per_device_batch)
   trained = tuple(sorted(k for k, v in by_module.items() if True in v and not is_eval))
   analytic = flops_lib.train_step_flops(ops, trained)  # = forward_flops when nothing trains
   optimizer_flops = 0.0
