@@ -65,6 +65,39 @@ class ReportError(Exception):
   """Bad or missing run files; the message names the file."""
 
 
+def pretraining_record(init_from: str) -> dict | None:
+  """The settings of the run a fine-tuning started from, read from its config.json.
+
+  `init_from` is that run's workdir or one of its checkpoint dirs. Ablations
+  (Tables 6, 7; Figure 8) differ only here, so results.json keeps them and the
+  report tells such runs apart. None if there is no run config to read.
+  """
+  if not init_from:
+    return None
+  path = Path(init_from).resolve()
+  for directory in (path, *list(path.parents)[:3]):  # <workdir>/checkpoints/<step>
+    if (directory / "config.json").is_file():
+      config = json.loads((directory / "config.json").read_text())
+      break
+  else:
+    return None
+  model, denoise = config.get("model", {}), config.get("denoise", {})
+  return {
+    "workdir": str(directory),
+    "method": config.get("method"),
+    "task": config.get("task"),
+    "model": model.get("preset"),
+    "decoder_width": model.get("decoder_width_multiplier"),
+    "noise_conditioning": model.get("noise_conditioning"),
+    "sigma": denoise.get("sigma"),
+    "sigma_range": denoise.get("sigma_range"),
+    "form": denoise.get("form"),
+    "target": denoise.get("target"),
+    "total_steps": config.get("total_steps"),
+    "total_epochs": config.get("total_epochs"),
+  }
+
+
 def _json_safe(value):
   if isinstance(value, float) and math.isnan(value):
     return None
@@ -111,12 +144,20 @@ class Run:
   workdir: Path
   results: dict
   curves: list[dict]
+  # What sets this run apart from others of its method (`assign_variants`), e.g.
+  # 'sigma=0.2'; '' when nothing does.
+  variant: str = ""
 
   @property
   def key(self) -> tuple:
-    """(dataset, decoder_width, method, label_fraction): runs averaged together."""
+    """(dataset, decoder_width, method, label_fraction): runs averaged together.
+
+    The method carries the variant, as 'ddep [sigma=0.2]', so that ablations of one
+    method are separate rows rather than averaged as if they were seeds.
+    """
     r = self.results
-    return r["dataset"], r["decoder_width"], r["method"], _fraction_key(r["label_fraction"])
+    method = f"{r['method']} [{self.variant}]" if self.variant else r["method"]
+    return r["dataset"], r["decoder_width"], method, _fraction_key(r["label_fraction"])
 
   @property
   def name(self) -> str:
@@ -219,8 +260,37 @@ class Cell:
     return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
 
 
+def _provenance(run: Run) -> dict[str, str]:
+  """The settings a result depends on besides its key: model and pretraining."""
+  fields = {"model": run.results.get("model")}
+  for name, value in (run.results.get("pretraining") or {}).items():
+    if name != "workdir":  # Where it ran, not what it was.
+      fields[name] = value
+  return {k: json.dumps(v) for k, v in fields.items()}
+
+
+def assign_variants(runs: Sequence[Run]) -> None:
+  """Labels each run with the settings that differ among runs of its method.
+
+  Runs of one (dataset, width, method) whose model or pretraining differ (say σ or
+  the target) get a variant naming the differing fields; identical ones stay
+  together, as seeds. Results without these fields (older runs) differ in nothing.
+  """
+  groups: dict[tuple, list[Run]] = {}
+  for run in runs:
+    r = run.results
+    groups.setdefault((r["dataset"], r["decoder_width"], r["method"]), []).append(run)
+  for group in groups.values():
+    fields = [_provenance(run) for run in group]
+    names = sorted({name for f in fields for name in f})
+    differing = [n for n in names if len({f.get(n, "null") for f in fields}) > 1]
+    for run, f in zip(group, fields):
+      run.variant = ", ".join(f"{n}={json.loads(f.get(n, 'null'))}" for n in differing)
+
+
 def summarize(runs: Sequence[Run]) -> dict[tuple, Cell]:
   """{(dataset, decoder_width, method, label_fraction): Cell of mIoUs}."""
+  assign_variants(runs)
   values: dict[tuple, list[float]] = {}
   for run in runs:
     values.setdefault(run.key, []).append(float(run.results["miou"]))
@@ -228,7 +298,8 @@ def summarize(runs: Sequence[Run]) -> dict[tuple, Cell]:
 
 
 def _method_rank(method: str) -> tuple:
-  return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+  base = method.split(" [", 1)[0]  # A variant sorts after its plain method.
+  return (METHOD_ORDER.index(base), method) if base in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -237,7 +308,8 @@ def _sort_key(key: tuple) -> tuple:
 
 
 def method_label(method: str) -> str:
-  return METHOD_LABELS.get(method, method)
+  base, bracket, variant = method.partition(" [")
+  return METHOD_LABELS.get(base, base) + (f" [{variant}" if bracket else "")
 
 
 def format_fraction(fraction: float) -> str:

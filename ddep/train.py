@@ -345,7 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             workdir, method=config.method, dataset=spec.name,
             label_fraction=_label_fraction(config, train_iter),
             subset_seed=int(config.data.subset_seed),
-            decoder_width=int(config.model.decoder_width_multiplier), metrics=result)
+            decoder_width=int(config.model.decoder_width_multiplier), metrics=result,
+            model=config.model.preset,
+            pretraining=report.pretraining_record(config.init_from))
   ckpt.wait()
   ckpt.close()
   writer.flush()

@@ -274,6 +274,15 @@ def test_runlocal_one_step(name, one_step_run):
     assert (results['method'], results['decoder_width']) == (
         c.method, c.model.decoder_width_multiplier)
     assert results['label_fraction'] == pytest.approx(c.data.label_fraction)
+    # What it was pretrained as, for telling ablations apart in reports.
+    assert results['model'] == c.model.preset
+    if c.init_from:
+      with open(os.path.join(c.init_from, 'config.json')) as f:
+        source = json.load(f)
+      assert (results['pretraining']['method'], results['pretraining']['sigma']) == (
+          source['method'], source['denoise']['sigma'])
+    else:
+      assert results['pretraining'] is None
 
   params = _leaves(checkpointing.load_params(workdir))
   if c.init_from:

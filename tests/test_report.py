@@ -116,6 +116,48 @@ def test_single_run_has_no_std_and_fractions_are_merged(tmp_path):
   assert_png(tmp_path / "fig.png")
 
 
+def test_ablations_of_one_method_are_separate_rows(tmp_path):
+  """Table 6/7-style runs: one method, pretrained differently; seeds of each averaged."""
+  runs = []
+  for sigma, target, mious in ((0.2, "eps", (0.40, 0.42)), (0.2, "x", (0.30,)),
+                               (0.25, "eps", (0.50,))):
+    for seed, miou in enumerate(mious):
+      results = {"method": "ddep", "dataset": "ade20k", "label_fraction": 1.0,
+                 "subset_seed": seed, "decoder_width": 1, "miou": miou,
+                 "model": "r50_vit_b16",
+                 "pretraining": {"workdir": f"/runs/{sigma}_{target}_{seed}", "sigma": sigma,
+                                 "sigma_range": [], "target": target}}
+      runs.append(report.Run(tmp_path, results, []))
+  plain = dict(runs[0].results, method="supervised", pretraining=None, miou=0.35)
+  runs.append(report.Run(tmp_path, plain, []))
+  summary = report.summarize(runs)
+  # Only what differs names a variant; where the run was does not.
+  assert summary[("ade20k", 1, "ddep [sigma=0.2, target=eps]", 1.0)].values == (0.40, 0.42)
+  assert summary[("ade20k", 1, "ddep [sigma=0.2, target=x]", 1.0)].values == (0.30,)
+  assert summary[("ade20k", 1, "ddep [sigma=0.25, target=eps]", 1.0)].values == (0.50,)
+  assert summary[("ade20k", 1, "supervised", 1.0)].values == (0.35,)
+  table = report.markdown_summary(summary)
+  assert table.index("| Supervised |") < table.index("| DDeP [sigma=0.2, target=eps] |")
+  report.plot_table(summary, "ade20k", 1, tmp_path / "table.png")
+  assert_png(tmp_path / "table.png")
+
+
+def test_pretraining_record_reads_the_run_config(tmp_path):
+  workdir = tmp_path / "pretrain"
+  (workdir / "checkpoints" / "40").mkdir(parents=True)
+  config = {"method": "ddep", "task": "denoise", "total_steps": 40, "total_epochs": 0.0,
+            "model": {"preset": "r50_vit_b16", "decoder_width_multiplier": 3},
+            "denoise": {"sigma": 0.2, "sigma_range": [0.2, 0.3], "target": "eps"}}
+  (workdir / "config.json").write_text(json.dumps(config))
+  for init_from in (workdir, workdir / "checkpoints" / "40"):
+    record = report.pretraining_record(str(init_from))
+    assert record["workdir"] == str(workdir.resolve())
+    assert (record["sigma_range"], record["decoder_width"], record["total_steps"]) == (
+      [0.2, 0.3], 3, 40)
+  assert report.pretraining_record("") is None
+  assert report.pretraining_record(str(tmp_path / "elsewhere")) is None
+
+
 @pytest.mark.parametrize(
   "content,message",
   [
