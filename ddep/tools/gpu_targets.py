@@ -88,5 +88,6 @@ def mesh(name: str, axis: str, num_devices: int = 1):
     raise SystemExit(
         f'--target {name}: cannot describe a CUDA device ({type(e).__name__}: {e}). '
         'Deviceless GPU compilation needs the CUDA plugin of this jax version, e.g. '
-        'pip install "jax[cuda13]==<jax version>"') from e
+        'pip install "jax[cuda13]==<jax version>", and JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 '
+        'set before JAX first starts its backends') from e
   return Mesh(np.asarray(topology.devices[:num_devices]), (axis,))
