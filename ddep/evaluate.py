@@ -16,7 +16,6 @@ with `ddep.predict`. Bad input (no checkpoint, a checkpoint that does not fit th
 model, an unprepared dataset, a non-segmentation config) exits 1 with one line.
 """
 import json
-import math
 import os
 import sys
 from typing import Optional
@@ -122,15 +121,6 @@ def checkpoint_step(checkpoint_dir: str) -> Optional[int]:
   return int(name) if name.isdigit() else None
 
 
-def _json_safe(value):
-  # JSON has no NaN: a class absent from ground truth and prediction is null.
-  if isinstance(value, float) and math.isnan(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  return value
 
 
 def check_segmentation_config(config) -> None:
@@ -173,7 +163,7 @@ def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
   if jax.process_index() == 0:
     tmp = out['json'] + '.tmp'
     with open(tmp, 'w') as f:
-      json.dump(_json_safe(out), f, indent=1)
+      json.dump(metrics_lib.json_safe(out), f, indent=1)
     os.replace(tmp, out['json'])
     print(f'{spec.name} {split}, protocol {config.eval.protocol}, checkpoint {checkpoint_dir}')
     print(metrics_lib.format_table(result), flush=True)

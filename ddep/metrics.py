@@ -20,7 +20,7 @@ This module imports no TensorFlow.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -176,6 +176,20 @@ def segmentation_metrics(cm, class_names: Sequence[str] | None = None) -> dict[s
     "num_pixels": int(total),
     "class_names": list(class_names),
   }
+
+
+def json_safe(value):
+  """`value` with NaN as None, recursively: JSON has no NaN, and an IoU is NaN for a
+  class absent from both ground truth and prediction (null, not averaged)."""
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  if isinstance(value, Mapping):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, np.generic):
+    return json_safe(value.item())
+  return value
 
 
 def _percent(value: float) -> str:

@@ -39,6 +39,8 @@ matplotlib.use("Agg")  # Headless: runs on training hosts without a display.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ddep import metrics as metrics_lib  # noqa: E402
+
 RESULTS_FILE = "results.json"
 CURVES_FILE = "metrics.jsonl"
 REQUIRED = {
@@ -98,16 +100,6 @@ def pretraining_record(init_from: str) -> dict | None:
   }
 
 
-def _json_safe(value):
-  if isinstance(value, float) and math.isnan(value):
-    return None
-  if isinstance(value, Mapping):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, np.generic):
-    return _json_safe(value.item())
-  return value
 
 
 def write_results(
@@ -135,7 +127,7 @@ def write_results(
     **extra,
   }
   path = Path(workdir) / RESULTS_FILE
-  path.write_text(json.dumps(_json_safe(results), indent=1))
+  path.write_text(json.dumps(metrics_lib.json_safe(results), indent=1))
   return path
 
 
@@ -512,7 +504,7 @@ def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
   (output / "summary.md").write_text(markdown_summary(summary))
   (output / "summary.json").write_text(
     json.dumps(
-      _json_safe(
+      metrics_lib.json_safe(
         [
           {
             "dataset": d,

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import fnmatch
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -217,15 +216,6 @@ def score(dataset: str, predictions_dir, ground_truth_dir) -> dict:
   return score_pairs(layout, pair_files(layout, Path(predictions_dir), Path(ground_truth_dir)))
 
 
-def _json_safe(value):
-  # JSON has no NaN; an absent class is null.
-  if isinstance(value, float) and math.isnan(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [_json_safe(v) for v in value]
-  return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,12 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"ddep.score: error: {e}", file=sys.stderr)
     return 1
   if args.json == "-":
-    print(json.dumps(_json_safe(result), indent=1))
+    print(json.dumps(metrics.json_safe(result), indent=1))
     return 0
   print(f"{args.dataset}: {result['num_images']} images")
   print(metrics.format_table(result))
   if args.json:
-    Path(args.json).write_text(json.dumps(_json_safe(result), indent=1))
+    Path(args.json).write_text(json.dumps(metrics.json_safe(result), indent=1))
   return 0
 
 

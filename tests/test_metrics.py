@@ -1,6 +1,7 @@
 """Tests for ddep.metrics: each benchmark rule by hand, then a random check
 against a plain Python loop."""
 
+import json
 import math
 
 import jax
@@ -149,3 +150,10 @@ def test_format_table_scales_to_percent():
   assert "0.00" in sky_line  # predicted-only: IoU 0, accuracy n/a.
   assert "n/a" in sky_line
   assert "miou" in table
+
+
+def test_json_safe_turns_every_nan_into_null():
+  value = {"iou": {"car": math.nan, "road": np.float32(0.5)}, "rows": (np.float64("nan"), 1)}
+  safe = metrics.json_safe(value)
+  assert safe == {"iou": {"car": None, "road": 0.5}, "rows": [None, 1]}
+  assert json.loads(json.dumps(safe, allow_nan=False)) == safe
