@@ -725,6 +725,14 @@ def _train_iterator(
   )
 
 
+def _inception_augment(image, seed, out_hw, area_range):
+  """Inception-style crop + left-right flip, scaled to [-1, 1] (Sec. 5.1): the
+  augmentation of both encoder pretraining pipelines, denoising and supervised."""
+  s_crop, s_flip = pp.split_seed(seed, 2)
+  image = pp.random_flip(pp.inception_crop(image, s_crop, out_hw, area_range=area_range), s_flip)
+  return tf.clip_by_value(pp.scale_to_minus1_1(image), -1.0, 1.0)
+
+
 def pretrain_dataset(
   dataset: str,
   *,
@@ -750,10 +758,7 @@ def pretrain_dataset(
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    s_crop, s_flip = pp.split_seed(seed, 2)
-    image = pp.inception_crop(ex["image"], s_crop, out_hw, area_range=area_range)
-    image = pp.random_flip(image, s_flip)
-    return {"image": tf.clip_by_value(pp.scale_to_minus1_1(image), -1.0, 1.0)}
+    return {"image": _inception_augment(ex["image"], seed, out_hw, area_range)}
 
   return _train_iterator(
     "pretrain",
@@ -901,14 +906,8 @@ def supervised_dataset(
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    s_crop, s_flip = pp.split_seed(seed, 2)
-    image = pp.random_flip(
-      pp.inception_crop(ex["image"], s_crop, out_hw, area_range=area_range), s_flip
-    )
-    return {
-      "image": tf.clip_by_value(pp.scale_to_minus1_1(image), -1.0, 1.0),
-      "labels": ex["labels"],
-    }
+    return {"image": _inception_augment(ex["image"], seed, out_hw, area_range),
+            "labels": ex["labels"]}
 
   return _train_iterator(
     "supervised",
