@@ -34,6 +34,15 @@ def test_peak_table(kind, name, tflops):
   assert benchmark.peak_bf16_tflops(kind) == (name, tflops)
 
 
+@pytest.mark.parametrize('kind,rate', [
+    ('NVIDIA H100 80GB HBM3', 3.35e12), ('NVIDIA H100 PCIe', 2.0e12), ('NVIDIA H100 NVL', None),
+    ('NVIDIA H200', 4.8e12), ('NVIDIA A100-SXM4-80GB', 2.039e12),
+    ('NVIDIA A100-SXM4-40GB', 1.555e12), ('TPU v4', None), ('cpu', None),
+])
+def test_hbm_bandwidth_table(kind, rate):
+  assert benchmark.hbm_bytes_per_s(kind) == rate
+
+
 @pytest.mark.parametrize('max_per_device,devices,expected', [
     (32, 1, (32, 4)),    # the paper's 128 as 4 x 32
     (48, 1, (32, 4)),    # largest divisor of 128 that fits
@@ -188,6 +197,13 @@ def test_target_without_the_cuda_plugin_says_what_to_install():
   with pytest.raises(SystemExit, match=r'needs the CUDA plugin.*jax\[cuda13\]'):
     benchmark.main(['--target', 'h100', '--preset', 'tiny', '--image_size', '32', '--task',
                     'ddep', '--eval_size', '0', '--quiet'])
+
+
+def test_protocol_input_is_one_eval_call():
+  assert benchmark.protocol_input('cityscapes_halves', (8, 8)) == (1024, 1024)
+  assert benchmark.protocol_input('ade20k_sliding', (8, 8)) == (512, 512)
+  assert benchmark.protocol_input('pascal_context_sliding', (8, 8)) == (480, 480)
+  assert benchmark.protocol_input('whole', (8, 8)) == (8, 8)
 
 
 def test_run_isolated_runs_each_phase_in_its_own_process():

@@ -45,47 +45,39 @@ TASKS = ('denoise', 'ddep', 'segment')
 # DDeP freezes the encoder (configs: frozen=('encoder/.*',)).
 DDEP_FROZEN = ('encoder/.*',)
 
-# Dense (no sparsity) bf16 peak per chip, TFLOP/s, from the vendors' datasheets.
+# Per chip, from the vendors' datasheets: dense (no sparsity) bf16 peak, TFLOP/s, and
+# HBM bandwidth, bytes/s (for the roofline of GPU programs; None where not needed).
 # First match of the regex on `device.device_kind` wins, so variants come first.
-PEAK_BF16_TFLOPS = (
-    (r'TPU v4', 'TPU v4', 275.0),
-    (r'TPU v5 ?lite|TPU v5e', 'TPU v5e', 197.0),
-    (r'TPU v5p?$', 'TPU v5p', 459.0),  # JAX reports v5p as 'TPU v5'.
-    (r'TPU v6 ?lite|TPU v6e', 'TPU v6e', 918.0),
-    (r'H100.*PCIe', 'H100 PCIe', 756.0),
+DEVICES = (
+    (r'TPU v4', 'TPU v4', 275.0, None),
+    (r'TPU v5 ?lite|TPU v5e', 'TPU v5e', 197.0, None),
+    (r'TPU v5p?$', 'TPU v5p', 459.0, None),  # JAX reports v5p as 'TPU v5'.
+    (r'TPU v6 ?lite|TPU v6e', 'TPU v6e', 918.0, None),
+    (r'H100.*PCIe', 'H100 PCIe', 756.0, 2.0e12),
     # NVL cards have rates of their own, not double-checked here: no MFU rather
     # than a guessed one.
-    (r'NVL', None, None),
-    (r'H100', 'H100 SXM', 989.0),
-    (r'H200', 'H200 SXM', 989.0),
-    (r'A100', 'A100', 312.0),
+    (r'NVL', None, None, None),
+    (r'H100', 'H100 SXM', 989.0, 3.35e12),
+    (r'H200', 'H200 SXM', 989.0, 4.8e12),
+    (r'A100.*80', 'A100', 312.0, 2.039e12),
+    (r'A100', 'A100', 312.0, 1.555e12),
 )
 
 
-# HBM bandwidth per chip, bytes/s, for the roofline of GPU programs (datasheets).
-HBM_BYTES_PER_S = (
-    (r'H100.*PCIe', 2.0e12),
-    (r'NVL', None),
-    (r'H100', 3.35e12),
-    (r'H200', 4.8e12),
-    (r'A100.*80', 2.039e12),
-    (r'A100', 1.555e12),
-)
-
-
-def hbm_bytes_per_s(device_kind: str) -> Optional[float]:
-  for pattern, rate in HBM_BYTES_PER_S:
-    if re.search(pattern, device_kind):
-      return rate
-  return None
+def _device_row(device_kind: str) -> tuple:
+  for row in DEVICES:
+    if re.search(row[0], device_kind):
+      return row
+  return None, None, None, None
 
 
 def peak_bf16_tflops(device_kind: str) -> tuple[Optional[str], Optional[float]]:
   """(table name, dense bf16 TFLOP/s) of a device kind, or (None, None) if unknown."""
-  for pattern, name, tflops in PEAK_BF16_TFLOPS:
-    if re.search(pattern, device_kind):
-      return name, tflops
-  return None, None
+  return _device_row(device_kind)[1:3]
+
+
+def hbm_bytes_per_s(device_kind: str) -> Optional[float]:
+  return _device_row(device_kind)[3]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -98,13 +90,16 @@ def parse_size(text: str) -> tuple[int, int]:
   return tuple(parts)
 
 
+_REMAT_SUFFIX = r'\.remat\d*'  # XLA's names for its rematerialised clones.
+
+
 def count_auto_remat(hlo_text: str) -> int:
   """Instructions XLA rematerialised on its own in an optimized HLO module.
 
   XLA recomputes when a program would exceed the device's memory, naming each
   clone '<name>.remat' (.remat2, ...): a batch that "fits" that way pays in FLOPs.
   """
-  return len(re.findall(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\.remat\d*\s*=', hlo_text, re.M))
+  return len(re.findall(rf'^\s*(?:ROOT\s+)?%?[\w.\-]+{_REMAT_SUFFIX}\s*=', hlo_text, re.M))
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -161,10 +156,21 @@ def load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-# The model input of one eval call per protocol (ddep.inference.PROTOCOLS): Cityscapes
-# halves are 1024x1024 crops of 1024x2048 images; sliding protocols run one window.
-_PROTOCOL_INPUT = {'cityscapes_halves': (1024, 1024), 'ade20k_sliding': (512, 512),
-                   'pascal_context_sliding': (480, 480)}
+# Cityscapes images: the 'halves' protocol runs HxH windows of HxW = 1024x2048 ones.
+_CITYSCAPES_HW = (1024, 2048)
+
+
+def protocol_input(name: str, default: tuple[int, int]) -> tuple[int, int]:
+  """The model input of one eval call of a `ddep.inference` protocol."""
+  from ddep import inference  # pylint: disable=g-import-not-at-top
+  protocol = inference.PROTOCOLS.get(name)
+  if protocol is None:
+    return default
+  if protocol.kind == 'halves':
+    return (_CITYSCAPES_HW[0], _CITYSCAPES_HW[0])
+  if protocol.kind == 'sliding':
+    return tuple(protocol.window)
+  return tuple(protocol.size) if protocol.size else default
 
 
 def apply_config(args: argparse.Namespace, config, explicit: set[str]) -> list[str]:
@@ -188,7 +194,7 @@ def apply_config(args: argparse.Namespace, config, explicit: set[str]) -> list[s
     eval_batch = None  # The global eval batch over the devices, in run_phase.
     args.global_eval_batch = int(d.eval_batch_size)
   else:
-    eval_size = _PROTOCOL_INPUT.get(e.protocol, tuple(d.image_size))
+    eval_size = protocol_input(e.protocol, tuple(d.image_size))
     eval_batch = int(e.batch_size) or 1  # windows per call, on one device
   from_config = dict(
       preset=m.preset, decoder_width=int(m.decoder_width_multiplier), dtype=m.dtype,
@@ -450,7 +456,7 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   # The recomputed kernels' share of the bound (None without a roofline).
   auto_remat_share = roofline and roofline['lower_bound_s'] and sum(
       k['seconds'] for k in roofline['top_kernels']
-      if re.search(r'\.remat\d*$', k['name'])) / roofline['lower_bound_s']
+      if re.search(_REMAT_SUFFIX + '$', k['name'])) / roofline['lower_bound_s']
   del hlo_text
   if probe:
     if not args.target:
