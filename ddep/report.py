@@ -252,13 +252,13 @@ class Cell:
     return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
 
 
-def _provenance(run: Run) -> dict[str, str]:
+def _provenance(run: Run) -> dict[str, Any]:
   """The settings a result depends on besides its key: model and pretraining."""
   fields = {"model": run.results.get("model")}
   for name, value in (run.results.get("pretraining") or {}).items():
     if name != "workdir":  # Where it ran, not what it was.
       fields[name] = value
-  return {k: json.dumps(v) for k, v in fields.items()}
+  return fields
 
 
 def assign_variants(runs: Sequence[Run]) -> None:
@@ -275,9 +275,10 @@ def assign_variants(runs: Sequence[Run]) -> None:
   for group in groups.values():
     fields = [_provenance(run) for run in group]
     names = sorted({name for f in fields for name in f})
-    differing = [n for n in names if len({f.get(n, "null") for f in fields}) > 1]
+    # Compared as JSON: values may be lists (σ ranges).
+    differing = [n for n in names if len({json.dumps(f.get(n)) for f in fields}) > 1]
     for run, f in zip(group, fields):
-      run.variant = ", ".join(f"{n}={json.loads(f.get(n, 'null'))}" for n in differing)
+      run.variant = ", ".join(f"{n}={f.get(n)}" for n in differing)
 
 
 def summarize(runs: Sequence[Run]) -> dict[tuple, Cell]:
