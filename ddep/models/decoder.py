@@ -58,7 +58,8 @@ class NoiseEmbedding(nn.Module):
 
 
 class ConcatConv(nn.Module):
-  """A 3x3 'SAME' conv (no bias) of the channel concatenation of its inputs.
+  """A 3x3 'SAME' conv (no bias) of the channel concatenation of its inputs (of its
+  one input: a plain conv).
 
   The same function and parameter ('kernel', HWIO over all input channels, with
   nn.Conv's initialiser) as `nn.Conv` on `concatenate(inputs, -1)`, computed as a
@@ -104,12 +105,8 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, skip: Optional[jnp.ndarray] = None,
                cond: Optional[jnp.ndarray] = None):
     for i in (1, 2):
-      if i == 1:
-        inputs = (x,) if skip is None else (x, skip)
-        x = ConcatConv(self.features, dtype=self.dtype, name='conv1')(*inputs)
-      else:
-        x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False,
-                    dtype=self.dtype, name='conv2')(x)
+      inputs = (x, skip) if i == 1 and skip is not None else (x,)
+      x = ConcatConv(self.features, dtype=self.dtype, name=f'conv{i}')(*inputs)
       if self.norm == 'group':
         x = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=f'norm{i}')(x)
       elif self.norm == 'layer':
