@@ -54,7 +54,12 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    path = os.path.join(self._data_dir, str(step), f'process_{jax.process_index()}.json')
+    d = os.path.join(self._data_dir, str(step))
+    path = os.path.join(d, f'process_{jax.process_index()}.json')
+    if not os.path.exists(path):
+      # Another process count: a global stream resumes from any process's position
+      # (the iterator checks that it can).
+      path = os.path.join(d, 'process_0.json')
     data_state = None
     if os.path.exists(path):
       with open(path) as f:
@@ -109,11 +114,21 @@ def resolve_checkpoint(path: str) -> str:
                           '(expected <workdir>/checkpoints/<step>/state)')
 
 
+def _restore_on_one_device(path: str) -> Any:
+  """A saved tree as host arrays, whatever the device topology it was saved from."""
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  # Without a target orbax rebuilds the saved shardings, which needs the saving topology.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return jax.device_get(checkpointer.restore(path, target))
+
+
 def load_params(path: str) -> dict:
   """Host (numpy) params of a saved run: trainable and frozen parts merged."""
   ckpt = resolve_checkpoint(path)
   try:
-    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, 'state'))
+    state = _restore_on_one_device(os.path.join(ckpt, 'state'))
   except Exception as e:  # Orbax raises many kinds for unreadable data.
     raise ValueError(f'init_from: cannot read checkpoint {ckpt}: {type(e).__name__}: {e}') from e
   from ddep import optimizer  # pylint: disable=g-import-not-at-top

@@ -147,7 +147,7 @@ def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
     logging.warning("eval.flip is ignored by train.evaluate_segmentation's 'whole' protocol")
 
   if config.data.prepare and spec.name.startswith('demo'):
-    input_pipeline.prepare(spec.name, config.data.data_dir or None)
+    train.prepare_once(spec.name, config.data.data_dir or None)
   split = config.data.eval_split or spec.eval_split
   eval_iter = input_pipeline.eval_dataset(
       spec.name, batch_size=int(config.data.eval_batch_size) // jax.process_count(), split=split,

@@ -2,17 +2,30 @@
 
 All pipelines run in TensorFlow on the host CPU and yield process-local numpy
 batches. Training streams are exactly resumable: the order of examples is a
-stateless function of (seed, process, epoch), every random augmentation is a
-stateless op seeded by (seed, process, stream position), and an iterator's
-state is just the next stream position. Restoring re-plans the stream from that
-position: chunks before it are not read, and no skipped record is decoded.
+stateless function of (seed, epoch), every random augmentation is a stateless
+op seeded by (seed, stream position), and an iterator's state is just the next
+stream position. Restoring re-plans the stream from that position: chunks
+before it are not read, and no skipped record is decoded.
 
-Reading. Each process owns the contiguous index range [N*i/n, N*(i+1)/n) of
-every split it reads (the contract of tfds.even_splits). That range is read
-either from memory (loaded once; each epoch is a full permutation) or streamed
-from the tfds record files in chunks of `shuffle_chunk` examples (each epoch
-permutes the chunk order and the examples within each chunk), so that datasets
-larger than RAM can be shuffled without a stateful tf.data shuffle buffer.
+Reading. How the records are held depends on their size:
+
+* In memory (labelled subsets, or splits of at most 1 GiB encoded): one global
+  stream, the same on every process. Every process holds every record; global
+  batch k is the stream positions [k*B, (k+1)*B) and process i of n takes its
+  slice [k*B + i*B/n, k*B + (i+1)*B/n). The stream does not depend on the
+  number of processes, so a run can resume on another process count.
+* Streamed from the tfds record files in chunks of `shuffle_chunk` examples
+  (each epoch permutes the chunk order and the examples within each chunk, so
+  that datasets larger than RAM are shuffled without a stateful shuffle
+  buffer). Process i streams only its own equal share: the first floor(N/n)
+  examples of the range [N*i/n, N*(i+1)/n) of each split (the remainder, fewer
+  than n examples per split, is dropped every epoch), and its stream is keyed
+  by the process too. Resuming needs the same process count.
+
+Either way every process has the same examples per epoch, and
+`TrainIterator.num_examples` is the global epoch size, the same on every
+process. Evaluation reads the ranges [N*i/n, N*(i+1)/n) (tfds.even_splits)
+and pads, so that every example counts once.
 """
 
 from __future__ import annotations
@@ -238,6 +251,13 @@ class _Source:
 
   In memory there is a single chunk holding every record; on disk the chunks
   are file ranges of at most `shuffle_chunk` records.
+
+  `layout` says which records: 'global' (training in memory: every record of
+  every split, on every process), 'equal_shards' (training streamed: this
+  process's floor(N/n) records of each split) or 'ranges' (evaluation: this
+  process's range of tfds.even_splits, sizes differing by one). 'auto' is
+  'global' when the records fit in memory (or `in_memory` is True), else
+  'equal_shards'.
   """
 
   def __init__(
@@ -251,21 +271,42 @@ class _Source:
     subset_ids: Sequence[str] | None,
     in_memory: bool | None,
     shuffle_chunk: int,
+    layout: str = "auto",
     memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
   ):
     self.spec = spec
     self.features = builder.info.features
-    chunks = []
-    for split in splits:
-      n = builder.info.splits[split].num_examples
-      start, end = process_range(n, process_index, process_count)
-      chunks += _file_chunks(builder, split, start, end, max_take=max(1, shuffle_chunk))
-    if subset_ids is not None:
-      in_memory = True  # Subsets are small; streaming would read the whole split per epoch.
+    max_take = max(1, shuffle_chunk)
+
+    def chunks_of(kind):
+      chunks = []
+      for split in splits:
+        n = builder.info.splits[split].num_examples
+        start, end = (0, n) if kind == "global" else process_range(n, process_index, process_count)
+        if kind == "equal_shards":
+          end = start + n // process_count
+        chunks += _file_chunks(builder, split, start, end, max_take=max_take)
+      return chunks
+
+    if layout == "auto":
+      if subset_ids is not None:
+        in_memory = True  # Subsets are small; streaming would read the whole split per epoch.
+      elif in_memory is None:
+        # The same decision on every process: it depends on the global files only.
+        in_memory = self._estimated_bytes(chunks_of("global")) <= memory_limit_bytes
+      layout = "global" if in_memory else "equal_shards"
     elif in_memory is None:
-      in_memory = self._estimated_bytes(chunks) <= memory_limit_bytes
-    self.in_memory = in_memory
-    if in_memory:
+      in_memory = False
+    if layout not in ("global", "equal_shards", "ranges"):
+      raise ValueError(f"unknown layout {layout!r}")
+    if subset_ids is not None and layout != "global":
+      raise ValueError("a labelled subset is chosen over the whole split: it needs layout='global'")
+    self.layout = layout
+    # Whether the stream (order and augmentation) is the same on every process.
+    self.is_global = layout == "global"
+    chunks = chunks_of(layout)
+    self.in_memory = bool(in_memory)
+    if self.in_memory:
       records = list(_read_records(chunks).as_numpy_iterator())
       if subset_ids is not None:
         wanted = set(subset_ids)
@@ -279,6 +320,8 @@ class _Source:
       self._chunks = chunks
       self.chunk_sizes = [c.take for c in chunks]
     self.num_examples = int(sum(self.chunk_sizes))
+    # Examples per epoch over all processes: the same number on every process.
+    self.global_num_examples = self.num_examples * (1 if self.is_global else process_count)
 
   @staticmethod
   def _estimated_bytes(chunks):
@@ -342,21 +385,56 @@ def _permutation(n, key):
   return tf.argsort(keys, stable=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+  """Which positions of a global stream one process reads, in local order.
+
+  Global batch k is the positions [k*B, (k+1)*B) with B = local_batch *
+  count; process `index` reads the `local_batch` positions from
+  k*B + index*local_batch. Its j-th slot (local order) is `to_global(j)`.
+  count=1 is the identity: a stream of the process's own.
+  """
+
+  local_batch: int
+  index: int = 0
+  count: int = 1
+
+  @property
+  def global_batch(self) -> int:
+    return self.local_batch * self.count
+
+  def to_global(self, slot):
+    k, r = np.divmod(slot, self.local_batch)
+    return k * self.global_batch + self.index * self.local_batch + r
+
+  def to_slot(self, position):
+    """The local slot of a global position this process reads."""
+    k, r = np.divmod(position, self.global_batch)
+    return k * self.local_batch + r - self.index * self.local_batch
+
+  def mine(self, positions):
+    """Mask (TF) of the global positions this process reads."""
+    if self.count == 1:
+      return tf.ones_like(positions, tf.bool)
+    return tf.equal(positions % self.global_batch // self.local_batch, self.index)
+
+
 class _Plan:
   """Epoch e reads the chunks in a random order and each chunk in a random order.
 
-  Both orders are stateless functions of (seed, process, epoch[, chunk]), in
+  Both orders are stateless functions of (seed, stream, epoch[, chunk]), in
   TF so that they run inside the tf.data graph and eagerly for look-ups.
+  `stream` is 0 for the global stream, or a process's own index.
   """
 
   def __init__(
-    self, chunk_sizes: Sequence[int], *, seed: int, process_index: int, shuffle: bool, repeat: bool
+    self, chunk_sizes: Sequence[int], *, seed: int, stream: int, shuffle: bool, repeat: bool
   ):
     self.chunk_sizes = list(chunk_sizes)
     self.n = int(sum(chunk_sizes))
     self.shuffle, self.repeat = shuffle, repeat
     # Odd second word: augmentation keys use even ones (see _Examples), so the streams never share keys.
-    self._key = tf.constant([_check_seed(seed), 2 * process_index + 1], tf.int64)
+    self._key = tf.constant([_check_seed(seed), 2 * stream + 1], tf.int64)
     self._sizes = tf.constant(self.chunk_sizes, tf.int64)
 
   def chunk_order(self, epoch):
@@ -371,8 +449,14 @@ class _Plan:
       size, _fold(_fold(self._key, epoch), tf.cast(chunk_id, tf.int64) + (1 << 40))
     )
 
-  def dataset(self, start_position: int, read_chunk: Callable) -> tf.data.Dataset:
-    """{'record', '_pos'} from `start_position` on; `read_chunk(id)` yields a chunk's records once."""
+  def dataset(
+    self, start_position: int, read_chunk: Callable, slots: _Slots | None = None
+  ) -> tf.data.Dataset:
+    """{'record', '_pos'} from `start_position` on; `read_chunk(id)` yields a chunk's records once.
+
+    With `slots`, only the positions that process reads (the others are never decoded).
+    """
+    slots = slots or _Slots(1)
     start_epoch, start_offset = divmod(start_position, self.n)
     n = tf.constant(self.n, tf.int64)
 
@@ -389,6 +473,9 @@ class _Plan:
         lo = tf.maximum(offset - start, 0)
         records_order = self.record_order(epoch, chunk_id)[lo:]
         positions = epoch * n + start + tf.range(lo, self._sizes[chunk_id], dtype=tf.int64)
+        mine = slots.mine(positions)
+        records_order = tf.boolean_mask(records_order, mine)
+        positions = tf.boolean_mask(positions, mine)
 
         @_no_autograph
         def pick(records):
@@ -457,17 +544,23 @@ class _Examples:
     plan: _Plan,
     *,
     seed: int,
-    process_index: int,
+    stream: int,
     skip_bad_examples: bool,
     what: str,
   ):
     self.source, self.plan = source, plan
-    self.key = tf.constant([_check_seed(seed), 2 * process_index], tf.int64)
+    self.key = tf.constant([_check_seed(seed), 2 * stream], tf.int64)
     self.skip_bad = skip_bad_examples
     self.what = what  # 'image', 'segmentation' or 'labels': which features to decode.
 
   def dataset(
-    self, start_position: int, transform: Callable, *, batch_size: int, drop_remainder: bool
+    self,
+    start_position: int,
+    transform: Callable,
+    *,
+    batch_size: int,
+    drop_remainder: bool,
+    slots: _Slots | None = None,
   ):
     spec, source = self.source.spec, self.source
 
@@ -516,7 +609,7 @@ class _Examples:
       out["_pos"] = ex["_pos"]
       return out
 
-    ds = self.plan.dataset(start_position, source.chunk_records)
+    ds = self.plan.dataset(start_position, source.chunk_records, slots)
     ds = ds.map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
     # Undecodable images raise inside `decode`; they are dropped here and the
     # Python side notices the gap in stream positions and names the example.
@@ -567,10 +660,14 @@ def _jsonable(x):
 class TrainIterator:
   """Infinite iterator of process-local numpy batches with an exact, small state.
 
-  The state is {'position', 'step', 'num_bad_examples', 'config'}; `position`
-  is the stream position of the next example to read. A new iterator built
-  with the same arguments and `state=` (or `set_state`) yields exactly the
-  batches the uninterrupted one would have yielded next.
+  The state is {'position', 'step', 'num_bad_examples', 'config',
+  'process_index', 'process_count'}; `position` is the stream position of the
+  next example this process reads (in the global stream: step * global batch
+  + process_index * local batch, unless bad examples were skipped). A new
+  iterator built with the same arguments and `state=` (or `set_state`) yields
+  exactly the batches the uninterrupted one would have yielded next. A global
+  stream's state also resumes on another process count: each process then
+  continues with its slice of the same next global batch.
   """
 
   def __init__(
@@ -578,51 +675,86 @@ class TrainIterator:
     examples: _Examples,
     transform: Callable,
     *,
-    batch_size: int,
+    slots: _Slots,
     config: dict,
     state: Mapping | None,
+    start_step: int = 0,
   ):
     self._examples = examples
     self._transform = transform
-    self._batch_size = int(batch_size)
+    self._slots = slots
+    self._batch_size = slots.local_batch
     self._config = _jsonable(config)
     self.subset_ids: list[str] | None = None
-    self.set_state(
-      state or {"position": 0, "step": 0, "num_bad_examples": 0, "config": self._config}
-    )
+    # Examples in the split a subset was drawn from (the denominator of its label fraction).
+    self.split_num_examples: int | None = None
+    self.set_state(state if state is not None else self._state_at_step(start_step))
 
   @property
   def num_examples(self) -> int:
-    """Examples per epoch on this process."""
-    return self._examples.plan.n
+    """Examples per epoch over all processes: the same number on every process."""
+    return self._examples.source.global_num_examples
 
   @property
   def num_bad_examples(self) -> int:
     """Bad examples dropped so far (only with skip_bad_examples=True)."""
     return self._num_bad
 
-  def get_state(self) -> dict:
+  def _state_at_step(self, step: int) -> dict:
+    # Exact unless examples were skipped before `step`; save get_state() to be exact always.
+    return self._state(slot=step * self._batch_size, step=step, num_bad=0)
+
+  def _state(self, *, slot: int, step: int, num_bad: int) -> dict:
     return {
-      "position": self._position,
-      "step": self._step,
-      "num_bad_examples": self._num_bad,
+      "position": int(self._slots.to_global(slot)),
+      "step": int(step),
+      "num_bad_examples": int(num_bad),
       "config": self._config,
+      "process_index": self._slots.index,
+      "process_count": self._slots.count,
     }
 
+  def get_state(self) -> dict:
+    return self._state(slot=self._slot, step=self._step, num_bad=self._num_bad)
+
   def set_state(self, state: Mapping) -> None:
-    saved = _jsonable(dict(state.get("config", self._config)))
+    saved = _upgrade_legacy_config(dict(state.get("config", self._config)), self._config)
     if saved != self._config:
       diff = sorted(
         k for k in set(saved) | set(self._config) if saved.get(k) != self._config.get(k)
       )
+      if "process_count" in diff:
+        raise ValueError(
+          f"Iterator state was saved by {saved.get('process_count')} processes and cannot resume "
+          f"on {self._config.get('process_count')}: {self._config['dataset']} is streamed, so "
+          "each process reads its own shard; resume with the same number of processes."
+        )
       raise ValueError(
         f"Iterator state was saved with different settings for {diff}: {saved} vs {self._config}"
       )
-    self._position = int(state["position"])
-    self._step = int(state["step"])
+    position, step = int(state["position"]), int(state["step"])
+    layout = (int(state.get("process_index", 0)), int(state.get("process_count", 1)))
+    if layout == (self._slots.index, self._slots.count):
+      self._slot = int(self._slots.to_slot(position))
+    else:
+      # Another process count: the saved process must sit exactly at the start of its
+      # slice of global batch `step`, then this process starts its own slice of it.
+      old = _Slots(self._slots.global_batch // layout[1], layout[0], layout[1])
+      if position != old.to_global(step * old.local_batch):
+        raise ValueError(
+          f"Iterator state of process {layout[0]}/{layout[1]} at step {step} is at position "
+          f"{position}, not at the start of its slice of the global batch (bad examples were "
+          f"skipped), so it cannot resume on {self._slots.count} processes."
+        )
+      self._slot = step * self._batch_size
+    self._step = step
     self._num_bad = int(state.get("num_bad_examples", 0))
     ds = self._examples.dataset(
-      self._position, self._transform, batch_size=self._batch_size, drop_remainder=True
+      int(self._slots.to_global(self._slot)),
+      self._transform,
+      batch_size=self._batch_size,
+      drop_remainder=True,
+      slots=self._slots,
     )
     self._iterator = iter(ds)
 
@@ -631,28 +763,35 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = _next_numpy(self._iterator)
-    positions = batch.pop("_pos")
-    expected = self._position + np.arange(self._batch_size)
-    if not np.array_equal(positions, expected):
-      missing = sorted(set(range(self._position, int(positions[-1]) + 1)) - set(positions.tolist()))
+    got = self._slots.to_slot(batch.pop("_pos"))
+    expected = self._slot + np.arange(self._batch_size)
+    if not np.array_equal(got, expected):
+      missing = sorted(set(range(self._slot, int(got[-1]) + 1)) - set(got.tolist()))
       if not self._examples.skip_bad:
-        raise BadExampleError(_undecodable_message(self._examples, missing))
-    self._num_bad += int(positions[-1]) + 1 - self._position - self._batch_size
-    self._position = int(positions[-1]) + 1
+        positions = [int(p) for p in self._slots.to_global(np.asarray(missing))]
+        raise BadExampleError(_undecodable_message(self._examples, positions))
+    self._num_bad += int(got[-1]) + 1 - self._slot - self._batch_size
+    self._slot = int(got[-1]) + 1
     self._step += 1
     return batch
 
 
-def _resolve_state(state, start_step, batch_size, config):
-  if state is not None:
-    return state
-  # Exact unless examples were skipped before `start_step`; save get_state() to be exact always.
-  return {
-    "position": start_step * batch_size,
-    "step": start_step,
-    "num_bad_examples": 0,
-    "config": config,
-  }
+def _upgrade_legacy_config(saved: dict, current: dict) -> dict:
+  """A state's config from before global streams (local batch, process in the config).
+
+  One process read the same stream then as now, so such states still restore;
+  a multi-process one does not match and is refused.
+  """
+  saved = _jsonable(saved)
+  if "layout" in saved or saved.get("process_count") != 1:
+    return saved
+  saved.pop("process_index", None)
+  saved.pop("process_count", None)
+  saved["layout"] = current.get("layout")
+  for key in ("process_index", "process_count"):
+    if key in current:
+      saved[key] = 0 if key == "process_index" else 1
+  return saved
 
 
 def _train_iterator(
@@ -693,35 +832,27 @@ def _train_iterator(
     raise ValueError(
       f"{spec.name}: process {process_index}/{process_count} has no examples in {splits}"
     )
-  plan = _Plan(
-    source.chunk_sizes, seed=seed, process_index=process_index, shuffle=True, repeat=True
-  )
+  # A global stream is one for all processes; a streamed shard is this process's own.
+  stream = 0 if source.is_global else process_index
+  slots = _Slots(batch_size, process_index, process_count) if source.is_global else _Slots(batch_size)
+  plan = _Plan(source.chunk_sizes, seed=seed, stream=stream, shuffle=True, repeat=True)
   examples = _Examples(
-    source,
-    plan,
-    seed=seed,
-    process_index=process_index,
-    skip_bad_examples=skip_bad_examples,
-    what=what,
+    source, plan, seed=seed, stream=stream, skip_bad_examples=skip_bad_examples, what=what
   )
   config = dict(
     kind=kind,
     dataset=spec.name,
     splits=list(splits),
     seed=seed,
-    batch_size=batch_size,
-    process_index=process_index,
-    process_count=process_count,
+    batch_size=batch_size * process_count,  # Global.
+    layout=source.layout,
     shuffle_chunk=None if source.in_memory else shuffle_chunk,
     **extra_config,
   )
-  config = _jsonable(config)
+  if not source.is_global:
+    config.update(process_index=process_index, process_count=process_count)
   return TrainIterator(
-    examples,
-    transform,
-    batch_size=batch_size,
-    config=config,
-    state=_resolve_state(state, start_step, batch_size, config),
+    examples, transform, slots=slots, config=config, state=state, start_step=start_step
   )
 
 
@@ -873,6 +1004,7 @@ def finetune_dataset(
     ),
   )
   it.subset_ids = subset_ids
+  it.split_num_examples = builder.info.splits[split].num_examples
   return it
 
 
@@ -1080,13 +1212,14 @@ def eval_dataset(
     subset_ids=None,
     in_memory=in_memory,
     shuffle_chunk=shuffle_chunk,
+    layout="ranges",
   )
-  plan = _Plan(source.chunk_sizes, seed=0, process_index=process_index, shuffle=False, repeat=False)
+  plan = _Plan(source.chunk_sizes, seed=0, stream=process_index, shuffle=False, repeat=False)
   examples = _Examples(
     source,
     plan,
     seed=0,
-    process_index=process_index,
+    stream=process_index,
     skip_bad_examples=skip_bad_examples,
     what="segmentation",
   )

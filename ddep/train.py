@@ -80,6 +80,17 @@ def _num_image_classes(config, spec) -> int:
   return int(info.features[spec.image_labels_key].shape[-1])
 
 
+def prepare_once(dataset: str, data_dir: Optional[str]) -> None:
+  """Builds a generated dataset on process 0 while the others wait, then all read it.
+
+  Concurrent builds into one data_dir collide in TFDS's rename of its temporaries.
+  """
+  if jax.process_index() == 0:
+    input_pipeline.prepare(dataset, data_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'ddep: {dataset} prepared')
+
+
 def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = None):
   d = config.data
   common = dict(batch_size=local_batch, seed=int(config.seed), data_dir=d.data_dir or None,
@@ -163,9 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (or resumes) `config` in `workdir`.
 
   `train_iter` replaces the config's input pipeline with any iterator of
-  process-local batches that has `get_state()`/`set_state()` and `num_examples`
-  (custom data; tests feed identical global batches to runs of different
-  process counts).
+  process-local batches that has `get_state()`/`set_state()` and `num_examples`,
+  the examples per epoch over all processes (the same number on every process:
+  run lengths and schedules are computed from it).
   """
   config_validation.validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
@@ -179,14 +190,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh()
   spec = specs.get(config.data.dataset)
   if config.data.prepare and spec.name.startswith('demo'):
-    input_pipeline.prepare(spec.name, config.data.data_dir or None)
+    prepare_once(spec.name, config.data.data_dir or None)
 
   # Data.
   global_batch = int(config.data.batch_size)
   local_batch = global_batch // jax.process_count()
   if train_iter is None:
     train_iter = make_train_iterator(config, local_batch=local_batch)
-  num_train_examples = train_iter.num_examples * jax.process_count()
+  # Global: every process plans the same number of steps and the same schedule.
+  num_train_examples = int(train_iter.num_examples)
   if is_main and getattr(train_iter, 'subset_ids', None) is not None:
     input_pipeline.write_subset_ids(os.path.join(workdir, 'subset_ids.txt'), train_iter.subset_ids)
   total_steps = optimizer_lib.steps_from(
@@ -255,7 +267,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if data_state is None:
       raise FileNotFoundError(f'checkpoint step {start_step} in {ckpt.directory} has no input '
                               f'pipeline state for process {jax.process_index()}')
-    train_iter.set_state(data_state)
+    try:
+      train_iter.set_state(data_state)
+    except ValueError as e:
+      raise ValueError(f'cannot resume from checkpoint step {start_step} in {ckpt.directory}: '
+                       f'{e}') from e
     logging.info('resumed from step %d', start_step)
     if is_main:
       print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
@@ -351,11 +367,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt.wait()
   ckpt.close()
   writer.flush()
+  logging.info('process %d/%d finished at step %d', jax.process_index(), jax.process_count(),
+               total_steps)
   return TrainResult(metrics=result or {}, params=host_params(state), step=total_steps)
 
 
 def _label_fraction(config, train_iter) -> float:
   ids = getattr(train_iter, 'subset_ids', None)
-  if int(config.data.label_count) and ids is not None:
-    return len(ids) / max(train_iter.num_examples * jax.process_count(), len(ids))
+  total = getattr(train_iter, 'split_num_examples', None)
+  if int(config.data.label_count) and ids is not None and total:
+    return len(ids) / total
   return float(config.data.label_fraction)

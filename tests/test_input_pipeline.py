@@ -81,16 +81,16 @@ def test_subset_ids_round_trip(tmp_path):
 
 @pytest.mark.parametrize("chunk_sizes", [[11], [4, 4, 3]])
 def test_every_epoch_is_a_fresh_permutation(chunk_sizes):
-  plan = ip._Plan(chunk_sizes, seed=5, process_index=0, shuffle=True, repeat=True)
+  plan = ip._Plan(chunk_sizes, seed=5, stream=0, shuffle=True, repeat=True)
   n = sum(chunk_sizes)
   epochs = [[plan.locate(e * n + i) for i in range(n)] for e in range(3)]
   everything = {(c, i) for c, size in enumerate(chunk_sizes) for i in range(size)}
   for order in epochs:
     assert set(order) == everything and len(order) == n
   assert epochs[0] != epochs[1] != epochs[2]
-  other_seed = ip._Plan(chunk_sizes, seed=6, process_index=0, shuffle=True, repeat=True)
+  other_seed = ip._Plan(chunk_sizes, seed=6, stream=0, shuffle=True, repeat=True)
   assert [other_seed.locate(i) for i in range(n)] != epochs[0]
-  ordered = ip._Plan(chunk_sizes, seed=5, process_index=0, shuffle=False, repeat=False)
+  ordered = ip._Plan(chunk_sizes, seed=5, stream=0, shuffle=False, repeat=False)
   assert [ordered.locate(i) for i in range(n)] == sorted(everything)
 
 
@@ -105,15 +105,25 @@ def test_process_ranges_are_disjoint_and_cover():
 def test_process_shards_of_the_data_are_disjoint(data_dir):
   spec = specs.get("demo_tiny")
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  shards = []
-  for i in range(3):
-    source = ip._Source(
-      spec, builder, ("train",), i, 3, subset_ids=None, in_memory=True, shuffle_chunk=1024
-    )
-    shards.append(source.parse_ids([source.record(0, j) for j in range(source.num_examples)]))
-  flat = [i for s in shards for i in s]
+
+  def shards(layout, count):
+    out = []
+    for i in range(count):
+      source = ip._Source(
+        spec, builder, ("train",), i, count, subset_ids=None, in_memory=True, shuffle_chunk=1024,
+        layout=layout,
+      )
+      out.append(source.parse_ids([source.record(0, j) for j in range(source.num_examples)]))
+    return out
+
+  # Evaluation: tfds.even_splits ranges, covering.
+  flat = [i for s in shards("ranges", 3) for i in s]
   assert len(flat) == len(set(flat)) == 24
   assert set(flat) == {f"train_{i:06d}" for i in range(24)}
+  # Streamed training: equal shards, 24 = 5 * 4 + 4, so 4 examples are dropped.
+  equal = shards("equal_shards", 5)
+  assert [len(s) for s in equal] == [4] * 5
+  assert len({i for s in equal for i in s}) == 20
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +206,8 @@ def test_resume_is_exact(data_dir, in_memory):
   for _ in range(3):
     next(interrupted)
   state = json.loads(json.dumps(interrupted.get_state()))  # As a checkpoint would store it.
-  assert state["position"] == 15 and state["step"] == 3
+  # In memory, positions are global: process 1 reads [3*10 + 5, 3*10 + 10) next.
+  assert state["position"] == (35 if in_memory else 15) and state["step"] == 3
   resumed = ip.finetune_dataset("demo_tiny", state=state, **kw)
   for k in range(3, 8):
     assert _all_equal(next(resumed), expected[k]), k
@@ -226,16 +237,57 @@ def test_finetune_subset(data_dir):
     ip.finetune_dataset("demo_tiny", subset=0.25, subset_seed=2, **kw, **SINGLE).subset_ids
     != it.subset_ids
   )
-  # Processes split the subset between them.
-  counts = [
-    ip.finetune_dataset(
-      "demo_tiny", subset=it.subset_ids, **kw, process_index=i, process_count=2
-    ).num_examples
-    for i in range(2)
-  ]
-  assert sum(counts) == 6
+  assert it.split_num_examples == 24
   with pytest.raises(ValueError, match="not in"):
     ip.finetune_dataset("demo_tiny", subset=["train_000001", "nope"], **kw, **SINGLE)
+
+
+def _global_plan_kw(data_dir, **kw):
+  return dict(crop_size=(16, 16), seed=4, data_dir=data_dir, subset=11, subset_seed=3, **kw)
+
+
+def test_processes_read_slices_of_one_global_stream(data_dir):
+  # 11 labelled examples do not split evenly over 2 processes; batches cross epochs.
+  one = ip.finetune_dataset("demo_tiny", batch_size=4, **_global_plan_kw(data_dir), **SINGLE)
+  two = [
+    ip.finetune_dataset(
+      "demo_tiny", batch_size=2, **_global_plan_kw(data_dir), process_index=i, process_count=2
+    )
+    for i in range(2)
+  ]
+  # One plan: the same subset, the same global epoch size on every process.
+  assert all(t.subset_ids == one.subset_ids and t.num_examples == 11 for t in two)
+  for step in range(6):
+    want = next(one)
+    got = [next(t) for t in two]
+    for k in want:
+      np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], err_msg=k)
+  states = [json.loads(json.dumps(t.get_state())) for t in two]
+  assert [s["position"] for s in states] == [24, 26]
+  # Either process's state resumes the global stream on one process, and one on two.
+  for state in states:
+    resumed = ip.finetune_dataset(
+      "demo_tiny", batch_size=4, state=state, **_global_plan_kw(data_dir), **SINGLE
+    )
+    assert _all_equal(next(resumed), next(ip.finetune_dataset(
+      "demo_tiny", batch_size=4, start_step=6, **_global_plan_kw(data_dir), **SINGLE)))
+  single_state = one.get_state()
+  want = next(one)
+  halves = [
+    next(ip.finetune_dataset(
+      "demo_tiny", batch_size=2, state=single_state, **_global_plan_kw(data_dir),
+      process_index=i, process_count=2,
+    ))
+    for i in range(2)
+  ]
+  np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), want["image"])
+
+
+def test_streamed_state_refuses_another_process_count(data_dir):
+  kw = dict(batch_size=2, image_size=(16, 16), seed=0, data_dir=data_dir, in_memory=False)
+  state = ip.pretrain_dataset("demo_tiny", **kw, process_index=0, process_count=2).get_state()
+  with pytest.raises(ValueError, match="saved by 2 processes and cannot resume on 1"):
+    ip.pretrain_dataset("demo_tiny", state=state, **kw, **SINGLE)
 
 
 def test_supervised_batches(data_dir):
