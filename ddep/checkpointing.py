@@ -36,6 +36,10 @@ class Checkpointer:
     self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'best'),
                                        options=best_opts)
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether all processes agreed to save at `step` after a preemption notice (SIGTERM)."""
+    return self._manager.reached_preemption(step)
+
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 

@@ -2,6 +2,8 @@ r"""Entry point: `python -m ddep.main --config=configs/<experiment>.py --workdir
 
 Overrides: `--config.key=value`; experiment arguments: `--config=configs/x.py:arg=v,runlocal`.
 """
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -22,7 +24,13 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   from ddep import train  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:
+    # Expected, not a bug: one line, no traceback, and a status that asks for a rerun.
+    print(f'ddep.main: {e}', file=sys.stderr, flush=True)
+    return train.PREEMPTED_EXIT_CODE
+  return 0
 
 
 if __name__ == '__main__':

@@ -3,10 +3,13 @@
   validate config -> mesh -> data -> model and params -> optimizer -> state
   -> restore if a checkpoint exists -> loop (step, log, eval, checkpoint) -> final eval.
 """
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -35,6 +38,45 @@ from ddep.models import presets
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class Preempted(RuntimeError):
+  """SIGTERM: every process saved the same step and stopped; rerunning resumes it."""
+
+
+# What ddep.main exits with after a preemption (EX_TEMPFAIL: try again).
+PREEMPTED_EXIT_CODE = 75
+
+
+class _PreemptionWatch:
+  """Tells, at every step, whether to save and stop because of a SIGTERM.
+
+  Multi-process: the preemption sync manager that jax.distributed.initialize starts
+  catches SIGTERM on any process and makes all of them agree on one step, which
+  orbax's `reached_preemption` reports. One process without that runtime: our own
+  handler, so that the step is simply the next one.
+  """
+
+  def __init__(self, ckpt):
+    self._ckpt = ckpt
+    self._signalled = False
+    self._previous = None
+    if (not jax.distributed.is_initialized()
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    # Every process calls this at every step: the sync point protocol needs it.
+    return self._ckpt.reached_preemption(step) or self._signalled
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 @dataclasses.dataclass
@@ -318,7 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   pending = []
   t0, step = time.time(), start_step
-  with metric_writers.ensure_flushes(writer):
+  preemption = _PreemptionWatch(ckpt)
+  with metric_writers.ensure_flushes(writer), _closing(preemption):
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding.global_batch(next(train_iter), mesh)
@@ -337,9 +380,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           eta = (total_steps - step) / max(rate, 1e-9)
           print(f'[ddep] {config.task} step {step}/{total_steps} loss {scalars["train/loss"]:.4f} '
                 f'lr {scalars["train/lr"]:.2e} {rate:.2f} steps/s ETA {eta:.0f}s', flush=True)
-      if step % int(config.checkpoint_every) == 0 or step == total_steps:
+      saved = step % int(config.checkpoint_every) == 0 or step == total_steps
+      if saved:
         check_finite(step)
         ckpt.save(step, state, data_state=train_iter.get_state())
+      if preemption.reached(step):
+        check_finite(step)
+        if not saved:
+          ckpt.save(step, state, data_state=train_iter.get_state())
+        ckpt.wait()
+        ckpt.close()
+        raise Preempted(
+            f'preempted (SIGTERM) at step {step}/{total_steps}: every process saved step {step} '
+            f'to {ckpt.directory}; rerun the same command to resume there')
       if eval_iter is not None and config.eval_every and step % int(config.eval_every) == 0 \
           and step != total_steps:
         run_eval(step)
@@ -370,6 +423,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('process %d/%d finished at step %d', jax.process_index(), jax.process_count(),
                total_steps)
   return TrainResult(metrics=result or {}, params=host_params(state), step=total_steps)
+
+
+@contextlib.contextmanager
+def _closing(preemption):
+  try:
+    yield preemption
+  finally:
+    preemption.close()
 
 
 def _label_fraction(config, train_iter) -> float:
