@@ -7,11 +7,52 @@ Layout under a workdir:
 """
 import json
 import os
+import re
 import shutil
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, unreadable or does not fit the config's model."""
+
+
+def _exception_chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def describe_damage(step_dir: str, error: BaseException) -> str:
+  """'<file>: <what is wrong>' for a step directory that orbax failed to read.
+
+  Orbax and TensorStore report damage by array key and byte range, not by file:
+  the files are checked first, then the file of the reported size is looked for.
+  """
+  state = os.path.join(step_dir, 'state')
+  metadata = os.path.join(state, '_METADATA')
+  if not os.path.exists(metadata):
+    return f'{metadata}: missing (it lists the arrays of the checkpoint)'
+  try:
+    with open(metadata) as f:
+      json.load(f)
+  except (OSError, ValueError) as e:
+    return f'{metadata}: unreadable ({type(e).__name__}: {e})'
+  text = ' '.join(str(c) for c in _exception_chain(error))
+  key = re.search(r'Error reading "([^"]+)"', text)
+  size = re.search(r'not valid for value of size (\d+)', text)
+  if size:
+    files = [os.path.join(root, name) for root, _, names in os.walk(state) for name in names
+             if os.path.getsize(os.path.join(root, name)) == int(size.group(1))]
+    array = f' (array {key.group(1).split("/")[0]})' if key else ''
+    if files:
+      return f'{", ".join(sorted(files))}: truncated to {size.group(1)} bytes{array}'
+  first = next((str(c) for c in _exception_chain(error) if 'Error reading' in str(c)), str(error))
+  return f'{state}: {type(error).__name__}: {first.splitlines()[0][:500]}'
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -56,8 +97,17 @@ class Checkpointer:
                     metrics={'miou': float(miou)})
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    """The train state and this process's input-pipeline state of `step`.
+
+    A damaged step raises one CheckpointError naming its directory and file; nothing
+    is deleted (the previous complete steps stay, for a person to choose).
+    """
+    step_dir = os.path.join(self.directory, str(step))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # Orbax raises many kinds for unreadable data.
+      raise CheckpointError(self._damaged(step, describe_damage(step_dir, e))) from e
     d = os.path.join(self._data_dir, str(step))
     path = os.path.join(d, f'process_{jax.process_index()}.json')
     if not os.path.exists(path):
@@ -66,9 +116,20 @@ class Checkpointer:
       path = os.path.join(d, 'process_0.json')
     data_state = None
     if os.path.exists(path):
-      with open(path) as f:
-        data_state = json.load(f)
+      try:
+        with open(path) as f:
+          data_state = json.load(f)
+      except (OSError, ValueError) as e:
+        raise CheckpointError(self._damaged(
+            step, f'{path}: unreadable input-pipeline state ({type(e).__name__}: {e})')) from e
     return restored['state'], data_state
+
+  def _damaged(self, step: int, what: str) -> str:
+    older = [s for s in self._manager.all_steps() if s < step]
+    hint = (f'the previous complete step is {max(older)}: move {self.directory}/{step} aside '
+            'to resume from it' if older else 'no earlier step is saved')
+    return (f'cannot resume from checkpoint {self.directory}/{step}: {what}. Nothing was deleted; '
+            f'{hint}.')
 
   def _prune_data_states(self) -> None:
     if jax.process_index() != 0 or not os.path.isdir(self._data_dir):
@@ -134,6 +195,6 @@ def load_params(path: str) -> dict:
   try:
     state = _restore_on_one_device(os.path.join(ckpt, 'state'))
   except Exception as e:  # Orbax raises many kinds for unreadable data.
-    raise ValueError(f'init_from: cannot read checkpoint {ckpt}: {type(e).__name__}: {e}') from e
+    raise CheckpointError(f'cannot read checkpoint {ckpt}: {describe_damage(ckpt, e)}') from e
   from ddep import optimizer  # pylint: disable=g-import-not-at-top
   return optimizer.merge(state.get('params') or {}, state.get('frozen') or {})

@@ -42,8 +42,7 @@ CHECKPOINT_HELP = (
     "another workdir (its latest periodic checkpoint); default: this workdir's best, else latest.")
 
 
-class CheckpointError(Exception):
-  """A checkpoint that is missing, unreadable or does not fit the config's model."""
+CheckpointError = checkpointing.CheckpointError
 
 
 def load_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None):
@@ -108,10 +107,7 @@ def load_params(config, checkpoint_dir: str, spec):
   h, w = config.data.image_size
   expected = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3), jnp.float32))['params'])
-  try:
-    params = checkpointing.load_params(checkpoint_dir)
-  except ValueError as e:
-    raise CheckpointError(f'cannot read checkpoint {checkpoint_dir}: {e.__cause__ or e}') from e
+  params = checkpointing.load_params(checkpoint_dir)  # Its errors name the step dir and file.
   check_params_fit(params, expected, where=checkpoint_dir)
   return model, jax.device_get(params)
 

@@ -22,10 +22,16 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+  from ddep import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddep import config_validation  # pylint: disable=g-import-not-at-top
   from ddep import train  # pylint: disable=g-import-not-at-top
   logging.info('config:\n%s', _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (checkpointing.CheckpointError, config_validation.ConfigError) as e:
+    # Bad input, not a bug: one line naming what is wrong.
+    print(f'ddep.main: error: {e}', file=sys.stderr, flush=True)
+    return 1
   except train.Preempted as e:
     # Expected, not a bug: one line, no traceback, and a status that asks for a rerun.
     print(f'ddep.main: {e}', file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -364,3 +365,45 @@ def test_sigterm_on_one_process_saves_that_step_and_a_rerun_resumes_exactly(tmp_
   a, b = _flat(straight.params), _flat(resumed.params)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('saved') / 'run')
+  train.train_and_evaluate(_config(), workdir, train_iter=Batches())
+  return workdir
+
+
+def _truncate_largest_array_file(step_dir):
+  files = [os.path.join(r, n) for r, _, names in os.walk(os.path.join(step_dir, 'state'))
+           for n in names if os.sep + 'd' + os.sep in os.path.join(r, n) + os.sep]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(100)
+  return largest
+
+
+@pytest.mark.parametrize('damage', ['truncated array file', 'no _METADATA', 'bad data state'])
+def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(saved_run, tmp_path,
+                                                                        damage):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(saved_run, workdir)
+  step_dir = os.path.join(workdir, 'checkpoints', '2')
+  if damage == 'truncated array file':
+    bad, what = _truncate_largest_array_file(step_dir), 'truncated to 100 bytes'
+  elif damage == 'no _METADATA':
+    bad, what = os.path.join(step_dir, 'state', '_METADATA'), 'missing'
+    os.remove(bad)
+  else:
+    bad = os.path.join(workdir, 'checkpoints', 'data_state', '2', 'process_0.json')
+    what = 'unreadable input-pipeline state'
+    with open(bad, 'w') as f:
+      f.write('{"position": 8, garbage')
+  before = sorted(os.path.join(r, n) for r, _, names in os.walk(workdir) for n in names)
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    train.train_and_evaluate(_config(total_steps=3), workdir, train_iter=Batches())
+  message = str(e.value)
+  assert message.startswith(f'cannot resume from checkpoint {step_dir}: {bad}: {what}'), message
+  assert 'Nothing was deleted; the previous complete step is 1' in message
+  after = sorted(os.path.join(r, n) for r, _, names in os.walk(workdir) for n in names)
+  assert [f for f in before if f not in after] == []
