@@ -1,7 +1,11 @@
 """Checks a config before anything is built or compiled; errors name the key."""
 from typing import Any
 
+from ddep import inference
+from ddep import optimizer
+from ddep.datasets import specs
 from ddep.models import presets
+from ddep.models import transunet
 from ddep.models import vit
 
 TASKS = ('denoise', 'segment', 'classify')
@@ -45,6 +49,18 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
   if config.model.attention_impl not in vit.ATTENTION_IMPLS:
     _fail('model.attention_impl', f'unknown {config.model.attention_impl!r}; choose from '
           f'{vit.ATTENTION_IMPLS}')
+  unknown = sorted(set(config.model.remat) - set(transunet.REMAT_PARTS))
+  if unknown:
+    _fail('model.remat', f'unknown parts {unknown}; choose from {transunet.REMAT_PARTS}')
+  # Names only: nothing of the dataset is read here.
+  if config.data.dataset not in specs.names():
+    _fail('data.dataset', f'unknown dataset {config.data.dataset!r}; choose from {specs.names()}')
+  # Checked now, not when the first evaluation runs after the whole training.
+  protocols = ('whole', *inference.PROTOCOLS)
+  if config.eval.protocol not in protocols:
+    _fail('eval.protocol', f'unknown protocol {config.eval.protocol!r}; choose from {protocols}')
+  if int(config.eval.batch_size) < 0:
+    _fail('eval.batch_size', "must be >= 0 (0 = the protocol's default)")
 
   stride = output_stride(config)
   h, w = _pair(config, 'data.image_size')
@@ -90,6 +106,8 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
   o = config.optim
   if o.name not in ('adam', 'adamw'):
     _fail('optim.name', f"must be 'adam' or 'adamw', got {o.name!r}")
+  if o.decay not in optimizer.DECAYS:
+    _fail('optim.decay', f'unknown decay {o.decay!r}; choose from {optimizer.DECAYS}')
   if not float(o.lr) > 0:
     _fail('optim.lr', f'must be > 0, got {o.lr}')
   if float(o.weight_decay) < 0:

@@ -191,6 +191,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ('data.label_fraction', 1.5, r'config\.data\.label_fraction: 1\.5 is outside \(0, 1\]'),
     ('denoise.sigma_range', (0.3, 0.2), r'config\.denoise\.sigma_range'),
     ('data.batch_size', 3, r'config\.data\.batch_size: 3 must be .* divisible by the 2 devices'),
+    ('eval.protocol', 'sliding', r"config\.eval\.protocol: unknown protocol 'sliding'"),
+    ('optim.decay', 'exponential', r"config\.optim\.decay: unknown decay 'exponential'"),
+    ('model.remat', ('encoder',), r"config\.model\.remat: unknown parts \['encoder'\]"),
+    ('data.dataset', 'cityscape', r"config\.data\.dataset: unknown dataset 'cityscape'"),
 ])
 def test_invalid_configs_fail_before_compiling(key, value, match):
   with pytest.raises(config_validation.ConfigError, match=match):
@@ -233,6 +237,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_typo_in_eval_protocol_stops_the_run_before_any_data_is_read(tmp_path):
+  config = _config(task='segment', **{'eval.protocol': 'cityscapes_halfs',
+                                      'data.data_dir': str(tmp_path / 'no_data_here')})
+  with pytest.raises(config_validation.ConfigError, match=r'config\.eval\.protocol'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'no_data_here')
 
 
 def _free_port() -> int:
