@@ -6,13 +6,13 @@ Layout under a workdir:
   best/<step>/state                 the best by validation mIoU
 """
 import json
-import os
 import re
-import shutil
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from ddep import storage
 
 
 class CheckpointError(ValueError):
@@ -33,21 +33,20 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
   Orbax and TensorStore report damage by array key and byte range, not by file:
   the files are checked first, then the file of the reported size is looked for.
   """
-  state = os.path.join(step_dir, 'state')
-  metadata = os.path.join(state, '_METADATA')
-  if not os.path.exists(metadata):
+  state = storage.path(step_dir) / 'state'
+  metadata = state / '_METADATA'
+  if not metadata.exists():
     return f'{metadata}: missing (it lists the arrays of the checkpoint)'
   try:
-    with open(metadata) as f:
-      json.load(f)
+    json.loads(metadata.read_text())
   except (OSError, ValueError) as e:
     return f'{metadata}: unreadable ({type(e).__name__}: {e})'
   text = ' '.join(str(c) for c in _exception_chain(error))
   key = re.search(r'Error reading "([^"]+)"', text)
   size = re.search(r'not valid for value of size (\d+)', text)
   if size:
-    files = [os.path.join(root, name) for root, _, names in os.walk(state) for name in names
-             if os.path.getsize(os.path.join(root, name)) == int(size.group(1))]
+    files = [str(f) for f in storage.files_below(state)
+             if f.stat().length == int(size.group(1))]
     array = f' (array {key.group(1).split("/")[0]})' if key else ''
     if files:
       return f'{", ".join(sorted(files))}: truncated to {size.group(1)} bytes{array}'
@@ -55,27 +54,20 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
   return f'{state}: {type(error).__name__}: {first.splitlines()[0][:500]}'
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
 class Checkpointer:
   """Periodic (last N) and best checkpoints of one run."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._data_dir = os.path.join(self.directory, 'data_state')
+    workdir = storage.path(workdir)
+    self.directory = workdir / 'checkpoints'
+    self._data_dir = self.directory / 'data_state'
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=opts)
     best_opts = ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda m: m['miou'], best_mode='max',
         keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save)
-    self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'best'),
-                                       options=best_opts)
+    self._best = ocp.CheckpointManager(workdir / 'best', options=best_opts)
 
   def reached_preemption(self, step: int) -> bool:
     """Whether all processes agreed to save at `step` after a preemption notice (SIGTERM)."""
@@ -86,9 +78,9 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Optional[dict] = None) -> None:
     if data_state is not None:
-      d = os.path.join(self._data_dir, str(step))
-      os.makedirs(d, exist_ok=True)
-      _write_json_atomic(os.path.join(d, f'process_{jax.process_index()}.json'), data_state)
+      d = self._data_dir / str(step)
+      d.mkdir(parents=True, exist_ok=True)
+      storage.write_text_atomic(d / f'process_{jax.process_index()}.json', json.dumps(data_state))
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     self._prune_data_states()
 
@@ -102,23 +94,22 @@ class Checkpointer:
     A damaged step raises one CheckpointError naming its directory and file; nothing
     is deleted (the previous complete steps stay, for a person to choose).
     """
-    step_dir = os.path.join(self.directory, str(step))
+    step_dir = self.directory / str(step)
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:  # Orbax raises many kinds for unreadable data.
       raise CheckpointError(self._damaged(step, describe_damage(step_dir, e))) from e
-    d = os.path.join(self._data_dir, str(step))
-    path = os.path.join(d, f'process_{jax.process_index()}.json')
-    if not os.path.exists(path):
+    d = self._data_dir / str(step)
+    path = d / f'process_{jax.process_index()}.json'
+    if not path.exists():
       # Another process count: a global stream resumes from any process's position
       # (the iterator checks that it can).
-      path = os.path.join(d, 'process_0.json')
+      path = d / 'process_0.json'
     data_state = None
-    if os.path.exists(path):
+    if path.exists():
       try:
-        with open(path) as f:
-          data_state = json.load(f)
+        data_state = json.loads(path.read_text())
       except (OSError, ValueError) as e:
         raise CheckpointError(self._damaged(
             step, f'{path}: unreadable input-pipeline state ({type(e).__name__}: {e})')) from e
@@ -132,14 +123,15 @@ class Checkpointer:
             f'{hint}.')
 
   def _prune_data_states(self) -> None:
-    if jax.process_index() != 0 or not os.path.isdir(self._data_dir):
+    if jax.process_index() != 0 or not self._data_dir.is_dir():
       return
     keep = {str(s) for s in self._manager.all_steps()}
+    names = [d.name for d in self._data_dir.iterdir()]
     # Keep the step being saved right now too (not yet in all_steps while async).
-    newest = max((int(s) for s in os.listdir(self._data_dir) if s.isdigit()), default=None)
-    for name in os.listdir(self._data_dir):
+    newest = max((int(s) for s in names if s.isdigit()), default=None)
+    for name in names:
       if name.isdigit() and name not in keep and int(name) != newest:
-        shutil.rmtree(os.path.join(self._data_dir, name), ignore_errors=True)
+        (self._data_dir / name).rmtree(missing_ok=True)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -155,11 +147,12 @@ def latest_step_dir(directory: str) -> Optional[str]:
 
   Only finished saves have a 'state' item; orbax's temporaries are not named <int>.
   """
-  if not os.path.isdir(directory):
+  directory = storage.path(directory)
+  if not directory.is_dir():
     return None
-  steps = [int(s) for s in os.listdir(directory)
-           if s.isdigit() and os.path.isdir(os.path.join(directory, s, 'state'))]
-  return os.path.join(directory, str(max(steps))) if steps else None
+  steps = [int(d.name) for d in directory.iterdir()
+           if d.name.isdigit() and (d / 'state').is_dir()]
+  return str(directory / str(max(steps))) if steps else None
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -167,12 +160,12 @@ def resolve_checkpoint(path: str) -> str:
 
   Returns the directory holding the 'state' item. Errors name what was looked for.
   """
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  path = storage.path(path)
+  if not path.exists():
     raise FileNotFoundError(f'init_from: {path} does not exist')
-  if os.path.isdir(os.path.join(path, 'state')):
-    return path
-  found = latest_step_dir(os.path.join(path, 'checkpoints')) or latest_step_dir(path)
+  if (path / 'state').is_dir():
+    return str(path)
+  found = latest_step_dir(path / 'checkpoints') or latest_step_dir(path)
   if found:
     return found
   raise FileNotFoundError(f'init_from: no finished checkpoint under {path} '
@@ -193,7 +186,7 @@ def load_params(path: str) -> dict:
   """Host (numpy) params of a saved run: trainable and frozen parts merged."""
   ckpt = resolve_checkpoint(path)
   try:
-    state = _restore_on_one_device(os.path.join(ckpt, 'state'))
+    state = _restore_on_one_device(storage.path(ckpt) / 'state')
   except Exception as e:  # Orbax raises many kinds for unreadable data.
     raise CheckpointError(f'cannot read checkpoint {ckpt}: {describe_damage(ckpt, e)}') from e
   from ddep import optimizer  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,6 @@ with `ddep.predict`. Bad input (no checkpoint, a checkpoint that does not fit th
 model, an unprepared dataset, a non-segmentation config) exits 1 with one line.
 """
 import json
-import os
 import sys
 from typing import Optional
 
@@ -34,6 +33,7 @@ from ddep import config_validation
 from ddep import input_pipeline
 from ddep import metrics as metrics_lib
 from ddep import sharding
+from ddep import storage
 from ddep import train
 from ddep.datasets import specs
 
@@ -49,19 +49,18 @@ def load_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None
   """`config` if given, else the run's own config.json."""
   if config is not None:
     return config
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.path(workdir) / 'config.json'
+  if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a ddep workdir '
                             '(pass --config to say how the run was configured)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def find_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
   """The step directory to load: `checkpoint` resolved, else the best, else the latest."""
   if checkpoint:
-    path = os.path.abspath(checkpoint)
-    if not os.path.exists(path):
+    path = storage.path(checkpoint)
+    if not path.exists():
       raise CheckpointError(f'checkpoint {path} does not exist')
     try:
       return checkpointing.resolve_checkpoint(path)
@@ -69,10 +68,10 @@ def find_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
       raise CheckpointError(f'no finished checkpoint under {path} (expected <step>/state, '
                             'checkpoints/<step>/state or best/<step>/state)') from e
   for sub in ('best', 'checkpoints'):
-    found = checkpointing.latest_step_dir(os.path.join(workdir, sub))
+    found = checkpointing.latest_step_dir(storage.path(workdir) / sub)
     if found:
       return found
-  raise CheckpointError(f'no finished checkpoint in workdir {os.path.abspath(workdir)}: looked for '
+  raise CheckpointError(f'no finished checkpoint in workdir {storage.path(workdir)}: looked for '
                         'best/<step>/state and checkpoints/<step>/state')
 
 
@@ -113,7 +112,7 @@ def load_params(config, checkpoint_dir: str, spec):
 
 
 def checkpoint_step(checkpoint_dir: str) -> Optional[int]:
-  name = os.path.basename(os.path.normpath(checkpoint_dir))
+  name = storage.path(checkpoint_dir).name
   return int(name) if name.isdigit() else None
 
 
@@ -155,12 +154,9 @@ def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
   out = dict(result, dataset=spec.name, split=split, protocol=config.eval.protocol,
              flip=bool(config.eval.flip), step=checkpoint_step(checkpoint_dir),
              checkpoint=checkpoint_dir)
-  out['json'] = os.path.join(checkpoint_dir, name)
+  out['json'] = str(storage.path(checkpoint_dir) / name)
   if jax.process_index() == 0:
-    tmp = out['json'] + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(metrics_lib.json_safe(out), f, indent=1)
-    os.replace(tmp, out['json'])
+    storage.write_text_atomic(out['json'], json.dumps(metrics_lib.json_safe(out), indent=1))
     print(f'{spec.name} {split}, protocol {config.eval.protocol}, checkpoint {checkpoint_dir}')
     print(metrics_lib.format_table(result), flush=True)
     print(f'wrote {out["json"]}')

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import io
 import json
 import math
 import re
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import matplotlib
@@ -38,8 +36,10 @@ import matplotlib
 matplotlib.use("Agg")  # Headless: runs on training hosts without a display.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils.epath import Path  # noqa: E402
 
 from ddep import metrics as metrics_lib  # noqa: E402
+from ddep import storage  # noqa: E402
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "metrics.jsonl"
@@ -76,7 +76,7 @@ def pretraining_record(init_from: str) -> dict | None:
   """
   if not init_from:
     return None
-  path = Path(init_from).resolve()
+  path = storage.path(init_from)
   for directory in (path, *list(path.parents)[:3]):  # <workdir>/checkpoints/<step>
     if (directory / "config.json").is_file():
       config = json.loads((directory / "config.json").read_text())
@@ -126,7 +126,7 @@ def write_results(
     "mean_class_accuracy": metrics.get("mean_class_accuracy"),
     **extra,
   }
-  path = Path(workdir) / RESULTS_FILE
+  path = storage.path(workdir) / RESULTS_FILE
   path.write_text(json.dumps(metrics_lib.json_safe(results), indent=1))
   return path
 
@@ -199,7 +199,7 @@ def read_curves(path: Path) -> list[dict]:
 
 
 def load_run(workdir) -> Run:
-  workdir = Path(workdir)
+  workdir = storage.path(workdir)
   path = workdir / RESULTS_FILE
   try:
     results = json.loads(path.read_text())
@@ -218,17 +218,17 @@ def find_workdirs(patterns: Sequence[str]) -> list[Path]:
   searched below for run dirs. Unfinished runs (no results.json) are skipped."""
   found: dict[Path, None] = {}
   for pattern in patterns:
-    matches = sorted(glob.glob(pattern)) or [pattern]
+    matches = storage.glob(pattern) or [pattern]
     hits = []
-    for match in map(Path, matches):
+    for match in map(storage.path, matches):
       if (match / RESULTS_FILE).is_file():
         hits.append(match)
       elif match.is_dir():
-        hits.extend(sorted(p.parent for p in match.rglob(RESULTS_FILE)))
+        hits.extend(p.parent for p in storage.files_below(match, RESULTS_FILE))
     if not hits:
       raise ReportError(f"no {RESULTS_FILE} found for --workdirs entry {pattern!r}")
     for hit in hits:
-      found.setdefault(hit.resolve(), None)
+      found.setdefault(storage.path(hit), None)
   return list(found)
 
 
@@ -375,8 +375,7 @@ def plot_table(summary: Mapping[tuple, Cell], dataset: str, width: float, path) 
   table.set_fontsize(9)
   table.scale(1, 1.4)
   ax.set_title(f"{_group_title(dataset, width)}: mIoU (%)")
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  _save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def plot_miou_vs_fraction(summary: Mapping[tuple, Cell], dataset: str, width: float, path) -> None:
@@ -402,8 +401,7 @@ def plot_miou_vs_fraction(summary: Mapping[tuple, Cell], dataset: str, width: fl
   ax.set_title(_group_title(dataset, width))
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  _save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def plot_training_curves(run: Run, path) -> bool:
@@ -434,8 +432,7 @@ def plot_training_curves(run: Run, path) -> bool:
     ax.axis("off")
   fig.suptitle(run.name)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save_figure(fig, path, dpi=80)
   return True
 
 
@@ -492,13 +489,21 @@ def denoising_grid(
   plt.close(fig)
   data = buffer.getvalue()
   if path is not None:
-    Path(path).write_bytes(data)
+    storage.path(path).write_bytes(data)
   return data
+
+
+def _save_figure(fig, path, **savefig_kw) -> None:
+  """PNG bytes through the storage layer: matplotlib would open() a gs:// path locally."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", **savefig_kw)
+  plt.close(fig)
+  storage.path(path).write_bytes(buffer.getvalue())
 
 
 def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
   """Writes every table and figure for `runs` into `output`."""
-  output = Path(output)
+  output = storage.path(output)
   (output / "curves").mkdir(parents=True, exist_ok=True)
   summary = summarize(runs)
   written: dict[str, list[Path]] = {"tables": [], "figures": [], "curves": []}

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from ddep import optimizer as optimizer_lib
 from ddep import report
 from ddep import sharding
 from ddep import steps as steps_lib
+from ddep import storage
 from ddep.datasets import specs
 from ddep.models import presets
 
@@ -164,14 +164,14 @@ def _to_global(tree, shardings):
 class _JsonlWriter:
   """Appends metric rows to workdir/metrics.jsonl (the report's training curves)."""
 
-  def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, report.CURVES_FILE)
+  def __init__(self, workdir):
+    self._path = storage.path(workdir) / report.CURVES_FILE
     self._on = jax.process_index() == 0
 
   def write(self, step: int, scalars: dict) -> None:
     if self._on:
-      with open(self._path, 'a') as f:
-        f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+      row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+      storage.append_text(self._path, json.dumps(row) + '\n')
 
 
 def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dict:
@@ -221,13 +221,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   run lengths and schedules are computed from it).
   """
   config_validation.validate(config, num_devices=jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
   jsonl = _JsonlWriter(workdir)
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   mesh = sharding.make_mesh()
   spec = specs.get(config.data.dataset)
@@ -242,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Global: every process plans the same number of steps and the same schedule.
   num_train_examples = int(train_iter.num_examples)
   if is_main and getattr(train_iter, 'subset_ids', None) is not None:
-    input_pipeline.write_subset_ids(os.path.join(workdir, 'subset_ids.txt'), train_iter.subset_ids)
+    input_pipeline.write_subset_ids(str(workdir / 'subset_ids.txt'), train_iter.subset_ids)
   total_steps = optimizer_lib.steps_from(
       steps=int(config.total_steps) or None, epochs=float(config.total_epochs) or None,
       num_examples=num_train_examples, batch_size=global_batch, name='total')
@@ -356,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=int(config.log_every))]
   if config.profile and is_main:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+    hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
 
   pending = []
   t0, step = time.time(), start_step
@@ -402,10 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.save(total_steps, state, data_state=train_iter.get_state())
   result = {}
   if eval_iter is not None:
-    done = os.path.join(workdir, report.RESULTS_FILE)
-    if os.path.exists(done) and start_step == total_steps:
-      with open(done) as f:
-        result = json.load(f)
+    done = workdir / report.RESULTS_FILE
+    if done.exists() and start_step == total_steps:
+      result = json.loads(done.read_text())
     else:
       result = run_eval(total_steps)
       if is_main:
