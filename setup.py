@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
   "numpy>=1.26",
   "optax==0.2.8",
   "orbax-checkpoint==0.12.8",
+  # ddep.storage: one path layer for local and gs:// workdirs (orbax and TFDS use it too).
+  "etils[epath]>=1.7",
   "safetensors>=0.4",
   "pillow>=10",
   "matplotlib>=3.8",
