@@ -1,15 +1,21 @@
-"""Orbax checkpoints of the train state, plus each process's input-pipeline position.
+"""Orbax checkpoints of the train state and of every process's input-pipeline position.
 
 Layout under a workdir:
   checkpoints/<step>/state          the last `keep` periodic checkpoints (async)
-  checkpoints/data_state/<step>/process_<i>.json
+  checkpoints/<step>/data/metadata  {"process_<i>": iterator state} of every process (JSON)
   best/<step>/state                 the best by validation mIoU
+
+Both items of a step are committed together and deleted together. Older runs kept
+the iterator states in checkpoints/data_state/<step>/process_<i>.json; those still
+restore.
 """
 import json
 import re
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ddep import storage
@@ -41,6 +47,12 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
     json.loads(metadata.read_text())
   except (OSError, ValueError) as e:
     return f'{metadata}: unreadable ({type(e).__name__}: {e})'
+  data = storage.path(step_dir) / 'data' / 'metadata'  # orbax's JsonSave file.
+  if data.exists():
+    try:
+      json.loads(data.read_text())
+    except (OSError, ValueError) as e:
+      return f'{data}: unreadable input-pipeline state ({type(e).__name__}: {e})'
   text = ' '.join(str(c) for c in _exception_chain(error))
   key = re.search(r'Error reading "([^"]+)"', text)
   size = re.search(r'not valid for value of size (\d+)', text)
@@ -77,11 +89,11 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: Optional[dict] = None) -> None:
+    """Saves `state` and, as a second item of the same step, every process's `data_state`."""
+    items = dict(state=ocp.args.StandardSave(state))
     if data_state is not None:
-      d = self._data_dir / str(step)
-      d.mkdir(parents=True, exist_ok=True)
-      storage.write_text_atomic(d / f'process_{jax.process_index()}.json', json.dumps(data_state))
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      items['data'] = ocp.args.JsonSave(_gather_data_states(data_state))
+    self._manager.save(step, args=ocp.args.Composite(**items))
     self._prune_data_states()
 
   def save_best(self, step: int, state: Any, miou: float) -> None:
@@ -95,11 +107,23 @@ class Checkpointer:
     is deleted (the previous complete steps stay, for a person to choose).
     """
     step_dir = self.directory / str(step)
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if (step_dir / 'data').is_dir():
+      items['data'] = ocp.args.JsonRestore()
     try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many kinds for unreadable data.
       raise CheckpointError(self._damaged(step, describe_damage(step_dir, e))) from e
+    if 'data' in items:
+      states = restored['data'] or {}
+      # Another process count: a global stream resumes from any process's position
+      # (the iterator checks that it can).
+      own = states.get(f'process_{jax.process_index()}', states.get('process_0'))
+      return restored['state'], own
+    return restored['state'], self._legacy_data_state(step)
+
+  def _legacy_data_state(self, step: int) -> Optional[dict]:
+    """This process's iterator state from the layout before the 'data' item."""
     d = self._data_dir / str(step)
     path = d / f'process_{jax.process_index()}.json'
     if not path.exists():
@@ -113,7 +137,7 @@ class Checkpointer:
       except (OSError, ValueError) as e:
         raise CheckpointError(self._damaged(
             step, f'{path}: unreadable input-pipeline state ({type(e).__name__}: {e})')) from e
-    return restored['state'], data_state
+    return data_state
 
   def _damaged(self, step: int, what: str) -> str:
     older = [s for s in self._manager.all_steps() if s < step]
@@ -140,6 +164,19 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
     self._best.close()
+
+
+def _gather_data_states(data_state: dict) -> dict:
+  """{'process_<i>': state} of every process, on every process (orbax writes it once)."""
+  if jax.process_count() == 1:
+    return {'process_0': data_state}
+  text = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(text)))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:len(text)] = text
+  rows = multihost_utils.process_allgather(padded)
+  return {f'process_{i}': json.loads(bytes(row[:n]).decode())
+          for i, (row, n) in enumerate(zip(rows, lengths))}
 
 
 def latest_step_dir(directory: str) -> Optional[str]:

@@ -342,8 +342,10 @@ def test_sigterm_on_two_processes_saves_one_step_and_resumes_on_one(cli_runs):
   assert 2 < saved < 6, saved
   for out in outs:
     assert f'preempted (SIGTERM) at step {saved}/6: every process saved step {saved}' in out
-  data_states = os.path.join(workdir, 'checkpoints', 'data_state', str(saved))
-  assert sorted(os.listdir(data_states)) == ['process_0.json', 'process_1.json']
+  # Both processes' input positions are in that step, in the slices of one global batch.
+  with open(os.path.join(workdir, 'checkpoints', str(saved), 'data', 'metadata')) as f:
+    data_states = json.load(f)
+  assert [data_states[f'process_{i}']['position'] for i in range(2)] == [4 * saved, 4 * saved + 2]
 
   # One process (of 2 devices, not 4) continues the same global stream from there.
   result = train.train_and_evaluate(_finetune_config(cli_runs['data_dir']), workdir)
@@ -407,7 +409,7 @@ def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(saved_ru
     bad, what = os.path.join(step_dir, 'state', '_METADATA'), 'missing'
     os.remove(bad)
   else:
-    bad = os.path.join(workdir, 'checkpoints', 'data_state', '2', 'process_0.json')
+    bad = os.path.join(step_dir, 'data', 'metadata')
     what = 'unreadable input-pipeline state'
     with open(bad, 'w') as f:
       f.write('{"position": 8, garbage')
@@ -419,3 +421,21 @@ def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(saved_ru
   assert 'Nothing was deleted; the previous complete step is 1' in message
   after = sorted(os.path.join(r, n) for r, _, names in os.walk(workdir) for n in names)
   assert [f for f in before if f not in after] == []
+
+
+def test_checkpoints_of_the_old_layout_with_data_state_dir_still_resume(saved_run, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(saved_run, workdir)
+  # Before the 'data' item, each process wrote checkpoints/data_state/<step>/process_<i>.json.
+  for step in ('1', '2'):
+    item = os.path.join(workdir, 'checkpoints', step, 'data')
+    with open(os.path.join(item, 'metadata')) as f:
+      state = json.load(f)['process_0']
+    legacy = os.path.join(workdir, 'checkpoints', 'data_state', step)
+    os.makedirs(legacy)
+    with open(os.path.join(legacy, 'process_0.json'), 'w') as f:
+      json.dump(state, f)
+    shutil.rmtree(item)
+  batches = Batches()
+  result = train.train_and_evaluate(_config(total_steps=3), workdir, train_iter=batches)
+  assert result.step == 3 and batches.get_state() == {'step': 3}  # Resumed at step 2.
