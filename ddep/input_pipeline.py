@@ -833,8 +833,10 @@ def _train_iterator(
       f"{spec.name}: process {process_index}/{process_count} has no examples in {splits}"
     )
   # A global stream is one for all processes; a streamed shard is this process's own.
-  stream = 0 if source.is_global else process_index
-  slots = _Slots(batch_size, process_index, process_count) if source.is_global else _Slots(batch_size)
+  if source.is_global:
+    stream, slots = 0, _Slots(batch_size, process_index, process_count)
+  else:
+    stream, slots = process_index, _Slots(batch_size)
   plan = _Plan(source.chunk_sizes, seed=seed, stream=stream, shuffle=True, repeat=True)
   examples = _Examples(
     source, plan, seed=seed, stream=stream, skip_bad_examples=skip_bad_examples, what=what

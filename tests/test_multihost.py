@@ -129,4 +129,5 @@ def test_sigterm_on_two_processes_saves_one_step_and_resumes_on_one(cli_runs):
   # One process (of 2 devices, not 4) continues the same global stream from there.
   result = train.train_and_evaluate(_finetune_config(cli_runs['data_dir']), workdir)
   assert result.step == 6
-  _assert_trained_alike(checkpointing.load_params(workdir), checkpointing.load_params(cli_runs['one']))
+  reference = checkpointing.load_params(cli_runs['one'])
+  _assert_trained_alike(checkpointing.load_params(workdir), reference)
