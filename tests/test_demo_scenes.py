@@ -71,6 +71,7 @@ def test_tiny_builder_writes_what_make_example_draws(tmp_path):
     "unlabelled": 48,
     "train": 24,
     "validation": 10,
+    "holdout": 6,
   }
   config = builder.builder_config
   seen = 0

@@ -22,7 +22,7 @@ PALETTE = np.array(
   [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
   np.uint8,
 )
-_SPLIT_IDS = {"unlabelled": 0, "train": 1, "validation": 2}
+_SPLIT_IDS = {"unlabelled": 0, "train": 1, "validation": 2, "holdout": 3}
 
 
 @dataclasses.dataclass
@@ -34,6 +34,8 @@ class DemoScenesConfig(tfds.core.BuilderConfig):
   num_unlabelled: int = 4096
   num_train: int = 1024
   num_validation: int = 256
+  # Labelled scenes for choosing hyper-parameters, so that validation is looked at once.
+  num_holdout: int = 256
   seed: int = 0
 
 
@@ -144,19 +146,23 @@ def make_example(config: DemoScenesConfig, split: str, index: int) -> dict:
 class DdepDemoScenes(tfds.core.GeneratorBasedBuilder):
   """Generated scenes with 5 object classes + background."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "A `holdout` split for choosing hyper-parameters without the validation split.",
+  }
   BUILDER_CONFIGS = [
-    DemoScenesConfig(name="default", description="64x64 images, 4096/1024/256 examples."),
+    DemoScenesConfig(name="default", description="64x64 images, 4096/1024/256/256 examples."),
     # Varying sizes on purpose: tests exercise padding and per-image eval shapes.
     DemoScenesConfig(
       name="tiny",
-      description="24-40 px images, 48/24/10 examples, for tests.",
+      description="24-40 px images, 48/24/10/6 examples, for tests.",
       min_size=24,
       max_size=40,
       num_unlabelled=48,
       num_train=24,
       num_validation=10,
+      num_holdout=6,
     ),
   ]
 
@@ -176,7 +182,12 @@ class DdepDemoScenes(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     c = self.builder_config
-    sizes = {"unlabelled": c.num_unlabelled, "train": c.num_train, "validation": c.num_validation}
+    sizes = {
+      "unlabelled": c.num_unlabelled,
+      "train": c.num_train,
+      "validation": c.num_validation,
+      "holdout": c.num_holdout,
+    }
     return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
   def _generate_examples(self, split, num_examples):
@@ -196,8 +207,8 @@ _COMMON = dict(
   image_labels_key="labels",
 )
 specs.register(
-  specs.DatasetSpec(name="demo", tfds_name="ddep_demo_scenes/default:1.0.0", **_COMMON)
+  specs.DatasetSpec(name="demo", tfds_name="ddep_demo_scenes/default:1.1.0", **_COMMON)
 )
 specs.register(
-  specs.DatasetSpec(name="demo_tiny", tfds_name="ddep_demo_scenes/tiny:1.0.0", **_COMMON)
+  specs.DatasetSpec(name="demo_tiny", tfds_name="ddep_demo_scenes/tiny:1.1.0", **_COMMON)
 )
