@@ -353,6 +353,73 @@ def markdown_summary(summary: Mapping[tuple, Cell]) -> str:
   return "\n\n".join(parts) + "\n"
 
 
+# The paper's claims as (better, worse, where): "lowest"/"highest" label fraction of a table.
+PAPER_ORDERINGS = (
+  ("dep", "none", "lowest", "DeP beats random initialisation with few labels (Fig. 2, Table 1)"),
+  ("ddep", "none", "lowest", "DDeP beats random initialisation with few labels (Table 1)"),
+  ("ddep", "supervised", "lowest", "DDeP beats supervised pretraining with few labels (Table 1)"),
+  ("supervised", "dep", "highest", "supervised pretraining beats DeP with all labels (Fig. 2)"),
+)
+
+
+def compare(better: Cell, worse: Cell) -> str:
+  """'holds', 'reversed' or 'within noise' for the claim `better` > `worse`.
+
+  A difference counts only beyond twice the larger of the two sample stds; with
+  a single run on either side there is no std, and the verdict says so.
+  """
+  diff = better.mean - worse.mean
+  if better.n < 2 or worse.n < 2:
+    return "holds (n=1, no std)" if diff > 0 else "reversed (n=1, no std)"
+  margin = 2 * max(better.std, worse.std)
+  if diff > margin:
+    return "holds"
+  if -diff > margin:
+    return "reversed"
+  return "within noise"
+
+
+def orderings(summary: Mapping[tuple, Cell]) -> list[dict]:
+  """Each of PAPER_ORDERINGS as measured, per (dataset, decoder width) table."""
+  rows = []
+  for (dataset, width), group in _groups(summary).items():
+    fractions = group["fractions"]
+    for better, worse, where, claim in PAPER_ORDERINGS:
+      fraction = min(fractions) if where == "lowest" else max(fractions)
+      a = summary.get((dataset, width, better, fraction))
+      b = summary.get((dataset, width, worse, fraction))
+      if a is None or b is None:
+        continue
+      rows.append(
+        dict(
+          dataset=dataset,
+          decoder_width=width,
+          label_fraction=fraction,
+          better=better,
+          worse=worse,
+          claim=claim,
+          difference=a.mean - b.mean,
+          margin=2 * max(a.std, b.std),
+          verdict=compare(a, b),
+        )
+      )
+  return rows
+
+
+def markdown_orderings(rows: Sequence[dict]) -> str:
+  lines = [
+    "| Paper's claim | Labels | Difference (points) | 2 × max std | Measured |",
+    "|---|---|---|---|---|",
+  ]
+  for r in rows:
+    margin = "–" if math.isnan(r["margin"]) else f"{100 * r['margin']:.2f}"
+    lines.append(
+      f"| {r['claim']} | {format_fraction(r['label_fraction'])} | "
+      f"{100 * r['difference']:+.2f} | {margin} | {r['verdict']} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 def _slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 

@@ -226,3 +226,48 @@ def test_denoising_grid(tmp_path):
   assert width > height  # 4 columns, 3 rows.
   with pytest.raises(ValueError, match="denoised_by_sigma"):
     report.denoising_grid(clean, noisy, noise, {0.1: clean})
+
+
+def _summary(cells):
+  """{(method, fraction): mIoUs} as summarize() would return them for one table."""
+  return {("demo", 1.0, m, f): report.Cell(tuple(v)) for (m, f), v in cells.items()}
+
+
+def test_cell_mean_and_sample_std():
+  cell = report.Cell((0.2, 0.3, 0.4))
+  assert cell.n == 3 and cell.mean == pytest.approx(0.3)
+  assert cell.std == pytest.approx(0.1)  # ddof=1: sqrt((0.01 + 0 + 0.01) / 2)
+  assert "30.00 ± 10.00 (n=3)" == report.format_cell(cell)
+
+
+def test_orderings_need_twice_the_larger_std():
+  summary = _summary({
+    # Lowest fraction: DeP clears none by 6 points > 2 x 2; DDeP by 3 < 2 x 2 (its own std).
+    ("none", 0.02): (0.19, 0.20, 0.21),      # std 1 point
+    ("dep", 0.02): (0.25, 0.26, 0.27),       # +6, std 1
+    ("ddep", 0.02): (0.21, 0.23, 0.25),      # +3, std 2 -> margin 4
+    ("supervised", 0.02): (0.30, 0.31, 0.32),  # DDeP is 8 below: reversed
+    ("supervised", 1.0): (0.50,),
+    ("dep", 1.0): (0.55,),
+    ("none", 1.0): (0.40,),
+    ("ddep", 1.0): (0.52,),
+  })
+  rows = {(r["better"], r["worse"]): r for r in report.orderings(summary)}
+  assert rows[("dep", "none")]["verdict"] == "holds"
+  assert rows[("dep", "none")]["label_fraction"] == 0.02
+  assert rows[("dep", "none")]["difference"] == pytest.approx(0.06)
+  assert rows[("dep", "none")]["margin"] == pytest.approx(0.02)
+  assert rows[("ddep", "none")]["verdict"] == "within noise"
+  assert rows[("ddep", "supervised")]["verdict"] == "reversed"
+  # All labels: one run each, so no std; the sign is reported as such.
+  assert rows[("supervised", "dep")]["label_fraction"] == 1.0
+  assert rows[("supervised", "dep")]["verdict"] == "reversed (n=1, no std)"
+  table = report.markdown_orderings(report.orderings(summary))
+  assert "| DeP beats random initialisation with few labels (Fig. 2, Table 1) | 2% | +6.00 | 2.00 | holds |" in table
+  assert "| – | reversed (n=1, no std) |" in table
+
+
+def test_orderings_skip_missing_methods():
+  summary = _summary({("none", 0.1): (0.2, 0.3), ("dep", 0.1): (0.4, 0.5)})
+  rows = report.orderings(summary)
+  assert [(r["better"], r["worse"]) for r in rows] == [("dep", "none")]
