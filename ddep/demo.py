@@ -8,7 +8,8 @@ It mirrors the paper's Table 1 / Figure 2 at toy scale:
   3. DDeP: the supervised encoder is frozen and the decoder denoises, σ = 0.1
   4. fine-tuning of each initialisation (none / supervised / DeP / DDeP) at several
      label fractions and subset seeds, evaluated by mIoU on the validation split
-  5. a table (mean ± std), the mIoU-vs-fraction plot, and a Figure-4 denoising grid.
+  5. a table (mean ± std), the paper's orderings as measured, the mIoU-vs-fraction plot,
+     Figure-4 denoising grids and a segmentation figure.
 Every stage is an ordinary `ddep.train` run in its own workdir; a rerun skips the
 stages whose workdir says DONE.
 """
@@ -27,14 +28,28 @@ from configs import common
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny dataset and few steps (for tests).')
-_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 500, 'Steps of each pretraining stage.')
-_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 150, 'Steps of each fine-tuning run.')
-_FRACTIONS = flags.DEFINE_list('fractions', ['0.02', '0.1', '1.0'], 'Label fractions.')
+_BUDGET = flags.DEFINE_enum('budget', 'default', ['default', 'long'],
+                            "'default' fits 20 minutes on 2 CPU cores; 'long' is ~10x that.")
+_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 0, 'Steps of each pretraining stage '
+                                       '(0: the budget\'s).')
+_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 0, 'Steps of each fine-tuning run '
+                                       '(0: the budget\'s).')
+_FRACTIONS = flags.DEFINE_list('fractions', [], 'Label fractions (empty: the budget\'s).')
 _SEEDS = flags.DEFINE_integer(
-    'seeds', 2, 'Subset seeds per label fraction below 1 (the full set has one subset: one run).')
+    'seeds', 0, 'Subset seeds per label fraction below 1 (the full set has one subset: one '
+    'run); 0: the budget\'s.')
+
+# At least 3 subset seeds where the subset varies, so that a mean comes with a std.
+BUDGETS = {
+    'default': dict(pretrain_steps=500, finetune_steps=150, fractions=['0.02', '1.0'], seeds=3),
+    'long': dict(pretrain_steps=3000, finetune_steps=1000, fractions=['0.02', '0.1', '1.0'],
+                 seeds=5),
+    'quick': dict(pretrain_steps=6, finetune_steps=4, fractions=['1.0'], seeds=1),
+}
 
 METHODS = ('none', 'supervised', 'dep', 'ddep')
-SIGMAS_FOR_FIGURE = (0.1, 0.2, 0.4, 0.8)
+METHOD_TITLES = {'none': 'no pretraining', 'supervised': 'supervised', 'dep': 'DeP',
+                 'ddep': 'DDeP'}
 
 
 def _base(quick: bool):
@@ -107,12 +122,23 @@ def _done_marker(workdir: str) -> str:
   return os.path.join(workdir, 'DONE')
 
 
-def run_stages(runs, *, log=print) -> None:
+def stage_cost(config) -> float:
+  """Relative cost of a run: pixels pushed through the model (steps x batch x crop)."""
+  h, w = config.data.image_size
+  return float(config.total_steps * config.data.batch_size * h * w)
+
+
+def run_stages(runs, *, log=print) -> dict[str, float]:
+  """Runs each stage not yet DONE; returns {name: seconds} as each run recorded it."""
   from ddep import train  # pylint: disable=g-import-not-at-top
   t_start = time.time()
+  costs = [stage_cost(c) for _, _, c in runs]
+  seconds, measured, measured_cost = {}, 0.0, 0.0
   for i, (name, workdir, config) in enumerate(runs, 1):
     prefix = f'[demo] ({i}/{len(runs)}) {name}'
     if os.path.exists(_done_marker(workdir)):
+      with open(_done_marker(workdir)) as f:
+        seconds[name] = float(json.load(f).get('seconds', 0.0))
       log(f'{prefix}: already done, reusing {workdir}')
       continue
     log(f'{prefix}: {config.task}, {config.total_steps} steps ...')
@@ -123,42 +149,134 @@ def run_stages(runs, *, log=print) -> None:
       summary['miou'] = result.metrics['miou']
     with open(_done_marker(workdir), 'w') as f:
       json.dump(summary, f)
+    seconds[name] = summary['seconds']
+    measured += time.time() - t
+    measured_cost += costs[i - 1]
+    # Only runs done in this process count: reused stages took no time now.
+    left = measured / measured_cost * sum(costs[i:]) if measured_cost else float('nan')
     extra = f', val mIoU {100 * summary["miou"]:.2f}' if 'miou' in summary else ''
     log(f'{prefix}: done in {summary["seconds"]:.0f}s{extra} '
-        f'(elapsed {time.time() - t_start:.0f}s)')
+        f'(job: elapsed {time.time() - t_start:.0f}s, ETA {left:.0f}s)')
+  return seconds
 
 
-def denoising_figure(runs, output: str, *, quick: bool) -> str:
-  """Figure 4 from the DeP model: clean / noisy / predicted ε / denoised for several σ."""
-  from ddep import checkpointing, input_pipeline, report, train  # pylint: disable=g-import-not-at-top
-  _, workdir, config = next(r for r in runs if r[0] == 'pretrain_dep')
-  model = train.build_model(config, num_outputs=3)
-  params = checkpointing.load_params(workdir)
+def _validation_images(config, count: int):
+  """The first `count` validation images and labels, cropped to their own size."""
+  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
   batch = next(iter(input_pipeline.eval_dataset(
-      config.data.dataset, batch_size=1, pad_to=tuple(config.data.eval_pad_to),
+      config.data.dataset, batch_size=count, pad_to=tuple(config.data.eval_pad_to),
       process_index=0, process_count=1)))
-  h, w = (32, 32) if quick else (64, 64)
-  clean = np.asarray(batch['image'][0, :h, :w])
-  rng = np.random.default_rng(0)
-  eps = rng.standard_normal(clean.shape).astype(np.float32)
-  noisy, pred, denoised = {}, {}, {}
-  for sigma in SIGMAS_FOR_FIGURE:
+  out = []
+  for i in range(count):
+    h, w = batch['orig_hw'][i] if 'orig_hw' in batch else batch['image'].shape[1:3]
+    out.append((np.asarray(batch['image'][i, :h, :w]), np.asarray(batch['label'][i, :h, :w])))
+  return out
+
+
+def _pad_for(model, image):
+  s = model.output_stride
+  h, w = image.shape[:2]
+  return np.pad(image, ((0, -h % s), (0, -w % s), (0, 0)))
+
+
+def denoising_figures(runs, output: str) -> list[str]:
+  """Figure 4 from each denoising model, at the σ it was trained for:
+  clean / noisy / predicted ε / denoised."""
+  from ddep import checkpointing, report, train  # pylint: disable=g-import-not-at-top
+  paths = []
+  for name, filename, label in (('pretrain_dep', 'denoising.png', 'DeP'),
+                                ('pretrain_ddep', 'denoising_ddep.png', 'DDeP')):
+    _, workdir, config = next(r for r in runs if r[0] == name)
+    model = train.build_model(config, num_outputs=3)
+    params = checkpointing.load_params(workdir)
+    sigma = float(config.denoise.sigma)
+    clean, _ = _validation_images(config, 1)[0]
+    h, w = clean.shape[:2]
+    eps = np.random.default_rng(0).standard_normal(clean.shape).astype(np.float32)
     x = clean + sigma * eps
-    e = np.asarray(model.apply({'params': params}, x[None]))[0]
-    noisy[sigma], pred[sigma], denoised[sigma] = x, e, x - sigma * e
-  path = os.path.join(output, 'denoising.png')
-  report.denoising_grid(clean, noisy, pred, denoised, path=path)
+    e = np.asarray(model.apply({'params': params}, _pad_for(model, x)[None]))[0, :h, :w]
+    path = os.path.join(output, filename)
+    report.denoising_grid(
+        clean, {sigma: x}, {sigma: e}, {sigma: x - sigma * e}, path=path,
+        title=f'{label}, {config.model.preset} TransUNet, trained at σ = {sigma:g} '
+              f'({config.total_steps} steps)')
+    paths.append(path)
+  return paths
+
+
+def segmentation_figure(runs, output: str, *, num_images: int = 4) -> str:
+  """Image, ground truth and each method's prediction for validation images, from the
+  seed-0 fine-tunes at the lowest label fraction."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from ddep import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+  finetunes = [(n, wd, c) for n, wd, c in runs if n.startswith('finetune_')]
+  lowest = min(float(c.data.label_fraction) for _, _, c in finetunes)
+  chosen = {c.method: (wd, c) for _, wd, c in finetunes
+            if float(c.data.label_fraction) == lowest and int(c.data.subset_seed) == 0}
+  methods = [m for m in METHODS if m in chosen]
+  spec = specs.get(chosen[methods[0]][1].data.dataset)
+  images = _validation_images(chosen[methods[0]][1], num_images)
+  predictions = {}
+  for method in methods:
+    workdir, config = chosen[method]
+    model = train.build_model(config, num_outputs=spec.num_classes)
+    params = checkpointing.load_params(workdir)
+    predictions[method] = []
+    for image, label in images:
+      logits = np.asarray(model.apply({'params': params}, _pad_for(model, image)[None]))[0]
+      predictions[method].append(np.argmax(logits[:label.shape[0], :label.shape[1]], -1))
+  palette = np.asarray(spec.palette, np.uint8)
+  titles = ['image', 'ground truth'] + [METHOD_TITLES[m] for m in methods]
+  fig, axes = plt.subplots(len(images), len(titles), figsize=(1.6 * len(titles), 1.6 * len(images)),
+                           squeeze=False)
+  for row, (image, label) in enumerate(images):
+    shown = [np.clip((image + 1) / 2, 0, 1), palette[np.where(label == spec.ignore_label, 0, label)]]
+    shown += [palette[predictions[m][row]] for m in methods]
+    for col, picture in enumerate(shown):
+      ax = axes[row, col]
+      ax.imshow(picture, interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        ax.set_title(titles[col], fontsize=8)
+  fig.suptitle(f'Validation images, fine-tuned on {100 * lowest:g}% of the labels (seed 0)',
+               fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(output, 'segmentation.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
   return path
 
 
-def write_report(runs, output: str) -> str:
+def stage_seconds_table(runs, seconds: dict[str, float]) -> str:
+  """Seconds per stage kind (pretraining each, fine-tuning summed by method)."""
+  rows: dict[str, list[float]] = {}
+  for name, _, config in runs:
+    kind = name if name.startswith('pretrain_') else f'finetune_{config.method}'
+    rows.setdefault(kind, []).append(seconds.get(name, float('nan')))
+  lines = ['| Stage | Runs | Seconds |', '|---|---|---|']
+  for kind, values in rows.items():
+    lines.append(f'| {kind} | {len(values)} | {sum(values):.0f} |')
+  lines.append(f'| all | {sum(len(v) for v in rows.values())} | '
+               f'{sum(sum(v) for v in rows.values()):.0f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_report(runs, output: str, seconds: dict[str, float]) -> str:
   from ddep import report  # pylint: disable=g-import-not-at-top
   finetunes = [report.load_run(wd) for name, wd, _ in runs if name.startswith('finetune_')]
   report.build_report(finetunes, output)
-  summary = report.markdown_summary(report.summarize(finetunes))
+  summary = report.summarize(finetunes)
+  text = (report.markdown_summary(summary)
+          + "\n## The paper's orderings, as measured\n\n"
+          + report.markdown_orderings(report.orderings(summary))
+          + '\n## Seconds per stage\n\n' + stage_seconds_table(runs, seconds))
   with open(os.path.join(output, 'results.md'), 'w') as f:
-    f.write(summary)
-  return summary
+    f.write(text)
+  return text
 
 
 def main(argv):
@@ -175,21 +293,22 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   quick = _QUICK.value
+  budget = BUDGETS['quick' if quick else _BUDGET.value]
   runs = stage_configs(output, quick=quick,
-                       pretrain_steps=6 if quick else _PRETRAIN_STEPS.value,
-                       finetune_steps=4 if quick else _FINETUNE_STEPS.value,
-                       fractions=_FRACTIONS.value if not quick else ['1.0'],
-                       seeds=1 if quick else _SEEDS.value)
+                       pretrain_steps=_PRETRAIN_STEPS.value or budget['pretrain_steps'],
+                       finetune_steps=_FINETUNE_STEPS.value or budget['finetune_steps'],
+                       fractions=_FRACTIONS.value or budget['fractions'],
+                       seeds=_SEEDS.value or budget['seeds'])
   t0 = time.time()
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
   print(f'[demo] preparing the {runs[0][2].data.dataset} dataset ...', flush=True)
   input_pipeline.prepare(runs[0][2].data.dataset, None)
-  run_stages(runs, log=lambda s: print(s, flush=True))
-  summary = write_report(runs, output)
-  figure = denoising_figure(runs, output, quick=quick)
+  seconds = run_stages(runs, log=lambda s: print(s, flush=True))
+  summary = write_report(runs, output, seconds)
+  figures = denoising_figures(runs, output) + [segmentation_figure(runs, output)]
   print('\n' + summary, flush=True)
-  print(f'[demo] wrote {output}/results.md, {output}/miou_vs_fraction_*.png, {figure} '
-        f'in {time.time() - t0:.0f}s', flush=True)
+  print(f'[demo] wrote {output}/results.md, {output}/miou_vs_fraction_*.png, '
+        f'{", ".join(figures)} in {time.time() - t0:.0f}s', flush=True)
 
 
 if __name__ == '__main__':

@@ -386,6 +386,9 @@ def orderings(summary: Mapping[tuple, Cell]) -> list[dict]:
     fractions = group["fractions"]
     for better, worse, where, claim in PAPER_ORDERINGS:
       fraction = min(fractions) if where == "lowest" else max(fractions)
+      # "Few labels" needs a fraction below 100%, "all labels" needs 100%.
+      if (where == "lowest" and fraction >= 1.0) or (where == "highest" and fraction < 1.0):
+        continue
       a = summary.get((dataset, width, better, fraction))
       b = summary.get((dataset, width, worse, fraction))
       if a is None or b is None:
@@ -516,6 +519,7 @@ def denoising_grid(
   *,
   path=None,
   noise_scale: float = 3.0,
+  title: str = "",
 ) -> bytes:
   """Figure 4: per σ, a row clean | noisy x+σε | predicted ε | denoised.
 
@@ -550,6 +554,8 @@ def denoising_grid(
       if row == 0:
         ax.set_title(columns[col])
     axes[row, 0].set_ylabel(f"σ = {sigma:g}")
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)

@@ -35,11 +35,35 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
   cmd = [sys.executable, '-m', 'ddep.demo', '--quick', f'--output={tmp_path}']
   first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-  for name in ('results.md', 'denoising.png', 'miou_vs_fraction_demo_tiny_1x.png'):
+  for name in ('results.md', 'denoising.png', 'denoising_ddep.png', 'segmentation.png',
+               'miou_vs_fraction_demo_tiny_1x.png'):
     assert (tmp_path / name).stat().st_size > 0, name
   table = (tmp_path / 'results.md').read_text()
   for method in ('No pretraining', 'Supervised', 'DeP', 'DDeP'):
     assert f'| {method} |' in table
+  assert "The paper's orderings" in table and '| all | 7 |' in table
+  assert '(job: elapsed' in first.stdout and 'ETA' in first.stdout
   second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
   assert second.stdout.count('already done') == 3 + 4  # pretraining + one fraction x 4 methods
+
+
+def test_default_budget_has_three_seeds_at_the_lowest_fraction():
+  b = demo.BUDGETS['default']
+  runs = demo.stage_configs('/out', quick=False, pretrain_steps=b['pretrain_steps'],
+                            finetune_steps=b['finetune_steps'], fractions=b['fractions'],
+                            seeds=b['seeds'])
+  lowest = min(float(f) for f in b['fractions'])
+  for method in demo.METHODS:
+    seeds = {c.data.subset_seed for n, _, c in runs
+             if n.startswith(f'finetune_{method}_') and c.data.label_fraction == lowest}
+    assert len(seeds) >= 3, method
+
+
+def test_stage_cost_and_seconds_table():
+  runs = demo.stage_configs('/out', quick=True, pretrain_steps=6, finetune_steps=4,
+                            fractions=['1.0'], seeds=1)
+  name, _, config = runs[-1]
+  assert demo.stage_cost(config) == 4 * 8 * 32 * 32
+  table = demo.stage_seconds_table(runs, {n: 2.0 for n, _, _ in runs})
+  assert '| pretrain_dep | 1 | 2 |' in table and '| all | 7 | 14 |' in table

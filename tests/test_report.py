@@ -271,3 +271,6 @@ def test_orderings_skip_missing_methods():
   summary = _summary({("none", 0.1): (0.2, 0.3), ("dep", 0.1): (0.4, 0.5)})
   rows = report.orderings(summary)
   assert [(r["better"], r["worse"]) for r in rows] == [("dep", "none")]
+  # Only 100%: no claim about few labels; only 10%: none about all labels.
+  only_full = _summary({("supervised", 1.0): (0.5,), ("dep", 1.0): (0.4,), ("none", 1.0): (0.3,)})
+  assert [(r["better"], r["worse"]) for r in report.orderings(only_full)] == [("supervised", "dep")]
