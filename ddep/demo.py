@@ -179,9 +179,9 @@ def _pad_for(model, image):
   return np.pad(image, ((0, -h % s), (0, -w % s), (0, 0)))
 
 
-def denoising_figures(runs, output: str) -> list[str]:
+def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
   """Figure 4 from each denoising model, at the σ it was trained for:
-  clean / noisy / predicted ε / denoised."""
+  clean / noisy / predicted ε / denoised, for the image `clean`."""
   from ddep import checkpointing, report, train  # pylint: disable=g-import-not-at-top
   paths = []
   for name, filename, label in (('pretrain_dep', 'denoising.png', 'DeP'),
@@ -190,7 +190,6 @@ def denoising_figures(runs, output: str) -> list[str]:
     model = train.build_model(config, num_outputs=3)
     params = checkpointing.load_params(workdir)
     sigma = float(config.denoise.sigma)
-    clean, _ = _validation_images(config, 1)[0]
     h, w = clean.shape[:2]
     eps = np.random.default_rng(0).standard_normal(clean.shape).astype(np.float32)
     x = clean + sigma * eps
@@ -204,13 +203,12 @@ def denoising_figures(runs, output: str) -> list[str]:
   return paths
 
 
-def segmentation_figure(runs, output: str, *, num_images: int = 4) -> str:
-  """Image, ground truth and each method's prediction for validation images, from the
-  seed-0 fine-tunes at the lowest label fraction."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
+def segmentation_figure(runs, output: str, images) -> str:
+  """Image, ground truth and each method's prediction for `images` ((image, label) pairs),
+  from the seed-0 fine-tunes at the lowest label fraction."""
+  # report selects matplotlib's headless backend before pyplot is imported.
+  from ddep import checkpointing, report, train  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from ddep import checkpointing, train  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
   finetunes = [(n, wd, c) for n, wd, c in runs if n.startswith('finetune_')]
   lowest = min(float(c.data.label_fraction) for _, _, c in finetunes)
@@ -218,7 +216,6 @@ def segmentation_figure(runs, output: str, *, num_images: int = 4) -> str:
             if float(c.data.label_fraction) == lowest and int(c.data.subset_seed) == 0}
   methods = [m for m in METHODS if m in chosen]
   spec = specs.get(chosen[methods[0]][1].data.dataset)
-  images = _validation_images(chosen[methods[0]][1], num_images)
   predictions = {}
   for method in methods:
     workdir, config = chosen[method]
@@ -233,7 +230,7 @@ def segmentation_figure(runs, output: str, *, num_images: int = 4) -> str:
   fig, axes = plt.subplots(len(images), len(titles), figsize=(1.6 * len(titles), 1.6 * len(images)),
                            squeeze=False)
   for row, (image, label) in enumerate(images):
-    shown = [np.clip((image + 1) / 2, 0, 1), palette[np.where(label == spec.ignore_label, 0, label)]]
+    shown = [report.to_display(image), palette[np.where(label == spec.ignore_label, 0, label)]]
     shown += [palette[predictions[m][row]] for m in methods]
     for col, picture in enumerate(shown):
       ax = axes[row, col]
@@ -246,8 +243,7 @@ def segmentation_figure(runs, output: str, *, num_images: int = 4) -> str:
                fontsize=9)
   fig.tight_layout()
   path = os.path.join(output, 'segmentation.png')
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  report._save_figure(fig, path, dpi=100)  # pylint: disable=protected-access
   return path
 
 
@@ -305,7 +301,10 @@ def main(argv):
   input_pipeline.prepare(runs[0][2].data.dataset, None)
   seconds = run_stages(runs, log=lambda s: print(s, flush=True))
   summary = write_report(runs, output, seconds)
-  figures = denoising_figures(runs, output) + [segmentation_figure(runs, output)]
+  # One read of the validation images for both figures.
+  images = _validation_images(runs[-1][2], 4)
+  figures = (denoising_figures(runs, output, images[0][0])
+             + [segmentation_figure(runs, output, images)])
   print('\n' + summary, flush=True)
   print(f'[demo] wrote {output}/results.md, {output}/miou_vs_fraction_*.png, '
         f'{", ".join(figures)} in {time.time() - t0:.0f}s', flush=True)

@@ -362,6 +362,10 @@ PAPER_ORDERINGS = (
 )
 
 
+def _margin(a: Cell, b: Cell) -> float:
+  return 2 * max(a.std, b.std)
+
+
 def compare(better: Cell, worse: Cell) -> str:
   """'holds', 'reversed' or 'within noise' for the claim `better` > `worse`.
 
@@ -371,7 +375,7 @@ def compare(better: Cell, worse: Cell) -> str:
   diff = better.mean - worse.mean
   if better.n < 2 or worse.n < 2:
     return "holds (n=1, no std)" if diff > 0 else "reversed (n=1, no std)"
-  margin = 2 * max(better.std, worse.std)
+  margin = _margin(better, worse)
   if diff > margin:
     return "holds"
   if -diff > margin:
@@ -402,7 +406,7 @@ def orderings(summary: Mapping[tuple, Cell]) -> list[dict]:
           worse=worse,
           claim=claim,
           difference=a.mean - b.mean,
-          margin=2 * max(a.std, b.std),
+          margin=_margin(a, b),
           verdict=compare(a, b),
         )
       )
