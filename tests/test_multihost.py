@@ -117,8 +117,11 @@ def test_sigterm_on_two_processes_saves_one_step_and_resumes_on_one(cli_runs):
   codes, outs = _finish(procs, timeout=120)
   outs[0] = ''.join(seen) + outs[0]
   assert codes == [train.PREEMPTED_EXIT_CODE] * 2, outs[0][-3000:] + outs[1][-3000:]
+  # The processes agree on the first step that both reach after the notice: step 2 itself
+  # when process 1 had not yet passed its check there, else a later one. Step 2 is also a
+  # regular checkpoint, so the message below is what shows that the preemption path saved.
   saved = checkpointing.Checkpointer(workdir, keep=3).latest_step()
-  assert 2 < saved < 6, saved
+  assert 2 <= saved < 6, saved
   for out in outs:
     assert f'preempted (SIGTERM) at step {saved}/6: every process saved step {saved}' in out
   # Both processes' input positions are in that step, in the slices of one global batch.
