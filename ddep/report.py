@@ -183,7 +183,12 @@ def validate_results(results: Any, path: Path) -> dict:
 
 
 def read_curves(path: Path) -> list[dict]:
-  """metrics.jsonl rows; a malformed line is an error naming its number."""
+  """metrics.jsonl rows; a malformed line is an error naming its number.
+
+  A resumed run may have appended rows again for steps an earlier attempt had
+  logged after its last checkpoint; the last attempt's rows win. A row supersedes
+  the earlier rows of later steps, and those of its own step with the same keys.
+  """
   rows = []
   for number, line in enumerate(path.read_text().splitlines(), start=1):
     if not line.strip():
@@ -194,6 +199,13 @@ def read_curves(path: Path) -> list[dict]:
       raise ReportError(f"{path}:{number}: not JSON ({e})") from e
     if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
       raise ReportError(f"{path}:{number}: expected an object with a numeric 'step'")
+    # Rows stay sorted by step, so the superseded ones are at the end.
+    while rows and rows[-1]["step"] > row["step"]:
+      rows.pop()
+    same_step = len(rows)
+    while same_step and rows[same_step - 1]["step"] == row["step"]:
+      same_step -= 1
+    rows[same_step:] = [r for r in rows[same_step:] if r.keys() != row.keys()]
     rows.append(row)
   return rows
 

@@ -173,6 +173,25 @@ class _JsonlWriter:
       row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
       storage.append_text(self._path, json.dumps(row) + '\n')
 
+  def keep_until(self, step: int) -> None:
+    """Drops the rows after `step`, the restored checkpoint, so a resumed run's curves
+    do not double back; a line torn by a kill mid-write is dropped too."""
+    if not self._on or not self._path.exists():
+      return
+    kept, dropped = [], 0
+    for line in self._path.read_text().splitlines():
+      try:
+        row_step = json.loads(line)['step']
+      except (json.JSONDecodeError, KeyError, TypeError):
+        row_step = None
+      if isinstance(row_step, (int, float)) and row_step <= step:
+        kept.append(line + '\n')
+      elif line.strip():
+        dropped += 1
+    if dropped:
+      logging.info('%s: dropped %d rows after the restored step %d', self._path, dropped, step)
+      storage.write_text_atomic(self._path, ''.join(kept))
+
 
 def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dict:
   """Dataset-level confusion matrix over every eval example once, across all hosts."""
@@ -317,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('resumed from step %d', start_step)
     if is_main:
       print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
+  jsonl.keep_until(start_step)  # Rows a killed run logged after its last checkpoint.
 
   train_step = jax.jit(
       steps_lib.make_train_step(steps_lib.make_loss_fn(model, config), tx, schedule, accum),

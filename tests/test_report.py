@@ -203,6 +203,22 @@ def test_malformed_curve_line_is_reported(tmp_path):
     report.read_curves(tmp_path / "metrics.jsonl")
 
 
+def test_curves_of_a_resumed_run_keep_the_last_attempts_rows(tmp_path):
+  # Killed after logging step 3 (and the eval at 2), resumed from the checkpoint at 2.
+  rows = [(1, "train/loss", 9), (2, "train/loss", 8), (2, "val/miou", 0.1), (3, "train/loss", 7),
+          (3, "train/loss", 6), (4, "train/loss", 5), (4, "val/miou", 0.2), (4, "val/miou", 0.3)]
+  (tmp_path / "metrics.jsonl").write_text(
+    "".join(json.dumps({"step": s, k: v}) + "\n" for s, k, v in rows))
+  got = [(r["step"], *[(k, v) for k, v in r.items() if k != "step"][0])
+         for r in report.read_curves(tmp_path / "metrics.jsonl")]
+  assert got == [(1, "train/loss", 9), (2, "train/loss", 8), (2, "val/miou", 0.1),
+                 (3, "train/loss", 6), (4, "train/loss", 5), (4, "val/miou", 0.3)]
+  # A row of an earlier step drops every later row of the attempt before it.
+  (tmp_path / "metrics.jsonl").write_text(
+    "".join(json.dumps({"step": s, "train/loss": s}) + "\n" for s in (1, 2, 3, 4, 2, 3)))
+  assert [r["step"] for r in report.read_curves(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_missing_workdir_is_an_error(tmp_path, capsys):
   assert report.main([f"--workdirs={tmp_path / 'nothing'}", f"--output={tmp_path / 'out'}"]) == 1
   assert "no results.json" in capsys.readouterr().err

@@ -226,6 +226,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
   p.wait(timeout=60)
   assert p.returncode == -signal.SIGKILL, ''.join(seen)[-3000:]
   assert checkpointing.Checkpointer(killed, keep=2).latest_step() == 2
+  curves = os.path.join(killed, 'metrics.jsonl')
+  with open(curves) as f:
+    assert [json.loads(line)['step'] for line in f] == [1, 2, 3]
+  with open(curves, 'a') as f:
+    f.write('{"step": 4, "train/lo')  # As if killed in the middle of writing a row.
 
   p = _main(killed, data_dir)
   out = p.communicate(timeout=300)[0]
@@ -235,6 +240,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # The rows logged after the step-2 checkpoint were dropped before the rerun logged them
+  # again: one row per step, with the values of the uninterrupted run (resume is exact).
+  with open(os.path.join(straight, 'metrics.jsonl')) as f:
+    expected = [json.loads(line) for line in f]
+  with open(curves) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert rows == expected
 
 
 def test_a_typo_in_eval_protocol_stops_the_run_before_any_data_is_read(tmp_path):
