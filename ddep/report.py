@@ -6,11 +6,15 @@ The results contract, one fine-tuning workdir per run:
 
   results.json   {"method": "ddep", "dataset": "pascal_context_60",
                   "label_fraction": 0.05, "subset_seed": 0, "decoder_width": 1,
+                  "label_count": null,
                   "miou": 0.4438, "per_class_iou": {"aeroplane": 0.71, ...},
                   "pixel_accuracy": 0.78, ...}
                  Scores are fractions in [0, 1] (tables show x100); a class
                  absent from the evaluation set has IoU null. `write_results`
                  writes this file from `ddep.metrics.segmentation_metrics`.
+                 A `data.label_count=N` run records N as "label_count" and
+                 N / split size as "label_fraction"; the report groups such
+                 runs by N, in columns of their own ("N labels").
   metrics.jsonl  training curves, one JSON object per line:
                  {"step": 1000, "train/loss": 0.41, "val/miou": 0.52, ...}
 
@@ -67,6 +71,27 @@ class ReportError(Exception):
   """Bad or missing run files; the message names the file."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelCount:
+  """The labels setting of `data.label_count=N` runs, a column apart from the fractions.
+
+  Runs are averaged by `count`; `fraction` (N / split size) only places the column on
+  the plots' fraction axis, so it takes no part in equality.
+  """
+
+  count: int
+  fraction: float = dataclasses.field(compare=False)
+
+
+def _fraction_of(labels: float | LabelCount) -> float:
+  return labels.fraction if isinstance(labels, LabelCount) else labels
+
+
+def _labels_order(labels: float | LabelCount) -> tuple:
+  # Most labels first (100% leads, as in Tables 1, 3, 4); a count after an equal fraction.
+  return -_fraction_of(labels), isinstance(labels, LabelCount)
+
+
 def pretraining_record(init_from: str) -> dict | None:
   """The settings of the run a fine-tuning started from, read from its config.json.
 
@@ -111,13 +136,19 @@ def write_results(
   subset_seed: int,
   decoder_width: float,
   metrics: Mapping[str, Any],
+  label_count: int | None = None,
   **extra,
 ) -> Path:
-  """Writes `workdir/results.json` from segmentation_metrics' dict (plus extras)."""
+  """Writes `workdir/results.json` from segmentation_metrics' dict (plus extras).
+
+  `label_count` is the number of labelled images of a `data.label_count=` run (its
+  `label_fraction` is then that number over the split's size), None otherwise.
+  """
   results = {
     "method": method,
     "dataset": dataset,
     "label_fraction": float(label_fraction),
+    "label_count": None if label_count is None else int(label_count),
     "subset_seed": int(subset_seed),
     "decoder_width": decoder_width,
     "miou": metrics["miou"],
@@ -142,19 +173,23 @@ class Run:
 
   @property
   def key(self) -> tuple:
-    """(dataset, decoder_width, method, label_fraction): runs averaged together.
+    """(dataset, decoder_width, method, labels): runs averaged together.
 
     The method carries the variant, as 'ddep [sigma=0.2]', so that ablations of one
-    method are separate rows rather than averaged as if they were seeds.
+    method are separate rows rather than averaged as if they were seeds. `labels` is
+    the label fraction, or a LabelCount for `label_count=` runs.
     """
     r = self.results
     method = f"{r['method']} [{self.variant}]" if self.variant else r["method"]
-    return r["dataset"], r["decoder_width"], method, _fraction_key(r["label_fraction"])
+    fraction = _fraction_key(r["label_fraction"])
+    labels = LabelCount(int(r["label_count"]), fraction) if r.get("label_count") else fraction
+    return r["dataset"], r["decoder_width"], method, labels
 
   @property
   def name(self) -> str:
-    dataset, width, method, fraction = self.key
-    return f"{dataset}_{method}_{width:g}x_f{fraction:g}_seed{self.results['subset_seed']}"
+    dataset, width, method, labels = self.key
+    tag = f"n{labels.count}" if isinstance(labels, LabelCount) else f"f{labels:g}"
+    return f"{dataset}_{method}_{width:g}x_{tag}_seed{self.results['subset_seed']}"
 
 
 def _fraction_key(fraction: float) -> float:
@@ -177,6 +212,9 @@ def validate_results(results: Any, path: Path) -> dict:
       problems.append(f"miou {results['miou']} is not a fraction in [0, 1]")
     if not 0 < results["label_fraction"] <= 1:
       problems.append(f"label_fraction {results['label_fraction']} is not in (0, 1]")
+    count = results.get("label_count")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+      problems.append(f"label_count {count!r} is not a count of images")
   if problems:
     raise ReportError(f"{path}: " + "; ".join(problems))
   return results
@@ -294,7 +332,7 @@ def assign_variants(runs: Sequence[Run]) -> None:
 
 
 def summarize(runs: Sequence[Run]) -> dict[tuple, Cell]:
-  """{(dataset, decoder_width, method, label_fraction): Cell of mIoUs}."""
+  """{(dataset, decoder_width, method, labels): Cell of mIoUs}; see Run.key."""
   assign_variants(runs)
   values: dict[tuple, list[float]] = {}
   for run in runs:
@@ -308,8 +346,8 @@ def _method_rank(method: str) -> tuple:
 
 
 def _sort_key(key: tuple) -> tuple:
-  dataset, width, method, fraction = key
-  return dataset, width, _method_rank(method), -fraction
+  dataset, width, method, labels = key
+  return dataset, width, _method_rank(method), _labels_order(labels)
 
 
 def method_label(method: str) -> str:
@@ -321,8 +359,14 @@ def format_fraction(fraction: float) -> str:
   return f"{100 * fraction:.3g}%"
 
 
+def format_labels(labels: float | LabelCount) -> str:
+  if isinstance(labels, LabelCount):
+    return f"{labels.count} labels"
+  return format_fraction(labels)
+
+
 def _groups(summary: Mapping[tuple, Cell]) -> dict[tuple, dict]:
-  """{(dataset, width): {"methods": [...], "fractions": [...]}} in paper order."""
+  """{(dataset, width): {"methods": [...], "fractions": [labels...]}} in paper order."""
   groups: dict[tuple, dict] = {}
   for dataset, width, method, fraction in summary:
     group = groups.setdefault((dataset, width), {"methods": [], "fractions": []})
@@ -332,7 +376,7 @@ def _groups(summary: Mapping[tuple, Cell]) -> dict[tuple, dict]:
       group["fractions"].append(fraction)
   for group in groups.values():
     group["methods"].sort(key=_method_rank)
-    group["fractions"].sort(reverse=True)  # 100% first, as in Tables 1, 3, 4.
+    group["fractions"].sort(key=_labels_order)
   return groups
 
 
@@ -351,7 +395,7 @@ def markdown_summary(summary: Mapping[tuple, Cell]) -> str:
   """mIoU (%) mean ± sample std (n runs), one table per dataset and decoder width."""
   parts = []
   for (dataset, width), group in _groups(summary).items():
-    header = ["Method"] + [format_fraction(f) for f in group["fractions"]]
+    header = ["Method"] + [format_labels(f) for f in group["fractions"]]
     lines = [
       f"## {_group_title(dataset, width)}: mIoU (%), mean ± std over runs",
       "",
@@ -401,12 +445,13 @@ def orderings(summary: Mapping[tuple, Cell]) -> list[dict]:
   for (dataset, width), group in _groups(summary).items():
     fractions = group["fractions"]
     for better, worse, where, claim in PAPER_ORDERINGS:
-      fraction = min(fractions) if where == "lowest" else max(fractions)
+      labels = fractions[-1] if where == "lowest" else fractions[0]  # Sorted most labels first.
+      fraction = _fraction_of(labels)
       # "Few labels" needs a fraction below 100%, "all labels" needs 100%.
       if (where == "lowest" and fraction >= 1.0) or (where == "highest" and fraction < 1.0):
         continue
-      a = summary.get((dataset, width, better, fraction))
-      b = summary.get((dataset, width, worse, fraction))
+      a = summary.get((dataset, width, better, labels))
+      b = summary.get((dataset, width, worse, labels))
       if a is None or b is None:
         continue
       rows.append(
@@ -414,6 +459,7 @@ def orderings(summary: Mapping[tuple, Cell]) -> list[dict]:
           dataset=dataset,
           decoder_width=width,
           label_fraction=fraction,
+          labels=format_labels(labels),
           better=better,
           worse=worse,
           claim=claim,
@@ -433,7 +479,7 @@ def markdown_orderings(rows: Sequence[dict]) -> str:
   for r in rows:
     margin = "–" if math.isnan(r["margin"]) else f"{100 * r['margin']:.2f}"
     lines.append(
-      f"| {r['claim']} | {format_fraction(r['label_fraction'])} | "
+      f"| {r['claim']} | {r.get('labels') or format_fraction(r['label_fraction'])} | "
       f"{100 * r['difference']:+.2f} | {margin} | {r['verdict']} |"
     )
   return "\n".join(lines) + "\n"
@@ -454,7 +500,7 @@ def plot_table(summary: Mapping[tuple, Cell], dataset: str, width: float, path) 
   table = ax.table(
     cellText=cells,
     rowLabels=[method_label(m) for m in group["methods"]],
-    colLabels=[format_fraction(f) for f in group["fractions"]],
+    colLabels=[format_labels(f) for f in group["fractions"]],
     loc="center",
   )
   table.auto_set_font_size(False)
@@ -467,20 +513,21 @@ def plot_table(summary: Mapping[tuple, Cell], dataset: str, width: float, path) 
 def plot_miou_vs_fraction(summary: Mapping[tuple, Cell], dataset: str, width: float, path) -> None:
   """Figures 2, 5, 6: mIoU against label fraction (log x), one line per method."""
   group = _groups(summary)[(dataset, width)]
+  columns = sorted(group["fractions"], key=_fraction_of)  # Counts at their true fraction.
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for method in group["methods"]:
     points = [
       (f, summary[(dataset, width, method, f)])
-      for f in sorted(group["fractions"])
+      for f in columns
       if (dataset, width, method, f) in summary
     ]
-    fractions = [f for f, _ in points]
+    fractions = [_fraction_of(f) for f, _ in points]
     means = [100 * c.mean for _, c in points]
     stds = [0.0 if math.isnan(c.std) else 100 * c.std for _, c in points]
     ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=method_label(method))
   ax.set_xscale("log")
-  ax.set_xticks(sorted(group["fractions"]))
-  ax.set_xticklabels([format_fraction(f) for f in sorted(group["fractions"])])
+  ax.set_xticks([_fraction_of(f) for f in columns])
+  ax.set_xticklabels([format_labels(f) for f in columns])
   ax.minorticks_off()
   ax.set_xlabel("fraction of labelled training images")
   ax.set_ylabel("mIoU (%)")
@@ -605,7 +652,8 @@ def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
             "dataset": d,
             "decoder_width": w,
             "method": m,
-            "label_fraction": f,
+            "label_fraction": _fraction_of(f),
+            "label_count": f.count if isinstance(f, LabelCount) else None,
             "miou_mean": c.mean,
             "miou_std": c.std,
             "n": c.n,

@@ -432,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         report.write_results(
             workdir, method=config.method, dataset=spec.name,
             label_fraction=_label_fraction(config, train_iter),
+            label_count=_label_count(config, train_iter),
             subset_seed=int(config.data.subset_seed),
             decoder_width=int(config.model.decoder_width_multiplier), metrics=result,
             model=config.model.preset,
@@ -453,8 +454,17 @@ def _closing(preemption):
 
 
 def _label_fraction(config, train_iter) -> float:
+  """The fraction of the split that was labelled: for `label_count=N`, N / split size."""
   ids = getattr(train_iter, 'subset_ids', None)
   total = getattr(train_iter, 'split_num_examples', None)
   if int(config.data.label_count) and ids is not None and total:
     return len(ids) / total
   return float(config.data.label_fraction)
+
+
+def _label_count(config, train_iter) -> Optional[int]:
+  """The labelled images of a `label_count=` run (the subset drawn), else None."""
+  if not int(config.data.label_count):
+    return None
+  ids = getattr(train_iter, 'subset_ids', None)
+  return len(ids) if ids is not None else int(config.data.label_count)

@@ -290,3 +290,55 @@ def test_orderings_skip_missing_methods():
   # Only 100%: no claim about few labels; only 10%: none about all labels.
   only_full = _summary({("supervised", 1.0): (0.5,), ("dep", 1.0): (0.4,), ("none", 1.0): (0.3,)})
   assert [(r["better"], r["worse"]) for r in report.orderings(only_full)] == [("supervised", "dep")]
+
+
+def test_label_count_runs_are_grouped_by_count_apart_from_fractions(tmp_path):
+  """`label_count=20` of a 4,000-image split is 0.5%, a column apart from a 0.5% fraction."""
+  rng = np.random.default_rng(1)
+  mious = {}
+  for method in ("none", "ddep"):
+    for labels in (1.0, 0.005, 20):
+      for seed in (0, 1):
+        miou = float(rng.uniform(0.1, 0.6))
+        mious.setdefault((method, labels), []).append(miou)
+        count = labels if isinstance(labels, int) else None
+        workdir = tmp_path / f"{method}_{labels}_{seed}"
+        workdir.mkdir()
+        report.write_results(
+          workdir,
+          method=method,
+          dataset="ade20k",
+          label_fraction=20 / 4000 if count else labels,
+          label_count=count,
+          subset_seed=seed,
+          decoder_width=1,
+          metrics={"miou": miou},
+        )
+  runs = [report.load_run(w) for w in report.find_workdirs([str(tmp_path / "*")])]
+  assert json.loads((runs[0].workdir / report.RESULTS_FILE).read_text()).keys() >= {
+    "label_count", "label_fraction"}
+  summary = report.summarize(runs)
+  counted = summary[("ade20k", 1, "ddep", report.LabelCount(20, 0.005))]
+  assert sorted(counted.values) == sorted(mious[("ddep", 20)])
+  assert sorted(summary[("ade20k", 1, "ddep", 0.005)].values) == sorted(mious[("ddep", 0.005)])
+  assert len(summary) == 6
+  header = report.markdown_summary(summary).splitlines()[2]
+  assert header == "| Method | 100% | 0.5% | 20 labels |"
+  # The lowest column is the count's (same fraction, the count sorts after it).
+  rows = report.orderings(summary)
+  assert [(r["better"], r["worse"], r["labels"]) for r in rows] == [("ddep", "none", "20 labels")]
+  assert rows[0]["difference"] == pytest.approx(
+    np.mean(mious[("ddep", 20)]) - np.mean(mious[("none", 20)]))
+  assert "| 20 labels |" in report.markdown_orderings(rows)
+  report.build_report(runs, tmp_path / "out")
+  entries = json.loads((tmp_path / "out" / "summary.json").read_text())
+  entry = next(e for e in entries if e["method"] == "ddep" and e["label_count"] == 20)
+  assert entry["label_fraction"] == 0.005 and entry["n"] == 2
+  assert_png(tmp_path / "out" / "miou_vs_fraction_ade20k_1x.png", 400, 300)
+
+
+def test_results_with_a_bad_label_count_are_refused(tmp_path):
+  results = {"method": "dep", "dataset": "ade20k", "label_fraction": 0.01, "subset_seed": 0,
+             "decoder_width": 1, "miou": 0.3, "label_count": 2.5}
+  with pytest.raises(report.ReportError, match=r"label_count 2\.5 is not a count"):
+    report.validate_results(results, tmp_path / "results.json")

@@ -344,3 +344,16 @@ def test_checkpoints_of_the_old_layout_with_data_state_dir_still_resume(saved_ru
   batches = Batches()
   result = train.train_and_evaluate(_config(total_steps=3), workdir, train_iter=batches)
   assert result.step == 3 and batches.get_state() == {'step': 3}  # Resumed at step 2.
+
+
+def test_label_count_runs_record_the_drawn_count_and_its_fraction_of_the_split():
+  """results.json of a `label_count=` run: the subset's size and size / split, not 100%."""
+  config = common.base_config()
+  drawn = type('It', (), dict(subset_ids=[str(i) for i in range(11)], split_num_examples=24))()
+  config.data.label_count = 11
+  assert train._label_fraction(config, drawn) == pytest.approx(11 / 24)
+  assert train._label_count(config, drawn) == 11
+  config.data.label_count = 0
+  config.data.label_fraction = 0.25
+  assert train._label_fraction(config, drawn) == 0.25
+  assert train._label_count(config, drawn) is None
