@@ -22,12 +22,12 @@ Arguments:
              method and width; 'supervised': a supervised run of ours
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
-from configs import common
-from configs import recipes
+from ddep import config_schema
+from ddep import recipes
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, **recipes.FINETUNE_ARGS)
+  a = config_schema.parse_arg(arg, **recipes.FINETUNE_ARGS)
   return recipes.finetuning(
       a, dataset='ade20k', crop=(512, 512),
       protocol='ade20k_sliding', flip=False,  # Sec. 4.3 flips on Cityscapes only

@@ -25,12 +25,12 @@ Arguments:
              of `encoder`
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
-from configs import common
-from configs import recipes
+from ddep import config_schema
+from ddep import recipes
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, **recipes.FINETUNE_ARGS)
+  a = config_schema.parse_arg(arg, **recipes.FINETUNE_ARGS)
   return recipes.finetuning(
       a, dataset='cityscapes', crop=(1024, 1024),
       protocol='cityscapes_halves', flip=True,

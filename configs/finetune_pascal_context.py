@@ -25,12 +25,12 @@ Arguments:
              the same method, width and model; 'supervised': a supervised run of ours
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
-from configs import common
-from configs import recipes
+from ddep import config_schema
+from ddep import recipes
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, classes=60, **recipes.FINETUNE_ARGS)
+  a = config_schema.parse_arg(arg, classes=60, **recipes.FINETUNE_ARGS)
   if a.classes not in (59, 60):
     raise ValueError(f'classes={a.classes}: Pascal Context has 59 or 60 classes')
   return recipes.finetuning(

@@ -2,7 +2,7 @@ r"""Denoising pretraining for ADE20K (paper Sec. 4.3; Tables 4, 7, Figures 6, 7)
 
 DeP (sigma 0.8, whole network from scratch) or DDeP (sigma 0.1, decoder only on the
 frozen ImageNet-21k encoder) on the images of the TRAIN set (20,210), 512x512 crops,
-Adam lr 1e-4, batch 128, 6000 epochs (configs/recipes.py).
+Adam lr 1e-4, batch 128, 6000 epochs (ddep/recipes.py).
 
   python -m ddep.main --workdir=$W \
     --config=configs/pretrain_ade20k.py:method=ddep,width=3
@@ -22,7 +22,7 @@ Arguments:
   init_from    DDeP on the encoder of a supervised run of ours instead
   runlocal     toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
-from configs import recipes
+from ddep import recipes
 
 
 def get_config(arg=None):

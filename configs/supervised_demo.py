@@ -14,13 +14,13 @@ Arguments:
   steps, lr, batch
   runlocal  'demo_tiny', a few steps, for CPUs and tests
 """
-from configs import common
-from configs import recipes
+from ddep import config_schema
+from ddep import recipes
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, model='tiny', steps=2000, lr=1e-3, batch=64, runlocal=False)
-  c = common.base_config()
+  a = config_schema.parse_arg(arg, model='tiny', steps=2000, lr=1e-3, batch=64, runlocal=False)
+  c = config_schema.base_config()
   c.task = 'classify'
   c.method = 'supervised'
   c.model.preset = a.model

@@ -22,7 +22,7 @@ set -euo pipefail
 # Keep equal to setup.py's pin: jax[tpu] adds libtpu to that same jax.
 JAX_VERSION=0.10.2
 LIBTPU_INDEX=https://storage.googleapis.com/jax-releases/libtpu_releases.html
-# The ImageNet-21k encoders that configs/recipes.py expects under checkpoints/.
+# The ImageNet-21k encoders that ddep/recipes.py expects under checkpoints/.
 ENCODER_URLS=(gs://vit_models/imagenet21k/R50+ViT-B_16.npz)
 # Relative to the home directory, where every ssh command starts.
 REMOTE_DIR=ddep

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import recipes
 from ddep import checkpointing
 from ddep import config_validation
 from ddep import optimizer as optimizer_lib
+from ddep import recipes
 from ddep.models import presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

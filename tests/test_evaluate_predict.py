@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
 from ddep import checkpointing
+from ddep import config_schema
 from ddep import config_validation
 from ddep import evaluate
 from ddep import predict
@@ -37,7 +37,7 @@ TINY = next(c for c in demo_scenes.DdepDemoScenes.BUILDER_CONFIGS if c.name == '
 
 
 def tiny_config(data_dir):
-  c = common.base_config()
+  c = config_schema.base_config()
   c.task = 'segment'
   c.model.preset = 'tiny'
   c.data.dataset = 'demo_tiny'

@@ -1,9 +1,9 @@
 """A tiny denoising run on the generated demo data, for process-level tests."""
-from configs import common
+from ddep import config_schema
 
 
 def get_config():
-  c = common.base_config()
+  c = config_schema.base_config()
   c.task = 'denoise'
   c.method = 'dep'
   c.model.preset = 'tiny'

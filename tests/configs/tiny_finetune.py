@@ -2,11 +2,11 @@
 
 11 examples do not split evenly over 2 processes; 2 epochs at global batch 4 are 6 steps.
 """
-from configs import common
+from ddep import config_schema
 
 
 def get_config():
-  c = common.base_config()
+  c = config_schema.base_config()
   c.task = 'segment'
   c.method = 'none'
   c.model.preset = 'tiny'
