@@ -13,6 +13,10 @@ Arguments:
                fine-tuning run uses the same width
   sigma        noise level; 0 = the method's default, 0.8 / 0.1 (Sec. 3.3)
   sigma_range  'lo:hi' draws sigma ~ U(lo, hi) per example instead (Table 6)
+  form         'additive' (Eq. 1, the paper's) or 'ddpm' (Eq. 2), which takes gamma
+               instead of sigma (a sigma with it fails validation)
+  gamma        Eq. 2's gamma in (0, 1); 0 = the method's sigma as gamma, 1 / (1 + sigma^2)
+  gamma_range  'lo:hi' draws gamma ~ U(lo, hi) per example instead
   target       'eps' (Eq. 4) or 'x' (Table 7)
   epochs, lr   pretraining length and learning rate (Figure 8)
   batch        global batch size

@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
       sigma=0.8,                  # fixed σ (Eq. 4); 0.8 for DeP, 0.1 for DDeP (Sec. 3.3)
       sigma_range=(),             # (a, b): σ ~ U(a, b) per example instead (Table 6)
       form='additive',            # 'additive' x + σε (Eq. 1) or 'ddpm' (Eq. 2)
+      # 'ddpm' takes γ of Eq. 2 instead of σ (then 0 / ()); σ = s is γ = 1 / (1 + s²).
+      gamma=0.0,                  # fixed γ in (0, 1)
+      gamma_range=(),             # (a, b): γ ~ U(a, b) per example instead
       target='eps',               # 'eps' (Eq. 4) or 'x' (Table 7)
   ))
 

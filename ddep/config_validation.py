@@ -86,17 +86,9 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
 
   if config.task == 'denoise':
     d = config.denoise
-    if d.sigma_range:
-      if len(d.sigma_range) != 2 or not 0 < d.sigma_range[0] < d.sigma_range[1]:
-        _fail('denoise.sigma_range', f'expected (a, b) with 0 < a < b, got {tuple(d.sigma_range)}')
-    elif not float(d.sigma) > 0:
-      _fail('denoise.sigma', f'must be > 0, got {d.sigma}')
     if d.form not in ('additive', 'ddpm'):
       _fail('denoise.form', f"must be 'additive' or 'ddpm', got {d.form!r}")
-    if d.form == 'ddpm':
-      vals = tuple(d.sigma_range) or (d.sigma,)
-      if not all(0 < v < 1 for v in vals):
-        _fail('denoise.sigma', f'the DDPM form reads σ as γ, which must lie in (0, 1); got {vals}')
+    _validate_noise_level(d)
     if d.target not in ('eps', 'x'):
       _fail('denoise.target', f"must be 'eps' or 'x', got {d.target!r}")
   if config.task == 'classify':
@@ -127,3 +119,30 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
                                                           config.init_encoder_from):
     _fail('frozen', 'freezing parameters that were never initialised from a checkpoint '
           '(set init_from or init_encoder_from; DDeP freezes a pretrained encoder)')
+
+
+def _validate_noise_level(d) -> None:
+  """Each form's level in its own equation's terms: σ for Eq. 1, γ for Eq. 2 (Sec. 3.1).
+
+  Mixing them fails naming the keys: a σ read as γ (or the reverse) would train at a
+  noise level nobody asked for (σ = 0.1 is γ = 0.99, while γ = 0.1 is σ = 3).
+  """
+  ddpm = d.form == 'ddpm'
+  own, other = ('gamma', 'sigma') if ddpm else ('sigma', 'gamma')
+  value = {k: float(d.get(k, 0.0)) for k in ('sigma', 'gamma')}
+  ranges = {k: tuple(d.get(f'{k}_range', ())) for k in ('sigma', 'gamma')}
+  if value[other] or ranges[other]:
+    key = f'denoise.{other}_range' if ranges[other] else f'denoise.{other}'
+    equation, form = ('1', 'additive') if other == 'sigma' else ('2', 'ddpm')
+    _fail(key, f"{ranges[other] or value[other]} is {other} of Eq. {equation}, the {form!r} "
+          f"form's, but denoise.form={d.form!r} takes denoise.{own} or denoise.{own}_range: "
+          f"clear {key} or set denoise.form={form!r} (sigma = s is gamma = 1 / (1 + s^2))")
+  high = 1.0 if ddpm else float('inf')  # γ of Eq. 2 lies in (0, 1).
+  if ranges[own]:  # A range replaces the fixed value (Table 6).
+    r = ranges[own]
+    if len(r) != 2 or not 0 < r[0] < r[1] < high:
+      _fail(f'denoise.{own}_range',
+            f"expected (a, b) with 0 < a < b{' < 1' if ddpm else ''}, got {r}")
+  elif not 0 < value[own] < high:
+    _fail(f'denoise.{own}', (f'denoise.form=ddpm needs gamma of Eq. 2 in (0, 1), got '
+                             f'{value[own]}') if ddpm else f'must be > 0, got {d.sigma}')

@@ -7,6 +7,8 @@ run in bfloat16 still gets a float32 loss.
 Denoising (paper Sec. 3.1-3.2):
     * `sample_sigma`: one noise level per example, fixed or ~U(a, b) (Table 6).
     * `corrupt`: x~ = x + sigma*eps (Eq. 1) or sqrt(g)*x + sqrt(1-g)*eps (Eq. 2).
+    * `gamma_from_sigma`, `sigma_from_gamma`: the same noise level in the terms of
+        the other equation (equal signal-to-noise ratio).
     * `denoising_loss`: ||f(x~) - eps||^2 (Eq. 4), or the target x (Table 7).
     * `make_denoising_batch`: the three above in one call for the train step.
 
@@ -53,9 +55,8 @@ def sample_sigma(
       sigma_range: (a, b): sigma ~ U(a, b) independently per example (Sec. 3.2,
           Table 6 uses U(0.2, 0.3)).
 
-  Exactly one of `sigma` and `sigma_range` must be given. With
-  `corrupt(form='ddpm')` the same value is read as gamma of Eq. 2, so it must
-  then lie in (0, 1); `corrupt` checks that.
+  Exactly one of `sigma` and `sigma_range` must be given. `make_denoising_batch`
+  draws Eq. 2's gamma with it too; gamma must lie in (0, 1), which `corrupt` checks.
   """
   if (sigma is None) == (sigma_range is None):
     raise ValueError(
@@ -75,6 +76,19 @@ def sample_sigma(
   return jax.random.uniform(rng, (batch_size,), jnp.float32, minval=lo, maxval=hi)
 
 
+def gamma_from_sigma(sigma):
+  """gamma of Eq. 2 with the signal-to-noise ratio of sigma in Eq. 1: 1 / (1 + sigma^2)."""
+  return 1.0 / (1.0 + np.square(np.asarray(sigma, np.float64)))
+
+
+def sigma_from_gamma(gamma):
+  """sigma of Eq. 1 with the signal-to-noise ratio of gamma in Eq. 2: sqrt((1 - g) / g)."""
+  gamma = np.asarray(gamma, np.float64)
+  if not (np.all(gamma > 0) and np.all(gamma < 1)):
+    raise ValueError(f"gamma of Eq. 2 must lie in (0, 1), got {gamma.tolist()}.")
+  return np.sqrt((1.0 - gamma) / gamma)
+
+
 def _per_example(values: Array, like: Array) -> Array:
   """Reshapes (B,) or scalar values to broadcast against `like` (B, ...)."""
   values = jnp.asarray(values, jnp.float32)
@@ -89,7 +103,7 @@ def _check_gamma_if_concrete(gamma) -> None:
     return  # Traced under jit; `make_denoising_batch` checks the config instead.
   if g.size and not (np.all(g > 0) and np.all(g < 1)):
     raise ValueError(
-      "form='ddpm' reads `sigma` as gamma of Eq. 2, which must lie in "
+      "form='ddpm': gamma of Eq. 2 must lie in "
       f"(0, 1); got values in [{g.min()}, {g.max()}]."
     )
 
@@ -100,11 +114,11 @@ def corrupt(x: Array, eps: Array, sigma, *, form: str = "additive") -> Array:
   Args:
       x: clean images, pixels in [-1, 1] (Sec. 3.1).
       eps: standard normal noise, same shape as `x`.
-      sigma: (B,) per-example noise level (or a scalar).
+      sigma: (B,) per-example noise level (or a scalar) in the form's terms:
+          sigma of Eq. 1 for 'additive', gamma in (0, 1) of Eq. 2 for 'ddpm'.
       form: 'additive': x~ = x + sigma * eps (Eq. 1), unclipped (Fig. 4
           caption: no clipping during training). 'ddpm': x~ = sqrt(g) * x +
-          sqrt(1 - g) * eps (Eq. 2), where the per-example value g = `sigma` is
-          read directly as gamma in (0, 1), drawn by `sample_sigma` like sigma.
+          sqrt(1 - g) * eps (Eq. 2) with g the given gamma.
 
   Returns:
       x~ in float32.
@@ -190,31 +204,51 @@ def make_denoising_batch(
   *,
   sigma: Optional[float] = None,
   sigma_range: Optional[Sequence[float]] = None,
+  gamma: Optional[float] = None,
+  gamma_range: Optional[Sequence[float]] = None,
   form: str = "additive",
   target: str = "eps",
 ) -> Tuple[Array, Array, Array]:
   """Corrupts a batch of clean images for one denoising training step.
 
+  Each form takes its noise level in its own equation's terms: 'additive' (Eq. 1)
+  exactly one of `sigma` / `sigma_range`, 'ddpm' (Eq. 2) exactly one of `gamma` /
+  `gamma_range`. Giving the other form's level is an error, not a reinterpretation.
+
   Args:
       rng: PRNG key (fold in the step so every step draws fresh noise).
       images: (B, H, W, C) clean images in [-1, 1].
-      sigma, sigma_range: noise level, see `sample_sigma`.
+      sigma, sigma_range: Eq. 1's noise level, fixed or ~U(a, b), see `sample_sigma`.
+      gamma, gamma_range: Eq. 2's gamma in (0, 1), fixed or ~U(a, b).
       form: 'additive' (Eq. 1) or 'ddpm' (Eq. 2), see `corrupt`.
       target: 'eps' or 'x', see `denoising_loss`.
 
   Returns:
-      (noisy, target, sigma): the model input x~, the regression target (use
-      `mean_squared_error(model(noisy), target)`), and the (B,) noise levels
-      (for logging or for conditioning the model on the noise level, Sec. 3.2).
+      (noisy, target, level): the model input x~, the regression target (use
+      `mean_squared_error(model(noisy), target)`), and the (B,) noise levels in the
+      form's terms, sigma or gamma (for logging or for conditioning the model on
+      the noise level, Sec. 3.2).
   """
   if target not in DENOISING_TARGETS:
     raise ValueError(f"`target` must be one of {DENOISING_TARGETS}, got {target!r}.")
+  if form not in NOISE_FORMS:
+    raise ValueError(f"`form` must be one of {NOISE_FORMS}, got {form!r}.")
+  own, other = (("gamma", "sigma") if form == "ddpm" else ("sigma", "gamma"))
+  given = dict(sigma=sigma, sigma_range=sigma_range, gamma=gamma, gamma_range=gamma_range)
+  mixed = [k for k in (other, f"{other}_range") if given[k] is not None]
+  if mixed:
+    raise ValueError(
+      f"form={form!r} takes `{own}` or `{own}_range`; got {', '.join(f'`{k}`' for k in mixed)} "
+      f"(sigma is Eq. 1's noise level, gamma Eq. 2's: gamma = 1 / (1 + sigma^2))."
+    )
+  level, level_range = given[own], given[f"{own}_range"]
   if form == "ddpm":
     # Static config values, so this also guards traced calls of `corrupt`.
-    _check_gamma_if_concrete(sigma if sigma is not None else sigma_range)
+    _check_gamma_if_concrete(level if level is not None else level_range)
   rng_sigma, rng_eps = jax.random.split(rng)
   images = jnp.asarray(images, jnp.float32)
-  sigmas = sample_sigma(rng_sigma, images.shape[0], sigma=sigma, sigma_range=sigma_range)
+  # One sampler for both: a fixed value or ~U(a, b) per example.
+  sigmas = sample_sigma(rng_sigma, images.shape[0], sigma=level, sigma_range=level_range)
   eps = jax.random.normal(rng_eps, images.shape, jnp.float32)
   noisy = corrupt(images, eps, sigmas, form=form)
   return noisy, (eps if target == "eps" else images), sigmas

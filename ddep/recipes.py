@@ -47,24 +47,35 @@ def parse_fraction(text: str) -> float:
   return value
 
 
-def parse_range(text: str) -> tuple[float, float]:
+def parse_range(text: str, name: str = 'sigma_range') -> tuple[float, float]:
   """'0.2:0.3' -> (0.2, 0.3); a colon because commas separate config arguments."""
   lo, sep, hi = text.partition(':')
   if not sep:
-    raise ValueError(f'sigma_range={text!r}: expected lo:hi, e.g. 0.2:0.3')
+    raise ValueError(f'{name}={text!r}: expected lo:hi, e.g. 0.2:0.3')
   return float(lo), float(hi)
 
 
 def pretrain_method(c, *, method: str, sigma: float, sigma_range: str, target: str,
-                    encoder: str, init_from: str) -> None:
+                    encoder: str, init_from: str, form: str = 'additive', gamma: float = 0.0,
+                    gamma_range: str = '') -> None:
   """Denoising pretraining (Eq. 4) for DeP (everything, from scratch) or DDeP
   (decoder only, on a frozen supervised encoder)."""
   if method not in PRETRAIN_METHODS:
     raise ValueError(f'method={method!r}: denoising pretraining is one of {PRETRAIN_METHODS}')
   c.task = 'denoise'
   c.method = method
-  c.denoise.sigma = float(sigma) or DEFAULT_SIGMA[method]
+  c.denoise.form = form
   c.denoise.sigma_range = parse_range(sigma_range) if sigma_range else ()  # Table 6
+  c.denoise.gamma_range = parse_range(gamma_range, 'gamma_range') if gamma_range else ()
+  if form == 'ddpm':
+    # Eq. 2 in its own terms; by default at the method's σ's signal-to-noise ratio, so that
+    # Eq. 1 and Eq. 2 compare at one noise level. A σ given here fails validation, by name.
+    c.denoise.sigma = float(sigma)
+    default_gamma = 1 / (1 + DEFAULT_SIGMA[method] ** 2)
+    c.denoise.gamma = float(gamma) or (0.0 if gamma_range else round(default_gamma, 6))
+  else:
+    c.denoise.sigma = float(sigma) or DEFAULT_SIGMA[method]  # sigma_range, if set, wins
+    c.denoise.gamma = float(gamma)  # Must stay 0 for Eq. 1; validation says so.
   c.denoise.target = target  # Table 7: 'eps' (Eq. 4) or 'x'
   if method == 'ddep':
     # The supervised encoder: a published checkpoint, or a supervised run of ours.
@@ -75,7 +86,8 @@ def pretrain_method(c, *, method: str, sigma: float, sigma_range: str, target: s
     c.frozen = FROZEN_ENCODER
 
 
-PRETRAIN_ARGS = dict(method='ddep', width=1, sigma=0.0, sigma_range='', target='eps',
+PRETRAIN_ARGS = dict(method='ddep', width=1, sigma=0.0, sigma_range='', form='additive',
+                     gamma=0.0, gamma_range='', target='eps',
                      epochs=6000.0, lr=1e-4, batch=128, model='r50_vit_b16', encoder='',
                      init_from='', runlocal=False)
 
@@ -86,7 +98,8 @@ def denoising_pretraining(arg, *, dataset: str):
   a = config_schema.parse_arg(arg, **PRETRAIN_ARGS)
   c = config_schema.base_config()
   pretrain_method(c, method=a.method, sigma=a.sigma, sigma_range=a.sigma_range,
-                  target=a.target, encoder=a.encoder or ENCODERS[a.model], init_from=a.init_from)
+                  form=a.form, gamma=a.gamma, gamma_range=a.gamma_range, target=a.target,
+                  encoder=a.encoder or ENCODERS[a.model], init_from=a.init_from)
   c.model.preset = a.model
   c.model.decoder_width_multiplier = a.width  # must match the fine-tuning run's
   c.model.dtype = 'bfloat16'  # compute only; parameters and optimizer stay float32

@@ -110,21 +110,51 @@ def pretraining_record(init_from: str) -> dict | None:
     return None
   model, denoise = config.get("model", {}), config.get("denoise", {})
   return {
+    **noise_record(denoise),
     "workdir": str(directory),
     "method": config.get("method"),
     "task": config.get("task"),
     "model": model.get("preset"),
     "decoder_width": model.get("decoder_width_multiplier"),
     "noise_conditioning": model.get("noise_conditioning"),
-    "sigma": denoise.get("sigma"),
-    "sigma_range": denoise.get("sigma_range"),
-    "form": denoise.get("form"),
     "target": denoise.get("target"),
     "total_steps": config.get("total_steps"),
     "total_epochs": config.get("total_epochs"),
   }
 
 
+
+
+def noise_record(denoise: Mapping[str, Any]) -> dict:
+  """The noise form and level of a denoising config, each form in its own terms.
+
+  'additive' (Eq. 1) keeps sigma / sigma_range, 'ddpm' (Eq. 2) gamma / gamma_range;
+  `sigma_equivalent` is the level as Eq. 1's sigma either way (same signal-to-noise
+  ratio, sigma = sqrt((1 - gamma) / gamma)), so that the forms compare at one scale.
+  Configs from before `gamma` existed read sigma as gamma under 'ddpm', and are
+  recorded as what they ran.
+  """
+  form = denoise.get("form")
+  sigma, sigma_range = denoise.get("sigma"), list(denoise.get("sigma_range") or [])
+  gamma, gamma_range = denoise.get("gamma"), list(denoise.get("gamma_range") or [])
+  if form == "ddpm" and "gamma" not in denoise:  # Older runs: the sigma field held gamma.
+    gamma, gamma_range, sigma, sigma_range = sigma, sigma_range, None, []
+  if form == "ddpm":
+    # gamma falls as the noise grows: the range's ends swap.
+    def to_sigma(g):
+      return math.sqrt((1 - g) / g) if g and 0 < g < 1 else None
+    equivalent = [to_sigma(g) for g in reversed(gamma_range)] if gamma_range else to_sigma(gamma)
+  else:
+    equivalent = sigma_range or sigma
+    gamma, gamma_range = None, []
+  return {
+    "form": form,
+    "sigma": sigma if form != "ddpm" else None,
+    "sigma_range": sigma_range if form != "ddpm" else [],
+    "gamma": gamma,
+    "gamma_range": gamma_range,
+    "sigma_equivalent": equivalent,
+  }
 
 
 def write_results(
@@ -306,7 +336,8 @@ def _provenance(run: Run) -> dict[str, Any]:
   """The settings a result depends on besides its key: model and pretraining."""
   fields = {"model": run.results.get("model")}
   for name, value in (run.results.get("pretraining") or {}).items():
-    if name != "workdir":  # Where it ran, not what it was.
+    # Where it ran is not what it was; sigma_equivalent only restates gamma.
+    if name not in ("workdir", "sigma_equivalent"):
       fields[name] = value
   return fields
 

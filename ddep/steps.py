@@ -23,6 +23,17 @@ from ddep import optimizer as optimizer_lib
 from ddep.models import TransUNet
 
 
+def noise_level(denoise) -> dict:
+  """`config.denoise`'s level as `make_denoising_batch` arguments, in the form's own terms:
+  σ / σ range for 'additive' (Eq. 1), γ / γ range for 'ddpm' (Eq. 2)."""
+  name = 'gamma' if denoise.form == 'ddpm' else 'sigma'
+  # getattr: plain namespaces (ddep.tools.benchmark) stand in for configs too.
+  level_range = tuple(getattr(denoise, f'{name}_range', ()))
+  if level_range:
+    return {f'{name}_range': level_range}
+  return {name: float(getattr(denoise, name, 0.0))}
+
+
 def make_loss_fn(model: TransUNet, config) -> Callable:
   """(params, batch, rng) -> (loss, aux metrics) for `config.task`."""
   task = config.task
@@ -31,8 +42,7 @@ def make_loss_fn(model: TransUNet, config) -> Callable:
   def denoise(params, batch, rng):
     noise_rng, dropout_rng = jax.random.split(rng)
     noisy, target, sigma = objectives.make_denoising_batch(
-        noise_rng, batch['image'], sigma=None if d.sigma_range else float(d.sigma),
-        sigma_range=tuple(d.sigma_range) or None, form=d.form, target=d.target)
+        noise_rng, batch['image'], form=d.form, target=d.target, **noise_level(d))
     pred = model.apply({'params': params}, noisy,
                        sigma if model.noise_conditioning else None,
                        train=True, rngs={'dropout': dropout_rng})

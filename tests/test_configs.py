@@ -16,6 +16,7 @@ from ddep import checkpointing
 from ddep import config_validation
 from ddep import optimizer as optimizer_lib
 from ddep import recipes
+from ddep import steps
 from ddep.models import presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -297,3 +298,49 @@ def test_runlocal_one_step(name, one_step_run):
       assert all(np.array_equal(params[k], source[k]) for k in frozen)
     else:
       assert 0 < moved <= 10 * c.optim.lr
+
+
+def _denoise(arg='', **overrides):
+  c = get_config('pretrain_pascal_context', arg)
+  for key, value in overrides.items():
+    section, name = key.split('__')
+    c[section][name] = value
+  return c
+
+
+def test_ddpm_form_takes_gamma_by_default_at_the_methods_sigma():
+  ddpm = _denoise('method=ddep,form=ddpm')
+  # DDeP's σ = 0.1 (Sec. 3.3) as γ of Eq. 2: 1 / (1 + 0.01); σ is Eq. 1's and stays unset.
+  assert (ddpm.denoise.form, ddpm.denoise.sigma) == ('ddpm', 0.0)
+  assert ddpm.denoise.gamma == pytest.approx(1 / 1.01, abs=1e-6)
+  config_validation.validate(ddpm, num_devices=8)
+  assert _denoise('method=dep,form=ddpm,gamma=0.5').denoise.gamma == 0.5
+  ranged = _denoise('form=ddpm,gamma_range=0.5:0.6')
+  assert (ranged.denoise.gamma, tuple(ranged.denoise.gamma_range)) == (0.0, (0.5, 0.6))
+  config_validation.validate(ranged, num_devices=8)
+  additive = _denoise('method=ddep')
+  assert (additive.denoise.sigma, additive.denoise.gamma) == (0.1, 0.0)
+  # What the train step hands to objectives.make_denoising_batch: the form's own level.
+  assert steps.noise_level(ddpm.denoise) == {'gamma': ddpm.denoise.gamma}
+  assert steps.noise_level(ranged.denoise) == {'gamma_range': (0.5, 0.6)}
+  assert steps.noise_level(additive.denoise) == {'sigma': 0.1}
+  assert steps.noise_level(_denoise('sigma_range=0.2:0.3').denoise) == {
+      'sigma_range': (0.2, 0.3)}
+
+
+@pytest.mark.parametrize('arg,overrides,match', [
+    # σ with Eq. 2, γ with Eq. 1: the error names the key that does not belong, and the form.
+    ('form=ddpm,sigma=0.1', {}, r"config\.denoise\.sigma: 0\.1 is sigma of Eq\. 1.*"
+     r"denoise\.form='ddpm' takes denoise\.gamma or denoise\.gamma_range"),
+    ('form=ddpm,sigma_range=0.2:0.3', {}, r'config\.denoise\.sigma_range: \(0\.2, 0\.3\) is sigma'),
+    ('gamma=0.5', {}, r"config\.denoise\.gamma: 0\.5 is gamma of Eq\. 2.*"
+     r"denoise\.form='additive' takes denoise\.sigma"),
+    ('', {'denoise__gamma_range': (0.4, 0.5)}, r'config\.denoise\.gamma_range: \(0\.4, 0\.5\)'),
+    ('form=ddpm,gamma=1.5', {}, r'config\.denoise\.gamma: .*in \(0, 1\), got 1\.5'),
+    ('form=ddpm,gamma_range=0.5:1.2', {}, r'config\.denoise\.gamma_range: expected .* < 1'),
+    ('', {'denoise__form': 'ddpm', 'denoise__sigma': 0.0},
+     r'config\.denoise\.gamma: .*in \(0, 1\), got 0\.0'),
+])
+def test_mixing_sigma_and_gamma_fails_validation_naming_the_keys(arg, overrides, match):
+  with pytest.raises(config_validation.ConfigError, match=match):
+    config_validation.validate(_denoise(arg, **overrides), num_devices=8)

@@ -306,3 +306,37 @@ def test_softmax_classification_loss_normalises_labels_and_skips_empty():
   assert float(none) == 0.0
   with pytest.raises(ValueError, match="kind"):
     objectives.image_classification_loss(logits, labels, kind="hinge")
+
+
+def test_sigma_gamma_conversion_is_the_same_signal_to_noise_ratio():
+  sigma = np.array([0.1, 0.8, 3.0])
+  gamma = objectives.gamma_from_sigma(sigma)
+  np.testing.assert_allclose(gamma, [1 / 1.01, 1 / 1.64, 0.1], rtol=1e-12)
+  np.testing.assert_allclose(objectives.sigma_from_gamma(gamma), sigma, rtol=1e-12)
+  # SNR of Eq. 2, gamma / (1 - gamma), equals Eq. 1's 1 / sigma^2.
+  np.testing.assert_allclose(gamma / (1 - gamma), 1 / sigma**2, rtol=1e-12)
+  with pytest.raises(ValueError, match=r"\(0, 1\)"):
+    objectives.sigma_from_gamma([0.5, 1.0])
+
+
+def test_make_denoising_batch_takes_each_forms_level_in_its_own_terms():
+  images = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (3, 4, 4, 3)), jnp.float32)
+  key = jax.random.key(2)
+  noisy, eps, level = objectives.make_denoising_batch(key, images, gamma=0.64, form="ddpm")
+  np.testing.assert_array_equal(level, np.full(3, np.float32(0.64)))
+  np.testing.assert_allclose(noisy, 0.8 * images + 0.6 * eps, rtol=1e-5, atol=1e-6)  # Eq. 2
+  # The same draw at sigma_from_gamma(0.64) = 0.75 in Eq. 1 is Eq. 2 times 1 / sqrt(gamma).
+  additive, eps1, _ = objectives.make_denoising_batch(key, images, sigma=0.75)
+  np.testing.assert_array_equal(eps, eps1)
+  np.testing.assert_allclose(additive, noisy / 0.8, rtol=1e-5, atol=1e-6)
+  _, _, drawn = objectives.make_denoising_batch(key, jnp.zeros((256, 1, 1, 1)),
+                                                gamma_range=(0.5, 0.6), form="ddpm")
+  assert np.all((drawn >= 0.5) & (drawn < 0.6)) and np.unique(np.asarray(drawn)).size > 50
+  for kwargs, named in ((dict(gamma=0.5, sigma=0.1, form="ddpm"), "`sigma`"),
+                        (dict(gamma_range=(0.5, 0.6), sigma_range=(0.1, 0.2), form="ddpm"),
+                         "`sigma_range`"),
+                        (dict(sigma=0.1, gamma=0.5), "`gamma`")):
+    with pytest.raises(ValueError, match=named):
+      objectives.make_denoising_batch(key, images, **kwargs)
+  with pytest.raises(ValueError, match="gamma"):
+    objectives.make_denoising_batch(key, images, gamma_range=(0.5, 1.5), form="ddpm")

@@ -342,3 +342,23 @@ def test_results_with_a_bad_label_count_are_refused(tmp_path):
              "decoder_width": 1, "miou": 0.3, "label_count": 2.5}
   with pytest.raises(report.ReportError, match=r"label_count 2\.5 is not a count"):
     report.validate_results(results, tmp_path / "results.json")
+
+
+def test_pretraining_record_has_the_noise_form_and_level_in_its_own_terms(tmp_path):
+  def record(denoise):
+    (tmp_path / "config.json").write_text(json.dumps({"method": "ddep", "denoise": denoise}))
+    return report.pretraining_record(str(tmp_path / "checkpoints" / "100"))
+
+  ddpm = record({"form": "ddpm", "sigma": 0.0, "sigma_range": [], "gamma": 0.8,
+                 "gamma_range": [], "target": "eps"})
+  assert (ddpm["form"], ddpm["gamma"], ddpm["sigma"]) == ("ddpm", 0.8, None)
+  assert ddpm["sigma_equivalent"] == pytest.approx(0.5)  # sqrt(0.2 / 0.8)
+  ranged = record({"form": "ddpm", "sigma": 0.0, "gamma": 0.0, "gamma_range": [0.5, 0.8]})
+  assert ranged["gamma_range"] == [0.5, 0.8]
+  assert ranged["sigma_equivalent"] == pytest.approx([0.5, 1.0])  # γ falls as σ grows
+  additive = record({"form": "additive", "sigma": 0.1, "sigma_range": [], "gamma": 0.0})
+  assert (additive["sigma"], additive["gamma"], additive["sigma_equivalent"]) == (0.1, None, 0.1)
+  # Runs from before `gamma` existed read σ as γ under 'ddpm': recorded as what they ran.
+  old = record({"form": "ddpm", "sigma": 0.25, "sigma_range": []})
+  assert (old["gamma"], old["sigma"]) == (0.25, None)
+  assert old["sigma_equivalent"] == pytest.approx(3 ** 0.5)
