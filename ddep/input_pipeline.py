@@ -41,6 +41,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ddep import preprocess as pp
+from ddep.datasets import manual
 from ddep.datasets import specs
 
 try:
@@ -153,15 +154,16 @@ def read_subset_ids(path: str) -> list[str]:
 def _builder(spec: specs.DatasetSpec, data_dir: str | None):
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
+    command = manual.prepare_command(spec, data_dir=data_dir)
     raise FileNotFoundError(
       f"Dataset {spec.name!r} ({spec.tfds_name}) is not prepared under data_dir={data_dir!r}; "
-      f"run ddep.input_pipeline.prepare({spec.name!r}, data_dir=...) first."
+      f"prepare it once with\n  {command}\n({manual.DOCS} says which archives to download)."
     )
   return builder
 
 
 def prepare(dataset: str, data_dir: str | None = None, **download_and_prepare_kwargs):
-  """Builds the dataset's TFDS files (generates the demo data; real datasets may need manual_dir)."""
+  """Builds the dataset's TFDS files: generates the demo data; see ddep.prepare for the rest."""
   spec = specs.get(dataset)
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   builder.download_and_prepare(**download_and_prepare_kwargs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import tensorflow_datasets as tfds
 
 import archives
 from ddep import input_pipeline
+from ddep.datasets import manual as manual_lib
 from ddep.datasets import specs
 
 
@@ -43,29 +46,45 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
+def _prepare(dataset, data_dir, manual_dir, pretrain=False):
+  """What `python -m ddep.prepare` does, in this process."""
+  return manual_lib.prepare(
+    dataset, manual_dir=os.fspath(manual_dir), data_dir=os.fspath(data_dir), pretrain=pretrain
+  )
+
+
 @pytest.fixture(scope="module")
-def ade20k(tmp_path_factory, data_dir):
+def ade20k_cli(tmp_path_factory, data_dir):
+  """ADE20K built by the command a user types: `python -m ddep.prepare`."""
   manual = tmp_path_factory.mktemp("ade_manual")
   written = archives.write_ade20k(os.fspath(manual))
+  command = [sys.executable, "-m", "ddep.prepare", "--dataset=ade20k", f"--manual_dir={manual}"]
+  p = subprocess.run(
+    [*command, f"--data_dir={data_dir}"], capture_output=True, text=True, timeout=300
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  return p, written
+
+
+@pytest.fixture(scope="module")
+def ade20k(ade20k_cli, data_dir):
   spec = specs.get("ade20k")  # imports the module, which registers the builder
-  return _build(spec.tfds_name, data_dir, manual), written, spec
+  return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir)), ade20k_cli[1], spec
 
 
 @pytest.fixture(scope="module")
 def pascal_context(tmp_path_factory, data_dir):
   manual = tmp_path_factory.mktemp("pc_manual")
   written = archives.write_pascal_context(os.fspath(manual))
-  spec = specs.get("pascal_context_60")
-  return _build(spec.tfds_name, data_dir, manual), written
+  return _prepare("pascal_context_60", data_dir, manual), written
 
 
 @pytest.fixture(scope="module")
 def pascal_voc(tmp_path_factory, data_dir):
   manual = tmp_path_factory.mktemp("voc_manual")
   written = archives.write_pascal_voc(os.fspath(manual))
-  from ddep.datasets import pascal_voc as _  # pylint: disable=import-outside-toplevel
-
-  return _build("pascal_voc", data_dir, manual), written
+  # Pascal Context's pretraining images: all of Pascal VOC 2012.
+  return _prepare("pascal_context_60", data_dir, manual, pretrain=True), written
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +95,72 @@ def cityscapes_archives(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cityscapes_fine(cityscapes_archives, data_dir):
-  from ddep.datasets import cityscapes  # pylint: disable=import-outside-toplevel
-
   manual, written = cityscapes_archives
-  spec = specs.get("cityscapes")
-  return cityscapes.download_and_prepare(
-    spec.tfds_name, os.fspath(data_dir), os.fspath(manual)
-  ), written
+  return _prepare("cityscapes", data_dir, manual), written
 
 
 @pytest.fixture(scope="module")
 def cityscapes_extra(cityscapes_archives, data_dir):
-  from ddep.datasets import cityscapes  # pylint: disable=import-outside-toplevel
-
   manual, written = cityscapes_archives
-  builder = cityscapes.download_and_prepare(
-    cityscapes.PRETRAIN_TFDS_NAME, os.fspath(data_dir), os.fspath(manual)
+  return _prepare("cityscapes", data_dir, manual, pretrain=True), written
+
+
+# --- ddep.prepare ----------------------------------------------------------------
+
+
+def test_prepare_command_builds_and_says_where(ade20k_cli, data_dir):
+  p, _ = ade20k_cli
+  assert f"ade20k/1.0.0 ready in {data_dir}" in p.stdout, p.stdout
+  assert "(train 3, validation 2)" in p.stdout
+  assert f"--config.data.data_dir={data_dir}" in p.stdout
+
+
+@pytest.mark.parametrize(
+  "dataset,pretrain,archives_named",
+  [
+    ("ade20k", False, ["ADEChallengeData2016.zip"]),
+    ("pascal_context_60", False, ["VOCtrainval_03-May-2010.tar"]),
+    ("pascal_context_59", True, ["VOCtrainval_11-May-2012.tar"]),
+    ("cityscapes", False, ["leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"]),
+    ("cityscapes", True, ["leftImg8bit_trainextra.zip", "gtCoarse.zip"]),
+  ],
+)
+def test_prepare_names_the_missing_archive_and_the_docs(tmp_path, dataset, pretrain, archives_named):
+  empty = tmp_path / "manual"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError) as err:
+    _prepare(dataset, tmp_path / "data", empty, pretrain=pretrain)
+  message = str(err.value)
+  assert all(name in message for name in archives_named), message
+  assert os.fspath(empty) in message and "docs/datasets.md" in message
+
+
+def test_prepare_needs_a_manual_dir_and_a_known_dataset(tmp_path):
+  with pytest.raises(manual_lib.PrepareError, match=r"--manual_dir=DIR .*docs/datasets\.md"):
+    manual_lib.prepare("ade20k", data_dir=os.fspath(tmp_path))
+  with pytest.raises(manual_lib.PrepareError, match=r"--manual_dir=.*nowhere is not a directory"):
+    _prepare("ade20k", tmp_path, tmp_path / "nowhere")
+  with pytest.raises(manual_lib.PrepareError, match=r"Unknown dataset 'ade20'"):
+    _prepare("ade20", tmp_path, tmp_path)
+
+
+def test_an_unprepared_dataset_prints_the_prepare_command(tmp_path):
+  empty = os.fspath(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError) as err:
+    input_pipeline.eval_dataset("ade20k", batch_size=2, **_pipeline_kwargs(empty))
+  assert (
+    "python -m ddep.prepare --dataset=ade20k --manual_dir=DIR_WITH_THE_ARCHIVES "
+    f"--data_dir={empty}\n" in str(err.value)
   )
-  return builder, written
+  # Pascal Context's pretraining images are a builder of their own.
+  with pytest.raises(FileNotFoundError) as err:
+    input_pipeline.pretrain_dataset(
+      "pascal_context_60", batch_size=2, image_size=(16, 16), seed=0, **_pipeline_kwargs(empty)
+    )
+  assert "(pascal_voc) is not prepared" in str(err.value)
+  assert "python -m ddep.prepare --dataset=pascal_context_60 --pretrain --manual_dir=" in str(
+    err.value
+  )
 
 
 # --- ADE20K -----------------------------------------------------------------
