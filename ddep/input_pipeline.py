@@ -514,24 +514,22 @@ def _decode_image(encoded):
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _decode_label(spec: specs.DatasetSpec, encoded):
-  raw = tf.io.decode_image(encoded, channels=1, expand_animations=False)[..., 0]
-  return tf.gather(tf.constant(spec.label_map), tf.cast(raw, tf.int32))
+def _decode_raw_label(encoded):
+  return tf.cast(tf.io.decode_image(encoded, channels=1, expand_animations=False)[..., 0], tf.int32)
 
 
-def _label_problems(spec: specs.DatasetSpec, image, label):
+def _label_problems(spec: specs.DatasetSpec, image, raw, label):
   """A non-empty string describing what is wrong with (image, label), else ''."""
   same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.shape(label)))
   valid = (label < spec.num_classes) | tf.equal(label, spec.ignore_label)
   size_msg = tf.strings.format(
     "image size {} != label size {}", (tf.shape(image)[:2], tf.shape(label))
   )
-  bad_values = tf.unique(tf.boolean_mask(label, ~valid))[0]
+  # The stored values, not what label_map made of them (254 for every unknown id).
+  bad_values = tf.unique(tf.boolean_mask(raw, ~valid))[0]
   value_msg = tf.strings.format(
-    "label values {} (after label_map; "
-    + str(specs.INVALID_LABEL)
-    + " = raw id unknown to the dataset) "
-    "outside [0, {}) and != {}",
+    "raw label values {} are not ids of the dataset (label_map sends them outside [0, {}) "
+    "and != {})",
     (bad_values, spec.num_classes, spec.ignore_label),
   )
   return tf.where(~same_size, size_msg, tf.where(tf.reduce_all(valid), "", value_msg))
@@ -575,8 +573,9 @@ class _Examples:
         "image": _decode_image(feats[spec.image_key]),
       }
       if self.what == "segmentation":
-        out["label"] = _decode_label(spec, feats[spec.label_key])
-        out["_problem"] = _label_problems(spec, out["image"], out["label"])
+        raw = _decode_raw_label(feats[spec.label_key])
+        out["label"] = tf.gather(tf.constant(spec.label_map), raw)
+        out["_problem"] = _label_problems(spec, out["image"], raw, out["label"])
       else:
         out["_problem"] = tf.constant("")
         if self.what == "labels":

@@ -64,8 +64,13 @@ def _write_tar(path: str, members: dict[str, bytes]):
 SIZES = ((32, 48), (48, 32), (32, 40))
 
 
-def write_ade20k(manual_dir: str) -> dict[str, dict[str, Example]]:
-  """ADEChallengeData2016.zip: 3 training and 2 validation images."""
+def write_ade20k(
+  manual_dir: str, replace: dict[str, bytes] | None = None
+) -> dict[str, dict[str, Example]]:
+  """ADEChallengeData2016.zip: 3 training and 2 validation images.
+
+  `replace` overwrites members by name, to make bad archives.
+  """
   written = {"train": {}, "validation": {}}
   members = {"ADEChallengeData2016/sceneCategories.txt": b"ADE_train_00000001 bathroom\n"}
   seed = 0
@@ -83,6 +88,7 @@ def write_ade20k(manual_dir: str) -> dict[str, dict[str, Example]]:
       members[f"ADEChallengeData2016/annotations/{subdir}/{image_id}.png"] = encode(label, "PNG")
       written[split][image_id] = example
       seed += 1
+  members.update(replace or {})
   _write_zip(os.path.join(manual_dir, "ADEChallengeData2016.zip"), members)
   return written
 

@@ -125,7 +125,9 @@ def test_prepare_command_builds_and_says_where(ade20k_cli, data_dir):
     ("cityscapes", True, ["leftImg8bit_trainextra.zip", "gtCoarse.zip"]),
   ],
 )
-def test_prepare_names_the_missing_archive_and_the_docs(tmp_path, dataset, pretrain, archives_named):
+def test_prepare_names_the_missing_archive_and_the_docs(
+  tmp_path, dataset, pretrain, archives_named
+):
   empty = tmp_path / "manual"
   empty.mkdir()
   with pytest.raises(FileNotFoundError) as err:
@@ -198,6 +200,37 @@ def test_ade20k_missing_archive_names_file_and_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"ADEChallengeData2016\.zip") as err:
     _build("ade20k", tmp_path / "data", empty)
   assert os.fspath(empty) in str(err.value)
+
+
+_ADE_MEMBER = "ADEChallengeData2016/{}/validation/ADE_val_00000002.{}"
+
+
+@pytest.mark.parametrize(
+  "member,data,message",
+  [
+    (
+      _ADE_MEMBER.format("images", "jpg"),
+      b"\xff\xd8 not a JPEG",
+      r"member ADEChallengeData2016/images/validation/ADE_val_00000002\.jpg "
+      r"\(image_id ADE_val_00000002\): the image is not a file PIL can read",
+    ),
+    (
+      _ADE_MEMBER.format("annotations", "png"),
+      archives.encode(np.array([[0, 151], [150, 254]] * 24, np.uint8).repeat(16, 1), "PNG"),
+      r"member ADEChallengeData2016/annotations/validation/ADE_val_00000002\.png "
+      r"\(image_id ADE_val_00000002\): raw label values \[151, 254\] are not ids of this "
+      r"dataset \(0\.\.150\)",
+    ),
+  ],
+)
+def test_bad_archive_members_are_named_with_image_id_and_raw_value(tmp_path, member, data, message):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  archives.write_ade20k(os.fspath(manual), replace={member: data})
+  with pytest.raises(manual_lib.BadExampleError, match=message) as err:
+    _prepare("ade20k", tmp_path / "data", manual)
+  assert os.fspath(manual / "ADEChallengeData2016.zip") in str(err.value)
+  assert "BytesIO" not in str(err.value)
 
 
 # --- Pascal Context -----------------------------------------------------------

@@ -339,6 +339,8 @@ PALETTE = np.array(
 
 # Raw 0 is "other/unlabelled", which SceneParse150 excludes from the metric.
 LABEL_MAP = specs.make_label_map({0: specs.IGNORE_LABEL, **{raw: raw - 1 for raw in range(1, 151)}})
+# 0..150: what a stored label may hold; anything else is a bad example at build time.
+_VALID_IDS = np.flatnonzero(LABEL_MAP != specs.INVALID_LABEL)
 
 
 class Ade20k(tfds.core.GeneratorBasedBuilder):
@@ -390,7 +392,14 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
           raise ValueError(f"{archive}: {image_name} has no label {label_name}")
         image_bytes = zf.read(image_name)
         label_bytes = zf.read(label_name)
-        manual.check_label(label_bytes, image_bytes, label_name)
+        manual.check_label(
+          label_bytes,
+          image_bytes,
+          label_name=f"{archive} member {label_name}",
+          image_name=f"{archive} member {image_name}",
+          image_id=image_id,
+          valid_ids=_VALID_IDS,
+        )
         yield image_id, {"image": image_bytes, "segmentation": label_bytes, "image_id": image_id}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 
+import numpy as np
 from PIL import Image
 
 from ddep.datasets import specs
@@ -100,14 +101,72 @@ def require_manual_file(dl_manager, filename: str, instructions: str):
   return path
 
 
-def check_label(label_bytes: bytes, image_bytes: bytes, name: str):
-  """Fails on labels the stored-raw-ids convention cannot carry."""
-  # Both opens parse headers only; a colour or resized label would otherwise
-  # be stored silently and decode into wrong ids.
-  with Image.open(io.BytesIO(label_bytes)) as label, Image.open(io.BytesIO(image_bytes)) as image:
+class BadExampleError(ValueError):
+  """An archive member that cannot be stored; the message names it and its image id."""
+
+
+def _open(data: bytes, name: str, image_id: str, what: str) -> Image.Image:
+  try:
+    return Image.open(io.BytesIO(data))
+  except (OSError, SyntaxError, ValueError):
+    # PIL's own message names only a BytesIO; the user needs the file and the example.
+    raise BadExampleError(
+      f"{name} (image_id {image_id}): {what} is not a file PIL can read (corrupt or truncated?)"
+    ) from None
+
+
+def check_image(image_bytes: bytes, *, name: str, image_id: str) -> tuple[int, int]:
+  """The (width, height) of an image file, or an error naming the file and the example."""
+  # The header only: decoding every image would double the time a build takes.
+  with _open(image_bytes, name, image_id, "the image") as image:
+    return image.size
+
+
+def _id_ranges(ids) -> str:
+  """[0, 1, 2, 5, 255] -> '0..2, 5, 255'."""
+  ids, parts, start = sorted(int(i) for i in ids), [], None
+  for i, value in enumerate(ids):
+    start = value if start is None else start
+    if i + 1 == len(ids) or ids[i + 1] != value + 1:
+      parts.append(f"{start}..{value}" if value > start else f"{value}")
+      start = None
+  return ", ".join(parts)
+
+
+def check_label(
+  label_bytes: bytes,
+  image_bytes: bytes,
+  *,
+  label_name: str,
+  image_name: str,
+  image_id: str,
+  valid_ids: np.ndarray,
+):
+  """Fails on an example the stored-raw-ids convention cannot carry, naming its file,
+  its image id and, for a label value the dataset does not define, that raw value."""
+  # A colour, resized or out-of-range label would otherwise be stored silently and
+  # decode into wrong ids, found (if at all) as 254 after the label map while training.
+  image_size = check_image(image_bytes, name=image_name, image_id=image_id)
+  with _open(label_bytes, label_name, image_id, "the label PNG") as label:
     if label.mode != "L":
-      raise ValueError(
-        f"{name}: label PNG has mode {label.mode}, expected 8-bit grayscale ids ('L')"
+      raise BadExampleError(
+        f"{label_name} (image_id {image_id}): label PNG has mode {label.mode}, expected 8-bit "
+        "grayscale ids ('L')"
       )
-    if label.size != image.size:
-      raise ValueError(f"{name}: label size {label.size} != image size {image.size}")
+    if label.size != image_size:
+      raise BadExampleError(
+        f"{label_name} (image_id {image_id}): label size {label.size} != image size {image_size} "
+        f"of {image_name}"
+      )
+    try:
+      values = np.unique(np.asarray(label))
+    except OSError:
+      raise BadExampleError(
+        f"{label_name} (image_id {image_id}): the label PNG is truncated or corrupt"
+      ) from None
+  unknown = np.setdiff1d(values, valid_ids)
+  if unknown.size:
+    raise BadExampleError(
+      f"{label_name} (image_id {image_id}): raw label values {unknown.tolist()} are not ids of "
+      f"this dataset ({_id_ranges(valid_ids)})"
+    )

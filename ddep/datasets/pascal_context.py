@@ -113,6 +113,8 @@ def voc_palette(n: int) -> np.ndarray:
 
 PALETTE_60 = voc_palette(60)
 LABEL_MAP_60 = specs.make_label_map({raw: raw for raw in range(60)})
+# 0..59: what a converted label may hold (the 59-class protocol reads the same files).
+_VALID_IDS = np.flatnonzero(LABEL_MAP_60 != specs.INVALID_LABEL)
 # The 59-class protocol drops background from the metric, so it is ignored.
 LABEL_MAP_59 = specs.make_label_map(
   {0: specs.IGNORE_LABEL, **{raw: raw - 1 for raw in range(1, 60)}}
@@ -174,7 +176,14 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
       if not label_path.exists():
         raise ValueError(f"{id_list} lists {image_id} but {label_path} does not exist")
       label = label_path.read_bytes()
-      manual.check_label(label, image, str(label_path))
+      manual.check_label(
+        label,
+        image,
+        label_name=str(label_path),
+        image_name=f"{archive} member {_IMAGE_DIR}{image_id}.jpg",
+        image_id=image_id,
+        valid_ids=_VALID_IDS,
+      )
       found.add(image_id)
       yield image_id, {"image": image, "segmentation": label, "image_id": image_id}
     if found != wanted:

@@ -61,6 +61,9 @@ class PascalVoc(tfds.core.GeneratorBasedBuilder):
     found = False
     for image_id, image in iter_jpegs(dl_manager, archive, _IMAGE_DIR):
       found = True
+      manual.check_image(
+        image, name=f"{archive} member {_IMAGE_DIR}{image_id}.jpg", image_id=image_id
+      )
       yield image_id, {"image": image, "image_id": image_id}
     if not found:
       raise ValueError(f"{archive}: no {_IMAGE_DIR}*.jpg; is this {ARCHIVE}?")
