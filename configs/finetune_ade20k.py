@@ -16,7 +16,7 @@ Arguments:
   lr, wd     Adam learning rate and weight decay; swept over [1e-5, 3e-4] (Sec. 4.3)
   steps      training steps (0 = 80k; the paper does not state its schedule)
   batch      global batch size
-  model      'r50_vit_b16' or 'r50_unet'
+  model      'r50_vit_b16', 'bit_r50_unet' or 'r50_unet'
   encoder    'supervised': the ImageNet-21k encoder file ('' = checkpoints/...)
   init_from  'dep'/'ddep': the workdir of configs/pretrain_ade20k.py with the same
              method and width; 'supervised': a supervised run of ours

@@ -18,7 +18,7 @@ Arguments:
              [1e-5, 3e-4] per task (launch/sweep.py --lrs --wds)
   steps      training steps (0 = 40k; the paper does not state its schedule)
   batch      global batch size
-  model      'r50_vit_b16' or 'r50_unet'
+  model      'r50_vit_b16', 'bit_r50_unet' or 'r50_unet'
   encoder    'supervised': the ImageNet-21k encoder file ('' = checkpoints/...)
   init_from  'dep'/'ddep': the workdir of configs/pretrain_cityscapes.py with the
              same method and width; 'supervised': a supervised run of ours instead

@@ -3,7 +3,7 @@ r"""Fine-tuning on Pascal Context (paper Tables 3, 5, 6, 7, Figures 5, 7, 8).
 60 classes (59 + background, Sec. 4.1; `classes=59` ignores background instead),
 512x512 random crops + flips; evaluated on VALIDATION with the long side resized to
 520 and 480x480 sliding windows ('pascal_context_sliding', ddep/inference.py).
-Table 5 is `model=r50_unet`.
+Table 5 is `model=bit_r50_unet` (BiT's ResNet-50 v2 UNet).
 
   python -m ddep.main --workdir=$W --config=configs/finetune_pascal_context.py:\
 method=ddep,width=3,fraction=0.1,seed=2,init_from=$PRETRAIN_WORKDIR
@@ -19,7 +19,7 @@ Arguments:
   steps      training steps (0 = 40k; the paper does not state its schedule)
   batch      global batch size
   classes    60 (with background) or 59
-  model      'r50_vit_b16' or 'r50_unet' (Table 5)
+  model      'r50_vit_b16', 'bit_r50_unet' (Table 5) or 'r50_unet' (post-activation)
   encoder    'supervised': the ImageNet-21k encoder file ('' = checkpoints/...)
   init_from  'dep'/'ddep': the workdir of configs/pretrain_pascal_context.py with
              the same method, width and model; 'supervised': a supervised run of ours

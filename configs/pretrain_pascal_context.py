@@ -21,7 +21,7 @@ Arguments:
   target       'eps' (Eq. 4) or 'x' (Table 7)
   epochs, lr   pretraining length and learning rate (Figure 8)
   batch        global batch size
-  model        'r50_vit_b16' (TransUNet) or 'r50_unet' (Table 5)
+  model        'r50_vit_b16' (TransUNet), 'bit_r50_unet' (Table 5) or 'r50_unet'
   encoder      DDeP's ImageNet-21k encoder (.npz / .safetensors); '' = the model's
                file under checkpoints/ (docs/experiments.md)
   init_from    DDeP on the encoder of a supervised run of ours instead

@@ -25,10 +25,14 @@ from ddep import config_schema
 #   gs://bit_models/BiT-M-R50x1.npz (needs a converter to our layout; see docs)
 ENCODERS = {
     'r50_vit_b16': 'checkpoints/R50+ViT-B_16.npz',
+    # Post-activation: no published weights fit it (the loader says so); Table 5 uses
+    # bit_r50_unet, the pre-activation ResNet-50 the BiT-M-R50x1 weights were trained as.
     'r50_unet': 'checkpoints/BiT-M-R50x1.npz',
+    'bit_r50_unet': 'checkpoints/BiT-M-R50x1.npz',
 }
 # runlocal swaps each paper model for the preset of the same architecture at toy size.
-TINY_PRESETS = {'r50_vit_b16': 'tiny', 'r50_unet': 'tiny_r50_unet'}
+TINY_PRESETS = {'r50_vit_b16': 'tiny', 'r50_unet': 'tiny_r50_unet',
+                'bit_r50_unet': 'tiny_bit_r50_unet'}
 # Sec. 3.3: sigma = 0.8 works best for DeP, 0.1 for DDeP.
 DEFAULT_SIGMA = {'dep': 0.8, 'ddep': 0.1}
 PRETRAIN_METHODS = ('dep', 'ddep')
@@ -211,7 +215,8 @@ def shrink_for_runlocal(c, *, model: str) -> None:
   c.data.image_size = (32, 32)
   # demo_tiny images are at most 40x44; the pad must be a multiple of the output
   # stride for the 'whole' protocol (16 for the hybrid, 32 for the R50 UNet).
-  c.data.eval_pad_to = (64, 64) if c.model.preset == 'tiny_r50_unet' else (48, 48)
+  c.data.eval_pad_to = (64, 64) if c.model.preset in ('tiny_r50_unet', 'tiny_bit_r50_unet') \
+      else (48, 48)
   # The paper's protocols need real image sizes (1024x2048 halves, 512-px windows).
   c.eval.protocol = 'whole'
   c.eval.flip = False

@@ -209,6 +209,20 @@ def test_runlocal_shrinks_to_the_tiny_presets():
   r50 = get_config('finetune_pascal_context', 'method=none,model=r50_unet,runlocal')
   assert r50.model.preset == 'tiny_r50_unet'
   config_validation.validate(r50)  # its pad must be a multiple of stride 32
+  bit = get_config('finetune_pascal_context', 'method=none,model=bit_r50_unet,runlocal')
+  assert (bit.model.preset, tuple(bit.data.eval_pad_to)) == ('tiny_bit_r50_unet', (64, 64))
+  config_validation.validate(bit)
+
+
+def test_table5_supervised_and_ddep_start_from_the_published_bit_weights():
+  sup = get_config('finetune_pascal_context', 'method=supervised,model=bit_r50_unet')
+  assert (sup.model.preset, sup.init_encoder_from) == ('bit_r50_unet',
+                                                       'checkpoints/BiT-M-R50x1.npz')
+  ddep = get_config('pretrain_pascal_context', 'method=ddep,model=bit_r50_unet')
+  assert (ddep.model.preset, ddep.init_encoder_from, tuple(ddep.frozen)) == (
+      'bit_r50_unet', 'checkpoints/BiT-M-R50x1.npz', ('encoder/.*',))
+  config_validation.validate(sup, num_devices=8)
+  config_validation.validate(ddep, num_devices=8)
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +238,9 @@ RUNLOCAL_ARGS = {
     'finetune_cityscapes':
         'method=dep,width=2,fraction=1/8,init_from={pretrain_cityscapes},runlocal',
     'finetune_ade20k': 'method=ddep,fraction=0.05,seed=1,init_from={pretrain_ade20k},runlocal',
-    'finetune_pascal_context': 'method=none,model=r50_unet,classes=59,fraction=0.1,runlocal',
+    # Table 5's UNet on BiT's ResNet-50 v2, at toy size.
+    'finetune_pascal_context':
+        'method=none,model=bit_r50_unet,classes=59,fraction=0.1,runlocal',
 }
 
 

@@ -178,9 +178,9 @@ def test_ablation_grids_vary_only_pretraining():
   f8 = sweep.expand(sweep.GRIDS['fig8'], '/r', stage='pretrain')
   assert len(f8) == len(sweep.FIG8_EPOCHS) * len(sweep.FIG8_LRS)
   t5 = sweep.expand(sweep.GRIDS['table5'], '/r', seeds='1', fractions_=['0.01'])
-  assert {_args(r)['model'] for r in t5} == {'r50_unet'}
+  assert {_args(r)['model'] for r in t5} == {'bit_r50_unet'}
   assert [r.name for r in t5 if 'pretrain' in r.config] == [
-      'pretrain/pascal_context/ddep_w1_r50_unet']
+      'pretrain/pascal_context/ddep_w1_bit_r50_unet']
 
 
 def test_hparam_sweep_names_each_run():

@@ -9,12 +9,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     'r50_vit_b16': {},
     # Table 5's plain ResNet-50 UNet.
     'r50_unet': dict(backbone='r50', resnet_layers=(3, 4, 6, 3)),
+    # The same UNet on BiT's ResNet-50 v2 (pre-activation): the encoder the published
+    # ImageNet-21k BiT-M-R50x1 weights were trained as (Table 5's supervised and DDeP).
+    'bit_r50_unet': dict(backbone='bit_r50', resnet_layers=(3, 4, 6, 3)),
     # Same modules, narrow and shallow: for tests and CPU runs.
     'tiny': dict(resnet_layers=(1, 1, 1), resnet_width=16, num_groups=8, hidden_size=64,
                  num_layers=2, num_heads=2, mlp_dim=128,
                  decoder_widths=(64, 32, 32, 16, 16)),
     'tiny_r50_unet': dict(backbone='r50', resnet_layers=(1, 1, 1, 1), resnet_width=16,
                           num_groups=8, decoder_widths=(64, 32, 32, 16, 16)),
+    'tiny_bit_r50_unet': dict(backbone='bit_r50', resnet_layers=(1, 1, 1, 1), resnet_width=16,
+                              num_groups=8, decoder_widths=(64, 32, 32, 16, 16)),
 }
 
 

@@ -1,6 +1,6 @@
-"""Import of ImageNet-21k R50+ViT-B/16 encoders into a TransUNet's params.
+"""Import of ImageNet-21k encoders into a TransUNet's params: R50+ViT-B/16 and BiT-M-R50x1.
 
-Two sources hold the same weights:
+R50+ViT-B/16: two sources hold the same weights:
 - the original `R50+ViT-B_16.npz` (flat '/'-joined keys, pre-Linen module
   names, GroupNorm params as (1, 1, 1, C), a class-token row in the position
   embeddings, and `cls`/`pre_logits`/`head` entries);
@@ -8,6 +8,14 @@ Two sources hold the same weights:
 
 Both are first brought to the npz layout (`read_checkpoint`), then mapped onto
 the model's `encoder` subtree (`load_pretrained_encoder`).
+
+BiT-M-R50x1 (the `bit_r50` backbone, `ddep.models.bit`), also from two sources:
+- the published `BiT-M-R50x1.npz` (TF names under `resnet/`: `root_block/
+  standardized_conv2d/kernel`, `block1/unit01/a/group_norm/gamma`, `.../a/proj/...`,
+  `group_norm/beta`, and the classifier `head/conv2d`);
+- timm's `resnetv2_50x1_bit.goog_in21k` safetensors (`stem.conv.weight`,
+  `stages.0.blocks.0.norm1.weight`, `...downsample.conv.weight`, `norm.*`, `head.fc.*`).
+Both are read straight into the model's names (they are BiT's, less `resnet/`).
 """
 import os
 import re
@@ -49,9 +57,13 @@ def read_checkpoint(path: str, *, head_dim: int = 64) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise CheckpointError(f'{path}: checkpoint file does not exist')
   if path.endswith('.npz'):
-    return _read_npz(path)
+    flat = _read_npz(path)
+    return bit_npz_to_layout(flat, source=path) if _is_bit_npz(flat) else flat
   if path.endswith('.safetensors'):
-    return timm_to_vit_layout(_read_safetensors(path), source=path, head_dim=head_dim)
+    tensors = _read_safetensors(path)
+    if _is_timm_bit(tensors):
+      return timm_bit_to_layout(tensors, source=path)
+    return timm_to_vit_layout(tensors, source=path, head_dim=head_dim)
   raise CheckpointError(f'{path}: unknown checkpoint format; expected .npz or .safetensors')
 
 
@@ -171,6 +183,132 @@ def _timm_block(i: int, leaf: str, w: np.ndarray, name: str, unknown: list,
 
 
 # ---------------------------------------------------------------------------
+# BiT ResNet v2: the published npz and timm's safetensors <-> the model's names.
+# ---------------------------------------------------------------------------
+
+_BIT_PREFIX = 'resnet/'
+_BIT_NORM = {'gamma': 'scale', 'beta': 'bias'}
+_BIT_PART = {'1': 'a', '2': 'b', '3': 'c'}  # timm's norm{k}/conv{k} are BiT's parts a, b, c.
+_TIMM_BIT_UNIT = re.compile(
+    r'stages\.(\d+)\.blocks\.(\d+)\.(?:(norm|conv)([123])\.(weight|bias)|downsample\.conv\.weight)$')
+
+
+def _is_bit_npz(flat: Mapping[str, Any]) -> bool:
+  return any(k.startswith(_BIT_PREFIX) for k in flat)
+
+
+def _is_timm_bit(tensors: Mapping[str, Any]) -> bool:
+  return 'stem.conv.weight' in tensors
+
+
+def bit_npz_to_layout(flat: Mapping[str, np.ndarray], *, source: str = 'BiT checkpoint'
+                      ) -> dict[str, np.ndarray]:
+  """BiT's npz (`resnet/...`, GroupNorm `gamma`/`beta`) -> the `bit_r50` encoder's names.
+
+  The classifier (`resnet/head/...`) is dropped; anything outside `resnet/` is an error.
+  """
+  out, unknown = {}, []
+  for key, value in flat.items():
+    if not key.startswith(_BIT_PREFIX):
+      unknown.append(key)
+      continue
+    key = key[len(_BIT_PREFIX):]
+    if key.startswith('head/'):
+      continue  # The 21k-class classifier; segmentation has its own head.
+    parts = key.split('/')
+    if len(parts) >= 2 and parts[-2] == 'group_norm' and parts[-1] in _BIT_NORM:
+      parts[-1] = _BIT_NORM[parts[-1]]
+      value = np.asarray(value).reshape(-1)  # TF stores (C,); some exports (1, 1, 1, C).
+    out['/'.join(parts)] = np.asarray(value)
+  if unknown:
+    raise CheckpointError(f'{source}: keys outside {_BIT_PREFIX!r} in a BiT checkpoint: '
+                          f'{sorted(unknown)}')
+  return out
+
+
+def timm_bit_to_layout(tensors: Mapping[str, np.ndarray], *, source: str = 'timm checkpoint'
+                       ) -> dict[str, np.ndarray]:
+  """timm's `resnetv2_50x1_bit` state dict -> the `bit_r50` encoder's names (OIHW -> HWIO)."""
+  out, unknown = {}, []
+  for name, w in tensors.items():
+    w = np.asarray(w)
+    if name == 'stem.conv.weight':
+      out['root_block/standardized_conv2d/kernel'] = _conv(w)
+    elif name in ('norm.weight', 'norm.bias'):
+      out[f'group_norm/{"scale" if name.endswith("weight") else "bias"}'] = w
+    elif name.startswith('head.'):
+      continue  # The classifier.
+    elif m := _TIMM_BIT_UNIT.match(name):
+      unit = f'block{int(m[1]) + 1}/unit{int(m[2]) + 1:02d}'
+      if m[3] is None:
+        out[f'{unit}/a/proj/standardized_conv2d/kernel'] = _conv(w)
+      elif m[3] == 'conv' and m[5] == 'weight':
+        out[f'{unit}/{_BIT_PART[m[4]]}/standardized_conv2d/kernel'] = _conv(w)
+      elif m[3] == 'norm':
+        out[f'{unit}/{_BIT_PART[m[4]]}/group_norm/{"scale" if m[5] == "weight" else "bias"}'] = w
+      else:
+        unknown.append(name)
+    else:
+      unknown.append(name)
+  if unknown:
+    raise CheckpointError(f'{source}: unexpected keys for a timm BiT ResNet v2 checkpoint: '
+                          f'{sorted(unknown)}')
+  return out
+
+
+def encoder_to_bit_checkpoint(encoder_params: Mapping[str, Any], *, fmt: str = 'npz'
+                              ) -> dict[str, np.ndarray]:
+  """Our `bit_r50` encoder -> BiT's npz names (`fmt='npz'`) or timm's (`fmt='timm'`).
+
+  The inverse of the readers, to write checkpoints of our own encoders in either
+  published layout (and for round-trip tests).
+  """
+  flat = {'/'.join(k): np.asarray(v) for k, v in
+          flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params)).items()}
+  if fmt == 'npz':
+    inverse = {v: k for k, v in _BIT_NORM.items()}
+    return {_BIT_PREFIX + re.sub(r'group_norm/(scale|bias)$',
+                                 lambda m: f'group_norm/{inverse[m[1]]}', k): v
+            for k, v in flat.items()}
+  if fmt != 'timm':
+    raise ValueError(f"fmt must be 'npz' or 'timm', got {fmt!r}")
+  part_index = {v: k for k, v in _BIT_PART.items()}
+  out = {}
+  for key, value in flat.items():
+    if key == 'root_block/standardized_conv2d/kernel':
+      name = 'stem.conv.weight'
+    elif key.startswith('group_norm/'):
+      name = 'norm.weight' if key.endswith('scale') else 'norm.bias'
+    else:
+      m = re.fullmatch(r'block(\d+)/unit(\d+)/([abc])/(proj/)?(group_norm|standardized_conv2d)/'
+                       r'(kernel|scale|bias)', key)
+      if m is None:
+        raise ValueError(f'not a bit_r50 encoder parameter: {key}')
+      unit = f'stages.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}'
+      if m[4]:
+        name = f'{unit}.downsample.conv.weight'
+      elif m[5] == 'standardized_conv2d':
+        name = f'{unit}.conv{part_index[m[3]]}.weight'
+      else:
+        name = f'{unit}.norm{part_index[m[3]]}.{"weight" if m[6] == "scale" else "bias"}'
+    out[name] = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1))) if value.ndim == 4 \
+        else value
+  return out
+
+
+def _family(keys) -> str:
+  """What a set of encoder keys (model or checkpoint, our names) is, for error hints."""
+  keys = list(keys)
+  if any(k.startswith('root_block/') for k in keys):
+    return "BiT ResNet v2 (preset 'bit_r50_unet')"
+  if any(k.startswith('Transformer/') for k in keys):
+    return "R50+ViT-B/16 hybrid (preset 'r50_vit_b16')"
+  if any(k.startswith('conv_root/') for k in keys):
+    return "post-activation ResNet (preset 'r50_unet'; no published weights fit it)"
+  return 'unknown'
+
+
+# ---------------------------------------------------------------------------
 # Mapping the npz layout onto the model.
 # ---------------------------------------------------------------------------
 
@@ -257,6 +395,9 @@ def load_pretrained_encoder(params: Mapping[str, Any], path_or_weights) -> dict[
       loaded[key] = jnp.asarray(value, dtype=target[key].dtype)
   if missing or unexpected or wrong_shape:
     lines = [f'{source}: checkpoint does not fit the model encoder.']
+    ours, theirs = _family(target), _family(flat)
+    if ours != theirs:
+      lines.append(f'  the checkpoint is a {theirs} encoder; the model\'s is a {ours}')
     if missing:
       lines.append(f'  missing from checkpoint ({len(missing)}): {missing}')
     if unexpected:

@@ -4,12 +4,13 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddep.models import bit
 from ddep.models import decoder as decoder_lib
 from ddep.models import encoders
 
 Dtype = Any
 
-BACKBONES = ('r50_vit', 'r50')
+BACKBONES = ('r50_vit', 'r50', 'bit_r50')
 REMAT_PARTS = ('resnet', 'transformer', 'decoder')
 
 
@@ -18,7 +19,8 @@ class TransUNet(nn.Module):
 
   Defaults are the paper's model: R50+ViT-B/16 encoder and the 1x decoder
   [1024, 512, 256, 128, 64]. `backbone='r50'` gives the plain ResNet-50 UNet of
-  Table 5 (set `resnet_layers=(3, 4, 6, 3)`).
+  Table 5 (set `resnet_layers=(3, 4, 6, 3)`); `backbone='bit_r50'` the same UNet on
+  BiT's pre-activation ResNet v2, which the published BiT-M-R50x1 weights fit.
 
   Parameters are float32; `dtype` is the computation dtype. Outputs are float32.
   """
@@ -57,6 +59,10 @@ class TransUNet(nn.Module):
           resnet_layers=self.resnet_layers, resnet_width=self.resnet_width,
           num_groups=self.num_groups, dtype=self.dtype,
           remat_resnet='resnet' in self.remat)
+    elif self.backbone == 'bit_r50':
+      self.encoder = bit.ResNetV2(
+          layers=self.resnet_layers, width=self.resnet_width, num_groups=self.num_groups,
+          dtype=self.dtype, remat='resnet' in self.remat)
     else:
       raise ValueError(f'unknown backbone {self.backbone!r}; choose from {BACKBONES}')
     self.decoder = decoder_lib.UNetDecoder(
@@ -81,8 +87,12 @@ class TransUNet(nn.Module):
       raise ValueError(f'image size {h}x{w} must be divisible by {s}')
 
   def encode(self, images, *, train: bool = False):
-    """Returns `(features, skips)`: the (N, H/16, W/16, hidden) map after the final
-    LayerNorm, and a dict of the 1/2 (`root`), 1/4 (`block1`), 1/8 (`block2`) maps."""
+    """Returns `(features, skips)`: the coarsest map and a dict of the 1/2 (`root`),
+    1/4 (`block1`), 1/8 (`block2`) (and, for the ResNets, 1/16 `block3`) maps.
+
+    The coarsest map is (N, H/16, W/16, hidden) after the final LayerNorm for the
+    hybrid, the last stage's 1/32 map for `r50`, and for `bit_r50` the 1/32 map after
+    BiT's final GroupNorm and ReLU (what timm's `forward_features` returns)."""
     self._check_input(images)
     return self.encoder(images, train=train)
 
