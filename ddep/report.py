@@ -1,6 +1,8 @@
 """Gathers finished runs and draws the paper's tables and figures.
 
   python -m ddep.report --workdirs=RUNS/*,OTHER --output=DIR
+  python -m ddep.report --workdirs=GRID --output=DIR --select=best \
+      --selection_seeds=0,1 --final_seeds=0,1,...,9   # Sec. 4.3: best (lr, wd) per task
 
 The results contract, one fine-tuning workdir per run:
 
@@ -668,6 +670,66 @@ def _save_figure(fig, path, **savefig_kw) -> None:
   storage.path(path).write_bytes(buffer.getvalue())
 
 
+def hyperparameters(run: Run) -> tuple[float, float]:
+  """(lr, weight decay) of a run, from its workdir's config.json (what the sweep varied)."""
+  path = run.workdir / "config.json"
+  try:
+    optim = json.loads(path.read_text())["optim"]
+    return float(optim["lr"]), float(optim["weight_decay"])
+  except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ReportError(f"{path}: no optim.lr / optim.weight_decay to select by ({e!r})") from e
+
+
+def select_best(
+  runs: Sequence[Run],
+  *,
+  selection_seeds: Sequence[int] | None = None,
+  final_seeds: Sequence[int] | None = None,
+) -> dict[tuple, dict]:
+  """Sec. 4.3's sweep selection: per (dataset, width, method, labels), the (lr, wd) whose
+  mean validation mIoU over `selection_seeds` is best, reported over `final_seeds`.
+
+  Seeds are `subset_seed`s (None: all of them). Returns {key: {"lr", "weight_decay",
+  "selection": Cell, "final": Cell, "candidates": {(lr, wd): Cell}}}.
+  """
+  assign_variants(runs)
+  by_pair: dict[tuple, dict[tuple, list[Run]]] = {}
+  for run in runs:
+    by_pair.setdefault(run.key, {}).setdefault(hyperparameters(run), []).append(run)
+
+  def cell(group, seeds):
+    values = [float(r.results["miou"]) for r in group
+              if seeds is None or r.results["subset_seed"] in seeds]
+    return Cell(tuple(values)) if values else None
+
+  chosen = {}
+  for key in sorted(by_pair, key=_sort_key):
+    candidates = {pair: cell(group, selection_seeds) for pair, group in by_pair[key].items()}
+    candidates = {pair: c for pair, c in candidates.items() if c is not None}
+    if not candidates:
+      continue
+    # Ties go to the smaller lr, then wd: deterministic whatever the file order.
+    pair = max(sorted(candidates), key=lambda p: candidates[p].mean)
+    final = cell(by_pair[key][pair], final_seeds)
+    chosen[key] = dict(lr=pair[0], weight_decay=pair[1], selection=candidates[pair],
+                       final=final, candidates=candidates)
+  return chosen
+
+
+def markdown_selection(chosen: Mapping[tuple, dict]) -> str:
+  lines = [
+    "| Dataset | Width | Method | Labels | lr | wd | Selection mIoU (%) | Final mIoU (%) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for (dataset, width, method, labels), c in chosen.items():
+    lines.append(
+      f"| {dataset} | {width:g}x | {method_label(method)} | {format_labels(labels)} | "
+      f"{c['lr']:g} | {c['weight_decay']:g} | {format_cell(c['selection'])} | "
+      f"{format_cell(c['final'])} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
   """Writes every table and figure for `runs` into `output`."""
   output = storage.path(output)
@@ -721,10 +783,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--workdirs", required=True, help="comma-separated run dirs, parent dirs or glob patterns"
   )
   parser.add_argument("--output", required=True, help="directory for the tables and figures")
+  parser.add_argument(
+    "--select", choices=("", "best"), default="",
+    help="best: pick each setting's (lr, wd) by mean mIoU over --selection_seeds (Sec. 4.3) "
+    "and report it over --final_seeds; the tables then hold only the chosen runs")
+  parser.add_argument("--selection_seeds", default="", help="comma-separated; '' = all")
+  parser.add_argument("--final_seeds", default="", help="comma-separated; '' = all")
   args = parser.parse_args(argv)
+  seeds = lambda text: [int(s) for s in text.split(",") if s] or None  # noqa: E731
   try:
     workdirs = find_workdirs([p for p in args.workdirs.split(",") if p])
     runs = [load_run(w) for w in workdirs]
+    if args.select == "best":
+      chosen = select_best(runs, selection_seeds=seeds(args.selection_seeds),
+                           final_seeds=seeds(args.final_seeds))
+      final = seeds(args.final_seeds)
+      runs = [r for r in runs if r.key in chosen
+              and hyperparameters(r) == (chosen[r.key]["lr"], chosen[r.key]["weight_decay"])
+              and (final is None or r.results["subset_seed"] in final)]
+      storage.path(args.output).mkdir(parents=True, exist_ok=True)
+      (storage.path(args.output) / "selection.md").write_text(markdown_selection(chosen))
     written = build_report(runs, args.output)
   except ReportError as e:
     print(f"ddep.report: error: {e}", file=sys.stderr)

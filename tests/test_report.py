@@ -362,3 +362,40 @@ def test_pretraining_record_has_the_noise_form_and_level_in_its_own_terms(tmp_pa
   old = record({"form": "ddpm", "sigma": 0.25, "sigma_range": []})
   assert (old["gamma"], old["sigma"]) == (0.25, None)
   assert old["sigma_equivalent"] == pytest.approx(3 ** 0.5)
+
+
+def test_select_best_picks_lr_wd_on_selection_seeds_and_reports_final_seeds(tmp_path, capsys):
+  """A 2 x 2 (lr, wd) grid, 4 seeds: 0-1 choose the pair, 2-3 are what is reported."""
+  mious = {  # (lr, wd) -> mIoU per seed 0..3
+    (1e-5, 1e-4): (0.30, 0.32, 0.20, 0.22),
+    (3e-4, 1e-4): (0.40, 0.42, 0.25, 0.27),  # best on seeds 0, 1
+    (1e-5, 3e-4): (0.35, 0.35, 0.50, 0.50),  # best on 2, 3 but not chosen by them
+    (3e-4, 3e-4): (0.10, 0.12, 0.10, 0.12),
+  }
+  for (lr, wd), values in mious.items():
+    for seed, miou in enumerate(values):
+      workdir = tmp_path / "runs" / f"lr{lr}_wd{wd}_s{seed}"
+      workdir.mkdir(parents=True)
+      (workdir / "config.json").write_text(json.dumps({"optim": {"lr": lr, "weight_decay": wd}}))
+      report.write_results(workdir, method="ddep", dataset="ade20k", label_fraction=0.1,
+                           subset_seed=seed, decoder_width=1, metrics={"miou": miou})
+  runs = [report.load_run(w) for w in report.find_workdirs([str(tmp_path / "runs")])]
+  chosen = report.select_best(runs, selection_seeds=[0, 1], final_seeds=[2, 3])
+  best = chosen[("ade20k", 1, "ddep", 0.1)]
+  assert (best["lr"], best["weight_decay"]) == (3e-4, 1e-4)
+  assert best["selection"].values == pytest.approx((0.40, 0.42))
+  assert sorted(best["final"].values) == pytest.approx([0.25, 0.27])
+  assert len(best["candidates"]) == 4
+  assert "| ade20k | 1x | DDeP | 10% | 0.0003 | 0.0001 | 41.00 ± 1.41 (n=2) | 26.00 ± 1.41 (n=2) |" \
+    in report.markdown_selection(chosen)
+
+  out = tmp_path / "out"
+  assert report.main([f"--workdirs={tmp_path / 'runs'}", f"--output={out}", "--select=best",
+                      "--selection_seeds=0,1", "--final_seeds=2,3"]) == 0
+  assert "2 runs" in capsys.readouterr().out  # only the chosen pair's final seeds
+  assert "| DDeP | 26.00 ± 1.41 (n=2) |" in (out / "summary.md").read_text()
+  assert "0.0003" in (out / "selection.md").read_text()
+  # A run without its config.json cannot be placed in the grid: said, with the path.
+  (tmp_path / "runs" / "lr1e-05_wd0.0001_s0" / "config.json").unlink()
+  with pytest.raises(report.ReportError, match=r"config\.json: no optim\.lr"):
+    report.select_best(runs)
