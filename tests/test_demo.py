@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-from configs import common  # noqa: F401  (the demo builds on the base config)
 from ddep import config_validation
 from ddep import demo
 
@@ -19,7 +18,8 @@ def test_stages_are_valid_configs_wired_to_their_pretraining():
   by_name = {n: c for n, _, c in runs}
   for config in by_name.values():
     config_validation.validate(config, num_devices=1)
-  assert by_name['pretrain_dep'].denoise.sigma == 0.8 and not by_name['pretrain_dep'].frozen
+  assert by_name['pretrain_dep'].denoise.sigma == demo.DEP_SIGMA
+  assert not by_name['pretrain_dep'].frozen
   ddep = by_name['pretrain_ddep']
   assert ddep.denoise.sigma == 0.1 and ddep.frozen == ('encoder/.*',)
   assert ddep.init_from == '/out/runs/pretrain_supervised'
@@ -28,6 +28,25 @@ def test_stages_are_valid_configs_wired_to_their_pretraining():
       'segment', '/out/runs/pretrain_ddep', 0.02, 1)
   assert by_name['finetune_none_f1.0_s0'].init_from == ''
   assert 'finetune_none_f1.0_s1' not in by_name
+  assert all(c.data.eval_split == '' for n, c in by_name.items() if n.startswith('finetune_'))
+
+
+def test_a_method_subset_runs_only_the_pretraining_it_needs_and_can_score_on_holdout():
+  runs = demo.stage_configs('/out', quick=False, pretrain_steps=5, finetune_steps=5,
+                            fractions=['0.02'], seeds=1, methods=['none', 'ddep'],
+                            eval_split='holdout', finetune_lr=1e-3)
+  names = [n for n, _, _ in runs]
+  assert names == ['pretrain_supervised', 'pretrain_ddep', 'finetune_none_f0.02_s0',
+                   'finetune_ddep_f0.02_s0']
+  assert {c.data.eval_split for _, _, c in runs[2:]} == {'holdout'}
+  assert {c.optim.lr for _, _, c in runs[2:]} == {1e-3}
+  try:
+    demo.stage_configs('/out', quick=True, pretrain_steps=1, finetune_steps=1,
+                       fractions=['1.0'], seeds=1, methods=['dpe'])
+  except ValueError as e:
+    assert 'dpe' in str(e)
+  else:
+    raise AssertionError('an unknown method was accepted')
 
 
 def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
