@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batch_size=8,          # global
       image_size=(512, 512),      # train crop (H, W); divisible by 16
       scale_range=(),             # e.g. (0.5, 2.0) for random scaling while fine-tuning
+      area_range=(0.05, 1.0),     # inception crop's area fraction (denoise, classify runs)
       label_fraction=1.0,         # fraction of the labelled split (Sec. 4.3)
       label_count=0,              # or an exact count; overrides label_fraction
       subset_seed=0,

@@ -23,7 +23,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from configs import common
+from ddep import config_schema
 
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
@@ -38,8 +38,8 @@ _FRACTIONS = flags.DEFINE_list('fractions', [], 'Label fractions (empty: the bud
 _SEEDS = flags.DEFINE_integer(
     'seeds', 0, 'Subset seeds per label fraction below 1 (the full set has one subset: one '
     'run); 0: the budget\'s.')
-_FINETUNE_LR = flags.DEFINE_float('finetune_lr', 0.0, 'Peak fine-tuning learning rate '
-                                  '(0: the budget\'s).')
+_FINETUNE_LR = flags.DEFINE_float('finetune_lr', 0.0, 'Peak fine-tuning learning rate of '
+                                  'every method (0: the budget\'s, chosen per method).')
 _METHODS = flags.DEFINE_list('methods', [], 'Initialisations to fine-tune (empty: all); only '
                              'the pretraining stages they need run.')
 _EVAL_SPLIT = flags.DEFINE_enum(
@@ -75,7 +75,7 @@ DDEP_SIGMA = 0.1
 
 
 def _base(quick: bool):
-  c = common.base_config()
+  c = config_schema.base_config()
   c.model.preset = 'tiny'
   c.data.dataset = 'demo_tiny' if quick else 'demo'
   c.data.data_dir = ''
@@ -92,10 +92,11 @@ def _base(quick: bool):
 
 
 def stage_configs(output: str, *, quick: bool, pretrain_steps: int, finetune_steps: int,
-                  fractions, seeds: int, finetune_lr: float = 2e-3, methods=METHODS,
+                  fractions, seeds: int, finetune_lr=2e-3, methods=METHODS,
                   eval_split: str = 'validation') -> list[tuple[str, str, object]]:
   """[(name, workdir, config)] in run order: the pretraining stages `methods` need, then
-  each method's fine-tunes per fraction and subset seed."""
+  each method's fine-tunes per fraction and subset seed. `finetune_lr` is one peak learning
+  rate or {method: lr}."""
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise ValueError(f'unknown demo methods {unknown}; choose from {list(METHODS)}')
@@ -145,7 +146,8 @@ def stage_configs(output: str, *, quick: bool, pretrain_steps: int, finetune_ste
         ft.data.subset_seed = seed
         ft.data.eval_split = '' if eval_split == 'validation' else eval_split
         ft.data.scale_range = (0.75, 1.25)
-        ft.optim.lr = finetune_lr
+        ft.optim.lr = (finetune_lr[method] if isinstance(finetune_lr, dict)
+                       else float(finetune_lr))
         ft.total_steps = finetune_steps
         add(f'finetune_{method}_f{fraction}_s{seed}', ft)
   return runs

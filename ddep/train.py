@@ -137,11 +137,14 @@ def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = Non
   d = config.data
   common = dict(batch_size=local_batch, seed=int(config.seed), data_dir=d.data_dir or None,
                 state=state, skip_bad_examples=bool(d.skip_bad_examples))
+  area_range = tuple(d.get('area_range', (0.05, 1.0)))
   if config.task == 'denoise':
-    return input_pipeline.pretrain_dataset(d.dataset, image_size=tuple(d.image_size), **common)
+    return input_pipeline.pretrain_dataset(d.dataset, image_size=tuple(d.image_size),
+                                           area_range=area_range, **common)
   if config.task == 'classify':
     return input_pipeline.supervised_dataset(d.dataset, image_size=tuple(d.image_size),
-                                             split=d.get('train_split') or None, **common)
+                                             split=d.get('train_split') or None,
+                                             area_range=area_range, **common)
   subset = None
   if int(d.label_count):
     subset = int(d.label_count)

@@ -188,6 +188,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ('method', 'mae', r"config\.method: unknown method 'mae'"),
     ('data.label_fraction', 1.5, r'config\.data\.label_fraction: 1\.5 is outside \(0, 1\]'),
     ('denoise.sigma_range', (0.3, 0.2), r'config\.denoise\.sigma_range'),
+    ('data.area_range', (0.5, 1.2), r'config\.data\.area_range: expected \(lo, hi\)'),
     ('data.batch_size', 3, r'config\.data\.batch_size: 3 must be .* divisible by the 2 devices'),
     ('eval.protocol', 'sliding', r"config\.eval\.protocol: unknown protocol 'sliding'"),
     ('optim.decay', 'exponential', r"config\.optim\.decay: unknown decay 'exponential'"),
