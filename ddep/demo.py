@@ -4,7 +4,7 @@ r"""The main job: a small label-efficiency experiment on the generated demo scen
 
 It mirrors the paper's Table 1 / Figure 2 at toy scale:
   1. supervised: the encoder is trained on image-level labels (the ImageNet-21k stand-in)
-  2. DeP:  the whole TransUNet denoises, σ = 0.8 (Sec. 3.1)
+  2. DeP:  the whole TransUNet denoises, σ = 0.1 (the paper's 0.8 only smooths here)
   3. DDeP: the supervised encoder is frozen and the decoder denoises, σ = 0.1
   4. fine-tuning of each initialisation (none / supervised / DeP / DDeP) at several
      label fractions and subset seeds, evaluated by mIoU on the validation split
