@@ -80,7 +80,7 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
     _fail('data.label_fraction', f'{config.data.label_fraction} is outside (0, 1]')
   if int(config.data.label_count) < 0:
     _fail('data.label_count', 'must be >= 0 (0 = use label_fraction)')
-  area = tuple(config.data.get('area_range', (0.05, 1.0)))
+  area = tuple(config.data.area_range)
   if len(area) != 2 or not 0 < area[0] <= area[1] <= 1:
     _fail('data.area_range', f'expected (lo, hi) with 0 < lo <= hi <= 1, got {area}')
   if config.data.scale_range and (len(config.data.scale_range) != 2 or

@@ -39,7 +39,7 @@ _SEEDS = flags.DEFINE_integer(
     'seeds', 0, 'Subset seeds per label fraction below 1 (the full set has one subset: one '
     'run); 0: the budget\'s.')
 _FINETUNE_LR = flags.DEFINE_float('finetune_lr', 0.0, 'Peak fine-tuning learning rate of '
-                                  'every method (0: the budget\'s, chosen per method).')
+                                  'every method (0: the budget\'s).')
 _METHODS = flags.DEFINE_list('methods', [], 'Initialisations to fine-tune (empty: all); only '
                              'the pretraining stages they need run.')
 _EVAL_SPLIT = flags.DEFINE_enum(
@@ -92,11 +92,10 @@ def _base(quick: bool):
 
 
 def stage_configs(output: str, *, quick: bool, pretrain_steps: int, finetune_steps: int,
-                  fractions, seeds: int, finetune_lr=2e-3, methods=METHODS,
+                  fractions, seeds: int, finetune_lr: float = 2e-3, methods=METHODS,
                   eval_split: str = 'validation') -> list[tuple[str, str, object]]:
   """[(name, workdir, config)] in run order: the pretraining stages `methods` need, then
-  each method's fine-tunes per fraction and subset seed. `finetune_lr` is one peak learning
-  rate or {method: lr}."""
+  each method's fine-tunes per fraction and subset seed."""
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise ValueError(f'unknown demo methods {unknown}; choose from {list(METHODS)}')
@@ -131,8 +130,6 @@ def stage_configs(output: str, *, quick: bool, pretrain_steps: int, finetune_ste
     ddep.total_steps = pretrain_steps
     add('pretrain_ddep', ddep)
 
-  init = {'none': '', 'supervised': 'pretrain_supervised', 'dep': 'pretrain_dep',
-          'ddep': 'pretrain_ddep'}
   for fraction in fractions:
     # Like the paper (Sec. 4.3), fewer runs where the subset varies less; at 100% the
     # subset seed changes nothing.
@@ -140,14 +137,13 @@ def stage_configs(output: str, *, quick: bool, pretrain_steps: int, finetune_ste
       for method in [m for m in METHODS if m in methods]:
         ft = _base(quick)
         ft.task, ft.method = 'segment', method
-        ft.init_from = workdirs[init[method]] if init[method] else ''
+        ft.init_from = workdirs.get(f'pretrain_{method}', '')  # 'none': no pretraining
         ft.seed = seed
         ft.data.label_fraction = float(fraction)
         ft.data.subset_seed = seed
         ft.data.eval_split = '' if eval_split == 'validation' else eval_split
         ft.data.scale_range = (0.75, 1.25)
-        ft.optim.lr = (finetune_lr[method] if isinstance(finetune_lr, dict)
-                       else float(finetune_lr))
+        ft.optim.lr = float(finetune_lr)
         ft.total_steps = finetune_steps
         add(f'finetune_{method}_f{fraction}_s{seed}', ft)
   return runs

@@ -137,7 +137,7 @@ def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = Non
   d = config.data
   common = dict(batch_size=local_batch, seed=int(config.seed), data_dir=d.data_dir or None,
                 state=state, skip_bad_examples=bool(d.skip_bad_examples))
-  area_range = tuple(d.get('area_range', (0.05, 1.0)))
+  area_range = tuple(d.area_range)
   if config.task == 'denoise':
     return input_pipeline.pretrain_dataset(d.dataset, image_size=tuple(d.image_size),
                                            area_range=area_range, **common)
