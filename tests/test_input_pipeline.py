@@ -490,3 +490,18 @@ def test_unprepared_dataset_names_the_fix(tmp_path):
 
 def test_tf_sees_no_accelerator():
   assert tf.config.get_visible_devices("GPU") == []
+
+
+@pytest.mark.parametrize("task", ["denoise", "classify"])
+def test_a_configs_area_range_reaches_the_pretraining_pipeline(data_dir, task):
+  from ddep import config_schema, train
+
+  config = config_schema.base_config()
+  config.task = task
+  config.data.dataset = "demo_tiny"
+  config.data.data_dir = data_dir
+  config.data.image_size = (16, 16)
+  config.data.area_range = (0.5, 0.75)
+  it = train.make_train_iterator(config, local_batch=2)
+  assert it.get_state()["config"]["area_range"] == [0.5, 0.75]
+  assert next(it)["image"].shape == (2, 16, 16, 3)
