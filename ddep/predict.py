@@ -43,6 +43,7 @@ from PIL import Image
 from ddep import config_validation
 from ddep import evaluate
 from ddep import inference
+from ddep import progress
 from ddep.datasets import specs
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -186,7 +187,7 @@ def predict_files(predictor: Callable[[np.ndarray], np.ndarray], files: Sequence
   """Writes labels/ and overlays/ for each file; returns one message per failed file."""
   ids, colours = label_id_table(spec), palette(spec)
   errors = []
-  for file in files:
+  for file in progress.track(files, desc='predict', unit='images'):
     try:
       image = read_image(file.path)
       try:

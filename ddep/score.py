@@ -2,6 +2,8 @@
 
   python -m ddep.score --dataset=cityscapes --predictions=DIR --ground_truth=DIR [--json=PATH|-]
 
+Progress lines ([ddep] score ..., with an ETA) go to stderr, so stdout holds only the result.
+
 Layouts (the official ones):
   cityscapes         <gt>/**/<city>_<seq>_<frame>_gtFine_labelIds.png; a
                      prediction is the one file named <city>_<seq>_<frame>*.png
@@ -25,20 +27,23 @@ same ones training uses; only the file layouts live here.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
 from PIL import Image
 
 from ddep import metrics
+from ddep import progress
 from ddep.datasets import specs
 
 IGNORE = specs.IGNORE_LABEL
@@ -192,7 +197,10 @@ _confusion_matrix = jax.jit(
 def score_pairs(layout: Layout, pairs: Sequence[tuple[Path, Path]]) -> dict:
   """Metrics over all pairs, plus the summed confusion matrix."""
   accumulator = metrics.ConfusionMatrixAccumulator(layout.num_classes)
-  for prediction_file, gt_file in pairs:
+  # stderr: `--json=-` makes stdout the result alone.
+  to_stderr = functools.partial(print, file=sys.stderr, flush=True)
+  for prediction_file, gt_file in progress.track(pairs, desc="score", unit="images",
+                                                 print_fn=to_stderr):
     gt = _read_ids(gt_file, layout.gt_lut, "ground truth")
     prediction = _read_ids(prediction_file, layout.pred_lut, "prediction")
     if prediction.shape != gt.shape:
@@ -216,31 +224,39 @@ def score(dataset: str, predictions_dir, ground_truth_dir) -> dict:
   return score_pairs(layout, pair_files(layout, Path(predictions_dir), Path(ground_truth_dir)))
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, defined on demand so that importing ddep.score defines none."""
+  flags.DEFINE_enum("dataset", None, sorted(_FILES), "The benchmark whose layout is read.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("predictions", None, "Directory of predicted label PNGs.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("ground_truth", None, "Directory of ground-truth label PNGs.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("json", None, "Also write the metrics as JSON here ('-' = stdout only).",
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(["dataset", "predictions", "ground_truth"], flag_values=flag_values)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ddep.score", description=__doc__.split("\n")[0])
-  parser.add_argument("--dataset", required=True, choices=sorted(_FILES))
-  parser.add_argument("--predictions", required=True, help="directory of predicted label PNGs")
-  parser.add_argument("--ground_truth", required=True, help="directory of ground-truth label PNGs")
-  parser.add_argument(
-    "--json", default=None, help="also write the metrics as JSON here ('-' = stdout only)"
-  )
-  args = parser.parse_args(argv)
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  """app.run's main: `flag_values` are parsed already (tests pass their own)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flag_values
   try:
-    result = score(args.dataset, args.predictions, args.ground_truth)
+    result = score(f.dataset, f.predictions, f.ground_truth)
   except ScoreError as e:
     print(f"ddep.score: error: {e}", file=sys.stderr)
     return 1
-  if args.json == "-":
+  if f.json == "-":
     print(json.dumps(metrics.json_safe(result), indent=1))
     return 0
-  print(f"{args.dataset}: {result['num_images']} images")
+  print(f"{f.dataset}: {result['num_images']} images")
   print(metrics.format_table(result))
-  if args.json:
-    Path(args.json).write_text(json.dumps(metrics.json_safe(result), indent=1))
+  if f.json:
+    Path(f.json).write_text(json.dumps(metrics.json_safe(result), indent=1))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

@@ -213,7 +213,7 @@ def test_label_id_tables_write_what_score_reads():
     np.testing.assert_array_equal(score.make_layout(name).pred_lut[written], train_ids)
 
 
-def test_cityscapes_predictions_score_in_the_official_layout(tmp_path):
+def test_cityscapes_predictions_score_in_the_official_layout(tmp_path, capsys):
   """predict_files' labelId PNGs, named as cityscapesScripts expects, score back."""
   rng = np.random.default_rng(0)
   spec = specs.get('cityscapes')
@@ -234,6 +234,7 @@ def test_cityscapes_predictions_score_in_the_official_layout(tmp_path):
   errors = predict.predict_files(lambda image: next(calls).astype(np.uint8), files,
                                  str(tmp_path / 'out'), spec)
   assert errors == []
+  assert '[ddep] predict 2/2 images in ' in capsys.readouterr().out  # ddep.progress's summary.
   result = score.score('cityscapes', tmp_path / 'out' / 'labels', tmp_path / 'gt')
   miou, _ = numpy_miou(zip(gt_train, pred_train), 19)
   assert result['num_images'] == 2

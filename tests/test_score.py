@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from absl import flags
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,7 +63,10 @@ def write_png(path, array):
 
 
 def run(capsys, *argv):
-  code = score.main(list(argv))
+  """The command in-process, its flags parsed into a fresh FlagValues as app.run would."""
+  flag_values = flags.FlagValues()
+  score.define_flags(flag_values)
+  code = score.main(flag_values(["ddep.score", *argv]), flag_values)
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -139,15 +143,17 @@ def test_cityscapes_equals_official_arithmetic_on_random_images(tmp_path, capsys
 def test_cityscapes_prints_table_and_writes_json(tmp_path, capsys):
   pred_dir, gt_dir = write_cityscapes(tmp_path, {("aachen", 0, 19): ([[7, 8]], [[7, 8]])})
   json_path = tmp_path / "out.json"
-  code, out, _ = run(
+  code, out, err = run(
     capsys,
     "--dataset=cityscapes",
     f"--predictions={pred_dir}",
-    f"--ground_truth={gt_dir}",
+    "--ground_truth",  # absl takes "--flag value" as well as "--flag=value".
+    gt_dir,
     f"--json={json_path}",
   )
   assert code == 0
   assert "road" in out and "100.00" in out and "miou" in out
+  assert "[ddep] score 1/1 images in " in err and "[ddep]" not in out  # Progress on stderr.
   assert json.loads(json_path.read_text())["miou"] == 1.0
 
 
