@@ -1,4 +1,6 @@
 """hlo_roofline on small hand-written HLO, modelled on lines of real XLA:GPU dumps."""
+from absl import app
+from absl import flags
 import pytest
 
 from ddep.tools import hlo_roofline
@@ -219,6 +221,15 @@ def test_report_and_cli(tmp_path, capsys):
       2 * CONV_FLOPS / (r['lower_bound_s'] * 1e9))
   path = tmp_path / 'step.hlo.txt'
   path.write_text(GEMM)
-  hlo_roofline.main([str(path), '--peak_tflops', '1', '--model_flops', '1e4'])
+  flag_values = flags.FlagValues()
+  hlo_roofline.define_flags(flag_values)
+  # Positional files and flags interleave; '--flag value' and '--flag=value' both parse.
+  argv = flag_values(['hlo_roofline', str(path), '--peak_tflops', '1', '--model_flops=1e4'])
+  hlo_roofline.main(argv, flag_values)
   out = capsys.readouterr().out
+  expected = hlo_roofline.format_report(
+      _analyze(GEMM, peak_flops=1e12, hbm_bytes_per_s=3.35e12), model_flops=1e4)
   assert '| gemm | 1 |' in out and 'roofline MFU ceiling' in out
+  assert out == f'## {path}\n\n{expected}\n\n'  # The flags' values reached analyze().
+  with pytest.raises(app.UsageError, match='FILE'):
+    hlo_roofline.main(['hlo_roofline'], flag_values)

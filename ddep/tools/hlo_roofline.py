@@ -1,7 +1,9 @@
 r"""Roofline lower bound of a compiled step, kernel by kernel, from its optimized HLO.
 
-  python -m ddep.tools.hlo_roofline step.hlo.txt --peak_tflops 989 --hbm_tbps 3.35 \
-      --model_flops 27.08e12
+  python -m ddep.tools.hlo_roofline FILE... [--peak_tflops=989] [--hbm_tbps=3.35] \
+      [--model_flops=27.08e12]
+
+FILE: optimized HLO text, one report per file.
 
 Why: a step compiled ahead of time for a GPU we do not have (deviceless XLA:GPU)
 still tells us which kernels it launches. Each kernel takes at least
@@ -20,13 +22,14 @@ their known trip count):
 Launch latency, overlap between kernels and imperfect tiling are not modelled,
 so the real step is slower than this bound.
 
-Pure Python (no jax), so it runs anywhere the HLO text is.
+Pure Python (no jax; absl for the command line), so it runs anywhere the HLO text is.
 """
-import argparse
 import collections
 import math
 import re
-import sys
+
+from absl import app
+from absl import flags
 
 DTYPE_BYTES = {
     'pred': 1, 's2': 0.25, 'u2': 0.25, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1,
@@ -450,24 +453,31 @@ def format_report(result, model_flops=None):
   return '\n'.join(lines)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('files', nargs='+', metavar='FILE', help='optimized HLO text')
-  p.add_argument('--peak_tflops', type=float, default=989.0,
-                 help='dense peak (H100 SXM bf16: 989)')
-  p.add_argument('--hbm_tbps', type=float, default=3.35,
-                 help='HBM bandwidth, TB/s (H100 SXM: 3.35)')
-  p.add_argument('--model_flops', type=float, default=None,
-                 help='analytic FLOPs of the step, for the MFU ceiling')
-  args = p.parse_args(argv)
-  for path in args.files:
-    with open(path) as f:
-      result = analyze(f.read(), peak_flops=args.peak_tflops * 1e12,
-                       hbm_bytes_per_s=args.hbm_tbps * 1e12)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, defined on demand so that importing the module defines none."""
+  flags.DEFINE_float('peak_tflops', 989.0, 'Dense peak, TFLOP/s (H100 SXM bf16: 989).',
+                     flag_values=flag_values)
+  flags.DEFINE_float('hbm_tbps', 3.35, 'HBM bandwidth, TB/s (H100 SXM: 3.35).',
+                     flag_values=flag_values)
+  flags.DEFINE_float('model_flops', None, 'Analytic FLOPs of the step, for the MFU ceiling.',
+                     flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  """app.run's main: argv[1:] are the HLO files; `flag_values` are parsed already."""
+  files = argv[1:]
+  if not files:
+    raise app.UsageError('give at least one optimized HLO text FILE')
+  f = flag_values
+  for path in files:
+    with open(path) as hlo:
+      result = analyze(hlo.read(), peak_flops=f.peak_tflops * 1e12,
+                       hbm_bytes_per_s=f.hbm_tbps * 1e12)
     print(f'## {path}\n')
-    print(format_report(result, args.model_flops))
+    print(format_report(result, f.model_flops))
     print()
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(main)
