@@ -17,17 +17,20 @@ Launchers: 'local' runs `python -m ddep.main` one after another; 'tpu' runs each
 on all workers of one TPU VM through launch/tpu.sh, in order; 'slurm' submits
 launch/slurm.sbatch jobs, fine-tuning jobs depending (afterok) on their
 pretraining job. --dry_run prints the commands (for slurm, a bash script) instead.
+Flags after `--` are passed to every `ddep.main` run, e.g. `-- --config.seed=5`.
 `python -m ddep.report --workdirs=ROOT/finetune/<dataset>/<row>/*` then gathers a row.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fractions
 import shlex
 import subprocess
 import sys
 from typing import Sequence
+
+from absl import app
+from absl import flags
 
 DATASETS = ('cityscapes', 'pascal_context', 'ade20k')
 PRETRAIN_CONFIG = {d: f'configs/pretrain_{d}.py' for d in DATASETS}
@@ -194,17 +197,17 @@ def commands(runs: Sequence[Run], *, launcher: str, python: str = 'python',
   """One shell line per run, in launch order."""
   lines, job_vars = [], {}
   for i, run in enumerate(runs):  # i: a unique shell variable for a slurm job id
-    flags = [run.config_flag, f'--workdir={run.workdir}', *extra_flags]
+    run_flags = [run.config_flag, f'--workdir={run.workdir}', *extra_flags]
     if launcher == 'local':
-      lines.append(_quote([python, '-m', 'ddep.main', *flags]))
+      lines.append(_quote([python, '-m', 'ddep.main', *run_flags]))
     elif launcher == 'tpu':
-      lines.append(_quote(['launch/tpu.sh', 'run', f'--name={tpu_name}', f'--zone={zone}', *flags]))
+      lines.append(_quote(['launch/tpu.sh', 'run', f'--name={tpu_name}', f'--zone={zone}', *run_flags]))
     elif launcher == 'slurm':
       sbatch = ['sbatch', '--parsable', f'--job-name=ddep.{run.name.replace("/", ".")}']
       dependency = ''
       if run.after in job_vars:  # submitted in this sweep: wait for it to succeed
         dependency = f' --dependency=afterok:${job_vars[run.after]}'
-      line = _quote(sbatch) + dependency + ' ' + _quote(['launch/slurm.sbatch', *flags])
+      line = _quote(sbatch) + dependency + ' ' + _quote(['launch/slurm.sbatch', *run_flags])
       if any(r.after == run.workdir for r in runs):
         job_vars[run.workdir] = f'JOB{i}'
         line = f'JOB{i}=$({line})'
@@ -214,34 +217,57 @@ def commands(runs: Sequence[Run], *, launcher: str, python: str = 'python',
   return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('grid', choices=sorted(GRIDS))
-  p.add_argument('--workdir_root', required=True)
-  p.add_argument('--stage', choices=('all', 'pretrain', 'finetune'), default='all')
-  p.add_argument('--launcher', choices=('local', 'tpu', 'slurm'), default='local')
-  p.add_argument('--seeds', default='paper', help="'paper' (Sec. 4.3) or a number of seeds")
-  p.add_argument('--methods', default='', help='comma-separated subset of the grid\'s methods')
-  p.add_argument('--widths', default='', help='comma-separated decoder widths')
-  p.add_argument('--fractions', default='', help="comma-separated, e.g. '1,1/30'")
-  p.add_argument('--lrs', default='', help='fine-tuning learning rates (Sec. 4.3 sweep)')
-  p.add_argument('--wds', default='', help='fine-tuning weight decays (Sec. 4.3 sweep)')
-  p.add_argument('--encoder', default='', help='ImageNet-21k encoder file for every run')
-  p.add_argument('--tpu_name', default='')
-  p.add_argument('--zone', default='')
-  p.add_argument('--python', default=sys.executable, help="the local launcher's interpreter")
-  p.add_argument('--dry_run', action='store_true', help='print the commands only')
-  argv = sys.argv[1:] if argv is None else list(argv)
-  extra = argv[argv.index('--') + 1:] if '--' in argv else []  # flags for every ddep.main
-  a = p.parse_args(argv[:len(argv) - len(extra) - (1 if '--' in argv else 0)])
-  split = lambda s: [x for x in s.split(',') if x]  # noqa: E731
-  if a.launcher == 'tpu' and not (a.tpu_name and a.zone):
-    p.error('--launcher=tpu needs --tpu_name and --zone')
-  runs = expand(GRIDS[a.grid], a.workdir_root, seeds=a.seeds, methods=split(a.methods),
-                widths=[int(w) for w in split(a.widths)], fractions_=split(a.fractions),
-                lrs=split(a.lrs), wds=split(a.wds), encoder=a.encoder, stage=a.stage)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags; the grid (table1 ... fig8) is the one positional argument."""
+  fv = {'flag_values': flag_values}
+  flags.DEFINE_string('workdir_root', None, 'Where the runs\' workdirs go (a path or gs://).',
+                      **fv)
+  flags.DEFINE_enum('stage', 'all', ['all', 'pretrain', 'finetune'], 'Which runs to launch.',
+                    **fv)
+  flags.DEFINE_enum('launcher', 'local', ['local', 'tpu', 'slurm'], 'How runs are launched.',
+                    **fv)
+  flags.DEFINE_string('seeds', 'paper', "'paper' (Sec. 4.3) or a number of seeds.", **fv)
+  flags.DEFINE_list('methods', [], "Comma-separated subset of the grid's methods.", **fv)
+  flags.DEFINE_list('widths', [], 'Comma-separated decoder widths.', **fv)
+  flags.DEFINE_list('fractions', [], "Comma-separated label fractions, e.g. '1,1/30'.", **fv)
+  flags.DEFINE_list('lrs', [], 'Fine-tuning learning rates (Sec. 4.3 sweep).', **fv)
+  flags.DEFINE_list('wds', [], 'Fine-tuning weight decays (Sec. 4.3 sweep).', **fv)
+  flags.DEFINE_string('encoder', '', 'ImageNet-21k encoder file for every run.', **fv)
+  flags.DEFINE_string('tpu_name', '', "The TPU VM (--launcher=tpu).", **fv)
+  flags.DEFINE_string('zone', '', "The TPU VM's zone (--launcher=tpu).", **fv)
+  flags.DEFINE_string('python', sys.executable, "The local launcher's interpreter.", **fv)
+  flags.DEFINE_bool('dry_run', False, 'Print the commands only.', **fv)
+  flags.mark_flag_as_required('workdir_root', **fv)
+  flags.register_multi_flags_validator(
+      ['launcher', 'tpu_name', 'zone'],
+      lambda f: f['launcher'] != 'tpu' or bool(f['tpu_name'] and f['zone']),
+      '--launcher=tpu needs --tpu_name and --zone', **fv)
+
+
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(the sweep's own argv, the flags after the first `--` for every ddep.main).
+
+  Split before absl parses: absl drops the `--` and would mix those flags into the
+  positional arguments.
+  """
+  argv = list(argv)
+  if '--' not in argv:
+    return argv, []
+  i = argv.index('--')
+  return argv[:i], argv[i + 1:]
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS, *,
+         extra_flags: Sequence[str] = ()) -> int:
+  """app.run's main: argv = [program, grid]; `flag_values` are parsed already."""
+  if len(argv) != 2 or argv[1] not in GRIDS:
+    raise app.UsageError(f'give one grid of {", ".join(sorted(GRIDS))}; got {argv[1:]}')
+  a = flag_values
+  runs = expand(GRIDS[argv[1]], a.workdir_root, seeds=a.seeds, methods=a.methods,
+                widths=[int(w) for w in a.widths], fractions_=a.fractions, lrs=a.lrs,
+                wds=a.wds, encoder=a.encoder, stage=a.stage)
   lines = commands(runs, launcher=a.launcher, python=a.python, tpu_name=a.tpu_name,
-                   zone=a.zone, extra_flags=extra)
+                   zone=a.zone, extra_flags=extra_flags)
   if a.dry_run:
     print('\n'.join(lines))
     return 0
@@ -255,4 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  own_argv, passthrough = split_passthrough(sys.argv)
+  app.run(lambda argv: main(argv, extra_flags=passthrough), argv=own_argv)

@@ -12,6 +12,8 @@ import stat
 import subprocess
 import sys
 
+from absl import app
+from absl import flags
 import pytest
 
 from ddep import config_validation
@@ -204,8 +206,17 @@ def test_every_sweep_run_is_a_valid_full_size_config():
   assert len(seen) > 100
 
 
-def test_sweep_dry_run_local_and_tpu():
-  lines = _lines(sys.executable, SWEEP, 'table2', '--workdir_root=/r', '--seeds=1',
+def _sweep(*argv):
+  """launch/sweep.py in-process, as its __main__ runs it: `--` split off, then absl parses."""
+  flag_values = flags.FlagValues()
+  sweep.define_flags(flag_values)
+  own, passthrough = sweep.split_passthrough(['sweep.py', *argv])
+  return sweep.main(flag_values(own), flag_values, extra_flags=passthrough)
+
+
+def test_sweep_dry_run_local_and_tpu(capsys):
+  # The one launch of the script itself: its `--` passthrough as a user types it.
+  lines = _lines(sys.executable, SWEEP, 'table2', '--workdir_root', '/r', '--seeds=1',
                  '--fractions=1', '--python=python', '--dry_run', '--', '--config.seed=5')
   assert lines == [
       ['python', '-m', 'ddep.main', '--config=configs/pretrain_cityscapes.py:method=ddep,width=2',
@@ -214,12 +225,14 @@ def test_sweep_dry_run_local_and_tpu():
        '--config=configs/finetune_cityscapes.py:method=ddep,width=2,fraction=1,seed=0,'
        'init_from=/r/pretrain/cityscapes/ddep_w2',
        '--workdir=/r/finetune/cityscapes/ddep_w2/f1_s0', '--config.seed=5']]
-  tpu = _lines(sys.executable, SWEEP, 'table2', '--workdir_root=gs://b/r', '--seeds=1',
-               '--fractions=1', '--launcher=tpu', '--tpu_name=n', '--zone=z', '--dry_run')
+  assert _sweep('table2', '--workdir_root=gs://b/r', '--seeds=1', '--fractions=1',
+                '--launcher=tpu', '--tpu_name=n', '--zone=z', '--dry_run') == 0
+  tpu = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
   assert [line[:4] for line in tpu] == [['launch/tpu.sh', 'run', '--name=n', '--zone=z']] * 2
-  out = _run(sys.executable, SWEEP, 'table2', '--workdir_root=/r', '--launcher=tpu', '--dry_run',
-             check=False)
-  assert out.returncode == 2 and '--tpu_name' in out.stderr
+  with pytest.raises(flags.IllegalFlagValueError, match='--tpu_name and --zone'):
+    _sweep('table2', '--workdir_root=/r', '--launcher=tpu', '--dry_run')
+  with pytest.raises(app.UsageError, match='give one grid of fig2, .*table7'):
+    _sweep('table9', '--workdir_root=/r', '--dry_run')
 
 
 def _fake_tool(directory, name, body):
@@ -228,14 +241,15 @@ def _fake_tool(directory, name, body):
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_sweep_slurm_chains_finetuning_after_its_pretraining(tmp_path):
+def test_sweep_slurm_chains_finetuning_after_its_pretraining(tmp_path, monkeypatch):
   """Runs the sweep against a fake sbatch that hands out job ids 100, 101, ..."""
   log = tmp_path / 'sbatch.log'
   _fake_tool(tmp_path, 'sbatch', f'n=$(wc -l < {log} 2>/dev/null || echo 0)\n'
              f'echo "$*" >> {log}\necho $((100 + n))\n')
-  env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}')
-  _run(sys.executable, SWEEP, 'table1', '--workdir_root=/r', '--methods=dep,ddep', '--widths=1',
-       '--seeds=1', '--fractions=1/30', '--launcher=slurm', env=env)
+  monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+  monkeypatch.chdir(REPO)
+  assert _sweep('table1', '--workdir_root=/r', '--methods=dep,ddep', '--widths=1', '--seeds=1',
+                '--fractions=1/30', '--launcher=slurm') == 0
   calls = log.read_text().splitlines()
   job_of = {re.search(r'--workdir=(\S+)', c).group(1): 100 + i for i, c in enumerate(calls)}
   assert len(calls) == 4  # DeP and DDeP pretraining, then one fine-tuning each
@@ -246,11 +260,12 @@ def test_sweep_slurm_chains_finetuning_after_its_pretraining(tmp_path):
   assert all('--dependency' not in c for c in calls[:2])
 
 
-def test_sweep_local_runs_in_order(tmp_path):
+def test_sweep_local_runs_in_order(tmp_path, capsys):
   log = tmp_path / 'python.log'
   _fake_tool(tmp_path, 'fakepython', f'echo "$*" >> {log}\n')
-  _run(sys.executable, SWEEP, 'table7', '--workdir_root=/r', '--seeds=1',
-       f'--python={tmp_path / "fakepython"}')
+  assert _sweep('table7', '--workdir_root=/r', '--seeds=1',
+                f'--python={tmp_path / "fakepython"}') == 0
   calls = log.read_text().splitlines()
   assert len(calls) == 8 and all(c.startswith('-m ddep.main --config=configs/') for c in calls)
   assert [('configs/pretrain_' in c) for c in calls] == [True] * 4 + [False] * 4
+  assert capsys.readouterr().out.count('+ ') == 8  # Each command is echoed before it runs.
