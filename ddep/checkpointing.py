@@ -69,7 +69,8 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
 class Checkpointer:
   """Periodic (last N) and best checkpoints of one run."""
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True,
+               best_metric: str = 'miou'):
     workdir = storage.path(workdir)
     self.directory = workdir / 'checkpoints'
     self._data_dir = self.directory / 'data_state'
@@ -77,9 +78,10 @@ class Checkpointer:
                                         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=opts)
     best_opts = ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m['miou'], best_mode='max',
+        max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode='max',
         keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save)
     self._best = ocp.CheckpointManager(workdir / 'best', options=best_opts)
+    self._best_metric = best_metric  # Higher is better: val mIoU, or a denoise run's PSNR.
 
   def reached_preemption(self, step: int) -> bool:
     """Whether all processes agreed to save at `step` after a preemption notice (SIGTERM)."""
@@ -96,9 +98,9 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(**items))
     self._prune_data_states()
 
-  def save_best(self, step: int, state: Any, miou: float) -> None:
+  def save_best(self, step: int, state: Any, value: float) -> None:
     self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                    metrics={'miou': float(miou)})
+                    metrics={self._best_metric: float(value)})
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     """The train state and this process's input-pipeline state of `step`.

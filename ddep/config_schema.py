@@ -83,7 +83,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 0               # exactly one of total_steps / total_epochs
   c.total_epochs = 0.0
 
-  c.eval = ml_collections.ConfigDict(dict(protocol='whole', flip=False, batch_size=0))
+  c.eval = ml_collections.ConfigDict(dict(
+      protocol='whole', flip=False, batch_size=0,
+      # Denoise runs: ε-MSE and PSNR on this many held-out images at every eval, with
+      # fixed noise at the training level (ddep.denoise_eval); 0 = none. Read from
+      # denoise_split ('' = the dataset's eval split) at the training crop size.
+      denoise_images=0,
+      denoise_split='',
+      summary_images=4,           # TensorBoard pictures per eval (grids, overlays); 0 = none
+  ))
   c.log_every = 50
   c.eval_every = 1000             # 0 = only at the end
   c.checkpoint_every = 1000

@@ -61,6 +61,9 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
     _fail('eval.protocol', f'unknown protocol {config.eval.protocol!r}; choose from {protocols}')
   if int(config.eval.batch_size) < 0:
     _fail('eval.batch_size', "must be >= 0 (0 = the protocol's default)")
+  for key in ('denoise_images', 'summary_images'):
+    if int(config.eval.get(key, 0)) < 0:
+      _fail(f'eval.{key}', f'must be >= 0 (0 = none), got {config.eval[key]}')
 
   stride = output_stride(config)
   h, w = _pair(config, 'data.image_size')

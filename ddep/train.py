@@ -24,6 +24,7 @@ import numpy as np
 
 from ddep import checkpointing
 from ddep import config_validation
+from ddep import denoise_eval
 from ddep import initialization
 from ddep import input_pipeline
 from ddep import metrics as metrics_lib
@@ -32,6 +33,7 @@ from ddep import report
 from ddep import sharding
 from ddep import steps as steps_lib
 from ddep import storage
+from ddep import summaries
 from ddep.datasets import specs
 from ddep.models import presets
 
@@ -320,7 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # Resume.
   ckpt = checkpointing.Checkpointer(workdir, keep=int(config.keep_checkpoints),
-                                    async_save=bool(config.get('checkpoint_async', True)))
+                                    async_save=bool(config.get('checkpoint_async', True)),
+                                    best_metric='psnr' if config.task == 'denoise' else 'miou')
   start_step = 0
   latest = ckpt.latest_step()
   if latest is not None:
@@ -340,6 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if is_main:
       print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
   jsonl.keep_until(start_step)  # Rows a killed run logged after its last checkpoint.
+  if start_step == 0:
+    summaries.write_start(writer, config, model, num_trainable=n_train, num_frozen=n_frozen)
 
   train_step = jax.jit(
       steps_lib.make_train_step(steps_lib.make_loss_fn(model, config), tx, schedule, accum),
@@ -354,6 +359,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         spec.name, batch_size=int(config.data.eval_batch_size) // jax.process_count(),
         split=config.data.eval_split or None, data_dir=config.data.data_dir or None,
         pad_to=pad_to)
+  num_pictures = int(config.eval.get('summary_images', 0))
+  previews = (summaries.first_examples(eval_iter, num_pictures)
+              if eval_iter is not None and is_main else None)
+  denoise_val = None
+  if config.task == 'denoise' and int(config.eval.get('denoise_images', 0)):
+    denoise_val = denoise_eval.Evaluator(
+        model, config.denoise, denoise_eval.load_heldout(
+            spec.name, num_images=int(config.eval.denoise_images), image_size=(h, w),
+            split=config.eval.get('denoise_split', ''), data_dir=config.data.data_dir or None),
+        mesh, batch_size=int(config.data.eval_batch_size))
+  has_eval = eval_iter is not None or denoise_val is not None
 
   def check_finite(step: int):
     bad = int(_fetch(state['first_nonfinite']))
@@ -364,13 +380,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           f'non-finite loss or gradient at step {bad}; stopping. The last good checkpoint '
           f'(step {last}) in {ckpt.directory} was left untouched.')
 
+  def run_denoise_eval(step: int) -> dict:
+    scalars = denoise_val.metrics(state['params'], state['frozen'])
+    writer.write_scalars(step, scalars)
+    jsonl.write(step, scalars)
+    if num_pictures:
+      summaries.write_denoising(
+          writer, step, denoise_val.examples(state['params'], state['frozen'], num_pictures))
+    if is_main:
+      print(f'[ddep] step {step}: held-out eps-MSE {scalars["val/eps_mse"]:.4f} '
+            f'PSNR {scalars["val/psnr"]:.2f} dB', flush=True)
+    ckpt.save_best(step, state, scalars['val/psnr'])
+    return scalars
+
   def run_eval(step: int) -> Optional[dict]:
+    if denoise_val is not None:
+      return run_denoise_eval(step)
     if eval_iter is None:
       return None
     result = evaluate_segmentation(config, model, state, mesh, spec, eval_iter=eval_iter)
     scalars = {'val/miou': result['miou'], 'val/pixel_accuracy': result['pixel_accuracy']}
     writer.write_scalars(step, scalars)
     jsonl.write(step, scalars)
+    panels = None
+    if num_pictures:
+      params = host_params(state)  # Every process: a gather when the params are sharded.
+      panels = summaries.preview_panels(config, model, params, spec, previews)
+    summaries.write_segmentation(writer, step, result, panels)
     if is_main:
       print(f'[ddep] step {step}: val mIoU {100 * result["miou"]:.2f}', flush=True)
     ckpt.save_best(step, state, result['miou'])
@@ -416,7 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise Preempted(
             f'preempted (SIGTERM) at step {step}/{total_steps}: every process saved step {step} '
             f'to {ckpt.directory}; rerun the same command to resume there')
-      if eval_iter is not None and config.eval_every and step % int(config.eval_every) == 0 \
+      if has_eval and config.eval_every and step % int(config.eval_every) == 0 \
           and step != total_steps:
         run_eval(step)
 
@@ -424,6 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if ckpt.latest_step() != total_steps:
     ckpt.save(total_steps, state, data_state=train_iter.get_state())
   result = {}
+  if denoise_val is not None and start_step != total_steps:
+    run_denoise_eval(total_steps)
   if eval_iter is not None:
     done = workdir / report.RESULTS_FILE
     if done.exists() and start_step == total_steps:

@@ -1,0 +1,218 @@
+"""The held-out validation signal of denoising pretraining (issue 14; Figure 8).
+
+Pretraining has no labels to score, so a denoise run measures how well it denoises
+images it never trains on: a fixed set of the dataset's evaluation images, centre
+cropped to the training crop size, each with fixed noise at the training noise level.
+Two numbers, comparable across steps and across runs at one noise level:
+
+  val/eps_mse  mean over images of ||ε̂ - ε||² / D, the loss of Eq. 4 (lower is better);
+  val/psnr     mean over images of the PSNR (dB) of the denoised image x̂, clipped to
+               [-1, 1], against the clean one; peak-to-peak 2 (higher is better). The
+               run's "best" checkpoint follows it.
+
+ε̂ and x̂ come from the model's output whatever `denoise.target` is (Table 7): the noisy
+image ties them, x~ = x + σε (Eq. 1) or √γ x + √(1 - γ) ε (Eq. 2).
+
+The noise of image i is drawn from `fold_in(key, i)`, so it is the same at every step,
+on any number of devices or hosts, and in any batch. A range of noise levels (Table 6)
+gives image i a level drawn the same way.
+"""
+import dataclasses
+import functools
+import itertools
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddep import objectives
+from ddep import optimizer as optimizer_lib
+from ddep import sharding
+from ddep import steps as steps_lib
+
+# Independent of the run's seed: runs with different seeds are scored on the same noise.
+_NOISE_SEED = 20240
+_LEVEL_SEED = 20241
+# PSNR of images in [-1, 1]: the peak-to-peak range is 2.
+_PEAK_TO_PEAK = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldoutSet:
+  """Clean images (N, H, W, 3) float32 in [-1, 1], identical on every process."""
+  images: np.ndarray
+  image_ids: tuple[str, ...]
+  dataset: str
+  split: str
+
+
+def centre_crop_box(height: int, width: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+  """(top, left, h, w): the largest centred box of an image with the aspect of out_h x out_w."""
+  scale = min(height / out_h, width / out_w)
+  h = min(height, max(1, round(out_h * scale)))
+  w = min(width, max(1, round(out_w * scale)))
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def centre_crop_resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """A deterministic view of `image` at `size`: centre crop to its aspect, then resize."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out_h, out_w = (int(s) for s in size)
+  top, left, h, w = centre_crop_box(image.shape[0], image.shape[1], out_h, out_w)
+  crop = image[top:top + h, left:left + w]
+  # Antialiased bilinear: downscaling a large image must not alias into noise-like detail.
+  resized = tf.image.resize(crop, (out_h, out_w), method='bilinear', antialias=True)
+  return np.clip(resized.numpy(), -1.0, 1.0).astype(np.float32)
+
+
+def load_heldout(dataset: str, *, num_images: int, image_size: Sequence[int],
+                 split: str = '', data_dir: Optional[str] = None) -> HeldoutSet:
+  """The first `num_images` images of `split` (default: the dataset's eval split).
+
+  Every process reads the same images: the set is small and must be identical.
+  """
+  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+  spec = specs.get(dataset)
+  split = split or spec.eval_split
+  # One process's view of the whole split, in storage order; one image per batch, as
+  # the images differ in size.
+  examples = input_pipeline.eval_dataset(dataset, batch_size=1, split=split, data_dir=data_dir,
+                                         process_index=0, process_count=1)
+  if examples.num_examples < num_images:
+    raise ValueError(f'eval.denoise_images={num_images}: {dataset}/{split} has only '
+                     f'{examples.num_examples} images')
+  images, ids = [], []
+  for batch in itertools.islice(iter(examples), num_images):
+    images.append(centre_crop_resize(batch['image'][0], image_size))
+    ids.append(batch['image_id'][0].decode())
+  return HeldoutSet(np.stack(images), tuple(ids), dataset, split)
+
+
+def reconstruct(noisy, prediction, level, *, form: str, target: str):
+  """(ε̂, x̂) from the model's prediction of `target`, through x~'s equation (Eq. 1 / 2)."""
+  noisy = jnp.asarray(noisy, jnp.float32)
+  prediction = jnp.asarray(prediction, jnp.float32)
+  level = jnp.asarray(level, jnp.float32).reshape((-1,) + (1,) * (noisy.ndim - 1))
+  if form == 'additive':
+    signal, noise = jnp.ones_like(level), level            # x~ = x + σ ε
+  elif form == 'ddpm':
+    signal, noise = jnp.sqrt(level), jnp.sqrt(1.0 - level)  # x~ = √γ x + √(1-γ) ε
+  else:
+    raise ValueError(f'form must be one of {objectives.NOISE_FORMS}, got {form!r}')
+  if target == 'eps':
+    return prediction, (noisy - noise * prediction) / signal
+  if target == 'x':
+    return (noisy - signal * prediction) / noise, prediction
+  raise ValueError(f'target must be one of {objectives.DENOISING_TARGETS}, got {target!r}')
+
+
+def psnr(x_hat, x):
+  """Per-image PSNR (dB) of x̂, clipped to the pixel range [-1, 1], against x."""
+  x_hat = jnp.clip(jnp.asarray(x_hat, jnp.float32), -1.0, 1.0)
+  err = jnp.mean(jnp.square(x_hat - jnp.asarray(x, jnp.float32)).reshape(x.shape[0], -1), axis=1)
+  return 10.0 * jnp.log10(_PEAK_TO_PEAK**2 / jnp.maximum(err, 1e-12))
+
+
+def fixed_noise(index, shape: Sequence[int]):
+  """ε of each image (B, *shape): from its index only, never from the batch it is in."""
+  key = jax.random.key(_NOISE_SEED)
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape)))(index)
+
+
+def fixed_levels(index, denoise):
+  """Each image's noise level in the form's terms: the fixed one, or drawn from the range."""
+  level = steps_lib.noise_level(denoise)
+  fixed = [v for k, v in level.items() if not k.endswith('_range')]
+  if fixed:
+    return jnp.full(index.shape, fixed[0], jnp.float32)
+  lo, hi = next(iter(level.values()))
+  key = jax.random.key(_LEVEL_SEED)
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), jnp.float32,
+                                               minval=lo, maxval=hi))(index)
+
+
+def make_eval_step(model, denoise, *, with_images: bool = False) -> Callable:
+  """(params, frozen, images, index) -> per-image 'eps_mse', 'psnr' (and the images).
+
+  `index` is each row's position in the held-out set; padding rows may hold any index.
+  """
+  def eval_step(params, frozen, images, index):
+    eps = fixed_noise(index, images.shape[1:])
+    level = fixed_levels(index, denoise)
+    noisy = objectives.corrupt(images, eps, level, form=denoise.form)
+    prediction = model.apply({'params': optimizer_lib.merge(params, frozen)}, noisy,
+                             level if model.noise_conditioning else None)
+    eps_hat, x_hat = reconstruct(noisy, prediction, level, form=denoise.form,
+                                 target=denoise.target)
+    sq = jnp.square(eps_hat - eps).reshape(images.shape[0], -1)
+    out = {'eps_mse': jnp.mean(sq, axis=1), 'psnr': psnr(x_hat, images)}
+    if with_images:
+      out.update(noisy=noisy, eps_hat=eps_hat, x_hat=x_hat, level=level)
+    return out
+  return eval_step
+
+
+def _chunks(n: int, size: int):
+  for start in range(0, n, size):
+    yield start, min(start + size, n)
+
+
+def _global(x: np.ndarray, s):
+  return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Scores a train state on a held-out set, in chunks of `batch_size` across `mesh`."""
+  model: object
+  denoise: object
+  heldout: HeldoutSet
+  mesh: jax.sharding.Mesh
+  batch_size: int
+
+  def __post_init__(self):
+    devices = self.mesh.devices.size
+    # Whole rows per device: a chunk is rounded up to a multiple of the mesh.
+    self.batch_size = -(-max(int(self.batch_size), 1) // devices) * devices
+    out = sharding.replicated(self.mesh)
+    self._step = jax.jit(make_eval_step(self.model, self.denoise), out_shardings=out)
+    self._image_step = jax.jit(make_eval_step(self.model, self.denoise, with_images=True),
+                               out_shardings=out)
+
+  def _batch(self, start: int, stop: int):
+    """Rows start..stop of the set padded to a chunk, as global arrays; and the real rows."""
+    images = self.heldout.images[start:stop]
+    pad = self.batch_size - len(images)
+    index = np.arange(start, start + self.batch_size, dtype=np.int32)  # Padding: any index.
+    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
+    s = sharding.batch_sharding(self.mesh)
+    return _global(images, s), _global(index, s), stop - start
+
+  def metrics(self, params, frozen) -> dict[str, float]:
+    """{'val/eps_mse', 'val/psnr'}: means over the held-out images."""
+    per_image = {'eps_mse': [], 'psnr': []}
+    for start, stop in _chunks(len(self.heldout.images), self.batch_size):
+      images, index, n = self._batch(start, stop)
+      out = self._step(params, frozen, images, index)
+      for k in per_image:
+        per_image[k].append(np.asarray(out[k].addressable_data(0))[:n])
+    return {f'val/{k}': float(np.mean(np.concatenate(v).astype(np.float64)))
+            for k, v in per_image.items()}
+
+  def examples(self, params, frozen, count: int) -> dict[str, np.ndarray]:
+    """The first `count` images' clean / noisy / ε̂ / x̂ (host arrays) for a picture."""
+    images, index, n = self._batch(0, min(count, len(self.heldout.images), self.batch_size))
+    out = self._image_step(params, frozen, images, index)
+    fetched = {k: np.asarray(v.addressable_data(0))[:n] for k, v in out.items()}
+    return dict(clean=self.heldout.images[:n], **fetched)
+
+
+def evaluate_once(model, denoise, heldout: HeldoutSet, params, *, mesh=None,
+                  batch_size: Optional[int] = None) -> dict[str, float]:
+  """One-shot `Evaluator.metrics` of host `params` (all trainable), e.g. for a checkpoint."""
+  mesh = mesh or sharding.make_mesh()
+  evaluator = Evaluator(model, denoise, heldout, mesh, batch_size or len(heldout.images))
+  replicated = functools.partial(_global, s=sharding.replicated(mesh))
+  return evaluator.metrics(jax.tree.map(lambda x: replicated(np.asarray(x)), params), {})
