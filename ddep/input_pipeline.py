@@ -514,6 +514,26 @@ def _decode_image(encoded):
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
+def _decode_image_window(encoded, window: Callable):
+  """The crop `window(image_shape) -> (begin, size)` of an encoded image, uint8.
+
+  A JPEG is decoded only inside the window (decode_and_crop_jpeg skips the
+  IDCT of the blocks outside it); PNGs cannot be, so they are decoded whole
+  and sliced, still in uint8.
+  """
+
+  def jpeg():
+    begin, size = window(tf.image.extract_jpeg_shape(encoded))
+    return tf.image.decode_and_crop_jpeg(encoded, tf.concat([begin[:2], size[:2]], 0), channels=3)
+
+  def other():
+    image = _decode_image(encoded)
+    begin, size = window(tf.shape(image))
+    return tf.slice(image, begin, size)
+
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+
+
 def _decode_raw_label(encoded):
   return tf.cast(tf.io.decode_image(encoded, channels=1, expand_animations=False)[..., 0], tf.int32)
 
@@ -536,7 +556,12 @@ def _label_problems(spec: specs.DatasetSpec, image, raw, label):
 
 
 class _Examples:
-  """Stream positions -> decoded, checked, augmented examples."""
+  """Stream positions -> decoded, checked, augmented examples.
+
+  With `window(image_shape, seed) -> (begin, size)` only that crop of each
+  image is decoded (where its format allows) and handed to the transform,
+  drawn from the same per-example seed as the transform's.
+  """
 
   def __init__(
     self,
@@ -547,11 +572,15 @@ class _Examples:
     stream: int,
     skip_bad_examples: bool,
     what: str,
+    window: Callable | None = None,
   ):
+    if window is not None and what == "segmentation":
+      raise ValueError("a decode window would crop the image but not its label")
     self.source, self.plan = source, plan
     self.key = tf.constant([_check_seed(seed), 2 * stream], tf.int64)
     self.skip_bad = skip_bad_examples
     self.what = what  # 'image', 'segmentation' or 'labels': which features to decode.
+    self.window = window
 
   def dataset(
     self,
@@ -564,13 +593,19 @@ class _Examples:
   ):
     spec, source = self.source.spec, self.source
 
+    def decode_image(encoded, pos):
+      if self.window is None:
+        return _decode_image(encoded)
+      seed = _fold(self.key, pos)  # The seed `augment` gives the transform.
+      return _decode_image_window(encoded, lambda shape: self.window(shape, seed))
+
     @_no_autograph
     def decode(ex):
       feats = source.deserialize(ex["record"])
       out = {
         "_pos": ex["_pos"],
         "image_id": feats["image_id"],
-        "image": _decode_image(feats[spec.image_key]),
+        "image": decode_image(feats[spec.image_key], ex["_pos"]),
       }
       if self.what == "segmentation":
         raw = _decode_raw_label(feats[spec.label_key])
@@ -813,6 +848,7 @@ def _train_iterator(
   in_memory,
   shuffle_chunk: int,
   subset_ids=None,
+  window: Callable | None = None,
   extra_config: dict,
 ) -> TrainIterator:
   spec = specs.get(dataset)
@@ -840,7 +876,13 @@ def _train_iterator(
     stream, slots = process_index, _Slots(batch_size)
   plan = _Plan(source.chunk_sizes, seed=seed, stream=stream, shuffle=True, repeat=True)
   examples = _Examples(
-    source, plan, seed=seed, stream=stream, skip_bad_examples=skip_bad_examples, what=what
+    source,
+    plan,
+    seed=seed,
+    stream=stream,
+    skip_bad_examples=skip_bad_examples,
+    what=what,
+    window=window,
   )
   config = dict(
     kind=kind,
@@ -859,11 +901,25 @@ def _train_iterator(
   )
 
 
-def _inception_augment(image, seed, out_hw, area_range):
-  """Inception-style crop + left-right flip, scaled to [-1, 1] (Sec. 5.1): the
-  augmentation of both encoder pretraining pipelines, denoising and supervised."""
-  s_crop, s_flip = pp.split_seed(seed, 2)
-  image = pp.random_flip(pp.inception_crop(image, s_crop, out_hw, area_range=area_range), s_flip)
+# Inception-style crop + left-right flip, scaled to [-1, 1] (Sec. 5.1): the
+# augmentation of both encoder pretraining pipelines, denoising and supervised.
+# In two parts, so that the decoder decodes only the crop's window.
+
+
+def _inception_window(area_range):
+  """window(image_shape, seed): the crop, drawn from the first of the seed's two parts."""
+
+  def window(image_shape, seed):
+    s_crop, _ = pp.split_seed(seed, 2)
+    return pp.inception_crop_window(image_shape, s_crop, area_range=area_range)
+
+  return window
+
+
+def _inception_augment(crop, seed, out_hw):
+  """The decoded window resized to `out_hw`, flipped by the seed's second part."""
+  _, s_flip = pp.split_seed(seed, 2)
+  image = pp.random_flip(pp.resize_crop(crop, out_hw), s_flip)
   return tf.clip_by_value(pp.scale_to_minus1_1(image), -1.0, 1.0)
 
 
@@ -892,7 +948,7 @@ def pretrain_dataset(
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    return {"image": _inception_augment(ex["image"], seed, out_hw, area_range)}
+    return {"image": _inception_augment(ex["image"], seed, out_hw)}
 
   return _train_iterator(
     "pretrain",
@@ -910,6 +966,7 @@ def pretrain_dataset(
     skip_bad_examples=skip_bad_examples,
     in_memory=in_memory,
     shuffle_chunk=shuffle_chunk,
+    window=_inception_window(area_range),
     extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
   )
 
@@ -1041,8 +1098,7 @@ def supervised_dataset(
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    return {"image": _inception_augment(ex["image"], seed, out_hw, area_range),
-            "labels": ex["labels"]}
+    return {"image": _inception_augment(ex["image"], seed, out_hw), "labels": ex["labels"]}
 
   return _train_iterator(
     "supervised",
@@ -1060,6 +1116,7 @@ def supervised_dataset(
     skip_bad_examples=skip_bad_examples,
     in_memory=in_memory,
     shuffle_chunk=shuffle_chunk,
+    window=_inception_window(area_range),
     extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
   )
 

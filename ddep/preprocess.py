@@ -50,6 +50,36 @@ def random_flip(image, seed):
   return _flip_if(image, _uniform(seed) < 0.5)
 
 
+def inception_crop_window(
+  image_shape,
+  seed,
+  area_range: Sequence[float] = (0.05, 1.0),
+  aspect_range: Sequence[float] = (3 / 4, 4 / 3),
+):
+  """(begin [y, x, 0], size [h, w, -1]) of a random inception crop of an image of `image_shape`.
+
+  The window alone, so that a JPEG can be decoded only inside it
+  (tf.image.decode_and_crop_jpeg); only the height and width of `image_shape`
+  ([H, W, C]) matter.
+  """
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    image_shape,
+    bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
+    seed=seed,
+    min_object_covered=0.0,
+    aspect_ratio_range=tuple(aspect_range),
+    area_range=tuple(area_range),
+    max_attempts=20,
+    use_image_if_no_bounding_boxes=True,
+  )
+  return begin, size
+
+
+def resize_crop(crop, out_hw: Sequence[int], method: str = "bilinear"):
+  """The inception crop's resize: antialiased unless nearest; float32 out."""
+  return tf.image.resize(crop, out_hw, method=method, antialias=method != "nearest")
+
+
 def inception_crop(
   image,
   seed,
@@ -61,22 +91,12 @@ def inception_crop(
   """Random crop of a random area fraction and aspect ratio, resized to `out_hw`.
 
   The "inception-style" crop of Szegedy et al. the paper uses for augmentation
-  (Sec. 2); returns float32 (resizing interpolates).
+  (Sec. 2); returns float32 (resizing interpolates). Crops in the input dtype
+  first, so a uint8 image is converted to float only at the crop's size.
   """
   image = tf.convert_to_tensor(image)
-  shape = tf.shape(image)
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    shape,
-    bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
-    seed=seed,
-    min_object_covered=0.0,
-    aspect_ratio_range=tuple(aspect_range),
-    area_range=tuple(area_range),
-    max_attempts=20,
-    use_image_if_no_bounding_boxes=True,
-  )
-  crop = tf.slice(image, begin, size)
-  return tf.image.resize(crop, out_hw, method=method, antialias=method != "nearest")
+  begin, size = inception_crop_window(tf.shape(image), seed, area_range, aspect_range)
+  return resize_crop(tf.slice(image, begin, size), out_hw, method)
 
 
 def _resize_hw(image, hw, method):

@@ -488,6 +488,34 @@ def test_unprepared_dataset_names_the_fix(tmp_path):
     )
 
 
+def _scene(h, w):
+  """Smooth ramps and hard-edged blocks: a misplaced window differs by tens of levels."""
+  y, x = np.mgrid[:h, :w]
+  blocks = ((y // 8 + x // 8) % 2) * 120
+  return np.stack([x * 255 // w, y * 255 // h, blocks + x % 7], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("encode", [tf.io.encode_jpeg, tf.io.encode_png])
+def test_decoding_only_the_crop_window_gives_the_crop(encode):
+  # 45 x 61: neither side a multiple of the 16 px JPEG MCU, so partial blocks at the edges occur.
+  encoded = encode(_scene(45, 61))
+  full = ip._decode_image(encoded)
+  window = ip._inception_window((0.05, 1.0))
+  sizes = set()
+  for s in range(6):
+    seed = tf.constant([s, 0], tf.int64)
+    begin, size = window(tf.shape(full), seed)
+    expected = tf.slice(full, begin, size).numpy().astype(np.float32)
+    got = ip._decode_image_window(encoded, lambda shape: window(shape, seed)).numpy()
+    assert got.shape == expected.shape
+    sizes.add(got.shape)
+    # The same IDCT: only the last column may differ, where the 4:2:0 chroma is upsampled
+    # without its right neighbour (exact with chroma_downsampling=False).
+    np.testing.assert_array_equal(got[:, :-1], expected[:, :-1])
+    assert np.abs(got - expected).mean() < (1.0 if encode is tf.io.encode_jpeg else 1e-9)
+  assert len(sizes) > 1  # Real sub-windows, not the whole image every time.
+
+
 def test_tf_sees_no_accelerator():
   assert tf.config.get_visible_devices("GPU") == []
 
