@@ -4,6 +4,12 @@ Builds a small synthetic TFDS dataset of `--source_hw` images (demo scenes
 upsampled, PNG like Cityscapes or JPEG like ADE20K) and times the pretrain
 (inception crop to 512x512) and finetune (crop `--crop`) pipelines on it.
 
+Two rates per pipeline: images per wall-clock second (divided by the cores the
+process may use), and images per CPU-second of the process (all its threads):
+the second is what a host must supply per image, and it is robust to other
+jobs sharing the machine. Pin to one core (`taskset -c 1`) to measure the
+per-core rate directly.
+
   python -m ddep.tools.benchmark_input --source_hw=1024,2048 --crop=1024,1024
   python -m ddep.tools.benchmark_input --dataset=demo --crop=64,64 --image_size=64,64
 """
@@ -50,7 +56,8 @@ class _BenchConfig(tfds.core.BuilderConfig):
 class DdepBenchImages(tfds.core.GeneratorBasedBuilder):
   """Demo scenes drawn at 1/8 size and upsampled: realistic PNG/JPEG sizes, fast to generate."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Labels of the image's size when a side is not a multiple of 8."}
 
   def _info(self):
     c = self.builder_config
@@ -76,22 +83,22 @@ class DdepBenchImages(tfds.core.GeneratorBasedBuilder):
       image = np.asarray(Image.fromarray(small).resize((c.width, c.height), Image.BILINEAR))
       # Fine noise so the encoded size resembles a photograph rather than a cartoon.
       image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
-      seg = np.kron(seg, np.ones((8, 8), np.uint8))[..., None]
+      # Nearest resize: x8 blocks where the size allows, and always the image's size.
+      seg = np.asarray(Image.fromarray(seg).resize((c.width, c.height), Image.NEAREST))[..., None]
       yield str(i), {"image": image, "segmentation": seg, "image_id": f"bench_{i:05d}"}
 
 
-def _synthetic_spec(data_dir: str) -> specs.DatasetSpec:
-  h, w = (int(s) for s in FLAGS.source_hw)
-  name = f"h{h}_w{w}_{FLAGS.encoding}_n{FLAGS.num_images}"
-  config = _BenchConfig(
-    name=name, height=h, width=w, encoding=FLAGS.encoding, num_images=FLAGS.num_images
-  )
+def synthetic_spec(
+  data_dir: str, source_hw, encoding: str = "png", num_images: int = 32
+) -> specs.DatasetSpec:
+  """Builds (once per data_dir) `num_images` synthetic images of `source_hw`; their spec."""
+  h, w = (int(s) for s in source_hw)
+  name = f"h{h}_w{w}_{encoding}_n{num_images}"
+  config = _BenchConfig(name=name, height=h, width=w, encoding=encoding, num_images=num_images)
   builder = DdepBenchImages(config=config, data_dir=data_dir)
   t = time.time()
   builder.download_and_prepare()
-  print(
-    f"synthetic data ready ({time.time() - t:.0f} s): {FLAGS.num_images} {h}x{w} {FLAGS.encoding}"
-  )
+  print(f"synthetic data ready ({time.time() - t:.0f} s): {num_images} {h}x{w} {encoding}")
   return specs.DatasetSpec(
     name=f"bench_{name}",
     tfds_name=f"ddep_bench_images/{name}",
@@ -102,13 +109,51 @@ def _synthetic_spec(data_dir: str) -> specs.DatasetSpec:
   )
 
 
-def _time(iterator) -> float:
-  for _ in range(FLAGS.warmup):
+def _time(iterator, *, batches: int, warmup: int, batch_size: int) -> dict:
+  """Images per wall second and per CPU-second (every thread of this process)."""
+  for _ in range(warmup):
     next(iterator)
-  t = time.perf_counter()
-  for _ in range(FLAGS.batches):
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(batches):
     next(iterator)
-  return FLAGS.batches * FLAGS.batch_size / (time.perf_counter() - t)
+  images = batches * batch_size
+  return {
+    "images_per_s": images / (time.perf_counter() - wall),
+    "images_per_cpu_s": images / max(time.process_time() - cpu, 1e-9),
+  }
+
+
+def measure(
+  spec,
+  which: str,
+  *,
+  data_dir: str,
+  batch_size: int,
+  batches: int,
+  warmup: int,
+  image_size=(512, 512),
+  crop=(1024, 1024),
+) -> dict:
+  """Times one pipeline ('pretrain' or 'finetune') on `spec`; the rates and its sizes."""
+  common = dict(batch_size=batch_size, seed=0, data_dir=data_dir, process_index=0, process_count=1)
+  if which == "pretrain":
+    size = tuple(int(s) for s in image_size)
+    it = input_pipeline.pretrain_dataset(spec, image_size=size, **common)
+  elif which == "finetune":
+    size = tuple(int(s) for s in crop)
+    it = input_pipeline.finetune_dataset(spec, crop_size=size, **common)
+  else:
+    raise ValueError(f"unknown pipeline {which!r}")
+  cores = len(os.sched_getaffinity(0))
+  rates = _time(it, batches=batches, warmup=warmup, batch_size=batch_size)
+  return dict(
+    pipeline=which,
+    dataset=spec.name,
+    size=list(size),
+    cores=cores,
+    images_per_s_per_core=rates["images_per_s"] / cores,
+    **rates,
+  )
 
 
 def main(argv):
@@ -118,24 +163,24 @@ def main(argv):
     spec = specs.get(FLAGS.dataset)
     input_pipeline.prepare(spec.name, data_dir=data_dir)
   else:
-    spec = _synthetic_spec(data_dir)
-  cores = len(os.sched_getaffinity(0))
-  common = dict(
-    batch_size=FLAGS.batch_size, seed=0, data_dir=data_dir, process_index=0, process_count=1
-  )
+    spec = synthetic_spec(data_dir, FLAGS.source_hw, FLAGS.encoding, FLAGS.num_images)
   for which in FLAGS.pipelines:
-    if which == "pretrain":
-      size = tuple(int(s) for s in FLAGS.image_size)
-      it = input_pipeline.pretrain_dataset(spec, image_size=size, **common)
-    elif which == "finetune":
-      size = tuple(int(s) for s in FLAGS.crop)
-      it = input_pipeline.finetune_dataset(spec, crop_size=size, **common)
-    else:
+    if which not in ("pretrain", "finetune"):
       raise app.UsageError(f"unknown pipeline {which!r}")
-    rate = _time(it)
+    r = measure(
+      spec,
+      which,
+      data_dir=data_dir,
+      batch_size=FLAGS.batch_size,
+      batches=FLAGS.batches,
+      warmup=FLAGS.warmup,
+      image_size=FLAGS.image_size,
+      crop=FLAGS.crop,
+    )
     print(
-      f"{which:9s} {spec.name} -> {size[0]}x{size[1]}: {rate:7.1f} images/s, "
-      f"{rate / cores:6.1f} images/s/core ({cores} cores)"
+      f"{which:9s} {spec.name} -> {r['size'][0]}x{r['size'][1]}: {r['images_per_s']:7.1f} "
+      f"images/s, {r['images_per_s_per_core']:6.1f} images/s/core ({r['cores']} cores), "
+      f"{r['images_per_cpu_s']:6.1f} images/CPU-s"
     )
 
 
