@@ -76,8 +76,21 @@ def inception_crop_window(
 
 
 def resize_crop(crop, out_hw: Sequence[int], method: str = "bilinear"):
-  """The inception crop's resize: antialiased unless nearest; float32 out."""
-  return tf.image.resize(crop, out_hw, method=method, antialias=method != "nearest")
+  """The inception crop's resize: antialiased unless nearest; float32 out.
+
+  Antialiased bilinear is a triangle filter as wide as the reduction. A crop
+  enlarged in both dimensions gets the filter's narrowest width, which is plain
+  bilinear interpolation: that is ResizeBilinear, ~2x cheaper than the general
+  ScaleAndTranslate (equal up to float rounding of the sample positions).
+  """
+  if method != "bilinear":
+    return tf.image.resize(crop, out_hw, method=method, antialias=method != "nearest")
+  enlarged = tf.reduce_all(tf.shape(crop)[:2] <= tf.constant(out_hw, tf.int32))
+  return tf.cond(
+    enlarged,
+    lambda: tf.image.resize(crop, out_hw, antialias=False),
+    lambda: tf.image.resize(crop, out_hw, antialias=True),
+  )
 
 
 def inception_crop(

@@ -63,6 +63,19 @@ def test_inception_crop_takes_a_sub_window():
   assert np.all(np.diff(a[0, :, 0]) >= 0)
 
 
+@pytest.mark.parametrize("crop_hw", [(20, 30), (30, 30), (40, 16), (50, 64)])
+def test_resize_crop_is_the_antialiased_resize(crop_hw):
+  # Enlarged crops take the cheaper bilinear kernel; any reduction keeps the antialiasing filter.
+  crop = tf.constant(np.random.default_rng(1).integers(0, 256, (*crop_hw, 3)), tf.uint8)
+  expected = tf.image.resize(crop, (30, 30), antialias=True).numpy()
+  got = pp.resize_crop(crop, (30, 30)).numpy()
+  assert got.shape == (30, 30, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, atol=0.02)  # Of 255: float rounding only.
+  if max(crop_hw) > 30:  # A reduction: plain bilinear would alias, far from the result.
+    plain = tf.image.resize(crop, (30, 30), antialias=False).numpy()
+    assert np.abs(plain - got).max() > 1
+
+
 @pytest.mark.parametrize("scale_range", [None, (0.75, 1.5)])
 def test_joint_crop_flip_keeps_image_and_label_aligned(scale_range):
   label = _blocky_label(40, 56)
