@@ -24,6 +24,14 @@ Outputs in --output: summary.md and summary.json (mean ± sample std over runs,
 method x label fraction, per dataset and decoder width), table_*.png,
 miou_vs_fraction_*.png (Figures 2, 5, 6: log-x, error bars = std) and
 curves/<run>.png. `denoising_grid` draws Figure 4.
+
+  python -m ddep.report --pretraining=PRETRAIN_RUNS/* --output=DIR
+
+reads denoising pretraining workdirs (config.json with task 'denoise' and a
+metrics.jsonl) and draws their held-out validation (`ddep.denoise_eval`: val/psnr,
+val/eps_mse) against step, one line per run, in pretraining_validation.png; the
+numbers are in pretraining_validation.json. It is the curve to watch for Figure 8
+(longer pretraining is better) while the runs train.
 """
 
 from __future__ import annotations
@@ -777,11 +785,110 @@ def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
   return written
 
 
+# The held-out denoising metric of `ddep.denoise_eval`: (key, title, higher is better).
+DENOISE_VALIDATION = (("val/psnr", "held-out PSNR (dB)"), ("val/eps_mse", "held-out ε-MSE"))
+
+
+@dataclasses.dataclass
+class PretrainingRun:
+  """A denoising pretraining workdir: its config and its curves (no results.json)."""
+
+  workdir: Path
+  config: dict
+  curves: list[dict]
+
+  @property
+  def label(self) -> str:
+    """Method, noise level and what Figure 8 varies (lr, length), e.g. 'dep σ=0.8 lr=1e-4 ...'."""
+    c = self.config
+    noise = noise_record(c.get("denoise", {}))
+    level = (
+      f"γ={noise['gamma_range'] or noise['gamma']}"
+      if noise["form"] == "ddpm"
+      else f"σ={noise['sigma_range'] or noise['sigma']}"
+    )
+    length = (
+      f"{c['total_epochs']:g} epochs" if c.get("total_epochs") else f"{c.get('total_steps')} steps"
+    )
+    lr = c.get("optim", {}).get("lr")
+    return f"{c.get('method')} {level} lr={lr:g} {length} ({self.workdir.name})"
+
+
+def find_pretraining_runs(patterns: Sequence[str]) -> list[PretrainingRun]:
+  """Denoise workdirs at or below each (glob) pattern; ones without curves are skipped."""
+  found: dict[Path, PretrainingRun] = {}
+  for pattern in patterns:
+    hits = []
+    for match in map(storage.path, storage.glob(pattern) or [pattern]):
+      configs = [match / "config.json"] if (match / "config.json").is_file() else []
+      if not configs and match.is_dir():
+        configs = storage.files_below(match, "config.json")
+      hits.extend(configs)
+    if not hits:
+      raise ReportError(f"no config.json found for --pretraining entry {pattern!r}")
+    for path in hits:
+      try:
+        config = json.loads(path.read_text())
+      except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not JSON ({e})") from e
+      curves_path = path.parent / CURVES_FILE
+      if config.get("task") == "denoise" and curves_path.exists():
+        found.setdefault(path.parent, PretrainingRun(path.parent, config, read_curves(curves_path)))
+  return list(found.values())
+
+
+def denoise_validation(runs: Sequence[PretrainingRun]) -> list[dict]:
+  """Per run: its label, workdir and the (step, value) series of each held-out metric."""
+  out = []
+  for run in runs:
+    series = {
+      key: [[row["step"], row[key]] for row in run.curves if isinstance(row.get(key), (int, float))]
+      for key, _ in DENOISE_VALIDATION
+    }
+    out.append({"label": run.label, "workdir": str(run.workdir), **series})
+  return out
+
+
+def plot_denoise_validation(data: Sequence[Mapping[str, Any]], path) -> bool:
+  """One panel per held-out metric against step, a line per run; False if none has it."""
+  if not any(d[key] for d in data for key, _ in DENOISE_VALIDATION):
+    return False
+  fig, axes = plt.subplots(1, len(DENOISE_VALIDATION), figsize=(11, 4), squeeze=False)
+  for ax, (key, title) in zip(axes[0], DENOISE_VALIDATION):
+    for run in data:
+      if run[key]:
+        steps, values = zip(*run[key])
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=run["label"])
+    ax.set_title(title)
+    ax.set_xlabel("pretraining step")
+    ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize="small")
+  fig.tight_layout()
+  _save_figure(fig, path, dpi=100)
+  return True
+
+
+def write_pretraining_report(patterns: Sequence[str], output) -> list[Path]:
+  """pretraining_validation.json (the data) and .png (the plot) in `output`."""
+  output = storage.path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  data = denoise_validation(find_pretraining_runs(patterns))
+  written = [output / "pretraining_validation.json"]
+  written[0].write_text(json.dumps(metrics_lib.json_safe(data), indent=1))
+  if plot_denoise_validation(data, output / "pretraining_validation.png"):
+    written.append(output / "pretraining_validation.png")
+  return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m ddep.report", description=__doc__.split("\n")[0])
   parser.add_argument(
-    "--workdirs", required=True, help="comma-separated run dirs, parent dirs or glob patterns"
+    "--workdirs", default="", help="comma-separated run dirs, parent dirs or glob patterns"
   )
+  parser.add_argument(
+    "--pretraining", default="",
+    help="comma-separated denoising pretraining workdirs (or parents, globs): their held-out "
+    "validation against step (pretraining_validation.png / .json)")
   parser.add_argument("--output", required=True, help="directory for the tables and figures")
   parser.add_argument(
     "--select", choices=("", "best"), default="",
@@ -791,7 +898,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--final_seeds", default="", help="comma-separated; '' = all")
   args = parser.parse_args(argv)
   seeds = lambda text: [int(s) for s in text.split(",") if s] or None  # noqa: E731
+  if not args.workdirs and not args.pretraining:
+    parser.error("give --workdirs (fine-tuning runs) and/or --pretraining (denoising runs)")
   try:
+    if args.pretraining:
+      written = write_pretraining_report([p for p in args.pretraining.split(",") if p], args.output)
+      print(f"pretraining validation -> {', '.join(map(str, written))}")
+    if not args.workdirs:
+      return 0
     workdirs = find_workdirs([p for p in args.workdirs.split(",") if p])
     runs = [load_run(w) for w in workdirs]
     if args.select == "best":

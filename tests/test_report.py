@@ -399,3 +399,35 @@ def test_select_best_picks_lr_wd_on_selection_seeds_and_reports_final_seeds(tmp_
   (tmp_path / "runs" / "lr1e-05_wd0.0001_s0" / "config.json").unlink()
   with pytest.raises(report.ReportError, match=r"config\.json: no optim\.lr"):
     report.select_best(runs)
+
+
+def _pretraining_run(workdir, *, task="denoise", method="dep", lr=1e-4, rows=()):
+  workdir.mkdir(parents=True)
+  config = {"task": task, "method": method, "total_steps": 300, "total_epochs": 0.0,
+            "optim": {"lr": lr}, "denoise": {"form": "additive", "sigma": 0.8, "sigma_range": []}}
+  (workdir / "config.json").write_text(json.dumps(config))
+  (workdir / report.CURVES_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pretraining_validation_against_step_per_run(tmp_path, capsys):
+  root = tmp_path / "pretrain"
+  _pretraining_run(root / "short", rows=[
+    {"step": 50, "train/loss": 0.9}, {"step": 100, "val/psnr": 20.0, "val/eps_mse": 0.3},
+    {"step": 200, "val/psnr": 21.0, "val/eps_mse": 0.25},
+    # A resumed run logged step 200 again: the last attempt's row wins.
+    {"step": 200, "val/psnr": 21.5, "val/eps_mse": 0.24}])
+  _pretraining_run(root / "long", lr=3e-4, rows=[{"step": 100, "val/psnr": 19.0,
+                                                  "val/eps_mse": 0.35}])
+  _pretraining_run(root / "finetune", task="segment", rows=[{"step": 100, "val/miou": 0.3}])
+  out = tmp_path / "out"
+  assert report.main([f"--pretraining={root}", f"--output={out}"]) == 0
+  assert "pretraining_validation.png" in capsys.readouterr().out
+  data = {d["workdir"].rsplit("/", 1)[-1]: d
+          for d in json.loads((out / "pretraining_validation.json").read_text())}
+  assert sorted(data) == ["long", "short"]  # The fine-tuning run is not a pretraining run.
+  assert data["short"]["val/psnr"] == [[100, 20.0], [200, 21.5]]
+  assert data["short"]["val/eps_mse"] == [[100, 0.3], [200, 0.24]]
+  assert data["long"]["label"] == "dep σ=0.8 lr=0.0003 300 steps (long)"
+  assert Image.open(out / "pretraining_validation.png").size[0] > 500
+  with pytest.raises(report.ReportError, match="no config.json found for --pretraining"):
+    report.find_pretraining_runs([str(tmp_path / "nothing_here")])
