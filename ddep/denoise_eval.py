@@ -133,8 +133,9 @@ def fixed_levels(index, denoise):
                                                minval=lo, maxval=hi))(index)
 
 
-def make_eval_step(model, denoise, *, with_images: bool = False) -> Callable:
-  """(params, frozen, images, index) -> per-image 'eps_mse', 'psnr' (and the images).
+def make_eval_step(model, denoise, *, images_out: int = 0) -> Callable:
+  """(params, frozen, images, index) -> per-image 'eps_mse', 'psnr'; with `images_out`,
+  also the first rows' noisy / ε̂ / x̂ (sliced here: only they are gathered to the host).
 
   `index` is each row's position in the held-out set; padding rows may hold any index.
   """
@@ -148,8 +149,9 @@ def make_eval_step(model, denoise, *, with_images: bool = False) -> Callable:
                                  target=denoise.target)
     sq = jnp.square(eps_hat - eps).reshape(images.shape[0], -1)
     out = {'eps_mse': jnp.mean(sq, axis=1), 'psnr': psnr(x_hat, images)}
-    if with_images:
-      out.update(noisy=noisy, eps_hat=eps_hat, x_hat=x_hat, level=level)
+    if images_out:
+      out.update(noisy=noisy[:images_out], eps_hat=eps_hat[:images_out],
+                 x_hat=x_hat[:images_out])
     return out
   return eval_step
 
@@ -178,8 +180,8 @@ class Evaluator:
     self.batch_size = -(-max(int(self.batch_size), 1) // devices) * devices
     out = sharding.replicated(self.mesh)
     self._step = jax.jit(make_eval_step(self.model, self.denoise), out_shardings=out)
-    self._image_step = jax.jit(make_eval_step(self.model, self.denoise, with_images=True),
-                               out_shardings=out)
+    self._out = out
+    self._image_steps = {}  # Compiled per picture count (one count per run).
 
   def _batch(self, start: int, stop: int):
     """Rows start..stop of the set padded to a chunk, as global arrays; and the real rows."""
@@ -204,8 +206,11 @@ class Evaluator:
   def examples(self, params, frozen, count: int) -> dict[str, np.ndarray]:
     """The first `count` images' clean / noisy / ε̂ / x̂ (host arrays) for a picture."""
     images, index, n = self._batch(0, min(count, len(self.heldout.images), self.batch_size))
-    out = self._image_step(params, frozen, images, index)
-    fetched = {k: np.asarray(v.addressable_data(0))[:n] for k, v in out.items()}
+    if n not in self._image_steps:
+      self._image_steps[n] = jax.jit(make_eval_step(self.model, self.denoise, images_out=n),
+                                     out_shardings=self._out)
+    out = self._image_steps[n](params, frozen, images, index)
+    fetched = {k: np.asarray(out[k].addressable_data(0)) for k in ('noisy', 'eps_hat', 'x_hat')}
     return dict(clean=self.heldout.images[:n], **fetched)
 
 

@@ -9,6 +9,7 @@ The pictures are built by pure functions of host arrays (uint8, (N, H, W, 3)); t
 `write_*` functions write them on process 0 only, since every process computes the
 same values and other processes' writers only log.
 """
+import functools
 import math
 from typing import Any, Mapping, Optional
 
@@ -153,14 +154,20 @@ def write_segmentation(writer, step: int, result: Mapping[str, Any], panels=None
     writer.write_images(step, {f'val/segmentation/{i}': p[None] for i, p in enumerate(panels)})
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_apply(model):
+  # One compiled forward per model for the whole run, not one per evaluation. Params go in
+  # as an argument: closed over, they would be baked in as constants.
+  return jax.jit(lambda p, x: model.apply({'params': p}, x))
+
+
 def preview_panels(config, model, params, spec, previews) -> Optional[list[np.ndarray]]:
   """The previews predicted by host `params` under the config's eval protocol, as panels."""
   if previews is None or not _is_main():
     return None
   from ddep import inference  # pylint: disable=g-import-not-at-top
   from ddep import predict  # pylint: disable=g-import-not-at-top  (predict imports train)
-  # Params go in as an argument: closed over, they would be baked in as constants.
-  apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  apply = _jitted_apply(model)
   protocol = inference.make_protocol(
       config.eval.protocol, lambda x: apply(params, x),
       batch_size=int(config.eval.batch_size) or None, flip=bool(config.eval.flip))

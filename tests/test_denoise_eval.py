@@ -119,8 +119,9 @@ def test_a_denoise_run_logs_the_metric_keeps_the_best_and_writes_a_grid(data_dir
   c = config_schema.base_config()
   c.task, c.method = 'denoise', 'dep'
   c.model.preset = 'tiny'
-  c.data.update(dataset='demo_tiny', data_dir=data_dir, prepare=False, batch_size=2,
-                eval_batch_size=2, image_size=(32, 32))
+  # Train batch and lr as test_train's runs: their compiled step is in the shared cache.
+  c.data.update(dataset='demo_tiny', data_dir=data_dir, prepare=False, batch_size=4,
+                eval_batch_size=4, image_size=(32, 32))
   c.eval.update(denoise_images=3, summary_images=2)
   c.update(total_steps=2, log_every=1, eval_every=1, checkpoint_every=2, checkpoint_async=False)
   c.optim.lr = 1e-3
