@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from absl import app
 import pytest
 
 from ddep.tools import benchmark
@@ -113,10 +114,29 @@ def test_parse_args():
   assert args.task == ('segment', 'ddep') and args.image_size == (256, 512)
   assert args.eval_size is None and args.remat == ('decoder',)
   assert benchmark.phases_of(args) == ['segment', 'ddep']
-  with pytest.raises(SystemExit):
+  # absl: '--flag=value' as well; a repeated flag keeps its last value (run_isolated's
+  # overrides rely on it).
+  args = benchmark.parse_args(['--image_size=64', '--output=a', '--output', 'b', '--eval_size='])
+  assert args.image_size == (64, 64) and args.output == 'b' and args.eval_size is None
+  with pytest.raises(app.UsageError, match='unknown --task'):
     benchmark.parse_args(['--task', 'pretrain'])
-  with pytest.raises(SystemExit):
+  with pytest.raises(app.UsageError, match='divisible by 16'):
     benchmark.parse_args(['--image_size', '100'])
+  with pytest.raises(app.UsageError, match='image_size.*N or HxW'):
+    benchmark.parse_args(['--image_size', '16x'])
+
+
+def test_per_device_batch_flag_plan_or_config_split():
+  args = benchmark.parse_args(['--batch_size', '4', '--eval_batch_size', '2'])
+  split = benchmark._per_device_batch  # pylint: disable=protected-access
+  assert split(args, is_eval=False, accum=1, n_dev=2, per_device_batch=None) == 4
+  assert split(args, is_eval=True, accum=1, n_dev=2, per_device_batch=None) == 2
+  assert split(args, is_eval=False, accum=1, n_dev=2, per_device_batch=16) == 16  # A plan's.
+  # --config: its global batch over devices x accumulation steps, which must divide it.
+  args.batch_size, args.global_batch = None, 128
+  assert split(args, is_eval=False, accum=4, n_dev=2, per_device_batch=None) == 16
+  with pytest.raises(SystemExit, match='does not split over 3 devices x 4'):
+    split(args, is_eval=False, accum=4, n_dev=3, per_device_batch=None)
 
 
 def test_config_sets_the_flags_not_given():
@@ -140,7 +160,13 @@ def test_config_sets_the_flags_not_given():
   assert args.batch_size is None and args.global_batch == 128
   assert benchmark.phases_of(args) == ['ddep']
 
-  with pytest.raises(SystemExit, match='no such file'):
+  # --config.key=value overrides, as in ddep.main: the config's batch of 128 becomes 32.
+  args = benchmark.parse_args(['--config=configs/pretrain_cityscapes.py:method=ddep',
+                               '--config.data.batch_size=32', '--input_batches=0'])
+  assert args.global_batch == 32 and args.config_overrides == {'data.batch_size': 32}
+  assert args.config == 'configs/pretrain_cityscapes.py:method=ddep'
+
+  with pytest.raises(app.UsageError, match='no such file'):
     benchmark.parse_args(['--config', 'configs/nope.py'])
 
 
@@ -148,6 +174,7 @@ def test_config_run_times_its_steps_and_input_pipeline(tmp_path):
   out = tmp_path / 'bench.jsonl'
   cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--no_isolate', '--output', str(out),
          '--config', 'configs/pretrain_cityscapes.py:method=dep,runlocal',
+         '--config.data.batch_size=4',  # An override reaches both phases.
          '--steps', '2', '--trials', '1', '--warmup', '1', '--input_batches', '2']
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'tfds'))
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False,
@@ -157,9 +184,10 @@ def test_config_run_times_its_steps_and_input_pipeline(tmp_path):
   assert list(rows) == ['denoise', 'input']
   step, data = rows['denoise'], rows['input']
   assert step['config'].startswith('configs/pretrain_cityscapes.py')
-  assert step['preset'] == 'tiny' and step['global_batch'] == 2 and step['frozen'] == []
+  assert step['preset'] == 'tiny' and step['global_batch'] == 4 and step['frozen'] == []
+  assert step['config_overrides'] == data['config_overrides'] == {'data.batch_size': 4}
   assert step['loss_finite'] and 1.0 < step['xla_over_analytic'] < 1.15
-  assert data['dataset'] == 'demo_tiny' and data['per_host_batch'] == 2
+  assert data['dataset'] == 'demo_tiny' and data['per_host_batch'] == 4
   assert data['images_per_s'] > 0
   assert 'input pipeline (demo_tiny' in proc.stdout
 
@@ -184,7 +212,7 @@ def test_target_implies_compile_only_and_gpu_attention():
   assert args.attention_impl == 'cudnn'
   args = benchmark.parse_args(['--target', 'h200', '--attention_impl', 'xla'])
   assert args.attention_impl == 'xla'
-  with pytest.raises(SystemExit):
+  with pytest.raises(app.UsageError, match='cannot be --compile_only'):
     benchmark.parse_args(['--compile_only', '--find_max_batch'])  # Without a target: runs.
 
 
@@ -259,6 +287,16 @@ def blocked_env(tmp_path_factory):
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and 'is blocked' in proc.stderr
   return env
+
+
+def test_without_ml_collections_only_config_is_refused(blocked_env):
+  """The bare GPU image: the module imports and parses; --config says what it needs."""
+  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--config=configs/pretrain_ade20k.py',
+         '--quiet']
+  proc = subprocess.run(cmd, env=blocked_env, cwd=REPO, capture_output=True, text=True,
+                        check=False, timeout=120)
+  assert proc.returncode == 1 and '--config needs ml_collections' in proc.stderr, proc.stderr
+  assert 'Traceback' not in proc.stderr  # A usage error, not a crash.
 
 
 def _run_tool(env, tmp_path, *flags):

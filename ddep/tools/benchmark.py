@@ -22,14 +22,15 @@ that `peak_bytes_in_use` is that phase's own peak.
 Tasks: `denoise` = DeP (everything trained), `ddep` = DDeP (encoder frozen, Sec. 3.1),
 `segment` = fine-tuning with pixelwise cross-entropy.
 
-Without `--config` it imports no TensorFlow, TFDS, clu or ml_collections: it runs on
-a bare JAX + flax + optax install (`ddep.tools.benchmark_input` times the input
+Flags are absl's (`--flag value` or `--flag=value`); `--config` is ml_collections'
+config file flag, as in `ddep.main`, so `--config.key=value` overrides the config.
+Without `--config` it needs no TensorFlow, TFDS, clu or ml_collections: it runs on
+a bare JAX + flax + optax + absl install (`ddep.tools.benchmark_input` times the input
 pipelines on a synthetic dataset).
 """
-import argparse
+import dataclasses
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import re
@@ -40,6 +41,9 @@ import tempfile
 import time
 import types
 from typing import Any, Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
 
 TASKS = ('denoise', 'ddep', 'segment')
 # DDeP freezes the encoder (configs: frozen=('encoder/.*',)).
@@ -82,11 +86,14 @@ def hbm_bytes_per_s(device_kind: str) -> Optional[float]:
 
 def parse_size(text: str) -> tuple[int, int]:
   """'512' -> (512, 512); '1024x2048' -> (1024, 2048)."""
-  parts = [int(p) for p in re.split(r'[x,]', text.strip())]
+  try:
+    parts = [int(p) for p in re.split(r'[x,]', text.strip())]
+  except ValueError:
+    parts = []
   if len(parts) == 1:
     parts *= 2
   if len(parts) != 2 or min(parts) <= 0:
-    raise argparse.ArgumentTypeError(f'size must be N or HxW, got {text!r}')
+    raise ValueError(f'size must be N or HxW, got {text!r}')
   return tuple(parts)
 
 
@@ -141,21 +148,6 @@ def loss_config(task: str, *, noise_conditioning: bool = False) -> types.SimpleN
       classify=ns(loss='sigmoid'))
 
 
-def load_config(spec: str):
-  """An experiment config from 'path/to/config.py[:arg]', read as `ddep.main` reads it."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise SystemExit(f'--config: no such file {path!r}')
-  # Config files import their siblings as `configs.*`, from the repository root.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location('_ddep_benchmark_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 # Cityscapes images: the 'halves' protocol runs HxH windows of HxW = 1024x2048 ones.
 _CITYSCAPES_HW = (1024, 2048)
 
@@ -173,7 +165,7 @@ def protocol_input(name: str, default: tuple[int, int]) -> tuple[int, int]:
   return tuple(protocol.size) if protocol.size else default
 
 
-def apply_config(args: argparse.Namespace, config, explicit: set[str]) -> list[str]:
+def apply_config(args: types.SimpleNamespace, config, explicit: set[str]) -> list[str]:
   """Sets the flags not given in `explicit` from an experiment config; returns notes."""
   from ddep import config_validation  # pylint: disable=g-import-not-at-top
   config_validation.validate(config)
@@ -318,72 +310,168 @@ def _optimizer_flops(tx, state) -> float:
   return float(_cost(jax.jit(update).lower(p, state['opt'], p).compile()).get('flops', 0.0))
 
 
-def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
-              accumulation_steps: Optional[int] = None, probe: bool = False) -> dict:
-  """Compiles and times one phase ('denoise', 'ddep', 'segment' or 'eval'); returns its row.
+@dataclasses.dataclass
+class Program:
+  """One phase's step, built and ready to compile, and what its row says about it."""
+  phase: str
+  is_eval: bool
+  task: str  # 'segment' for the eval phase.
+  accum: int
+  mesh: Any
+  per_device_batch: int
+  batch_size: int  # Global: over the mesh's devices.
+  hw: tuple[int, int]
+  noise_cond: bool
+  frozen_patterns: tuple[str, ...]
+  param_counts: tuple[int, int, int]  # (all, trainable, frozen)
+  ops: list  # ddep.flops' per-device ops of one call.
+  trained: tuple[str, ...]  # Top-level modules the analytic count trains.
+  analytic: float
+  optimizer_flops: float
+  jitted: Any
+  call_args: tuple
+  batch: Any
+  notes: list[str]
 
-  `probe=True` only compiles and runs two steps (for --find_max_batch).
+
+def _phase_mesh(args):
+  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  if args.target:  # Described, not present: compiled for, never run.
+    from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
+    return gpu_targets.mesh(args.target, sharding.DATA)
+  return sharding.make_mesh()
+
+
+def _per_device_batch(args, *, is_eval: bool, accum: int, n_dev: int,
+                      per_device_batch: Optional[int]) -> int:
+  """The flag's (or the find_max_batch plan's) batch, else --config's global one split."""
+  per_device_batch = per_device_batch or (args.eval_batch_size if is_eval else args.batch_size)
+  if per_device_batch is not None:
+    return per_device_batch
+  global_batch = args.global_eval_batch if is_eval else args.global_batch
+  if global_batch % (n_dev * accum):
+    raise SystemExit(f'--config: global batch {global_batch} does not split over {n_dev} '
+                     f'devices x {accum} accumulation steps')
+  return global_batch // (n_dev * accum)
+
+
+def _init_params(args, model, noise_cond: bool):
+  """Parameters initialised at the train size, as in training (shapes only if compile_only).
+
+  The eval step then resizes the position embeddings as a real evaluation at another
+  size does; --compile_only never runs the model (e.g. on a CPU).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from ddep import sharding  # pylint: disable=g-import-not-at-top
-  from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
-
-  is_eval = phase == 'eval'
-  task = 'segment' if is_eval else phase
-  accum = 1 if is_eval else (accumulation_steps or args.accumulation_steps)
-  if args.target:  # Described, not present: compiled for, never run.
-    from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
-    mesh = gpu_targets.mesh(args.target, sharding.DATA)
-  else:
-    mesh = sharding.make_mesh()
-  n_dev = mesh.devices.size
-  per_device_batch = per_device_batch or (args.eval_batch_size if is_eval else args.batch_size)
-  if per_device_batch is None:  # --config: its global batch over devices and accumulation.
-    global_batch = args.global_eval_batch if is_eval else args.global_batch
-    if global_batch % (n_dev * accum):
-      raise SystemExit(f'--config: global batch {global_batch} does not split over {n_dev} '
-                       f'devices x {accum} accumulation steps')
-    per_device_batch = global_batch // (n_dev * accum)
-  batch_size = per_device_batch * n_dev
-  model = build_model(args, num_outputs=args.num_classes if task == 'segment' else 3)
-  noise_cond = args.noise_conditioning and task != 'segment'
-  hw = tuple(args.eval_size) if is_eval else tuple(args.image_size)
-  replicated = sharding.replicated(mesh)
-  notes = list(args.config_notes)
-
-  # Parameters initialised at the train size, as in training: the eval step then
-  # resizes the position embeddings as a real evaluation at another size does.
-  # --compile_only works on shapes alone, so it never runs the model (e.g. on a CPU).
   sample = jnp.zeros((1, *args.image_size, 3), jnp.float32)
   init_args = (sample, jnp.ones((1,))) if noise_cond else (sample,)
   init = lambda k: model.init(k, *init_args)['params']  # noqa: E731
   key = jax.random.key(0)
-  params = jax.eval_shape(init, key) if args.compile_only else jax.jit(init)(key)
+  return jax.eval_shape(init, key) if args.compile_only else jax.jit(init)(key)
+
+
+def _trained_modules(mask) -> dict[str, set[bool]]:
+  """Top-level module -> whether its leaves are trained ({True}, {False} or both)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  by_module = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
+    by_module.setdefault(path[0].key, set()).add(bool(leaf))
+  return by_module
+
+
+def _count(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _phase_batch(args, task: str, hw, batch_size: int, mesh, *, is_eval: bool):
+  """The synthetic global batch, on the mesh (or its shapes for --compile_only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  batch = _synthetic_batch(task, hw, batch_size, args.num_classes, with_mask=is_eval)
+  if args.compile_only:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+            for k, v in batch.items()}
+  return sharding.global_batch(batch, mesh)
+
+
+def _eval_program(args, model, trainable, frozen, batch, mesh):
+  """(jitted eval step, its arguments)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  replicated = sharding.replicated(mesh)
+  eval_step = steps_lib.make_segmentation_eval_step(model, args.num_classes, flip=args.eval_flip)
+  jitted = jax.jit(eval_step, out_shardings=replicated)
+  put = _abstract if args.compile_only else jax.device_put
+  return jitted, (put(trainable, replicated), put(frozen, replicated), batch)
+
+
+def _train_program(args, phase: str, model, trainable, frozen, batch, mesh, *, accum: int,
+                   noise_cond: bool):
+  """(jitted train step, its arguments, XLA's FLOPs of the optimizer update alone)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  replicated = sharding.replicated(mesh)
+  schedule = optimizer_lib.make_schedule(base_lr=1e-4, total_steps=1000)
+  tx = optimizer_lib.make_optimizer(name='adam', learning_rate=schedule, accumulation_steps=accum)
+  loss_fn = steps_lib.make_loss_fn(
+      model, args.loss or loss_config(phase, noise_conditioning=noise_cond))
+  train_step = steps_lib.make_train_step(loss_fn, tx, schedule, accum)
+
+  def make_state(trainable, frozen, rng):  # The layout of ddep.steps' train state.
+    return dict(params=trainable, frozen=frozen, opt=tx.init(trainable),
+                step=jnp.zeros((), jnp.int32), rng=rng,
+                first_nonfinite=jnp.full((), -1, jnp.int32))
+  train_rng = jax.random.key_data(jax.random.key(1))
+  state_shardings = jax.tree.map(lambda _: replicated,
+                                 jax.eval_shape(make_state, trainable, frozen, train_rng))
+  if args.compile_only:
+    state = _abstract(jax.eval_shape(make_state, trainable, frozen, train_rng), replicated)
+  else:
+    state = jax.jit(make_state, out_shardings=state_shardings)(trainable, frozen, train_rng)
+  optimizer_flops = _optimizer_flops(tx, state)
+  # Donated state, as in ddep.train: the update happens in place.
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return jitted, (state, batch), optimizer_flops
+
+
+def build_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
+                accumulation_steps: Optional[int] = None) -> Program:
+  """The model, parameters, synthetic batch and jitted step of one phase."""
+  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+
+  is_eval = phase == 'eval'
+  task = 'segment' if is_eval else phase
+  accum = 1 if is_eval else (accumulation_steps or args.accumulation_steps)
+  mesh = _phase_mesh(args)
+  per_device_batch = _per_device_batch(args, is_eval=is_eval, accum=accum,
+                                       n_dev=mesh.devices.size, per_device_batch=per_device_batch)
+  batch_size = per_device_batch * mesh.devices.size
+  model = build_model(args, num_outputs=args.num_classes if task == 'segment' else 3)
+  noise_cond = args.noise_conditioning and task != 'segment'
+  hw = tuple(args.eval_size) if is_eval else tuple(args.image_size)
+  notes = list(args.config_notes)
+
+  params = _init_params(args, model, noise_cond)
   frozen_patterns = (args.frozen if args.frozen is not None else
                      DDEP_FROZEN if phase == 'ddep' else ())
   mask = optimizer_lib.trainable_mask(params, () if is_eval else frozen_patterns)
   trainable, frozen = optimizer_lib.split_trainable(params, mask)
   # The analytic count knows top-level modules: trained if any of their leaves is.
-  by_module = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
-    by_module.setdefault(path[0].key, set()).add(bool(leaf))
+  by_module = _trained_modules(mask)
   partial = sorted(k for k, v in by_module.items() if v == {True, False})
   if partial:
     notes.append(f'partly frozen {partial}: the analytic count trains all of them')
-  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))  # noqa: E731
-  n_params, n_trainable, n_frozen = count(params), count(trainable), count(frozen)
+  param_counts = (_count(params), _count(trainable), _count(frozen))
   del params
-  batch = _synthetic_batch(task, hw, batch_size, args.num_classes, with_mask=is_eval)
-  if args.compile_only:
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-             for k, v in batch.items()}
-  else:
-    batch = sharding.global_batch(batch, mesh)
+  batch = _phase_batch(args, task, hw, batch_size, mesh, is_eval=is_eval)
 
   # Per device; a flipped eval runs the forward twice (the image and its mirror).
   passes = 2 if is_eval and args.eval_flip else 1
@@ -392,57 +480,31 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   analytic = flops_lib.train_step_flops(ops, trained)  # = forward_flops when nothing trains
   optimizer_flops = 0.0
   if is_eval:
-    eval_step = steps_lib.make_segmentation_eval_step(model, args.num_classes,
-                                                      flip=args.eval_flip)
-    jitted = jax.jit(eval_step, out_shardings=replicated)
-    put = _abstract if args.compile_only else jax.device_put
-    call_args = (put(trainable, replicated), put(frozen, replicated), batch)
+    jitted, call_args = _eval_program(args, model, trainable, frozen, batch, mesh)
   else:
-    schedule = optimizer_lib.make_schedule(base_lr=1e-4, total_steps=1000)
-    tx = optimizer_lib.make_optimizer(name='adam', learning_rate=schedule,
-                                      accumulation_steps=accum)
-    loss_fn = steps_lib.make_loss_fn(
-        model, args.loss or loss_config(phase, noise_conditioning=noise_cond))
-    train_step = steps_lib.make_train_step(loss_fn, tx, schedule, accum)
+    jitted, call_args, optimizer_flops = _train_program(
+        args, phase, model, trainable, frozen, batch, mesh, accum=accum, noise_cond=noise_cond)
+  # trainable and frozen go out of scope here: the (donated) state holds the only copy.
+  return Program(phase=phase, is_eval=is_eval, task=task, accum=accum, mesh=mesh,
+                 per_device_batch=per_device_batch, batch_size=batch_size, hw=hw,
+                 noise_cond=noise_cond, frozen_patterns=tuple(frozen_patterns),
+                 param_counts=param_counts, ops=ops, trained=trained, analytic=analytic,
+                 optimizer_flops=optimizer_flops, jitted=jitted, call_args=call_args,
+                 batch=batch, notes=notes)
 
-    def make_state(trainable, frozen, rng):  # The layout of ddep.steps' train state.
-      return dict(params=trainable, frozen=frozen, opt=tx.init(trainable),
-                  step=jnp.zeros((), jnp.int32), rng=rng,
-                  first_nonfinite=jnp.full((), -1, jnp.int32))
-    train_rng = jax.random.key_data(jax.random.key(1))
-    state_shardings = jax.tree.map(lambda _: replicated,
-                                   jax.eval_shape(make_state, trainable, frozen, train_rng))
-    if args.compile_only:
-      state = _abstract(jax.eval_shape(make_state, trainable, frozen, train_rng), replicated)
-    else:
-      state = jax.jit(make_state, out_shardings=state_shardings)(trainable, frozen, train_rng)
-    optimizer_flops = _optimizer_flops(tx, state)
-    # Donated state, as in ddep.train: the update happens in place.
-    jitted = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    call_args = (state, batch)
-  del trainable, frozen
 
+def compile_program(program: Program) -> tuple[Any, float, dict, dict]:
+  """(executable, compile seconds, XLA's cost analysis compiled and as lowered)."""
   t0 = time.perf_counter()
-  lowered = jitted.lower(*call_args)
+  lowered = program.jitted.lower(*program.call_args)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  xla, xla_lowered = _cost(compiled), _cost(lowered)
+  return compiled, compile_s, _cost(compiled), _cost(lowered)
 
-  holder = {'args': call_args, 'out': None}
 
-  def run_once():
-    if is_eval:
-      holder['out'] = compiled(*holder['args'])
-    else:
-      new_state, holder['out'] = compiled(*holder['args'])
-      holder['args'] = (new_state, batch)
-
-  def block():
-    jax.block_until_ready((holder['args'][0], holder['out']))
-
-  device = mesh.devices.flat[0]
-  peak_name, peak = peak_bf16_tflops(device.device_kind)
+def hlo_facts(compiled, device) -> dict:
+  """What the compiled HLO shows: fused attention, XLA's own remat, a GPU roofline."""
+  _, peak = peak_bf16_tflops(device.device_kind)
   hlo_text = compiled.as_text()
   fused_attention = '__cudnn$fmha' in hlo_text  # What the per-backend default chose, too.
   # A GPU program's kernels, bounded by peak FLOP/s and HBM bandwidth one by one.
@@ -457,48 +519,107 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   auto_remat_share = roofline and roofline['lower_bound_s'] and sum(
       k['seconds'] for k in roofline['top_kernels']
       if re.search(_REMAT_SUFFIX + '$', k['name'])) / roofline['lower_bound_s']
-  del hlo_text
-  if probe:
-    if not args.target:
-      time_steps(run_once, warmup=2, steps=1, trials=0, block=block)
-    return {'fits': True, 'xla_auto_remat': auto_remat,
-            'xla_auto_remat_share': auto_remat_share}
-  step_time, trial_times, finite = None, None, None
-  if not args.compile_only:
-    trial_times = time_steps(run_once, warmup=args.warmup, steps=args.steps,
-                             trials=args.trials, block=block)
-    step_time = statistics.median(trial_times)
-    if not is_eval:
-      finite = bool(np.isfinite(float(jax.device_get(holder['out']['train/loss']))))
-  per_s = lambda x: x / step_time if step_time else None  # noqa: E731
+  return {'fused_attention': fused_attention, 'roofline': roofline, 'auto_remat': auto_remat,
+          'auto_remat_share': auto_remat_share}
 
-  if peak is None:
-    notes.append(f'unknown device kind {device.device_kind!r}: no peak, MFU omitted')
-  elif args.dtype != 'bfloat16':
-    notes.append('MFU is against the bf16 peak; this run computes in float32')
 
-  # XLA's count, less the optimizer, against the analytic count of the same work.
-  comparable = analytic
+def make_runner(program: Program, compiled) -> tuple[Callable[[], None], Callable[[], None],
+                                                     dict]:
+  """(run one step, block until it is done, the holder of the last args and output).
+
+  A train step's donated state is fed back in, as in the training loop.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  holder = {'args': program.call_args, 'out': None}
+
+  def run_once():
+    if program.is_eval:
+      holder['out'] = compiled(*holder['args'])
+    else:
+      new_state, holder['out'] = compiled(*holder['args'])
+      holder['args'] = (new_state, program.batch)
+
+  def block():
+    jax.block_until_ready((holder['args'][0], holder['out']))
+
+  return run_once, block, holder
+
+
+def time_program(args, program: Program, compiled) -> tuple[Optional[float],
+                                                            Optional[list[float]],
+                                                            Optional[bool]]:
+  """(median step time, per-trial step times, whether the last loss is finite); all None
+  for --compile_only (the finite flag also for eval steps)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if args.compile_only:
+    return None, None, None
+  run_once, block, holder = make_runner(program, compiled)
+  trial_times = time_steps(run_once, warmup=args.warmup, steps=args.steps,
+                           trials=args.trials, block=block)
+  finite = None
+  if not program.is_eval:
+    finite = bool(np.isfinite(float(jax.device_get(holder['out']['train/loss']))))
+  return statistics.median(trial_times), trial_times, finite
+
+
+def xla_flops_against_analytic(program: Program, xla: dict, facts: dict,
+                               notes: list[str]) -> tuple[float, str, float]:
+  """(XLA's FLOPs, where they come from, the analytic count of the same work).
+
+  XLA's count, less the optimizer, is compared against the analytic one; `notes`
+  gets why the two may differ.
+  """
+  comparable = program.analytic
   xla_flops = float(xla.get('flops', 0.0))
   flops_source = 'xla_cost_analysis'
+  roofline = facts['roofline']
   if not xla_flops and roofline:
     # Deviceless GPU executables have no cost analysis: count the compiled HLO.
     xla_flops, flops_source = float(roofline['flops']), 'hlo_roofline'
     notes.append('no XLA cost analysis for this executable: XLA FLOPs are counted from '
                  'its HLO (ddep.tools.hlo_roofline; cuDNN attention backward taken as 2.5x '
                  'its forward)')
-  elif fused_attention:
+  elif facts['fused_attention']:
     # A cuDNN attention kernel is a custom call, which XLA counts as 0 FLOPs.
-    comparable -= sum(op.flops + op.backward_flops(trained) for op in ops
+    comparable -= sum(op.flops + op.backward_flops(program.trained) for op in program.ops
                       if op.part == 'transformer: attention')
     notes.append('cuDNN fused attention: XLA counts its calls as 0 FLOPs; '
                  'xla_over_analytic compares against the count without attention')
-  if args.remat and not is_eval:
+  return xla_flops, flops_source, comparable
+
+
+def _note_peak(args, peak: Optional[float], device_kind: str, notes: list[str]) -> None:
+  if peak is None:
+    notes.append(f'unknown device kind {device_kind!r}: no peak, MFU omitted')
+  elif args.dtype != 'bfloat16':
+    notes.append('MFU is against the bf16 peak; this run computes in float32')
+
+
+def _note_remat(args, program: Program, facts: dict, notes: list[str]) -> None:
+  if args.remat and not program.is_eval:
     notes.append(f'remat {list(args.remat)}: XLA counts the recomputed forward too (HFU > MFU)')
-  if auto_remat:
-    share = '' if auto_remat_share is None else f', {auto_remat_share:.1%} of the roofline'
-    notes.append(f'XLA rematerialised {auto_remat} instructions to fit the device memory'
-                 f'{share}: a smaller batch may be faster')
+  if facts['auto_remat']:
+    share = facts['auto_remat_share']
+    share = '' if share is None else f', {share:.1%} of the roofline'
+    notes.append(f'XLA rematerialised {facts["auto_remat"]} instructions to fit the device '
+                 f'memory{share}: a smaller batch may be faster')
+
+
+def report_row(args, program: Program, *, device, compiled, compile_s: float, xla: dict,
+               xla_lowered: dict, facts: dict, timing: tuple, notes: list[str]) -> dict:
+  """The JSON row of a timed (or only compiled) phase."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  step_time, trial_times, finite = timing
+  per_s = lambda x: x / step_time if step_time else None  # noqa: E731
+  peak_name, peak = peak_bf16_tflops(device.device_kind)
+  _note_peak(args, peak, device.device_kind, notes)
+  xla_flops, flops_source, comparable = xla_flops_against_analytic(program, xla, facts, notes)
+  _note_remat(args, program, facts, notes)
+  is_eval, analytic, optimizer_flops = program.is_eval, program.analytic, program.optimizer_flops
+  roofline = facts['roofline']
+  n_params, n_trainable, n_frozen = program.param_counts
   xla_flops_unoptimized = float(xla_lowered.get('flops', 0.0))
   model_tflops = per_s(analytic / 1e12)
   xla_tflops = per_s(xla_flops / 1e12)
@@ -506,27 +627,28 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   row = {
       'tool': 'ddep.tools.benchmark',
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'phase': phase,
+      'phase': program.phase,
       'config': args.config or None,
-      'frozen': list(frozen_patterns) if not is_eval else [],
+      'config_overrides': args.config_overrides or None,
+      'frozen': list(program.frozen_patterns) if not is_eval else [],
       'preset': args.preset,
       'decoder_width': args.decoder_width,
-      'image_size': list(hw),
-      'per_device_batch': per_device_batch,
-      'global_batch': batch_size,
-      'accumulation_steps': accum,
+      'image_size': list(program.hw),
+      'per_device_batch': program.per_device_batch,
+      'global_batch': program.batch_size,
+      'accumulation_steps': program.accum,
       'dtype': args.dtype,
       'remat': list(args.remat),
       'attention_impl': args.attention_impl or None,
-      'fused_attention': fused_attention,
-      'noise_conditioning': noise_cond,
-      'num_classes': args.num_classes if task == 'segment' else None,
+      'fused_attention': facts['fused_attention'],
+      'noise_conditioning': program.noise_cond,
+      'num_classes': args.num_classes if program.task == 'segment' else None,
       'params': n_params,
       'trainable_params': None if is_eval else n_trainable,
       'frozen_params': None if is_eval else n_frozen,
       'platform': device.platform,
       'device_kind': device.device_kind,
-      'num_devices': n_dev,
+      'num_devices': program.mesh.devices.size,
       'jax_version': jax.__version__,
       'compile_s': round(compile_s, 3),
       # With a persistent cache, compile_s may be a cache hit.
@@ -537,7 +659,7 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'step_time_s': step_time,
       'trial_step_times_s': trial_times,
       # With accumulation, one call is one micro-batch.
-      'images_per_s': per_s(batch_size),
+      'images_per_s': per_s(program.batch_size),
       # FLOPs are per device: XLA's counts are of the partitioned (per-device) program.
       'xla_flops': xla_flops,
       'xla_flops_source': flops_source,
@@ -545,7 +667,7 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'xla_bytes_accessed': float(xla.get('bytes accessed', 0.0)),
       'xla_optimizer_flops': optimizer_flops,
       'analytic_flops': float(analytic),
-      'analytic_forward_flops': float(flops_lib.forward_flops(ops)),
+      'analytic_forward_flops': float(flops_lib.forward_flops(program.ops)),
       'xla_over_analytic': (xla_flops - optimizer_flops) / comparable if xla_flops else None,
       # Before XLA's rewrites (e.g. into cuDNN/cuBLAS calls), in case a backend's
       # compiled count misses some of them.
@@ -570,14 +692,37 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
       'peak_bytes_in_use': mem['peak_bytes_in_use'],
       'bytes_limit': mem['bytes_limit'],
       'xla_memory': _memory(compiled),
-      'xla_auto_remat': auto_remat,
-      'xla_auto_remat_share': auto_remat_share,
+      'xla_auto_remat': facts['auto_remat'],
+      'xla_auto_remat_share': facts['auto_remat_share'],
       'loss_finite': finite,
       'notes': notes,
   }
-  if accum > 1 and step_time:
-    row['update_time_s'] = accum * step_time
+  if program.accum > 1 and step_time:
+    row['update_time_s'] = program.accum * step_time
   return row
+
+
+def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
+              accumulation_steps: Optional[int] = None, probe: bool = False) -> dict:
+  """Compiles and times one phase ('denoise', 'ddep', 'segment' or 'eval'); returns its row.
+
+  `probe=True` only compiles and runs two steps (for --find_max_batch).
+  """
+  program = build_phase(args, phase, per_device_batch=per_device_batch,
+                        accumulation_steps=accumulation_steps)
+  compiled, compile_s, xla, xla_lowered = compile_program(program)
+  device = program.mesh.devices.flat[0]
+  facts = hlo_facts(compiled, device)
+  if probe:
+    if not args.target:
+      run_once, block, _ = make_runner(program, compiled)
+      time_steps(run_once, warmup=2, steps=1, trials=0, block=block)
+    return {'fits': True, 'xla_auto_remat': facts['auto_remat'],
+            'xla_auto_remat_share': facts['auto_remat_share']}
+  timing = time_program(args, program, compiled)
+  return report_row(args, program, device=device, compiled=compiled, compile_s=compile_s,
+                    xla=xla, xla_lowered=xla_lowered, facts=facts, timing=timing,
+                    notes=program.notes)
 
 
 def run_input_phase(args) -> dict:
@@ -586,7 +731,7 @@ def run_input_phase(args) -> dict:
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
   from ddep import train  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
-  config = load_config(args.config)
+  config = args.config_dict
   d = config.data
   if d.prepare and specs.get(d.dataset).name.startswith('demo'):
     input_pipeline.prepare(d.dataset, d.data_dir or None)
@@ -603,7 +748,8 @@ def run_input_phase(args) -> dict:
   return {
       'tool': 'ddep.tools.benchmark',
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'phase': 'input', 'config': args.config, 'dataset': d.dataset, 'task': config.task,
+      'phase': 'input', 'config': args.config, 'config_overrides': args.config_overrides or None,
+      'dataset': d.dataset, 'task': config.task,
       'image_size': list(d.image_size), 'per_host_batch': local_batch,
       'hosts': args.input_hosts, 'batches': args.input_batches, 'seconds': seconds,
       'images_per_s': rate, 'cpu_cores': cores, 'images_per_s_per_core': rate / cores,
@@ -675,7 +821,7 @@ def run_isolated(argv: Sequence[str], phases: Sequence[str],
                  run: Callable[..., Any] = subprocess.run) -> list[dict]:
   """Runs each phase in a child process (so each peak memory is its own); returns rows.
 
-  The child gets the same flags, then overrides (argparse keeps the last value).
+  The child gets the same flags, then overrides (absl keeps the last value of a flag).
   """
   rows = []
   for phase in phases:
@@ -743,87 +889,159 @@ def flops_table(args) -> str:
           flops_lib.format_table(ops))
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m ddep.tools.benchmark', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  csv = lambda s: tuple(x for x in s.split(',') if x)  # noqa: E731
-  p.add_argument('--config', default='',
-                 help='experiment config, path[:args] as for ddep.main; sets the flags '
-                      'below that are not given explicitly')
-  p.add_argument('--preset', default='r50_vit_b16')
-  p.add_argument('--task', type=csv, default=('denoise', 'ddep'),
-                 help=f'comma-separated train steps to time, of {TASKS}')
-  p.add_argument('--batch_size', type=int, default=8, help='per device (micro-batch)')
-  p.add_argument('--accumulation_steps', type=int, default=1)
-  p.add_argument('--image_size', type=parse_size, default=(512, 512), help='N or HxW')
-  p.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')
-  p.add_argument('--remat', type=csv, default=(),
-                 help='comma-separated parts: resnet,transformer,decoder')
-  p.add_argument('--attention_impl', default='', choices=('', 'auto', 'xla', 'cudnn'),
-                 help="'' or auto: cuDNN flash attention on GPUs in bf16, else XLA")
-  p.add_argument('--decoder_width', type=int, default=1, help='1x, 2x or 3x decoder')
-  p.add_argument('--num_classes', type=int, default=19, help='for segment and eval')
-  p.add_argument('--noise_conditioning', action='store_true')
-  p.add_argument('--eval_size', type=lambda s: parse_size(s) if s not in ('', '0') else None,
-                 default=(1024, 2048), help="eval step input HxW; '' or 0 skips it")
-  p.add_argument('--eval_batch_size', type=int, default=1, help='per device')
-  p.add_argument('--eval_flip', action='store_true',
-                 help='average with the mirrored prediction (doubles the eval forward)')
-  p.add_argument('--input_batches', type=int, default=20,
-                 help='--config: batches of its input pipeline to time (0 skips it)')
-  p.add_argument('--input_hosts', type=int, default=1,
-                 help='--config: hosts sharing the global batch (per-host input batch)')
-  p.add_argument('--steps', type=int, default=20, help='steps per timed trial')
-  p.add_argument('--trials', type=int, default=3)
-  p.add_argument('--warmup', type=int, default=3)
-  p.add_argument('--find_max_batch', action='store_true',
-                 help='double the per-device batch from --batch_size until out of memory, '
-                      'then time the micro-batch x accumulation giving --global_batch')
-  p.add_argument('--max_batch', type=int, default=256, help='upper limit for --find_max_batch')
-  p.add_argument('--global_batch', type=int, default=128, help='paper Sec. 4.3')
-  p.add_argument('--output', default='', help='append one JSON line per phase here')
-  p.add_argument('--target', default='', choices=('', 'h100', 'h200'),
-                 help='compile for this GPU without one (needs the jax CUDA plugin; '
-                      'implies --compile_only; --find_max_batch then fits by XLA memory)')
-  p.add_argument('--compile_only', action='store_true',
-                 help='compile and report XLA FLOPs and memory, run nothing (plans GPU runs '
-                      'from a CPU)')
-  p.add_argument('--flops_only', action='store_true',
-                 help='print the analytic FLOP table and exit (compiles nothing)')
-  p.add_argument('--no_isolate', action='store_true',
-                 help='run all phases in this process (peak memory is then cumulative)')
-  p.add_argument('--only_phase', default='', help=argparse.SUPPRESS)
-  p.add_argument('--quiet', action='store_true', help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+class SizeParser(flags.ArgumentParser):
+  """'512' -> (512, 512), '1024x2048' -> (1024, 2048); with `allow_none`, '' or '0' -> None."""
+
+  def __init__(self, allow_none: bool = False):
+    super().__init__()
+    self.allow_none = allow_none
+
+  def parse(self, argument):
+    if argument is None or isinstance(argument, tuple):
+      return argument
+    if self.allow_none and argument.strip() in ('', '0'):
+      return None
+    return parse_size(argument)  # A ValueError: absl names the flag and the value.
+
+  def flag_type(self) -> str:
+    return 'size (N or HxW)'
+
+
+# The flags read into the run's `args`, each as the attribute of the same name.
+_FLAG_NAMES = (
+    'preset', 'task', 'batch_size', 'accumulation_steps', 'image_size', 'dtype', 'remat',
+    'attention_impl', 'decoder_width', 'num_classes', 'noise_conditioning', 'eval_size',
+    'eval_batch_size', 'eval_flip', 'input_batches', 'input_hosts', 'steps', 'trials', 'warmup',
+    'find_max_batch', 'max_batch', 'global_batch', 'output', 'target', 'compile_only',
+    'flops_only', 'no_isolate', 'only_phase', 'quiet')
+_CHILD_ONLY = ' (set by the tool for the process that runs one phase)'
+
+
+def _define_config_flag(flag_values: flags.FlagValues, sys_argv) -> None:
+  """`--config` through ml_collections where it is installed; else a flag that says so."""
+  help_ = ('Experiment config, path[:args] as for ddep.main (with --config.key=value '
+           'overrides); sets the other flags that are not given explicitly.')
+  try:
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  except ImportError:  # The bare GPU image: everything but --config still works.
+    flags.DEFINE_string('config', '', help_ + ' Needs ml_collections, not installed here.',
+                        flag_values=flag_values)
+    return
+  config_flags.DEFINE_config_file('config', None, help_, flag_values=flag_values,
+                                  sys_argv=sys_argv)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: Optional[Sequence[str]] = None) -> None:
+  """The command's flags; `sys_argv` is the command line `--config.key=` overrides are
+  read from (ml_collections reads them from sys.argv by default)."""
+  fv = {'flag_values': flag_values}
+  _define_config_flag(flag_values, None if sys_argv is None else list(sys_argv))
+  flags.DEFINE_string('preset', 'r50_vit_b16', 'Model preset (ddep.models.presets).', **fv)
+  flags.DEFINE_list('task', ['denoise', 'ddep'],
+                    f'Comma-separated train steps to time, of {", ".join(TASKS)}.', **fv)
+  flags.DEFINE_integer('batch_size', 8, 'Per device (micro-batch).', **fv)
+  flags.DEFINE_integer('accumulation_steps', 1, 'Gradient accumulation steps.', **fv)
+  flags.DEFINE(SizeParser(), 'image_size', '512', 'Train crop, N or HxW.', **fv)
+  flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.', **fv)
+  flags.DEFINE_list('remat', [], 'Comma-separated parts: resnet,transformer,decoder.', **fv)
+  flags.DEFINE_enum('attention_impl', '', ['', 'auto', 'xla', 'cudnn'],
+                    "'' or auto: cuDNN flash attention on GPUs in bf16, else XLA.", **fv)
+  flags.DEFINE_integer('decoder_width', 1, '1x, 2x or 3x decoder.', **fv)
+  flags.DEFINE_integer('num_classes', 19, 'For segment and eval.', **fv)
+  flags.DEFINE_bool('noise_conditioning', False, 'Condition the model on the noise level.',
+                    **fv)
+  flags.DEFINE(SizeParser(allow_none=True), 'eval_size', '1024x2048',
+               "Eval step input HxW; '' or 0 skips it.", **fv)
+  flags.DEFINE_integer('eval_batch_size', 1, 'Per device.', **fv)
+  flags.DEFINE_bool('eval_flip', False,
+                    'Average with the mirrored prediction (doubles the eval forward).', **fv)
+  flags.DEFINE_integer('input_batches', 20,
+                       '--config: batches of its input pipeline to time (0 skips it).', **fv)
+  flags.DEFINE_integer('input_hosts', 1,
+                       '--config: hosts sharing the global batch (per-host input batch).', **fv)
+  flags.DEFINE_integer('steps', 20, 'Steps per timed trial.', **fv)
+  flags.DEFINE_integer('trials', 3, 'Timed trials; the step time is their median.', **fv)
+  flags.DEFINE_integer('warmup', 3, 'Steps before timing starts.', **fv)
+  flags.DEFINE_bool('find_max_batch', False,
+                    'Double the per-device batch from --batch_size until out of memory, then '
+                    'time the micro-batch x accumulation giving --global_batch.', **fv)
+  flags.DEFINE_integer('max_batch', 256, 'Upper limit for --find_max_batch.', **fv)
+  flags.DEFINE_integer('global_batch', 128, 'Paper Sec. 4.3.', **fv)
+  flags.DEFINE_string('output', '', 'Append one JSON line per phase here.', **fv)
+  flags.DEFINE_enum('target', '', ['', 'h100', 'h200'],
+                    'Compile for this GPU without one (needs the jax CUDA plugin; implies '
+                    '--compile_only; --find_max_batch then fits by XLA memory).', **fv)
+  flags.DEFINE_bool('compile_only', False,
+                    'Compile and report XLA FLOPs and memory, run nothing (plans GPU runs from '
+                    'a CPU).', **fv)
+  flags.DEFINE_bool('flops_only', False,
+                    'Print the analytic FLOP table and exit (compiles nothing).', **fv)
+  flags.DEFINE_bool('no_isolate', False,
+                    'Run all phases in this process (peak memory is then cumulative).', **fv)
+  flags.DEFINE_string('only_phase', '', 'The one phase to run' + _CHILD_ONLY, **fv)
+  flags.DEFINE_bool('quiet', False, 'Print no table' + _CHILD_ONLY, **fv)
+
+
+def _config_from_flag(flag_values: flags.FlagValues) -> tuple[str, Any, dict]:
+  """(the --config spec 'path[:args]' or '', its ConfigDict, its --config.* overrides)."""
+  flag = flag_values['config']
+  if not flag.present:
+    return '', None, {}
+  if isinstance(flag.value, str):  # The plain flag: ml_collections is not installed.
+    raise app.UsageError('--config needs ml_collections (pip install ml_collections); '
+                         'without it, give the model and batch as flags')
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  spec = config_flags.get_config_filename(flag)
+  path = spec.partition(':')[0]
+  if not os.path.isfile(path):  # ml_collections would fail later, on first use.
+    raise app.UsageError(f'--config: no such file {path!r}')
+  return spec, flag.value, dict(config_flags.get_override_values(flag))
+
+
+def args_from_flags(flag_values: flags.FlagValues) -> types.SimpleNamespace:
+  """The run's settings from parsed flags (and --config), checked; UsageError if bad."""
+  args = types.SimpleNamespace(**{name: flag_values[name].value for name in _FLAG_NAMES})
+  args.task, args.remat = tuple(args.task), tuple(args.remat)
+  args.config, args.config_dict, args.config_overrides = _config_from_flag(flag_values)
   args.frozen, args.loss, args.config_notes = None, None, []
   if args.config:
-    # Which flags were given: argparse leaves an attribute that is already set alone
-    # unless the flag is on the command line.
-    unset = object()
-    actions = p._actions  # pylint: disable=protected-access
-    probe = argparse.Namespace(**{a.dest: unset for a in actions})
-    given = {k for k, v in vars(p.parse_args(argv, namespace=probe)).items() if v is not unset}
-    args.config_notes = apply_config(args, load_config(args.config), given)
+    explicit = {name for name in _FLAG_NAMES if flag_values[name].present}
+    args.config_notes = apply_config(args, args.config_dict, explicit)
   bad = set(args.task) - set(TASKS)
   if bad:
-    p.error(f'unknown --task {sorted(bad)}; choose from {TASKS}')
+    raise app.UsageError(f'unknown --task {sorted(bad)}; choose from {TASKS}')
   if args.steps < 1 or args.trials < 1 or args.warmup < 0:
-    p.error('need --steps >= 1, --trials >= 1, --warmup >= 0')
+    raise app.UsageError('need --steps >= 1, --trials >= 1, --warmup >= 0')
   if args.target:
     args.compile_only = True  # A described GPU runs nothing.
     if args.dtype == 'bfloat16' and args.attention_impl in ('', 'auto'):
       # What the per-backend choice makes on a GPU; tracing here sees the host backend.
       args.attention_impl = 'cudnn'
   elif args.find_max_batch and args.compile_only:
-    p.error('--find_max_batch runs steps; it cannot be --compile_only (except with --target)')
+    raise app.UsageError(
+        '--find_max_batch runs steps; it cannot be --compile_only (except with --target)')
   if min(args.image_size) % 16 or (args.eval_size and min(args.eval_size) % 16):
-    p.error('image sizes must be divisible by 16 (the encoder output stride)')
+    raise app.UsageError('image sizes must be divisible by 16 (the encoder output stride)')
   return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  args = parse_args(argv)
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """`argv` (no program name) parsed as the command line would be, into fresh flags."""
+  command = ['ddep.tools.benchmark', *argv]
+  flag_values = flags.FlagValues()
+  define_flags(flag_values, sys_argv=command)
+  try:
+    rest = flag_values(command)
+  except flags.Error as e:
+    raise app.UsageError(str(e)) from e
+  if len(rest) > 1:
+    raise app.UsageError(f'unexpected arguments: {rest[1:]}')
+  return args_from_flags(flag_values)
+
+
+def run(args: types.SimpleNamespace, argv: Sequence[str]) -> list[dict]:
+  """Runs the phases of `args`; `argv` (the command line) is what each child re-runs."""
   if args.flops_only:
     print(flops_table(args))
     return []
@@ -863,5 +1081,19 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   return rows
 
 
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+  """The tool in-process: `argv` without the program name (default: sys.argv[1:])."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  return run(parse_args(argv), argv)
+
+
+def _app_main(argv: Sequence[str]) -> None:
+  """app.run's main: flags.FLAGS is parsed; children re-run this process's command line."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  run(args_from_flags(flags.FLAGS), sys.argv[1:])  # Returns None: exit status 0.
+
+
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(_app_main)
