@@ -178,46 +178,49 @@ class Evaluator:
     devices = self.mesh.devices.size
     # Whole rows per device: a chunk is rounded up to a multiple of the mesh.
     self.batch_size = -(-max(int(self.batch_size), 1) // devices) * devices
-    out = sharding.replicated(self.mesh)
-    self._step = jax.jit(make_eval_step(self.model, self.denoise), out_shardings=out)
-    self._out = out
-    self._image_steps = {}  # Compiled per picture count (one count per run).
+    self._steps = {}  # Compiled per number of pictured rows (0 and one other per run).
+
+  def _step(self, images_out: int):
+    if images_out not in self._steps:
+      self._steps[images_out] = jax.jit(
+          make_eval_step(self.model, self.denoise, images_out=images_out),
+          out_shardings=sharding.replicated(self.mesh))
+    return self._steps[images_out]
 
   def _batch(self, start: int, stop: int):
-    """Rows start..stop of the set padded to a chunk, as global arrays; and the real rows."""
+    """Rows start..stop of the set padded to a chunk, as global arrays."""
     images = self.heldout.images[start:stop]
     pad = self.batch_size - len(images)
     index = np.arange(start, start + self.batch_size, dtype=np.int32)  # Padding: any index.
     images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
     s = sharding.batch_sharding(self.mesh)
-    return _global(images, s), _global(index, s), stop - start
+    return _global(images, s), _global(index, s)
 
-  def metrics(self, params, frozen) -> dict[str, float]:
-    """{'val/eps_mse', 'val/psnr'}: means over the held-out images."""
+  def run(self, params, frozen, *, pictures: int = 0):
+    """({'val/eps_mse', 'val/psnr'}: means over the held-out images, pictures or None).
+
+    The pictures are the first `pictures` images' clean / noisy / ε̂ / x̂ as host arrays,
+    taken from the first chunk's pass (no extra forward).
+    """
     per_image = {'eps_mse': [], 'psnr': []}
+    shown = None
     for start, stop in _chunks(len(self.heldout.images), self.batch_size):
-      images, index, n = self._batch(start, stop)
-      out = self._step(params, frozen, images, index)
+      rows = min(pictures, stop - start) if start == 0 else 0
+      out = self._step(rows)(params, frozen, *self._batch(start, stop))
       for k in per_image:
-        per_image[k].append(np.asarray(out[k].addressable_data(0))[:n])
-    return {f'val/{k}': float(np.mean(np.concatenate(v).astype(np.float64)))
-            for k, v in per_image.items()}
-
-  def examples(self, params, frozen, count: int) -> dict[str, np.ndarray]:
-    """The first `count` images' clean / noisy / ε̂ / x̂ (host arrays) for a picture."""
-    images, index, n = self._batch(0, min(count, len(self.heldout.images), self.batch_size))
-    if n not in self._image_steps:
-      self._image_steps[n] = jax.jit(make_eval_step(self.model, self.denoise, images_out=n),
-                                     out_shardings=self._out)
-    out = self._image_steps[n](params, frozen, images, index)
-    fetched = {k: np.asarray(out[k].addressable_data(0)) for k in ('noisy', 'eps_hat', 'x_hat')}
-    return dict(clean=self.heldout.images[:n], **fetched)
+        per_image[k].append(np.asarray(out[k].addressable_data(0))[:stop - start])
+      if rows:
+        shown = {k: np.asarray(out[k].addressable_data(0)) for k in ('noisy', 'eps_hat', 'x_hat')}
+        shown['clean'] = self.heldout.images[:rows]
+    metrics = {f'val/{k}': float(np.mean(np.concatenate(v).astype(np.float64)))
+               for k, v in per_image.items()}
+    return metrics, shown
 
 
 def evaluate_once(model, denoise, heldout: HeldoutSet, params, *, mesh=None,
                   batch_size: Optional[int] = None) -> dict[str, float]:
-  """One-shot `Evaluator.metrics` of host `params` (all trainable), e.g. for a checkpoint."""
+  """One-shot `Evaluator.run` metrics of host `params` (all trainable), e.g. of a checkpoint."""
   mesh = mesh or sharding.make_mesh()
   evaluator = Evaluator(model, denoise, heldout, mesh, batch_size or len(heldout.images))
   replicated = functools.partial(_global, s=sharding.replicated(mesh))
-  return evaluator.metrics(jax.tree.map(lambda x: replicated(np.asarray(x)), params), {})
+  return evaluator.run(jax.tree.map(lambda x: replicated(np.asarray(x)), params), {})[0]

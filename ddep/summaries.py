@@ -78,7 +78,7 @@ def denoising_grid(clean, noisy, eps_hat, x_hat,
 
 
 def write_denoising(writer, step: int, examples: Mapping[str, np.ndarray]) -> None:
-  """The grid of `denoise_eval.Evaluator.examples`."""
+  """The grid of the pictures of `denoise_eval.Evaluator.run`."""
   if not _is_main() or not len(examples['clean']):
     return
   writer.write_images(step, {'val/denoising': denoising_grid(

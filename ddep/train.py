@@ -381,12 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           f'(step {last}) in {ckpt.directory} was left untouched.')
 
   def run_denoise_eval(step: int) -> dict:
-    scalars = denoise_val.metrics(state['params'], state['frozen'])
+    scalars, pictures = denoise_val.run(state['params'], state['frozen'], pictures=num_pictures)
     writer.write_scalars(step, scalars)
     jsonl.write(step, scalars)
-    if num_pictures:
-      summaries.write_denoising(
-          writer, step, denoise_val.examples(state['params'], state['frozen'], num_pictures))
+    if pictures:
+      summaries.write_denoising(writer, step, pictures)
     if is_main:
       print(f'[ddep] step {step}: held-out eps-MSE {scalars["val/eps_mse"]:.4f} '
             f'PSNR {scalars["val/psnr"]:.2f} dB', flush=True)

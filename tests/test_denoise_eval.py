@@ -95,6 +95,14 @@ def test_two_devices_equal_one_device_and_an_independent_computation(tiny):
     np.testing.assert_allclose(got_one[key], value, rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(got_two[key], value, rtol=1e-5, err_msg=key)
 
+  # The pictures come from the same pass: the first rows' ε̂ and x̂ (x̂ unclipped).
+  evaluator = denoise_eval.Evaluator(model, denoise, heldout, one, batch_size=2)
+  scalars, pictures = evaluator.run(params, {}, pictures=2)
+  assert scalars == got_one
+  np.testing.assert_allclose(pictures['eps_hat'], pred[:2], atol=1e-5)
+  np.testing.assert_allclose(pictures['noisy'], x[:2] + 0.4 * eps[:2], atol=1e-6)
+  np.testing.assert_array_equal(pictures['clean'], heldout.images[:2])
+
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
