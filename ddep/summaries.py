@@ -108,19 +108,23 @@ def per_class_iou(result: Mapping[str, Any]) -> dict[str, float]:
           if not math.isnan(v)}
 
 
-def first_examples(eval_iter, count: int) -> Optional[dict[str, np.ndarray]]:
+def first_examples(eval_iter, count: int) -> Optional[dict[str, list[np.ndarray]]]:
   """This process's first `count` eval examples (image, label, orig_hw): the fixed previews.
 
   Each `iter(eval_iter)` starts at the split's beginning, so taking them leaves the
-  evaluations untouched.
+  evaluations untouched. Lists, as images of different batches may differ in size.
   """
   if count <= 0:
     return None
-  batch = next(iter(eval_iter))
-  keep = np.flatnonzero(batch['_mask'])[:count]
-  out = {k: np.asarray(batch[k])[keep] for k in ('image', 'label')}
-  if 'orig_hw' in batch:
-    out['orig_hw'] = np.asarray(batch['orig_hw'])[keep]
+  out = {'image': [], 'label': []}
+  for batch in iter(eval_iter):
+    for i in np.flatnonzero(batch['_mask'])[:count - len(out['image'])]:
+      out['image'].append(np.asarray(batch['image'][i]))
+      out['label'].append(np.asarray(batch['label'][i]))
+      if 'orig_hw' in batch:
+        out.setdefault('orig_hw', []).append(np.asarray(batch['orig_hw'][i]))
+    if len(out['image']) >= count:
+      break
   return out
 
 

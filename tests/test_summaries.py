@@ -108,3 +108,20 @@ def test_previews_are_predicted_under_the_eval_protocol_at_their_own_size():
   np.testing.assert_array_equal(panels[1][:, 56:], want)
   np.testing.assert_array_equal(panels[1][:, :28],
                                 np.round(report.to_display(previews['image'][1, :20, :28]) * 255))
+
+
+def test_first_examples_take_real_rows_across_batches_and_restart_the_split():
+  def batch(ids, mask):
+    n = len(ids)
+    return {'image': np.array(ids, np.float32)[:, None, None, None] * np.ones((n, 2, 2, 3)),
+            'label': np.zeros((n, 2, 2), np.int32), '_mask': np.array(mask),
+            'orig_hw': np.full((n, 2), 2, np.int32)}
+
+  class Split:  # Like EvalDataset: every iter() starts at the beginning.
+    def __iter__(self):
+      return iter([batch([0, 1], [True, True]), batch([2, 0], [True, False]), batch([3, 4], [1, 1])])
+
+  got = summaries.first_examples(Split(), 4)
+  assert [float(im[0, 0, 0]) for im in got['image']] == [0, 1, 2, 3]  # The padding row skipped.
+  assert len(got['orig_hw']) == 4 and summaries.first_examples(Split(), 0) is None
+  assert float(summaries.first_examples(Split(), 1)['image'][0][0, 0, 0]) == 0
