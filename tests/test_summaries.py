@@ -58,6 +58,8 @@ def test_denoising_grid_puts_the_four_panels_side_by_side():
   grid = summaries.denoising_grid(clean, noisy, eps, x_hat)
   assert grid.shape == (2, 4, 20, 3) and grid.dtype == np.uint8
   np.testing.assert_array_equal(grid[0, 0, [0, 5, 10, 15], 0], [0, 255, 191, 128])
+  # Large images are subsampled to the panel size: every 2nd pixel of 5 -> 3.
+  assert summaries.denoising_grid(clean, noisy, eps, x_hat, max_side=3).shape == (2, 2, 12, 3)
 
 
 def test_segmentation_panels_overlay_truth_and_prediction_and_leave_ignored_pixels_plain():
@@ -73,6 +75,9 @@ def test_segmentation_panels_overlay_truth_and_prediction_and_leave_ignored_pixe
   np.testing.assert_array_equal(truth[0, 0], predict.overlay(rgb[:1, :1], np.zeros((1, 1), int),
                                                              colours)[0, 0])
   np.testing.assert_array_equal(guess, predict.overlay(rgb, pred, colours))
+  [small] = summaries.segmentation_panels([image], [label], [pred], colours, ignore_label=255,
+                                          max_side=2)
+  np.testing.assert_array_equal(small, panel[::2, [0, 2, 3, 5, 6, 8]])
 
 
 def test_per_class_iou_leaves_out_classes_without_one_and_writes_once():
