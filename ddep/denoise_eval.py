@@ -78,8 +78,12 @@ def load_heldout(dataset: str, *, num_images: int, image_size: Sequence[int],
   split = split or spec.eval_split
   # One process's view of the whole split, in storage order; one image per batch, as
   # the images differ in size.
-  examples = input_pipeline.eval_dataset(dataset, batch_size=1, split=split, data_dir=data_dir,
-                                         process_index=0, process_count=1)
+  try:
+    examples = input_pipeline.eval_dataset(dataset, batch_size=1, split=split,
+                                           data_dir=data_dir, process_index=0, process_count=1)
+  except ValueError as e:  # An unknown split, say: name the config keys that chose it.
+    raise ValueError(f'held-out denoising set of {dataset} (eval.denoise_split={split!r}): '
+                     f'{e}') from e
   if examples.num_examples < num_images:
     raise ValueError(f'eval.denoise_images={num_images}: {dataset}/{split} has only '
                      f'{examples.num_examples} images')

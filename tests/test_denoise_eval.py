@@ -121,6 +121,9 @@ def test_heldout_images_are_the_eval_split_at_the_crop_size_and_too_many_is_an_e
                                        r'only \d+ images'):
     denoise_eval.load_heldout('demo_tiny', num_images=10000, image_size=(32, 32),
                               data_dir=data_dir)
+  with pytest.raises(ValueError, match=r"eval.denoise_split='valid'\): Unknown split"):
+    denoise_eval.load_heldout('demo_tiny', num_images=1, image_size=(32, 32), split='valid',
+                              data_dir=data_dir)
 
 
 def test_a_denoise_run_logs_the_metric_keeps_the_best_and_writes_a_grid(data_dir, tmp_path):
