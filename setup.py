@@ -16,6 +16,9 @@ INSTALL_REQUIRES = [
   "orbax-checkpoint==0.12.8",
   # ddep.storage: one path layer for local and gs:// workdirs (orbax and TFDS use it too).
   "etils[epath]>=1.7",
+  # orbax asks the GCS API whether a gs:// bucket has a hierarchical namespace
+  # before it lists checkpoint steps, and imports this client to do so.
+  "google-cloud-storage>=2.14",
   "safetensors>=0.4",
   "pillow>=10",
   "matplotlib>=3.8",
@@ -35,5 +38,8 @@ setuptools.setup(
   packages=setuptools.find_packages(include=["ddep", "ddep.*"]),
   python_requires=">=3.11",
   install_requires=INSTALL_REQUIRES,
-  extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+  extras_require={
+    # gcp-storage-emulator: a GCS API on 127.0.0.1 for the gs:// workdir tests.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.1"],
+  },
 )
