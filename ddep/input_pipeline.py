@@ -528,7 +528,9 @@ def _decode_image_window(encoded, window: Callable):
 
   A JPEG is decoded only inside the window (decode_and_crop_jpeg skips the
   IDCT of the blocks outside it); PNGs cannot be, so they are decoded whole
-  and sliced, still in uint8.
+  and sliced, still in uint8. A JPEG damaged only below the window decodes, so
+  pretraining fails on such a file only in the epochs whose window reaches the
+  damage (ddep.prepare reads every image; fine-tuning and eval decode whole).
   """
 
   def jpeg():
