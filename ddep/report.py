@@ -785,7 +785,7 @@ def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
   return written
 
 
-# The held-out denoising metric of `ddep.denoise_eval`: (key, title, higher is better).
+# The held-out denoising metric of `ddep.denoise_eval`: (key, panel title).
 DENOISE_VALIDATION = (("val/psnr", "held-out PSNR (dB)"), ("val/eps_mse", "held-out ε-MSE"))
 
 
