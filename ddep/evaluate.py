@@ -138,8 +138,6 @@ def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
   # Global arrays from the identical host copy every process holds.
   params = jax.tree.map(
       lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
-  if config.eval.protocol == 'whole' and config.eval.flip:
-    logging.warning("eval.flip is ignored by train.evaluate_segmentation's 'whole' protocol")
 
   if config.data.prepare and spec.name.startswith('demo'):
     train.prepare_once(spec.name, config.data.data_dir or None)

@@ -277,6 +277,32 @@ def resize_for_protocol(images, protocol: Protocol | str) -> jax.Array:
   return resize_images(images, protocol.input_size(height, width))
 
 
+def _window_and_stride(protocol: Protocol, input_hw: tuple[int, int]):
+  """The windows `protocol` cuts a model input of size `input_hw` into."""
+  if protocol.kind == "halves":
+    height, width = input_hw
+    if width != 2 * height:
+      raise ValueError(f"cityscapes_halves needs width == 2 * height, got {height}x{width}")
+    # Two non-overlapping HxH windows are exactly the two halves.
+    return (height, height), (height, height)
+  if protocol.kind == "sliding":
+    return tuple(protocol.window), tuple(protocol.stride)
+  return tuple(input_hw), tuple(input_hw)  # 'whole': one window the size of the image.
+
+
+def protocol_windows(protocol: Protocol | str, height: int, width: int):
+  """(window shape, number of windows) that `run_protocol` predicts for one image of
+  this (original) size, before flips and batch padding."""
+  protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
+  input_hw = protocol.input_size(height, width)
+  window, stride = _window_and_stride(protocol, input_hw)
+  padded = [max(n, k) for n, k in zip(input_hw, window)]
+  count = len(window_starts(padded[0], window[0], stride[0])) * len(
+    window_starts(padded[1], window[1], stride[1])
+  )
+  return window, count
+
+
 def run_protocol(
   protocol: Protocol | str,
   predict_fn: PredictFn,
@@ -293,27 +319,10 @@ def run_protocol(
   protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
   original = tuple(_batch_shape(images)[1:3]) if output_size is None else tuple(output_size)
   model_input = resize_for_protocol(images, protocol)
-  if protocol.kind == "halves":
-    logits = cityscapes_halves(predict_fn, model_input, flip=protocol.flip, batch_size=batch_size)
-  elif protocol.kind == "sliding":
-    logits = sliding_window(
-      predict_fn,
-      model_input,
-      window=protocol.window,
-      stride=protocol.stride,
-      flip=protocol.flip,
-      batch_size=batch_size,
-    )
-  else:
-    # One window the size of the whole image.
-    logits = sliding_window(
-      predict_fn,
-      model_input,
-      window=model_input.shape[-3:-1],
-      stride=model_input.shape[-3:-1],
-      flip=protocol.flip,
-      batch_size=batch_size,
-    )
+  window, stride = _window_and_stride(protocol, tuple(model_input.shape[-3:-1]))
+  logits = sliding_window(
+    predict_fn, model_input, window=window, stride=stride, flip=protocol.flip, batch_size=batch_size
+  )
   return resize_images(logits, original)
 
 

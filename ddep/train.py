@@ -5,17 +5,15 @@
 """
 import contextlib
 import dataclasses
-import functools
 import json
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-import flax
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -29,6 +27,7 @@ from ddep import initialization
 from ddep import input_pipeline
 from ddep import metrics as metrics_lib
 from ddep import optimizer as optimizer_lib
+from ddep import protocol_eval
 from ddep import report
 from ddep import sharding
 from ddep import steps as steps_lib
@@ -211,27 +210,12 @@ def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dic
           {k: batch[k] for k in ('image', 'label', '_mask')}, mesh)
       acc.update(_fetch(eval_step(state['params'], state['frozen'], batch)))
   else:
-    # Protocols (halves, sliding windows) run per process on its own examples.
-    from ddep import inference  # pylint: disable=g-import-not-at-top
-    # Params go in as an argument: closed over, they would be baked in as constants.
-    apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    params = host_params(state)
-    predict = functools.partial(apply, params)
-    protocol = inference.make_protocol(config.eval.protocol, predict,
-                                       batch_size=int(config.eval.batch_size) or None,
-                                       flip=bool(config.eval.flip))
-    local = np.zeros((num_classes, num_classes), np.int64)
-    for batch in eval_iter:
-      for i in np.flatnonzero(batch['_mask']):
-        image, label = batch['image'][i], batch['label'][i]
-        if 'orig_hw' in batch:
-          h, w = batch['orig_hw'][i]
-          image, label = image[:h, :w], label[:h, :w]
-        pred = inference.predict_labels(protocol, image[None], output_size=label.shape)
-        local += np.asarray(metrics_lib.confusion_matrix(label[None], pred, num_classes,
-                                                         ignore_label=spec.ignore_label))
-    acc.update(np.sum(multihost_utils.process_allgather(local), axis=0)
-               if jax.process_count() > 1 else local)
+    # Protocols (halves, sliding windows): window batches over all devices of all processes,
+    # on the state's own (possibly FSDP) parameters.
+    acc.update(protocol_eval.confusion_matrix(
+        model, state, mesh, eval_iter, protocol=protocol_eval.protocol_from_config(config.eval),
+        num_classes=num_classes, ignore_label=spec.ignore_label,
+        batch_size=int(config.eval.batch_size)))
   return metrics_lib.segmentation_metrics(acc.result(), class_names=spec.class_names)
 
 

@@ -23,6 +23,7 @@ from ddep import checkpointing
 from ddep import config_schema
 from ddep import config_validation
 from ddep import evaluate
+from ddep import inference
 from ddep import predict
 from ddep import report
 from ddep import score
@@ -126,6 +127,28 @@ def test_evaluate_miou_equals_independent_recomputation(run, evaluation):
   got = np.array([evaluation['per_class_iou'][n] for n in demo_scenes.CLASS_NAMES], float)
   np.testing.assert_allclose(got, iou, atol=1e-9)
   assert evaluation['num_pixels'] == sum(label.size for _, label in scenes)
+
+
+def test_evaluate_under_a_window_protocol_equals_the_host_computation(run, monkeypatch):
+  """A sliding protocol runs sharded over both devices; the result is what predicting each
+  image on host parameters gives (the protocol shrunk to the tiny images: 16x16 windows)."""
+  config, workdir = run
+  small = inference.Protocol('ade20k_sliding', 'sliding', window=(16, 16), stride=(12, 12))
+  monkeypatch.setitem(inference.PROTOCOLS, 'ade20k_sliding', small)
+  config = config.copy_and_resolve_references()
+  config.eval.protocol, config.eval.flip = 'ade20k_sliding', True
+  got = evaluate.evaluate(config, workdir)
+  params = checkpointing.load_params(os.path.join(workdir, 'best', '2'))
+  model = train.build_model(config, num_outputs=NUM_CLASSES)
+  apply = jax.jit(lambda x: model.apply({'params': params}, x))
+  fn = inference.make_protocol('ade20k_sliding', apply, batch_size=2, flip=True)
+  pairs = []
+  for image, label in validation_scenes():
+    x = image.astype(np.float32)[None] / 127.5 - 1
+    pairs.append((label, np.asarray(inference.predict_labels(fn, x))[0]))
+  miou, _ = numpy_miou(pairs, NUM_CLASSES)
+  assert got['miou'] == pytest.approx(miou, abs=1e-9)
+  assert got['json'].endswith('eval_validation_ade20k_sliding_flip.json')
 
 
 def _fake_run(root, best=(), periodic=()):
