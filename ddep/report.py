@@ -1,4 +1,4 @@
-"""Gathers finished runs and draws the paper's tables and figures.
+r"""Gathers finished runs and draws the paper's tables and figures.
 
   python -m ddep.report --workdirs=RUNS/*,OTHER --output=DIR
   python -m ddep.report --workdirs=GRID --output=DIR --select=best \
@@ -36,7 +36,6 @@ numbers are in pretraining_validation.json. It is the curve to watch for Figure 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -45,6 +44,8 @@ import re
 import sys
 from typing import Any, Mapping, Sequence
 
+from absl import app
+from absl import flags
 import matplotlib
 
 matplotlib.use("Agg")  # Headless: runs on training hosts without a display.
@@ -880,52 +881,60 @@ def write_pretraining_report(patterns: Sequence[str], output) -> list[Path]:
   return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ddep.report", description=__doc__.split("\n")[0])
-  parser.add_argument(
-    "--workdirs", default="", help="comma-separated run dirs, parent dirs or glob patterns"
-  )
-  parser.add_argument(
-    "--pretraining", default="",
-    help="comma-separated denoising pretraining workdirs (or parents, globs): their held-out "
-    "validation against step (pretraining_validation.png / .json)")
-  parser.add_argument("--output", required=True, help="directory for the tables and figures")
-  parser.add_argument(
-    "--select", choices=("", "best"), default="",
-    help="best: pick each setting's (lr, wd) by mean mIoU over --selection_seeds (Sec. 4.3) "
-    "and report it over --final_seeds; the tables then hold only the chosen runs")
-  parser.add_argument("--selection_seeds", default="", help="comma-separated; '' = all")
-  parser.add_argument("--final_seeds", default="", help="comma-separated; '' = all")
-  args = parser.parse_args(argv)
-  seeds = lambda text: [int(s) for s in text.split(",") if s] or None  # noqa: E731
-  if not args.workdirs and not args.pretraining:
-    parser.error("give --workdirs (fine-tuning runs) and/or --pretraining (denoising runs)")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, defined on demand so that importing ddep.report defines none."""
+  flags.DEFINE_list("workdirs", [], "Fine-tuning run dirs, parent dirs or glob patterns.",
+                    flag_values=flag_values)
+  flags.DEFINE_list(
+    "pretraining", [], "Denoising pretraining workdirs (or parents, globs): their held-out "
+    "validation against step (pretraining_validation.png / .json).", flag_values=flag_values)
+  flags.DEFINE_string("output", None, "Directory for the tables and figures (local or gs://).",
+                      flag_values=flag_values)
+  flags.DEFINE_enum(
+    "select", "", ["", "best"], "best: pick each setting's (lr, wd) by mean mIoU over "
+    "--selection_seeds (Sec. 4.3) and report it over --final_seeds; the tables then hold only "
+    "the chosen runs.", flag_values=flag_values)
+  flags.DEFINE_list("selection_seeds", [], "Subset seeds that choose (lr, wd); empty = all.",
+                    flag_values=flag_values)
+  flags.DEFINE_list("final_seeds", [], "Subset seeds reported at the chosen (lr, wd); empty = all.",
+                    flag_values=flag_values)
+  flags.mark_flag_as_required("output", flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  """app.run's main: `flag_values` are parsed already (tests pass their own)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flag_values
+  seeds = lambda items: [int(s) for s in items] or None  # noqa: E731
+  if not f.workdirs and not f.pretraining:
+    raise app.UsageError("give --workdirs (fine-tuning runs) and/or --pretraining (denoising runs)")
   try:
-    if args.pretraining:
-      written = write_pretraining_report([p for p in args.pretraining.split(",") if p], args.output)
+    if f.pretraining:
+      written = write_pretraining_report(list(f.pretraining), f.output)
       print(f"pretraining validation -> {', '.join(map(str, written))}")
-    if not args.workdirs:
+    if not f.workdirs:
       return 0
-    workdirs = find_workdirs([p for p in args.workdirs.split(",") if p])
-    runs = [load_run(w) for w in workdirs]
-    if args.select == "best":
-      chosen = select_best(runs, selection_seeds=seeds(args.selection_seeds),
-                           final_seeds=seeds(args.final_seeds))
-      final = seeds(args.final_seeds)
+    runs = [load_run(w) for w in find_workdirs(list(f.workdirs))]
+    if f.select == "best":
+      chosen = select_best(runs, selection_seeds=seeds(f.selection_seeds),
+                           final_seeds=seeds(f.final_seeds))
+      final = seeds(f.final_seeds)
       runs = [r for r in runs if r.key in chosen
               and hyperparameters(r) == (chosen[r.key]["lr"], chosen[r.key]["weight_decay"])
               and (final is None or r.results["subset_seed"] in final)]
-      storage.path(args.output).mkdir(parents=True, exist_ok=True)
-      (storage.path(args.output) / "selection.md").write_text(markdown_selection(chosen))
-    written = build_report(runs, args.output)
+      storage.path(f.output).mkdir(parents=True, exist_ok=True)
+      (storage.path(f.output) / "selection.md").write_text(markdown_selection(chosen))
+    written = build_report(runs, f.output)
   except ReportError as e:
     print(f"ddep.report: error: {e}", file=sys.stderr)
     return 1
-  print(f"{len(runs)} runs -> {args.output}")
+  print(f"{len(runs)} runs -> {f.output}")
   for kind, paths in written.items():
     print(f"  {kind}: {len(paths)} files")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

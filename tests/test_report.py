@@ -3,6 +3,7 @@
 import json
 import re
 
+from absl import flags
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +13,13 @@ from ddep import metrics, report
 METHODS = ("ddep", "supervised")
 FRACTIONS = (1.0, 0.1, 0.01)
 SEEDS = (0, 1, 2)
+
+
+def _report_main(argv):
+  """`python -m ddep.report ARGV` in-process: flags parsed into a fresh FlagValues."""
+  flag_values = flags.FlagValues()
+  report.define_flags(flag_values)
+  return report.main(flag_values(["ddep.report", *argv]), flag_values)
 
 
 def make_runs(root):
@@ -65,7 +73,7 @@ def test_report_end_to_end(tmp_path, capsys):
   mious = make_runs(tmp_path / "runs")
   (tmp_path / "runs" / "unfinished").mkdir()  # no results.json: skipped.
   out = tmp_path / "report"
-  assert report.main([f"--workdirs={tmp_path / 'runs'}/*", f"--output={out}"]) == 0
+  assert _report_main([f"--workdirs={tmp_path / 'runs'}/*", f"--output={out}"]) == 0
   assert "18 runs" in capsys.readouterr().out
 
   assert_png(out / "miou_vs_fraction_pascal_context_60_1x.png", 400, 300)
@@ -192,7 +200,7 @@ def test_pretraining_record_reads_the_run_config(tmp_path):
 def test_bad_results_name_the_file(tmp_path, capsys, content, message):
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "results.json").write_text(content)
-  assert report.main([f"--workdirs={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]) == 1
+  assert _report_main([f"--workdirs={tmp_path / 'run'}", f"--output={tmp_path / 'out'}"]) == 1
   err = capsys.readouterr().err
   assert message in err and str(tmp_path / "run" / "results.json") in err
 
@@ -220,7 +228,7 @@ def test_curves_of_a_resumed_run_keep_the_last_attempts_rows(tmp_path):
 
 
 def test_missing_workdir_is_an_error(tmp_path, capsys):
-  assert report.main([f"--workdirs={tmp_path / 'nothing'}", f"--output={tmp_path / 'out'}"]) == 1
+  assert _report_main([f"--workdirs={tmp_path / 'nothing'}", f"--output={tmp_path / 'out'}"]) == 1
   assert "no results.json" in capsys.readouterr().err
 
 
@@ -390,7 +398,7 @@ def test_select_best_picks_lr_wd_on_selection_seeds_and_reports_final_seeds(tmp_
     in report.markdown_selection(chosen)
 
   out = tmp_path / "out"
-  assert report.main([f"--workdirs={tmp_path / 'runs'}", f"--output={out}", "--select=best",
+  assert _report_main([f"--workdirs={tmp_path / 'runs'}", f"--output={out}", "--select=best",
                       "--selection_seeds=0,1", "--final_seeds=2,3"]) == 0
   assert "2 runs" in capsys.readouterr().out  # only the chosen pair's final seeds
   assert "| DDeP | 26.00 ± 1.41 (n=2) |" in (out / "summary.md").read_text()
@@ -420,7 +428,7 @@ def test_pretraining_validation_against_step_per_run(tmp_path, capsys):
                                                   "val/eps_mse": 0.35}])
   _pretraining_run(root / "finetune", task="segment", rows=[{"step": 100, "val/miou": 0.3}])
   out = tmp_path / "out"
-  assert report.main([f"--pretraining={root}", f"--output={out}"]) == 0
+  assert _report_main([f"--pretraining={root}", f"--output={out}"]) == 0
   assert "pretraining_validation.png" in capsys.readouterr().out
   data = {d["workdir"].rsplit("/", 1)[-1]: d
           for d in json.loads((out / "pretraining_validation.json").read_text())}
@@ -431,3 +439,9 @@ def test_pretraining_validation_against_step_per_run(tmp_path, capsys):
   assert Image.open(out / "pretraining_validation.png").size[0] > 500
   with pytest.raises(report.ReportError, match="no config.json found for --pretraining"):
     report.find_pretraining_runs([str(tmp_path / "nothing_here")])
+
+
+def test_the_cli_needs_runs_to_report(tmp_path):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  with pytest.raises(app.UsageError, match="--workdirs"):
+    _report_main([f"--output={tmp_path}"])
