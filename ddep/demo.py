@@ -87,6 +87,9 @@ def _base(quick: bool):
   c.optim.warmup_steps = 2 if quick else 50
   c.log_every = 2 if quick else 250
   c.eval_every = 0
+  # No TensorBoard pictures: 16 fine-tunes would spend ~1-2 s each drawing them, out of a
+  # 20-minute budget whose margin is under a minute; the demo's own figures show predictions.
+  c.eval.summary_images = 0
   c.keep_checkpoints = 1
   return c
 
