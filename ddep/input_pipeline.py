@@ -51,6 +51,7 @@ try:
 except RuntimeError:  # Devices were already initialised by someone else; nothing to hide then.
   pass
 
+
 def _host_cores() -> int:
   """The cores this process may run on (its affinity mask where the OS has one)."""
   try:
@@ -1047,12 +1048,13 @@ def finetune_dataset(
 
   def transform(ex, seed):
     image, label = pp.joint_random_scale_crop_flip(
-      pp.scale_to_minus1_1(ex["image"]),
+      ex["image"],
       ex["label"],
       seed,
       crop_hw,
       scale_range=scale_range,
       ignore_label=spec.ignore_label,
+      image_fn=pp.scale_to_minus1_1,  # On the crop: not the whole image in float32.
     )
     return {"image": image, "label": tf.cast(label, tf.int32)}
 

@@ -149,6 +149,7 @@ def joint_random_scale_crop_flip(
   scale_range: Sequence[float] | None = None,
   ignore_label: int = 255,
   image_pad_value: float = 0.0,
+  image_fn=None,
 ):
   """Random scale, crop and flip with ONE draw shared by image and label.
 
@@ -156,24 +157,33 @@ def joint_random_scale_crop_flip(
   (scaled) image is smaller than `crop_hw` both are padded at the bottom/right
   first: the label with `ignore_label` so the loss skips it, the image with
   `image_pad_value` (0 = mid-grey for images already in [-1, 1]).
+  `image_fn`, an elementwise map to float32 (default: the cast; e.g.
+  scale_to_minus1_1 for uint8 images, then `image_pad_value` is in its units),
+  runs before the resize, or without `scale_range` on the crop only: the same
+  values without converting the whole image.
   Returns (float32 image crop_hw x C, label crop_hw in the input's layout and dtype).
   """
+  image_fn = image_fn or (lambda x: tf.cast(x, tf.float32))
   label3, squeeze = _as_hwc(label)
   s_scale, s_y, s_x, s_flip = split_seed(seed, 4)
-  image = tf.cast(image, tf.float32)
   if scale_range is not None:
+    image = image_fn(image)
     scale = _uniform(s_scale, minval=scale_range[0], maxval=scale_range[1])
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
     new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
     image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
     label3 = tf.image.resize(label3, new_hw, method="nearest")
-  image = pad_to(image, crop_hw, image_pad_value)
-  label3 = pad_to(label3, crop_hw, ignore_label)
-  shape = tf.shape(image)
-  y0 = _uniform(s_y, minval=0, maxval=shape[0] - crop_hw[0] + 1, dtype=tf.int32)
-  x0 = _uniform(s_x, minval=0, maxval=shape[1] - crop_hw[1] + 1, dtype=tf.int32)
+  # The offsets are drawn over the padded size; cropping first and padding the crop
+  # at the bottom/right gives the same pixels (an axis that needs padding has offset 0).
+  padded = tf.maximum(tf.shape(image)[:2], tf.constant(crop_hw, tf.int32))
+  y0 = _uniform(s_y, minval=0, maxval=padded[0] - crop_hw[0] + 1, dtype=tf.int32)
+  x0 = _uniform(s_x, minval=0, maxval=padded[1] - crop_hw[1] + 1, dtype=tf.int32)
   image = image[y0 : y0 + crop_hw[0], x0 : x0 + crop_hw[1]]
   label3 = label3[y0 : y0 + crop_hw[0], x0 : x0 + crop_hw[1]]
+  if scale_range is None:
+    image = image_fn(image)
+  image = pad_to(image, crop_hw, image_pad_value)
+  label3 = pad_to(label3, crop_hw, ignore_label)
   do_flip = _uniform(s_flip) < 0.5
   image, label3 = _flip_if(image, do_flip), _flip_if(label3, do_flip)
   image = tf.ensure_shape(image, [crop_hw[0], crop_hw[1], None])

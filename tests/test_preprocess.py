@@ -76,6 +76,21 @@ def test_resize_crop_is_the_antialiased_resize(crop_hw):
     assert np.abs(plain - got).max() > 1
 
 
+@pytest.mark.parametrize("crop_hw", [(16, 20), (30, 12), (44, 44)])
+def test_joint_crop_maps_the_crop_as_the_whole_image(crop_hw):
+  # Without scaling, image_fn runs on the crop only; padding (crops larger than the 24 x 36
+  # image) and the offsets must come out as when the whole image was mapped first.
+  image = tf.constant(np.random.default_rng(2).integers(0, 256, (24, 36, 3)), tf.uint8)
+  label = _blocky_label(24, 36)
+  for s in range(4):
+    whole = pp.joint_random_scale_crop_flip(pp.scale_to_minus1_1(image), label, _seed(s), crop_hw)
+    crop = pp.joint_random_scale_crop_flip(
+      image, label, _seed(s), crop_hw, image_fn=pp.scale_to_minus1_1
+    )
+    for a, b in zip(whole, crop):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 @pytest.mark.parametrize("scale_range", [None, (0.75, 1.5)])
 def test_joint_crop_flip_keeps_image_and_label_aligned(scale_range):
   label = _blocky_label(40, 56)
