@@ -14,10 +14,9 @@ import re
 from typing import Any, Optional
 
 import jax
-from jax.experimental import multihost_utils
-import numpy as np
 import orbax.checkpoint as ocp
 
+from ddep import sharding
 from ddep import storage
 
 
@@ -170,15 +169,7 @@ class Checkpointer:
 
 def _gather_data_states(data_state: dict) -> dict:
   """{'process_<i>': state} of every process, on every process (orbax writes it once)."""
-  if jax.process_count() == 1:
-    return {'process_0': data_state}
-  text = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
-  lengths = multihost_utils.process_allgather(np.int32(len(text)))
-  padded = np.zeros(int(np.max(lengths)), np.uint8)
-  padded[:len(text)] = text
-  rows = multihost_utils.process_allgather(padded)
-  return {f'process_{i}': json.loads(bytes(row[:n]).decode())
-          for i, (row, n) in enumerate(zip(rows, lengths))}
+  return {f'process_{i}': state for i, state in enumerate(sharding.allgather_json(data_state))}
 
 
 def latest_step_dir(directory: str) -> Optional[str]:

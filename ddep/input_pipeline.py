@@ -692,6 +692,28 @@ def _next_numpy(iterator):
     raise
 
 
+# Bad examples named in iterator states and results.json; beyond this only the count grows.
+MAX_LISTED_BAD_EXAMPLES = 100
+
+
+def _log_skipped(examples: _Examples, positions: Sequence[int], what: str) -> list[str]:
+  """Logs the skipped examples by id; returns their ids."""
+  ids = [examples.image_id_at(p) for p in positions]
+  logging.warning(
+    "%s skipped %d bad example(s) of %s (undecodable image or label): image_id=%s "
+    "(stream positions %s)", what, len(ids), examples.source.spec.name, ", ".join(ids),
+    list(positions),
+  )
+  return ids
+
+
+def _add_listed(listed: list[str], ids: Sequence[str]) -> None:
+  """Adds ids not listed yet (a bad example recurs every epoch), up to the cap."""
+  for i in ids:
+    if len(listed) < MAX_LISTED_BAD_EXAMPLES and i not in listed:
+      listed.append(i)
+
+
 def _undecodable_message(examples: _Examples, missing: Sequence[int]) -> str:
   ids = [examples.image_id_at(p) for p in missing[:5]]
   return (
@@ -752,22 +774,31 @@ class TrainIterator:
     """Bad examples dropped so far (only with skip_bad_examples=True)."""
     return self._num_bad
 
+  @property
+  def bad_example_ids(self) -> list[str]:
+    """The distinct image ids of the bad examples dropped so far (at most
+    MAX_LISTED_BAD_EXAMPLES; `num_bad_examples` counts every drop, each epoch's)."""
+    return list(self._bad_ids)
+
   def _state_at_step(self, step: int) -> dict:
     # Exact unless examples were skipped before `step`; save get_state() to be exact always.
-    return self._state(slot=step * self._batch_size, step=step, num_bad=0)
+    return self._state(slot=step * self._batch_size, step=step, num_bad=0, bad_ids=[])
 
-  def _state(self, *, slot: int, step: int, num_bad: int) -> dict:
+  def _state(self, *, slot: int, step: int, num_bad: int, bad_ids: list[str]) -> dict:
     return {
       "position": int(self._slots.to_global(slot)),
       "step": int(step),
       "num_bad_examples": int(num_bad),
+      "bad_example_ids": list(bad_ids),
       "config": self._config,
       "process_index": self._slots.index,
       "process_count": self._slots.count,
     }
 
   def get_state(self) -> dict:
-    return self._state(slot=self._slot, step=self._step, num_bad=self._num_bad)
+    return self._state(
+      slot=self._slot, step=self._step, num_bad=self._num_bad, bad_ids=self._bad_ids
+    )
 
   def set_state(self, state: Mapping) -> None:
     saved = _upgrade_legacy_config(dict(state.get("config", self._config)), self._config)
@@ -801,6 +832,7 @@ class TrainIterator:
       self._slot = step * self._batch_size
     self._step = step
     self._num_bad = int(state.get("num_bad_examples", 0))
+    self._bad_ids = list(state.get("bad_example_ids", []))
     ds = self._examples.dataset(
       int(self._slots.to_global(self._slot)),
       self._transform,
@@ -819,9 +851,10 @@ class TrainIterator:
     expected = self._slot + np.arange(self._batch_size)
     if not np.array_equal(got, expected):
       missing = sorted(set(range(self._slot, int(got[-1]) + 1)) - set(got.tolist()))
+      positions = [int(p) for p in self._slots.to_global(np.asarray(missing))]
       if not self._examples.skip_bad:
-        positions = [int(p) for p in self._slots.to_global(np.asarray(missing))]
         raise BadExampleError(_undecodable_message(self._examples, positions))
+      _add_listed(self._bad_ids, _log_skipped(self._examples, positions, "training"))
     self._num_bad += int(got[-1]) + 1 - self._slot - self._batch_size
     self._slot = int(got[-1]) + 1
     self._step += 1
@@ -1161,6 +1194,7 @@ class EvalDataset:
     self.pad_to = pad_to
     self.num_examples = examples.plan.n
     self.num_bad_examples = 0
+    self.bad_example_ids: list[str] = []
 
   def _transform(self, ex, seed):
     del seed
@@ -1191,7 +1225,7 @@ class EvalDataset:
     iterator = iter(ds)
     template = None
     expected = 0
-    self.num_bad_examples = 0
+    self.num_bad_examples, self.bad_example_ids = 0, []
     for _ in range(self.num_batches):
       try:
         batch = _next_numpy(iterator)
@@ -1216,7 +1250,8 @@ class EvalDataset:
         gap = sorted(set(range(expected, int(positions[-1]) + 1)) - set(positions.tolist()))
         if gap and not self._examples.skip_bad:
           raise BadExampleError(_undecodable_message(self._examples, gap))
-        self.num_bad_examples += len(gap)
+        if gap:
+          self._skipped(gap)
         expected = int(positions[-1]) + 1
         template = template or {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
       if template is None:
@@ -1237,9 +1272,13 @@ class EvalDataset:
     trailing = list(range(expected, self.num_examples))
     if trailing and not self._examples.skip_bad:
       raise BadExampleError(_undecodable_message(self._examples, trailing))
-    self.num_bad_examples += len(trailing)
-    if self.num_bad_examples:
-      logging.warning("Eval skipped %d bad examples.", self.num_bad_examples)
+    if trailing:
+      self._skipped(trailing)
+
+  def _skipped(self, positions):
+    ids = _log_skipped(self._examples, positions, "evaluation")
+    self.num_bad_examples += len(ids)
+    _add_listed(self.bad_example_ids, ids)
 
   def __len__(self):
     return self.num_batches

@@ -3,9 +3,11 @@
 Multi-host runs use JAX's own runtime: `jax.distributed.initialize()` and global
 arrays assembled from each process's local batch.
 """
+import json
 import os
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -69,3 +71,15 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def allgather_json(value) -> list:
+  """[value of process 0, value of process 1, ...] of a JSON-able value, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  text = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(text)))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:len(text)] = text
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]

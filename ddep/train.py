@@ -451,6 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       result = json.loads(done.read_text())
     else:
       result = run_eval(total_steps)
+      skipped = skipped_examples(train_iter, eval_iter)  # A collective: every process.
       if is_main:
         print(metrics_lib.format_table(result), flush=True)
         report.write_results(
@@ -460,7 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             subset_seed=int(config.data.subset_seed),
             decoder_width=int(config.model.decoder_width_multiplier), metrics=result,
             model=config.model.preset,
-            pretraining=report.pretraining_record(config.init_from))
+            pretraining=report.pretraining_record(config.init_from),
+            skipped_examples=skipped)
   ckpt.wait()
   ckpt.close()
   writer.flush()
@@ -475,6 +477,20 @@ def _closing(preemption):
     yield preemption
   finally:
     preemption.close()
+
+
+def skipped_examples(train_iter, eval_iter) -> dict:
+  """The bad examples dropped by every process (`data.skip_bad_examples`), for results.json:
+  counts, and ids up to input_pipeline.MAX_LISTED_BAD_EXAMPLES per process and pipeline."""
+  mine = {'train': list(getattr(train_iter, 'bad_example_ids', [])),
+          'num_train': int(getattr(train_iter, 'num_bad_examples', 0)),
+          'eval': list(getattr(eval_iter, 'bad_example_ids', [])),
+          'num_eval': int(getattr(eval_iter, 'num_bad_examples', 0))}
+  everyone = sharding.allgather_json(mine)
+  return {'num_train': sum(p['num_train'] for p in everyone),
+          'train_ids': sorted({i for p in everyone for i in p['train']}),
+          'num_eval': sum(p['num_eval'] for p in everyone),
+          'eval_ids': sorted({i for p in everyone for i in p['eval']})}
 
 
 def _label_fraction(config, train_iter) -> float:

@@ -452,16 +452,20 @@ def test_bad_examples_fail_naming_the_example(data_dir, kind, message):
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "range"])
-def test_bad_examples_can_be_skipped_and_counted(data_dir, kind):
+def test_bad_examples_can_be_skipped_and_counted(data_dir, kind, caplog):
   kw = dict(
     batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, skip_bad_examples=True, **SINGLE
   )
   it = ip.finetune_dataset(_bad_spec(kind), **kw)
   batches = [next(it) for _ in range(7)]  # 28 good examples = 4 epochs of 7.
   assert it.get_state()["position"] == 32 and it.num_bad_examples == 4
+  assert it.bad_example_ids == [_BAD_ID]  # Listed once, though dropped in every epoch.
+  assert f"training skipped 1 bad example(s) of bad_{kind}" in caplog.text
+  assert f"image_id={_BAD_ID}" in caplog.text
   if kind == "range":
     resumed = ip.finetune_dataset(_bad_spec(kind), state=it.get_state(), **kw)
     assert _all_equal(next(resumed), next(it)) and resumed.num_bad_examples == it.num_bad_examples
+    assert resumed.bad_example_ids == [_BAD_ID]
   assert all(set(np.unique(b["label"]).tolist()) <= {0, 1, 2, 255} for b in batches)
   ev = ip.eval_dataset(
     _bad_spec(kind),
@@ -476,6 +480,7 @@ def test_bad_examples_can_be_skipped_and_counted(data_dir, kind):
   assert (
     len(batches) == 2 and len(ids) == 7 and _BAD_ID.encode() not in ids and ev.num_bad_examples == 1
   )
+  assert ev.bad_example_ids == [_BAD_ID]
 
 
 def test_ignored_raw_ids_are_not_bad(data_dir):

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import flax
 import jax
@@ -358,3 +359,12 @@ def test_label_count_runs_record_the_drawn_count_and_its_fraction_of_the_split()
   config.data.label_fraction = 0.25
   assert train._label_fraction(config, drawn) == 0.25
   assert train._label_count(config, drawn) is None
+
+
+def test_skipped_examples_for_results_json_count_every_drop_and_name_each_id_once():
+  train_iter = types.SimpleNamespace(bad_example_ids=['b', 'a'], num_bad_examples=5)
+  eval_iter = types.SimpleNamespace(bad_example_ids=['c'], num_bad_examples=1)
+  assert train.skipped_examples(train_iter, eval_iter) == {
+      'num_train': 5, 'train_ids': ['a', 'b'], 'num_eval': 1, 'eval_ids': ['c']}
+  assert train.skipped_examples(object(), None) == {
+      'num_train': 0, 'train_ids': [], 'num_eval': 0, 'eval_ids': []}
