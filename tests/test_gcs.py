@@ -75,8 +75,9 @@ def gcs_run(bucket, tmp_path_factory):
   data_dir = str(root / 'data')
   workdir = f'gs://{bucket.bucket}/{RUN}'
   config = os.path.join(REPO, 'tests', 'configs', 'tiny_finetune.py')
+  # Checkpoints: the preemption's and the last (each is a few seconds on the emulator).
   train_args = ['ddep.main', f'--config={config}', f'--workdir={workdir}',
-                f'--config.data.data_dir={data_dir}']
+                f'--config.data.data_dir={data_dir}', '--config.checkpoint_every=6']
   out = {}
   out['preempted'] = _train_until_preempted(bucket, cwd, train_args, at_line='step 2/')
   out['resumed'] = _cli(bucket, cwd, *train_args)
