@@ -357,3 +357,32 @@ def test_segment_and_eval_steps_without_tensorflow(blocked_env, tmp_path):
   assert ev['xla_optimizer_flops'] == 0 and ev['trainable_params'] is None
   assert ev['params'] == seg['params']
   assert ev['analytic_flops'] == ev['analytic_forward_flops']
+
+
+def test_classify_step_trains_the_encoder_and_head_only(tmp_path):
+  # The encoder train step timm's vit_base_r50_s16_224 is compared with
+  # (docs/performance_cpu.md): no decoder parameters, so Adam updates none.
+  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from ddep.models import presets  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'bench.jsonl'
+  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--preset', 'tiny', '--image_size', '32',
+         '--batch_size', '2', '--steps', '1', '--trials', '1', '--warmup', '1', '--task',
+         'classify', '--num_classes', '5', '--eval_size', '0', '--output', str(out)]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert row['phase'] == 'classify' and row['num_classes'] == 5 and row['loss_finite']
+  assert 0 < row['process_cpu_s_per_step'] and row['step_time_s'] > 0
+  model = presets.create_model('tiny', num_image_classes=5)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)),
+                                             method=type(model).classify))['params']
+  assert set(params) == {'encoder', 'classifier'}
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert row['params'] == row['trainable_params'] == n and row['frozen_params'] == 0
+  ops = flops_lib.model_ops(model, (32, 32), 2)
+  assert row['analytic_forward_flops'] == flops_lib.encoder_flops(ops) + 2 * 2 * 64 * 5
+  # The tiny encoder at 32x32 does few FLOPs per element, so the norms XLA also counts
+  # weigh more than in the denoising steps (1.009 for the full-size encoder at 224^2).
+  assert 1.0 < row['xla_over_analytic'] < 1.4

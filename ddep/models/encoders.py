@@ -36,7 +36,8 @@ class HybridViTEncoder(nn.Module):
         images.astype(self.dtype), layers=self.resnet_layers, width=self.resnet_width,
         num_groups=self.num_groups, dtype=self.dtype, remat=self.remat_resnet)
     # The R50 stages already reach 1/16, so the "patches" are 1x1.
-    x = nn.Conv(self.hidden_size, (1, 1), dtype=self.dtype, name='embedding')(x)
+    x = nn.Conv(self.hidden_size, (1, 1), dtype=self.dtype,
+                conv_general_dilated=resnet.conv_general_dilated, name='embedding')(x)
     x = vit.Encoder(self.num_layers, self.mlp_dim, self.num_heads, dtype=self.dtype,
                     dropout_rate=self.dropout_rate, attention_impl=self.attention_impl,
                     remat=self.remat_transformer, name='Transformer')(x, train=train)

@@ -20,7 +20,9 @@ remat's recomputation). With several phases, each runs in its own process so
 that `peak_bytes_in_use` is that phase's own peak.
 
 Tasks: `denoise` = DeP (everything trained), `ddep` = DDeP (encoder frozen, Sec. 3.1),
-`segment` = fine-tuning with pixelwise cross-entropy.
+`segment` = fine-tuning with pixelwise cross-entropy, `classify` = the encoder alone with a
+`--num_classes` linear head on pooled features and softmax cross-entropy (supervised encoder
+pretraining; the size of timm's `vit_base_r50_s16_224` train step, docs/performance_cpu.md).
 
 Flags are absl's (`--flag value` or `--flag=value`); `--config` is ml_collections'
 config file flag, as in `ddep.main`, so `--config.key=value` overrides the config.
@@ -45,7 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 
-TASKS = ('denoise', 'ddep', 'segment')
+TASKS = ('denoise', 'ddep', 'segment', 'classify')
 # DDeP freezes the encoder (configs: frozen=('encoder/.*',)).
 DDEP_FROZEN = ('encoder/.*',)
 
@@ -140,12 +142,13 @@ def loss_config(task: str, *, noise_conditioning: bool = False) -> types.SimpleN
   """The fields of a ddep config that `steps.make_loss_fn` reads, without ml_collections."""
   ns = types.SimpleNamespace
   return ns(
-      task='segment' if task == 'segment' else 'denoise',
+      task=task if task in ('segment', 'classify') else 'denoise',
       # Sec. 3.3: sigma 0.8 for DeP, 0.1 for DDeP; the value does not change the cost.
       denoise=ns(sigma=0.1 if task == 'ddep' else 0.8, sigma_range=(), form='additive',
                  target='eps'),
       model=ns(noise_conditioning=noise_conditioning),
-      classify=ns(loss='sigmoid'))
+      # Single-label softmax cross-entropy, as timm's ImageNet training.
+      classify=ns(loss='softmax'))
 
 
 # Cityscapes images: the 'halves' protocol runs HxH windows of HxW = 1024x2048 ones.
@@ -264,11 +267,12 @@ def _device_memory(device) -> dict:
           'bytes_limit': stats.get('bytes_limit')}
 
 
-def build_model(args, *, num_outputs: int):
+def build_model(args, *, num_outputs: int, num_image_classes: int = 0):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ddep.models import presets  # pylint: disable=g-import-not-at-top
   return presets.create_model(
       args.preset, decoder_width_multiplier=args.decoder_width, num_outputs=num_outputs,
+      num_image_classes=num_image_classes,
       dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32,
       remat=tuple(args.remat), attention_impl=args.attention_impl or None,
       noise_conditioning=args.noise_conditioning)
@@ -283,6 +287,9 @@ def _synthetic_batch(task: str, hw, batch_size: int, num_classes: int, with_mask
     labels = rng.integers(0, num_classes, (batch_size, *hw)).astype(np.int32)
     labels[:, :hw[0] // 8] = 255
     batch['label'] = labels
+  if task == 'classify':  # One-hot image labels.
+    batch['labels'] = np.eye(num_classes, dtype=np.float32)[
+        rng.integers(0, num_classes, batch_size)]
   if with_mask:
     batch['_mask'] = np.ones((batch_size,), bool)
   return batch
@@ -355,17 +362,19 @@ def _per_device_batch(args, *, is_eval: bool, accum: int, n_dev: int,
   return global_batch // (n_dev * accum)
 
 
-def _init_params(args, model, noise_cond: bool):
+def _init_params(args, model, noise_cond: bool, *, classify: bool = False):
   """Parameters initialised at the train size, as in training (shapes only if compile_only).
 
   The eval step then resizes the position embeddings as a real evaluation at another
-  size does; --compile_only never runs the model (e.g. on a CPU).
+  size does; --compile_only never runs the model (e.g. on a CPU). `classify`: the
+  encoder and classifier only (no decoder parameters for Adam to update).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   sample = jnp.zeros((1, *args.image_size, 3), jnp.float32)
   init_args = (sample, jnp.ones((1,))) if noise_cond else (sample,)
-  init = lambda k: model.init(k, *init_args)['params']  # noqa: E731
+  method = {'method': type(model).classify} if classify else {}
+  init = lambda k: model.init(k, *init_args, **method)['params']  # noqa: E731
   key = jax.random.key(0)
   return jax.eval_shape(init, key) if args.compile_only else jax.jit(init)(key)
 
@@ -454,12 +463,14 @@ def build_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   per_device_batch = _per_device_batch(args, is_eval=is_eval, accum=accum,
                                        n_dev=mesh.devices.size, per_device_batch=per_device_batch)
   batch_size = per_device_batch * mesh.devices.size
-  model = build_model(args, num_outputs=args.num_classes if task == 'segment' else 3)
-  noise_cond = args.noise_conditioning and task != 'segment'
+  classify = task == 'classify'
+  model = build_model(args, num_outputs=args.num_classes if task == 'segment' else 3,
+                      num_image_classes=args.num_classes if classify else 0)
+  noise_cond = args.noise_conditioning and task == 'denoise'
   hw = tuple(args.eval_size) if is_eval else tuple(args.image_size)
   notes = list(args.config_notes)
 
-  params = _init_params(args, model, noise_cond)
+  params = _init_params(args, model, noise_cond, classify=classify)
   frozen_patterns = (args.frozen if args.frozen is not None else
                      DDEP_FROZEN if phase == 'ddep' else ())
   mask = optimizer_lib.trainable_mask(params, () if is_eval else frozen_patterns)
@@ -476,6 +487,11 @@ def build_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   # Per device; a flipped eval runs the forward twice (the image and its mirror).
   passes = 2 if is_eval and args.eval_flip else 1
   ops = flops_lib.model_ops(model, hw, passes * per_device_batch)
+  if classify:  # The encoder's ops and the linear head on its pooled features.
+    features, classes = trainable['classifier']['kernel'].shape
+    ops = [op for op in ops if op.module == 'encoder' or op.name.startswith('encoder/')]
+    ops.append(flops_lib.Op('classifier', 'classifier', 2 * per_device_batch * features * classes,
+                            'classifier', ('encoder',)))
   trained = tuple(sorted(k for k, v in by_module.items() if True in v and not is_eval))
   analytic = flops_lib.train_step_flops(ops, trained)  # = forward_flops when nothing trains
   optimizer_flops = 0.0
@@ -547,20 +563,26 @@ def make_runner(program: Program, compiled) -> tuple[Callable[[], None], Callabl
 
 def time_program(args, program: Program, compiled) -> tuple[Optional[float],
                                                             Optional[list[float]],
-                                                            Optional[bool]]:
-  """(median step time, per-trial step times, whether the last loss is finite); all None
-  for --compile_only (the finite flag also for eval steps)."""
+                                                            Optional[bool], Optional[float]]:
+  """(median step time, per-trial step times, whether the last loss is finite, this
+  process's CPU seconds per timed step); all None for --compile_only (the finite flag
+  also for eval steps)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   if args.compile_only:
-    return None, None, None
+    return None, None, None, None
   run_once, block, holder = make_runner(program, compiled)
-  trial_times = time_steps(run_once, warmup=args.warmup, steps=args.steps,
-                           trials=args.trials, block=block)
+  time_steps(run_once, warmup=args.warmup, steps=0, trials=0, block=block)
+  # CPU time of all threads: on a shared CPU it moves less with others' load than wall
+  # time does (docs/performance_cpu.md).
+  cpu0 = time.process_time()
+  trial_times = time_steps(run_once, warmup=0, steps=args.steps, trials=args.trials,
+                           block=block)
+  cpu_per_step = (time.process_time() - cpu0) / (args.steps * args.trials)
   finite = None
   if not program.is_eval:
     finite = bool(np.isfinite(float(jax.device_get(holder['out']['train/loss']))))
-  return statistics.median(trial_times), trial_times, finite
+  return statistics.median(trial_times), trial_times, finite, cpu_per_step
 
 
 def xla_flops_against_analytic(program: Program, xla: dict, facts: dict,
@@ -611,7 +633,7 @@ def report_row(args, program: Program, *, device, compiled, compile_s: float, xl
   """The JSON row of a timed (or only compiled) phase."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  step_time, trial_times, finite = timing
+  step_time, trial_times, finite, cpu_per_step = timing
   per_s = lambda x: x / step_time if step_time else None  # noqa: E731
   peak_name, peak = peak_bf16_tflops(device.device_kind)
   _note_peak(args, peak, device.device_kind, notes)
@@ -642,7 +664,7 @@ def report_row(args, program: Program, *, device, compiled, compile_s: float, xl
       'attention_impl': args.attention_impl or None,
       'fused_attention': facts['fused_attention'],
       'noise_conditioning': program.noise_cond,
-      'num_classes': args.num_classes if program.task == 'segment' else None,
+      'num_classes': args.num_classes if program.task in ('segment', 'classify') else None,
       'params': n_params,
       'trainable_params': None if is_eval else n_trainable,
       'frozen_params': None if is_eval else n_frozen,
@@ -658,6 +680,8 @@ def report_row(args, program: Program, *, device, compiled, compile_s: float, xl
       'trials': args.trials,
       'step_time_s': step_time,
       'trial_step_times_s': trial_times,
+      # All of this process's threads, over the timed steps.
+      'process_cpu_s_per_step': cpu_per_step,
       # With accumulation, one call is one micro-batch.
       'images_per_s': per_s(program.batch_size),
       # FLOPs are per device: XLA's counts are of the partitioned (per-device) program.
@@ -948,7 +972,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   flags.DEFINE_enum('attention_impl', '', ['', 'auto', 'xla', 'cudnn'],
                     "'' or auto: cuDNN flash attention on GPUs in bf16, else XLA.", **fv)
   flags.DEFINE_integer('decoder_width', 1, '1x, 2x or 3x decoder.', **fv)
-  flags.DEFINE_integer('num_classes', 19, 'For segment and eval.', **fv)
+  flags.DEFINE_integer('num_classes', 19, 'For segment, classify and eval.', **fv)
   flags.DEFINE_bool('noise_conditioning', False, 'Condition the model on the noise level.',
                     **fv)
   flags.DEFINE(SizeParser(allow_none=True), 'eval_size', '1024x2048',
