@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddep.models import resnet
+
 Dtype = Any
 
 DECODER_WIDTHS_1X = (1024, 512, 256, 128, 64)
@@ -108,7 +110,7 @@ class DecoderBlock(nn.Module):
       inputs = (x, skip) if i == 1 and skip is not None else (x,)
       x = ConcatConv(self.features, dtype=self.dtype, name=f'conv{i}')(*inputs)
       if self.norm == 'group':
-        x = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=f'norm{i}')(x)
+        x = resnet.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=f'norm{i}')(x)
       elif self.norm == 'layer':
         x = nn.LayerNorm(dtype=self.dtype, name=f'norm{i}')(x)
       else:

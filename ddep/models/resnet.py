@@ -44,8 +44,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 
 def weight_standardize(w: jnp.ndarray, axis: Sequence[int], eps: float) -> jnp.ndarray:
-  w = w - jnp.mean(w, axis=axis, keepdims=True)
-  return w / (jnp.std(w, axis=axis, keepdims=True) + eps)
+  """(w - mean) / (std + eps) over `axis`, the standard deviation taken of the centred w
+  directly (`jnp.std` would centre it again: one reduction and its gradient more)."""
+  centred = w - jnp.mean(w, axis=axis, keepdims=True)
+  std = jnp.sqrt(jnp.mean(jnp.square(centred), axis=axis, keepdims=True))
+  return centred * (1.0 / (std + eps))
 
 
 class GroupNorm(nn.Module):

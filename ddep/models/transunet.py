@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from ddep.models import bit
 from ddep.models import decoder as decoder_lib
 from ddep.models import encoders
+from ddep.models import resnet
 
 Dtype = Any
 
@@ -68,7 +69,8 @@ class TransUNet(nn.Module):
     self.decoder = decoder_lib.UNetDecoder(
         widths=self.decoder_widths, norm=self.decoder_norm, num_groups=self.num_groups,
         dtype=self.dtype, remat='decoder' in self.remat)
-    self.head = nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype)
+    self.head = nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype,
+                        conv_general_dilated=resnet.conv_general_dilated)
     if self.noise_conditioning:
       self.noise_embedding = decoder_lib.NoiseEmbedding(dtype=self.dtype)
     if self.num_image_classes:
