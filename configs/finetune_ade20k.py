@@ -22,6 +22,7 @@ Arguments:
              method and width; 'supervised': a supervised run of ours
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
+
 from ddep import config_schema
 from ddep import recipes
 
@@ -29,11 +30,15 @@ from ddep import recipes
 def get_config(arg=None):
   a = config_schema.parse_arg(arg, **recipes.FINETUNE_ARGS)
   return recipes.finetuning(
-      a, dataset='ade20k', crop=(512, 512),
-      protocol='ade20k_sliding', flip=False,  # Sec. 4.3 flips on Cityscapes only
+      a,
+      dataset='ade20k',
+      crop=(512, 512),
+      protocol='ade20k_sliding',
+      flip=False,  # Sec. 4.3 flips on Cityscapes only
       # ADEChallengeData2016 images vary in size (mostly ~512 px on the short side);
       # 2048 is a generous bound, and a larger image stops evaluation with
       # "image larger than pad_to" rather than being cropped.
       eval_pad_to=(2048, 2048),
       protocol_batch=4,
-      steps=80_000)
+      steps=80_000,
+  )

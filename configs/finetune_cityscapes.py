@@ -25,6 +25,7 @@ Arguments:
              of `encoder`
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
+
 from ddep import config_schema
 from ddep import recipes
 
@@ -32,9 +33,13 @@ from ddep import recipes
 def get_config(arg=None):
   a = config_schema.parse_arg(arg, **recipes.FINETUNE_ARGS)
   return recipes.finetuning(
-      a, dataset='cityscapes', crop=(1024, 1024),
-      protocol='cityscapes_halves', flip=True,
+      a,
+      dataset='cityscapes',
+      crop=(1024, 1024),
+      protocol='cityscapes_halves',
+      flip=True,
       # Every Cityscapes image is 1024x2048: the pad is a no-op that fixes the shape.
       eval_pad_to=(1024, 2048),
       protocol_batch=4,  # two halves and their flips
-      steps=40_000)
+      steps=40_000,
+  )

@@ -25,6 +25,7 @@ Arguments:
              the same method, width and model; 'supervised': a supervised run of ours
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
+
 from ddep import config_schema
 from ddep import recipes
 
@@ -34,8 +35,12 @@ def get_config(arg=None):
   if a.classes not in (59, 60):
     raise ValueError(f'classes={a.classes}: Pascal Context has 59 or 60 classes')
   return recipes.finetuning(
-      a, dataset=f'pascal_context_{a.classes}', crop=(512, 512),
-      protocol='pascal_context_sliding', flip=False,  # Sec. 4.3 flips on Cityscapes only
+      a,
+      dataset=f'pascal_context_{a.classes}',
+      crop=(512, 512),
+      protocol='pascal_context_sliding',
+      flip=False,  # Sec. 4.3 flips on Cityscapes only
       eval_pad_to=(512, 512),  # VOC images are at most 500x500
-      protocol_batch=2,        # at most two 480x480 windows at long side 520
-      steps=40_000)
+      protocol_batch=2,  # at most two 480x480 windows at long side 520
+      steps=40_000,
+  )

@@ -26,6 +26,7 @@ Arguments:
   init_from    DDeP on the encoder of a supervised run of ours instead
   runlocal     toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
+
 from ddep import recipes
 
 

@@ -2,4 +2,5 @@
 
 Kept as a re-export for code that still does `from configs import recipes`.
 """
+
 from ddep.recipes import *  # noqa: F401,F403  pylint: disable=wildcard-import

@@ -14,6 +14,7 @@ Arguments:
   steps, lr, batch
   runlocal  'demo_tiny', a few steps, for CPUs and tests
 """
+
 from ddep import config_schema
 from ddep import recipes
 
@@ -28,7 +29,7 @@ def get_config(arg=None):
 
   c.data.dataset = 'demo'
   c.data.batch_size = a.batch
-  c.data.eval_batch_size = 16   # unused by classification, but must divide the devices
+  c.data.eval_batch_size = 16  # unused by classification, but must divide the devices
   c.data.image_size = (64, 64)  # the demo scenes' size
 
   c.optim.name = 'adam'

@@ -9,6 +9,7 @@ Both items of a step are committed together and deleted together. Older runs kep
 the iterator states in checkpoints/data_state/<step>/process_<i>.json; those still
 restore.
 """
+
 import json
 import re
 from typing import Any, Optional
@@ -56,8 +57,7 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
   key = re.search(r'Error reading "([^"]+)"', text)
   size = re.search(r'not valid for value of size (\d+)', text)
   if size:
-    files = [str(f) for f in storage.files_below(state)
-             if f.stat().length == int(size.group(1))]
+    files = [str(f) for f in storage.files_below(state) if f.stat().length == int(size.group(1))]
     array = f' (array {key.group(1).split("/")[0]})' if key else ''
     if files:
       return f'{", ".join(sorted(files))}: truncated to {size.group(1)} bytes{array}'
@@ -68,17 +68,21 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
 class Checkpointer:
   """Periodic (last N) and best checkpoints of one run."""
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True,
-               best_metric: str = 'miou'):
+  def __init__(
+      self, workdir: str, *, keep: int, async_save: bool = True, best_metric: str = 'miou'
+  ):
     workdir = storage.path(workdir)
     self.directory = workdir / 'checkpoints'
     self._data_dir = self.directory / 'data_state'
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                        enable_async_checkpointing=async_save)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=opts)
     best_opts = ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode='max',
-        keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save)
+        max_to_keep=1,
+        best_fn=lambda m: m[best_metric],
+        best_mode='max',
+        keep_checkpoints_without_metrics=False,
+        enable_async_checkpointing=async_save,
+    )
     self._best = ocp.CheckpointManager(workdir / 'best', options=best_opts)
     self._best_metric = best_metric  # Higher is better: val mIoU, or a denoise run's PSNR.
 
@@ -98,8 +102,11 @@ class Checkpointer:
     self._prune_data_states()
 
   def save_best(self, step: int, state: Any, value: float) -> None:
-    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                    metrics={self._best_metric: float(value)})
+    self._best.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+        metrics={self._best_metric: float(value)},
+    )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     """The train state and this process's input-pipeline state of `step`.
@@ -136,16 +143,25 @@ class Checkpointer:
       try:
         data_state = json.loads(path.read_text())
       except (OSError, ValueError) as e:
-        raise CheckpointError(self._damaged(
-            step, f'{path}: unreadable input-pipeline state ({type(e).__name__}: {e})')) from e
+        raise CheckpointError(
+            self._damaged(
+                step, f'{path}: unreadable input-pipeline state ({type(e).__name__}: {e})'
+            )
+        ) from e
     return data_state
 
   def _damaged(self, step: int, what: str) -> str:
     older = [s for s in self._manager.all_steps() if s < step]
-    hint = (f'the previous complete step is {max(older)}: move {self.directory}/{step} aside '
-            'to resume from it' if older else 'no earlier step is saved')
-    return (f'cannot resume from checkpoint {self.directory}/{step}: {what}. Nothing was deleted; '
-            f'{hint}.')
+    hint = (
+        f'the previous complete step is {max(older)}: move {self.directory}/{step} aside '
+        'to resume from it'
+        if older
+        else 'no earlier step is saved'
+    )
+    return (
+        f'cannot resume from checkpoint {self.directory}/{step}: {what}. Nothing was deleted; '
+        f'{hint}.'
+    )
 
   def _prune_data_states(self) -> None:
     if jax.process_index() != 0 or not self._data_dir.is_dir():
@@ -180,8 +196,7 @@ def latest_step_dir(directory: str) -> Optional[str]:
   directory = storage.path(directory)
   if not directory.is_dir():
     return None
-  steps = [int(d.name) for d in directory.iterdir()
-           if d.name.isdigit() and (d / 'state').is_dir()]
+  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / 'state').is_dir()]
   return str(directory / str(max(steps))) if steps else None
 
 
@@ -198,8 +213,10 @@ def resolve_checkpoint(path: str) -> str:
   found = latest_step_dir(path / 'checkpoints') or latest_step_dir(path)
   if found:
     return found
-  raise FileNotFoundError(f'init_from: no finished checkpoint under {path} '
-                          '(expected <workdir>/checkpoints/<step>/state)')
+  raise FileNotFoundError(
+      f'init_from: no finished checkpoint under {path} '
+      '(expected <workdir>/checkpoints/<step>/state)'
+  )
 
 
 def _restore_on_one_device(path: str) -> Any:
@@ -220,4 +237,5 @@ def load_params(path: str) -> dict:
   except Exception as e:  # Orbax raises many kinds for unreadable data.
     raise CheckpointError(f'cannot read checkpoint {ckpt}: {describe_damage(ckpt, e)}') from e
   from ddep import optimizer  # pylint: disable=g-import-not-at-top
+
   return optimizer.merge(state.get('params') or {}, state.get('frozen') or {})

@@ -1,4 +1,5 @@
 """Checks a config before anything is built or compiled; errors name the key."""
+
 from typing import Any
 
 from ddep import inference
@@ -40,15 +41,19 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
   if config.method not in METHODS:
     _fail('method', f'unknown method {config.method!r}; choose from {METHODS}')
   if config.model.preset not in presets.PRESETS:
-    _fail('model.preset', f'unknown preset {config.model.preset!r}; '
-          f'choose from {sorted(presets.PRESETS)}')
+    _fail(
+        'model.preset',
+        f'unknown preset {config.model.preset!r}; ' f'choose from {sorted(presets.PRESETS)}',
+    )
   if config.model.dtype not in ('float32', 'bfloat16'):
     _fail('model.dtype', f"must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
   if int(config.model.decoder_width_multiplier) < 1:
     _fail('model.decoder_width_multiplier', 'must be >= 1')
   if config.model.attention_impl not in vit.ATTENTION_IMPLS:
-    _fail('model.attention_impl', f'unknown {config.model.attention_impl!r}; choose from '
-          f'{vit.ATTENTION_IMPLS}')
+    _fail(
+        'model.attention_impl',
+        f'unknown {config.model.attention_impl!r}; choose from ' f'{vit.ATTENTION_IMPLS}',
+    )
   unknown = sorted(set(config.model.remat) - set(transunet.REMAT_PARTS))
   if unknown:
     _fail('model.remat', f'unknown parts {unknown}; choose from {transunet.REMAT_PARTS}')
@@ -86,8 +91,10 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
   area = tuple(config.data.area_range)
   if len(area) != 2 or not 0 < area[0] <= area[1] <= 1:
     _fail('data.area_range', f'expected (lo, hi) with 0 < lo <= hi <= 1, got {area}')
-  if config.data.scale_range and (len(config.data.scale_range) != 2 or
-                                  not 0 < config.data.scale_range[0] <= config.data.scale_range[1]):
+  if config.data.scale_range and (
+      len(config.data.scale_range) != 2
+      or not 0 < config.data.scale_range[0] <= config.data.scale_range[1]
+  ):
     _fail('data.scale_range', f'expected (lo, hi) with 0 < lo <= hi, got {config.data.scale_range}')
 
   if config.task == 'denoise':
@@ -121,10 +128,16 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
       _fail(key, 'must be > 0')
   if int(config.eval_every) < 0:
     _fail('eval_every', 'must be >= 0')
-  if config.frozen and config.task == 'denoise' and not (config.init_from or
-                                                          config.init_encoder_from):
-    _fail('frozen', 'freezing parameters that were never initialised from a checkpoint '
-          '(set init_from or init_encoder_from; DDeP freezes a pretrained encoder)')
+  if (
+      config.frozen
+      and config.task == 'denoise'
+      and not (config.init_from or config.init_encoder_from)
+  ):
+    _fail(
+        'frozen',
+        'freezing parameters that were never initialised from a checkpoint '
+        '(set init_from or init_encoder_from; DDeP freezes a pretrained encoder)',
+    )
 
 
 def _validate_noise_level(d) -> None:
@@ -140,15 +153,23 @@ def _validate_noise_level(d) -> None:
   if value[other] or ranges[other]:
     key = f'denoise.{other}_range' if ranges[other] else f'denoise.{other}'
     equation, form = ('1', 'additive') if other == 'sigma' else ('2', 'ddpm')
-    _fail(key, f"{ranges[other] or value[other]} is {other} of Eq. {equation}, the {form!r} "
-          f"form's, but denoise.form={d.form!r} takes denoise.{own} or denoise.{own}_range: "
-          f"clear {key} or set denoise.form={form!r} (sigma = s is gamma = 1 / (1 + s^2))")
+    _fail(
+        key,
+        f'{ranges[other] or value[other]} is {other} of Eq. {equation}, the {form!r} '
+        f"form's, but denoise.form={d.form!r} takes denoise.{own} or denoise.{own}_range: "
+        f'clear {key} or set denoise.form={form!r} (sigma = s is gamma = 1 / (1 + s^2))',
+    )
   high = 1.0 if ddpm else float('inf')  # γ of Eq. 2 lies in (0, 1).
   if ranges[own]:  # A range replaces the fixed value (Table 6).
     r = ranges[own]
     if len(r) != 2 or not 0 < r[0] < r[1] < high:
-      _fail(f'denoise.{own}_range',
-            f"expected (a, b) with 0 < a < b{' < 1' if ddpm else ''}, got {r}")
+      _fail(
+          f'denoise.{own}_range', f"expected (a, b) with 0 < a < b{' < 1' if ddpm else ''}, got {r}"
+      )
   elif not 0 < value[own] < high:
-    _fail(f'denoise.{own}', (f'denoise.form=ddpm needs gamma of Eq. 2 in (0, 1), got '
-                             f'{value[own]}') if ddpm else f'must be > 0, got {d.sigma}')
+    _fail(
+        f'denoise.{own}',
+        (f'denoise.form=ddpm needs gamma of Eq. 2 in (0, 1), got ' f'{value[own]}')
+        if ddpm
+        else f'must be > 0, got {d.sigma}',
+    )

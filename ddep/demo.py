@@ -13,6 +13,7 @@ It mirrors the paper's Table 1 / Figure 2 at toy scale:
 Every stage is an ordinary `ddep.train` run in its own workdir; a rerun skips the
 stages whose workdir says DONE.
 """
+
 import json
 import os
 import time
@@ -28,43 +29,71 @@ from ddep import config_schema
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny dataset and few steps (for tests).')
-_BUDGET = flags.DEFINE_enum('budget', 'default', ['default', 'long'],
-                            "'default' fits 20 minutes on 2 CPU cores; 'long' is ~10x that.")
-_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 0, 'Steps of each pretraining stage '
-                                       '(0: the budget\'s).')
-_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 0, 'Steps of each fine-tuning run '
-                                       '(0: the budget\'s).')
-_FRACTIONS = flags.DEFINE_list('fractions', [], 'Label fractions (empty: the budget\'s).')
+_BUDGET = flags.DEFINE_enum(
+    'budget',
+    'default',
+    ['default', 'long'],
+    "'default' fits 20 minutes on 2 CPU cores; 'long' is ~10x that.",
+)
+_PRETRAIN_STEPS = flags.DEFINE_integer(
+    'pretrain_steps', 0, 'Steps of each pretraining stage ' "(0: the budget's)."
+)
+_FINETUNE_STEPS = flags.DEFINE_integer(
+    'finetune_steps', 0, 'Steps of each fine-tuning run ' "(0: the budget's)."
+)
+_FRACTIONS = flags.DEFINE_list('fractions', [], "Label fractions (empty: the budget's).")
 _SEEDS = flags.DEFINE_integer(
-    'seeds', 0, 'Subset seeds per label fraction below 1 (the full set has one subset: one '
-    'run); 0: the budget\'s.')
-_FINETUNE_LR = flags.DEFINE_float('finetune_lr', 0.0, 'Peak fine-tuning learning rate of '
-                                  'every method (0: the budget\'s).')
-_METHODS = flags.DEFINE_list('methods', [], 'Initialisations to fine-tune (empty: all); only '
-                             'the pretraining stages they need run.')
+    'seeds',
+    0,
+    'Subset seeds per label fraction below 1 (the full set has one subset: one '
+    "run); 0: the budget's.",
+)
+_FINETUNE_LR = flags.DEFINE_float(
+    'finetune_lr', 0.0, 'Peak fine-tuning learning rate of ' "every method (0: the budget's)."
+)
+_METHODS = flags.DEFINE_list(
+    'methods',
+    [],
+    'Initialisations to fine-tune (empty: all); only ' 'the pretraining stages they need run.',
+)
 _EVAL_SPLIT = flags.DEFINE_enum(
-    'eval_split', 'validation', ['validation', 'holdout'],
+    'eval_split',
+    'validation',
+    ['validation', 'holdout'],
     "Where fine-tunes are scored: 'holdout' (part of the labelled data, not the validation "
-    "split) is for choosing hyper-parameters, as docs/demo_study.md did.")
+    'split) is for choosing hyper-parameters, as docs/demo_study.md did.',
+)
 
 # At least 3 subset seeds where the subset varies, so that a mean comes with a std.
 # Every stage trains on 32x32 crops of the 64x64 scenes (1/6 of a 64x64 step's time on
 # 2 cores, docs/demo_study.md) and fine-tunes are scored on whole validation images.
 BUDGETS = {
-    'default': dict(pretrain_steps=4000, finetune_steps=500, finetune_lr=2e-3,
-                    fractions=['0.02', '1.0'], seeds=3),
-    'long': dict(pretrain_steps=20000, finetune_steps=2000, finetune_lr=2e-3,
-                 fractions=['0.02', '0.1', '1.0'], seeds=5),
-    'quick': dict(pretrain_steps=6, finetune_steps=4, finetune_lr=2e-3, fractions=['1.0'],
-                  seeds=1),
+    'default': dict(
+        pretrain_steps=4000,
+        finetune_steps=500,
+        finetune_lr=2e-3,
+        fractions=['0.02', '1.0'],
+        seeds=3,
+    ),
+    'long': dict(
+        pretrain_steps=20000,
+        finetune_steps=2000,
+        finetune_lr=2e-3,
+        fractions=['0.02', '0.1', '1.0'],
+        seeds=5,
+    ),
+    'quick': dict(pretrain_steps=6, finetune_steps=4, finetune_lr=2e-3, fractions=['1.0'], seeds=1),
 }
 
 METHODS = ('none', 'supervised', 'dep', 'ddep')
-METHOD_TITLES = {'none': 'no pretraining', 'supervised': 'supervised', 'dep': 'DeP',
-                 'ddep': 'DDeP'}
+METHOD_TITLES = {'none': 'no pretraining', 'supervised': 'supervised', 'dep': 'DeP', 'ddep': 'DDeP'}
 # The pretraining stages each initialisation needs, in run order.
-_NEEDS = {'none': (), 'supervised': ('supervised',), 'dep': ('dep',),
-          'ddep': ('supervised', 'ddep')}
+_NEEDS = {
+    'none': (),
+    'supervised': ('supervised',),
+    'dep': ('dep',),
+    'ddep': ('supervised', 'ddep'),
+}
 
 # Noise levels. DDeP keeps the paper's 0.1 (Sec. 3.3). DeP uses 0.1, not the paper's 0.8,
 # chosen on the holdout split (docs/demo_study.md): a frozen DeP encoder under a trained
@@ -83,7 +112,7 @@ def _base(quick: bool):
   c.data.eval_batch_size = 16 if quick else 64
   c.data.image_size = (32, 32)
   c.data.eval_pad_to = (48, 48) if quick else (64, 64)
-  c.optim.lr = 2e-3         # a small model trained for minutes wants more than the paper's 1e-4
+  c.optim.lr = 2e-3  # a small model trained for minutes wants more than the paper's 1e-4
   c.optim.warmup_steps = 2 if quick else 50
   c.log_every = 2 if quick else 250
   c.eval_every = 0
@@ -94,9 +123,18 @@ def _base(quick: bool):
   return c
 
 
-def stage_configs(output: str, *, quick: bool, pretrain_steps: int, finetune_steps: int,
-                  fractions, seeds: int, finetune_lr: float = 2e-3, methods=METHODS,
-                  eval_split: str = 'validation') -> list[tuple[str, str, object]]:
+def stage_configs(
+    output: str,
+    *,
+    quick: bool,
+    pretrain_steps: int,
+    finetune_steps: int,
+    fractions,
+    seeds: int,
+    finetune_lr: float = 2e-3,
+    methods=METHODS,
+    eval_split: str = 'validation',
+) -> list[tuple[str, str, object]]:
   """[(name, workdir, config)] in run order: the pretraining stages `methods` need, then
   each method's fine-tunes per fraction and subset seed."""
   unknown = sorted(set(methods) - set(METHODS))
@@ -113,7 +151,7 @@ def stage_configs(output: str, *, quick: bool, pretrain_steps: int, finetune_ste
   if 'supervised' in needed:
     sup = _base(quick)
     sup.task, sup.method = 'classify', 'supervised'
-    sup.data.train_split = 'unlabelled'   # image-level labels of the large split
+    sup.data.train_split = 'unlabelled'  # image-level labels of the large split
     sup.total_steps = pretrain_steps
     add('pretrain_supervised', sup)
 
@@ -165,6 +203,7 @@ def stage_cost(config) -> float:
 def run_stages(runs, *, log=print) -> dict[str, float]:
   """Runs each stage not yet DONE; returns {name: seconds} as each run recorded it."""
   from ddep import train  # pylint: disable=g-import-not-at-top
+
   t_start = time.time()
   costs = [stage_cost(c) for _, _, c in runs]
   seconds, measured, measured_cost = {}, 0.0, 0.0
@@ -189,17 +228,28 @@ def run_stages(runs, *, log=print) -> dict[str, float]:
     # Only runs done in this process count: reused stages took no time now.
     left = measured / measured_cost * sum(costs[i:]) if measured_cost else float('nan')
     extra = f', val mIoU {100 * summary["miou"]:.2f}' if 'miou' in summary else ''
-    log(f'{prefix}: done in {summary["seconds"]:.0f}s{extra} '
-        f'(job: elapsed {time.time() - t_start:.0f}s, ETA {left:.0f}s)')
+    log(
+        f'{prefix}: done in {summary["seconds"]:.0f}s{extra} '
+        f'(job: elapsed {time.time() - t_start:.0f}s, ETA {left:.0f}s)'
+    )
   return seconds
 
 
 def _validation_images(config, count: int):
   """The first `count` validation images and labels, cropped to their own size."""
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
-  batch = next(iter(input_pipeline.eval_dataset(
-      config.data.dataset, batch_size=count, pad_to=tuple(config.data.eval_pad_to),
-      process_index=0, process_count=1)))
+
+  batch = next(
+      iter(
+          input_pipeline.eval_dataset(
+              config.data.dataset,
+              batch_size=count,
+              pad_to=tuple(config.data.eval_pad_to),
+              process_index=0,
+              process_count=1,
+          )
+      )
+  )
   out = []
   for i in range(count):
     h, w = batch['orig_hw'][i] if 'orig_hw' in batch else batch['image'].shape[1:3]
@@ -217,9 +267,12 @@ def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
   """Figure 4 from each denoising model, at the σ it was trained for:
   clean / noisy / predicted ε / denoised, for the image `clean`."""
   from ddep import checkpointing, report, train  # pylint: disable=g-import-not-at-top
+
   paths = []
-  for name, filename, label in (('pretrain_dep', 'denoising.png', 'DeP'),
-                                ('pretrain_ddep', 'denoising_ddep.png', 'DDeP')):
+  for name, filename, label in (
+      ('pretrain_dep', 'denoising.png', 'DeP'),
+      ('pretrain_ddep', 'denoising_ddep.png', 'DDeP'),
+  ):
     found = [r for r in runs if r[0] == name]
     if not found:  # --methods left this pretraining out.
       continue
@@ -233,9 +286,14 @@ def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
     e = np.asarray(model.apply({'params': params}, _pad_for(model, x)[None]))[0, :h, :w]
     path = os.path.join(output, filename)
     report.denoising_grid(
-        clean, {sigma: x}, {sigma: e}, {sigma: x - sigma * e}, path=path,
+        clean,
+        {sigma: x},
+        {sigma: e},
+        {sigma: x - sigma * e},
+        path=path,
         title=f'{label}, {config.model.preset} TransUNet, trained at σ = {sigma:g} '
-              f'({config.total_steps} steps)')
+        f'({config.total_steps} steps)',
+    )
     paths.append(path)
   return paths
 
@@ -247,10 +305,14 @@ def segmentation_figure(runs, output: str, images) -> str:
   from ddep import checkpointing, report, train  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+
   finetunes = [(n, wd, c) for n, wd, c in runs if n.startswith('finetune_')]
   lowest = min(float(c.data.label_fraction) for _, _, c in finetunes)
-  chosen = {c.method: (wd, c) for _, wd, c in finetunes
-            if float(c.data.label_fraction) == lowest and int(c.data.subset_seed) == 0}
+  chosen = {
+      c.method: (wd, c)
+      for _, wd, c in finetunes
+      if float(c.data.label_fraction) == lowest and int(c.data.subset_seed) == 0
+  }
   methods = [m for m in METHODS if m in chosen]
   spec = specs.get(chosen[methods[0]][1].data.dataset)
   predictions = {}
@@ -261,11 +323,12 @@ def segmentation_figure(runs, output: str, images) -> str:
     predictions[method] = []
     for image, label in images:
       logits = np.asarray(model.apply({'params': params}, _pad_for(model, image)[None]))[0]
-      predictions[method].append(np.argmax(logits[:label.shape[0], :label.shape[1]], -1))
+      predictions[method].append(np.argmax(logits[: label.shape[0], : label.shape[1]], -1))
   palette = np.asarray(spec.palette, np.uint8)
   titles = ['image', 'ground truth'] + [METHOD_TITLES[m] for m in methods]
-  fig, axes = plt.subplots(len(images), len(titles), figsize=(1.6 * len(titles), 1.6 * len(images)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+      len(images), len(titles), figsize=(1.6 * len(titles), 1.6 * len(images)), squeeze=False
+  )
   for row, (image, label) in enumerate(images):
     shown = [report.to_display(image), palette[np.where(label == spec.ignore_label, 0, label)]]
     shown += [palette[predictions[m][row]] for m in methods]
@@ -276,8 +339,9 @@ def segmentation_figure(runs, output: str, images) -> str:
       ax.set_yticks([])
       if row == 0:
         ax.set_title(titles[col], fontsize=8)
-  fig.suptitle(f'Validation images, fine-tuned on {100 * lowest:g}% of the labels (seed 0)',
-               fontsize=9)
+  fig.suptitle(
+      f'Validation images, fine-tuned on {100 * lowest:g}% of the labels (seed 0)', fontsize=9
+  )
   fig.tight_layout()
   path = os.path.join(output, 'segmentation.png')
   report._save_figure(fig, path, dpi=100)  # pylint: disable=protected-access
@@ -293,20 +357,26 @@ def stage_seconds_table(runs, seconds: dict[str, float]) -> str:
   lines = ['| Stage | Runs | Seconds |', '|---|---|---|']
   for kind, values in rows.items():
     lines.append(f'| {kind} | {len(values)} | {sum(values):.0f} |')
-  lines.append(f'| all | {sum(len(v) for v in rows.values())} | '
-               f'{sum(sum(v) for v in rows.values()):.0f} |')
+  lines.append(
+      f'| all | {sum(len(v) for v in rows.values())} | '
+      f'{sum(sum(v) for v in rows.values()):.0f} |'
+  )
   return '\n'.join(lines) + '\n'
 
 
 def write_report(runs, output: str, seconds: dict[str, float]) -> str:
   from ddep import report  # pylint: disable=g-import-not-at-top
+
   finetunes = [report.load_run(wd) for name, wd, _ in runs if name.startswith('finetune_')]
   report.build_report(finetunes, output)
   summary = report.summarize(finetunes)
-  text = (report.markdown_summary(summary)
-          + "\n## The paper's orderings, as measured\n\n"
-          + report.markdown_orderings(report.orderings(summary))
-          + '\n## Seconds per stage\n\n' + stage_seconds_table(runs, seconds))
+  text = (
+      report.markdown_summary(summary)
+      + "\n## The paper's orderings, as measured\n\n"
+      + report.markdown_orderings(report.orderings(summary))
+      + '\n## Seconds per stage\n\n'
+      + stage_seconds_table(runs, seconds)
+  )
   with open(os.path.join(output, 'results.md'), 'w') as f:
     f.write(text)
   return text
@@ -324,29 +394,39 @@ def main(argv):
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')
   quick = _QUICK.value
   budget = BUDGETS['quick' if quick else _BUDGET.value]
-  runs = stage_configs(output, quick=quick,
-                       pretrain_steps=_PRETRAIN_STEPS.value or budget['pretrain_steps'],
-                       finetune_steps=_FINETUNE_STEPS.value or budget['finetune_steps'],
-                       fractions=_FRACTIONS.value or budget['fractions'],
-                       seeds=_SEEDS.value or budget['seeds'],
-                       finetune_lr=_FINETUNE_LR.value or budget['finetune_lr'],
-                       methods=_METHODS.value or METHODS, eval_split=_EVAL_SPLIT.value)
+  runs = stage_configs(
+      output,
+      quick=quick,
+      pretrain_steps=_PRETRAIN_STEPS.value or budget['pretrain_steps'],
+      finetune_steps=_FINETUNE_STEPS.value or budget['finetune_steps'],
+      fractions=_FRACTIONS.value or budget['fractions'],
+      seeds=_SEEDS.value or budget['seeds'],
+      finetune_lr=_FINETUNE_LR.value or budget['finetune_lr'],
+      methods=_METHODS.value or METHODS,
+      eval_split=_EVAL_SPLIT.value,
+  )
   t0 = time.time()
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+
   print(f'[demo] preparing the {runs[0][2].data.dataset} dataset ...', flush=True)
   input_pipeline.prepare(runs[0][2].data.dataset, None)
   seconds = run_stages(runs, log=lambda s: print(s, flush=True))
   summary = write_report(runs, output, seconds)
   # One read of the validation images for both figures.
   images = _validation_images(runs[-1][2], 4)
-  figures = (denoising_figures(runs, output, images[0][0])
-             + [segmentation_figure(runs, output, images)])
+  figures = denoising_figures(runs, output, images[0][0]) + [
+      segmentation_figure(runs, output, images)
+  ]
   print('\n' + summary, flush=True)
-  print(f'[demo] wrote {output}/results.md, {output}/miou_vs_fraction_*.png, '
-        f'{", ".join(figures)} in {time.time() - t0:.0f}s', flush=True)
+  print(
+      f'[demo] wrote {output}/results.md, {output}/miou_vs_fraction_*.png, '
+      f'{", ".join(figures)} in {time.time() - t0:.0f}s',
+      flush=True,
+  )
 
 
 if __name__ == '__main__':

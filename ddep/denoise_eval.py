@@ -17,6 +17,7 @@ The noise of image i is drawn from `fold_in(key, i)`, so it is the same at every
 on any number of devices or hosts, and in any batch. A range of noise levels (Table 6)
 gives image i a level drawn the same way.
 """
+
 import dataclasses
 import functools
 import itertools
@@ -41,6 +42,7 @@ _PEAK_TO_PEAK = 2.0
 @dataclasses.dataclass(frozen=True)
 class HeldoutSet:
   """Clean images (N, H, W, 3) float32 in [-1, 1], identical on every process."""
+
   images: np.ndarray
   image_ids: tuple[str, ...]
   dataset: str
@@ -58,35 +60,47 @@ def centre_crop_box(height: int, width: int, out_h: int, out_w: int) -> tuple[in
 def centre_crop_resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """A deterministic view of `image` at `size`: centre crop to its aspect, then resize."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   out_h, out_w = (int(s) for s in size)
   top, left, h, w = centre_crop_box(image.shape[0], image.shape[1], out_h, out_w)
-  crop = image[top:top + h, left:left + w]
+  crop = image[top : top + h, left : left + w]
   # Antialiased bilinear: downscaling a large image must not alias into noise-like detail.
   resized = tf.image.resize(crop, (out_h, out_w), method='bilinear', antialias=True)
   return np.clip(resized.numpy(), -1.0, 1.0).astype(np.float32)
 
 
-def load_heldout(dataset: str, *, num_images: int, image_size: Sequence[int],
-                 split: str = '', data_dir: Optional[str] = None) -> HeldoutSet:
+def load_heldout(
+    dataset: str,
+    *,
+    num_images: int,
+    image_size: Sequence[int],
+    split: str = '',
+    data_dir: Optional[str] = None,
+) -> HeldoutSet:
   """The first `num_images` images of `split` (default: the dataset's eval split).
 
   Every process reads the same images: the set is small and must be identical.
   """
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+
   spec = specs.get(dataset)
   split = split or spec.eval_split
   # One process's view of the whole split, in storage order; one image per batch, as
   # the images differ in size.
   try:
-    examples = input_pipeline.eval_dataset(dataset, batch_size=1, split=split,
-                                           data_dir=data_dir, process_index=0, process_count=1)
+    examples = input_pipeline.eval_dataset(
+        dataset, batch_size=1, split=split, data_dir=data_dir, process_index=0, process_count=1
+    )
   except ValueError as e:  # An unknown split, say: name the config keys that chose it.
-    raise ValueError(f'held-out denoising set of {dataset} (eval.denoise_split={split!r}): '
-                     f'{e}') from e
+    raise ValueError(
+        f'held-out denoising set of {dataset} (eval.denoise_split={split!r}): ' f'{e}'
+    ) from e
   if examples.num_examples < num_images:
-    raise ValueError(f'eval.denoise_images={num_images}: {dataset}/{split} has only '
-                     f'{examples.num_examples} images')
+    raise ValueError(
+        f'eval.denoise_images={num_images}: {dataset}/{split} has only '
+        f'{examples.num_examples} images'
+    )
   images, ids = [], []
   for batch in itertools.islice(iter(examples), num_images):
     images.append(centre_crop_resize(batch['image'][0], image_size))
@@ -100,7 +114,7 @@ def reconstruct(noisy, prediction, level, *, form: str, target: str):
   prediction = jnp.asarray(prediction, jnp.float32)
   level = jnp.asarray(level, jnp.float32).reshape((-1,) + (1,) * (noisy.ndim - 1))
   if form == 'additive':
-    signal, noise = jnp.ones_like(level), level            # x~ = x + σ ε
+    signal, noise = jnp.ones_like(level), level  # x~ = x + σ ε
   elif form == 'ddpm':
     signal, noise = jnp.sqrt(level), jnp.sqrt(1.0 - level)  # x~ = √γ x + √(1-γ) ε
   else:
@@ -133,8 +147,11 @@ def fixed_levels(index, denoise):
     return jnp.full(index.shape, fixed[0], jnp.float32)
   lo, hi = next(iter(level.values()))
   key = jax.random.key(_LEVEL_SEED)
-  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), jnp.float32,
-                                               minval=lo, maxval=hi))(index)
+  return jax.vmap(
+      lambda i: jax.random.uniform(
+          jax.random.fold_in(key, i), (), jnp.float32, minval=lo, maxval=hi
+      )
+  )(index)
 
 
 def make_eval_step(model, denoise, *, images_out: int = 0) -> Callable:
@@ -143,20 +160,23 @@ def make_eval_step(model, denoise, *, images_out: int = 0) -> Callable:
 
   `index` is each row's position in the held-out set; padding rows may hold any index.
   """
+
   def eval_step(params, frozen, images, index):
     eps = fixed_noise(index, images.shape[1:])
     level = fixed_levels(index, denoise)
     noisy = objectives.corrupt(images, eps, level, form=denoise.form)
-    prediction = model.apply({'params': optimizer_lib.merge(params, frozen)}, noisy,
-                             level if model.noise_conditioning else None)
-    eps_hat, x_hat = reconstruct(noisy, prediction, level, form=denoise.form,
-                                 target=denoise.target)
+    prediction = model.apply(
+        {'params': optimizer_lib.merge(params, frozen)},
+        noisy,
+        level if model.noise_conditioning else None,
+    )
+    eps_hat, x_hat = reconstruct(noisy, prediction, level, form=denoise.form, target=denoise.target)
     sq = jnp.square(eps_hat - eps).reshape(images.shape[0], -1)
     out = {'eps_mse': jnp.mean(sq, axis=1), 'psnr': psnr(x_hat, images)}
     if images_out:
-      out.update(noisy=noisy[:images_out], eps_hat=eps_hat[:images_out],
-                 x_hat=x_hat[:images_out])
+      out.update(noisy=noisy[:images_out], eps_hat=eps_hat[:images_out], x_hat=x_hat[:images_out])
     return out
+
   return eval_step
 
 
@@ -172,6 +192,7 @@ def _global(x: np.ndarray, s):
 @dataclasses.dataclass
 class Evaluator:
   """Scores a train state on a held-out set, in chunks of `batch_size` across `mesh`."""
+
   model: object
   denoise: object
   heldout: HeldoutSet
@@ -188,7 +209,8 @@ class Evaluator:
     if images_out not in self._steps:
       self._steps[images_out] = jax.jit(
           make_eval_step(self.model, self.denoise, images_out=images_out),
-          out_shardings=sharding.replicated(self.mesh))
+          out_shardings=sharding.replicated(self.mesh),
+      )
     return self._steps[images_out]
 
   def _batch(self, start: int, stop: int):
@@ -212,17 +234,20 @@ class Evaluator:
       rows = min(pictures, stop - start) if start == 0 else 0
       out = self._step(rows)(params, frozen, *self._batch(start, stop))
       for k in per_image:
-        per_image[k].append(np.asarray(out[k].addressable_data(0))[:stop - start])
+        per_image[k].append(np.asarray(out[k].addressable_data(0))[: stop - start])
       if rows:
         shown = {k: np.asarray(out[k].addressable_data(0)) for k in ('noisy', 'eps_hat', 'x_hat')}
         shown['clean'] = self.heldout.images[:rows]
-    metrics = {f'val/{k}': float(np.mean(np.concatenate(v).astype(np.float64)))
-               for k, v in per_image.items()}
+    metrics = {
+        f'val/{k}': float(np.mean(np.concatenate(v).astype(np.float64)))
+        for k, v in per_image.items()
+    }
     return metrics, shown
 
 
-def evaluate_once(model, denoise, heldout: HeldoutSet, params, *, mesh=None,
-                  batch_size: Optional[int] = None) -> dict[str, float]:
+def evaluate_once(
+    model, denoise, heldout: HeldoutSet, params, *, mesh=None, batch_size: Optional[int] = None
+) -> dict[str, float]:
   """One-shot `Evaluator.run` metrics of host `params` (all trainable), e.g. of a checkpoint."""
   mesh = mesh or sharding.make_mesh()
   evaluator = Evaluator(model, denoise, heldout, mesh, batch_size or len(heldout.images))

@@ -15,6 +15,7 @@ The loading helpers (`load_config`, `find_checkpoint`, `load_params`) are shared
 with `ddep.predict`. Bad input (no checkpoint, a checkpoint that does not fit the
 model, an unprepared dataset, a non-segmentation config) exits 1 with one line.
 """
+
 import json
 import sys
 from typing import Optional
@@ -38,8 +39,9 @@ from ddep import train
 from ddep.datasets import specs
 
 CHECKPOINT_HELP = (
-    "A step dir (<workdir>/best/<step>), a checkpoints/ or best/ dir (its latest step) or "
-    "another workdir (its latest periodic checkpoint); default: this workdir's best, else latest.")
+    'A step dir (<workdir>/best/<step>), a checkpoints/ or best/ dir (its latest step) or '
+    "another workdir (its latest periodic checkpoint); default: this workdir's best, else latest."
+)
 
 
 CheckpointError = checkpointing.CheckpointError
@@ -51,8 +53,10 @@ def load_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None
     return config
   path = storage.path(workdir) / 'config.json'
   if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a ddep workdir '
-                            '(pass --config to say how the run was configured)')
+    raise FileNotFoundError(
+        f'{path} does not exist: {workdir} is not a ddep workdir '
+        '(pass --config to say how the run was configured)'
+    )
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -65,14 +69,18 @@ def find_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
     try:
       return checkpointing.resolve_checkpoint(path)
     except FileNotFoundError as e:
-      raise CheckpointError(f'no finished checkpoint under {path} (expected <step>/state, '
-                            'checkpoints/<step>/state or best/<step>/state)') from e
+      raise CheckpointError(
+          f'no finished checkpoint under {path} (expected <step>/state, '
+          'checkpoints/<step>/state or best/<step>/state)'
+      ) from e
   for sub in ('best', 'checkpoints'):
     found = checkpointing.latest_step_dir(storage.path(workdir) / sub)
     if found:
       return found
-  raise CheckpointError(f'no finished checkpoint in workdir {storage.path(workdir)}: looked for '
-                        'best/<step>/state and checkpoints/<step>/state')
+  raise CheckpointError(
+      f'no finished checkpoint in workdir {storage.path(workdir)}: looked for '
+      'best/<step>/state and checkpoints/<step>/state'
+  )
 
 
 _MAX_KEYS = 20
@@ -88,16 +96,28 @@ def check_params_fit(params, expected, *, where: str) -> None:
   got, want = _flat_shapes(params), _flat_shapes(expected)
   missing = sorted(want.keys() - got.keys())
   unexpected = sorted(got.keys() - want.keys())
-  misshapen = [f'{k}: checkpoint {got[k]} vs model {want[k]}'
-               for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+  misshapen = [
+      f'{k}: checkpoint {got[k]} vs model {want[k]}'
+      for k in sorted(want.keys() & got.keys())
+      if got[k] != want[k]
+  ]
   if missing or unexpected or misshapen:
     # Every kind of mismatch at once; long lists cut so the message stays readable.
     shown = lambda keys: ', '.join(keys[:_MAX_KEYS]) + (  # noqa: E731
-        f', ... ({len(keys) - _MAX_KEYS} more)' if len(keys) > _MAX_KEYS else '')
-    parts = [f'{name} ({len(keys)}): {shown(keys)}' for name, keys in (
-        ('missing from the checkpoint', missing), ('not in the model', unexpected),
-        ('different shapes', misshapen)) if keys]
-    raise CheckpointError(f'checkpoint {where} does not fit the config\'s model; ' + '; '.join(parts))
+        f', ... ({len(keys) - _MAX_KEYS} more)' if len(keys) > _MAX_KEYS else ''
+    )
+    parts = [
+        f'{name} ({len(keys)}): {shown(keys)}'
+        for name, keys in (
+            ('missing from the checkpoint', missing),
+            ('not in the model', unexpected),
+            ('different shapes', misshapen),
+        )
+        if keys
+    ]
+    raise CheckpointError(
+        f"checkpoint {where} does not fit the config's model; " + '; '.join(parts)
+    )
 
 
 def load_params(config, checkpoint_dir: str, spec):
@@ -105,7 +125,8 @@ def load_params(config, checkpoint_dir: str, spec):
   model = train.build_model(config, num_outputs=spec.num_classes)
   h, w = config.data.image_size
   expected = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3), jnp.float32))['params'])
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3), jnp.float32))['params']
+  )
   params = checkpointing.load_params(checkpoint_dir)  # Its errors name the step dir and file.
   check_params_fit(params, expected, where=checkpoint_dir)
   return model, jax.device_get(params)
@@ -116,12 +137,11 @@ def checkpoint_step(checkpoint_dir: str) -> Optional[int]:
   return int(name) if name.isdigit() else None
 
 
-
-
 def check_segmentation_config(config) -> None:
   if config.task != 'segment':
     raise config_validation.ConfigError(
-        f"config.task: a {config.task!r} run predicts no segmentation labels; give a 'segment' run")
+        f"config.task: a {config.task!r} run predicts no segmentation labels; give a 'segment' run"
+    )
 
 
 def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
@@ -137,21 +157,33 @@ def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
   shardings = sharding.state_shardings(params, mesh, fsdp=bool(config.mesh.fsdp))
   # Global arrays from the identical host copy every process holds.
   params = jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings
+  )
 
   if config.data.prepare and spec.name.startswith('demo'):
     train.prepare_once(spec.name, config.data.data_dir or None)
   split = config.data.eval_split or spec.eval_split
   eval_iter = input_pipeline.eval_dataset(
-      spec.name, batch_size=int(config.data.eval_batch_size) // jax.process_count(), split=split,
-      data_dir=config.data.data_dir or None, pad_to=tuple(config.data.eval_pad_to) or None)
-  result = train.evaluate_segmentation(config, model, {'params': params, 'frozen': {}}, mesh, spec,
-                                       eval_iter=eval_iter)
+      spec.name,
+      batch_size=int(config.data.eval_batch_size) // jax.process_count(),
+      split=split,
+      data_dir=config.data.data_dir or None,
+      pad_to=tuple(config.data.eval_pad_to) or None,
+  )
+  result = train.evaluate_segmentation(
+      config, model, {'params': params, 'frozen': {}}, mesh, spec, eval_iter=eval_iter
+  )
 
   name = f'eval_{split}_{config.eval.protocol}{"_flip" if config.eval.flip else ""}.json'
-  out = dict(result, dataset=spec.name, split=split, protocol=config.eval.protocol,
-             flip=bool(config.eval.flip), step=checkpoint_step(checkpoint_dir),
-             checkpoint=checkpoint_dir)
+  out = dict(
+      result,
+      dataset=spec.name,
+      split=split,
+      protocol=config.eval.protocol,
+      flip=bool(config.eval.flip),
+      step=checkpoint_step(checkpoint_dir),
+      checkpoint=checkpoint_dir,
+  )
   out['json'] = str(storage.path(checkpoint_dir) / name)
   if jax.process_index() == 0:
     storage.write_text_atomic(out['json'], json.dumps(metrics_lib.json_safe(out), indent=1))
@@ -164,8 +196,12 @@ def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
 def define_flags() -> None:
   # Defined only when run as a program, so that ddep.predict can import this module
   # and define flags of the same names.
-  config_flags.DEFINE_config_file('config', None, "Experiment config file; default: the "
-                                  "workdir's config.json.", lock_config=True)
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'Experiment config file; default: the ' "workdir's config.json.",
+      lock_config=True,
+  )
   flags.DEFINE_string('workdir', None, 'The run to evaluate.')
   flags.DEFINE_string('checkpoint', None, CHECKPOINT_HELP)
   flags.mark_flags_as_required(['workdir'])

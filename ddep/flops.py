@@ -24,6 +24,7 @@ Train step (backward of y = f(x, W) costs one forward for dW and one for dx):
     no backward pass at all, not even into its skip maps (the decoder convolves
     concat([upsampled, skip]) as two convolutions, see `decoder.ConcatConv`).
 """
+
 import dataclasses
 from typing import Iterable, Sequence
 
@@ -50,6 +51,7 @@ class Op:
   whose freezing removes its weight gradient (None: no parameters); `inputs` the
   source of each differentiable activation operand (2 for attention matmuls).
   """
+
   name: str
   part: str
   flops: int
@@ -86,19 +88,30 @@ def resize2x_flops(batch: int, hw: tuple[int, int], channels: int) -> int:
   return 2 * batch * channels * min(h_first, w_first)
 
 
-def transunet_ops(image_hw: Sequence[int], batch: int = 1, *, backbone: str = 'r50_vit',
-                  resnet_layers: Sequence[int] = (3, 4, 9), resnet_width: int = 64,
-                  hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
-                  mlp_dim: int = 3072, decoder_widths: Sequence[int] = (1024, 512, 256, 128, 64),
-                  num_outputs: int = 3, noise_conditioning: bool = False) -> list[Op]:
+def transunet_ops(
+    image_hw: Sequence[int],
+    batch: int = 1,
+    *,
+    backbone: str = 'r50_vit',
+    resnet_layers: Sequence[int] = (3, 4, 9),
+    resnet_width: int = 64,
+    hidden_size: int = 768,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    mlp_dim: int = 3072,
+    decoder_widths: Sequence[int] = (1024, 512, 256, 128, 64),
+    num_outputs: int = 3,
+    noise_conditioning: bool = False,
+) -> list[Op]:
   """Every contraction of one forward pass, in execution order (mirrors ddep.models)."""
   del num_heads  # Attention FLOPs depend on hidden_size only: heads x head_dim = D.
   ops = []
   hw = tuple(image_hw)
 
   # ResNet root: 7x7/2 conv (then GroupNorm, ReLU and a 3x3/2 max pool, uncounted).
-  op, hw = _conv('encoder/conv_root', 'resnet stem', 'encoder', 'image', hw, 3,
-                 resnet_width, 7, 2, batch)
+  op, hw = _conv(
+      'encoder/conv_root', 'resnet stem', 'encoder', 'image', hw, 3, resnet_width, 7, 2, batch
+  )
   ops.append(op)
   skips = {hw: resnet_width}  # 'root'
   hw = tuple(-(-n // 2) for n in hw)  # max pool, SAME, stride 2
@@ -109,35 +122,68 @@ def transunet_ops(image_hw: Sequence[int], batch: int = 1, *, backbone: str = 'r
       s = 2 if (i > 0 and j == 0) else 1
       pre = f'encoder/block{i + 1}/unit{j + 1}'
       if c != 4 * feat or s != 1:
-        ops.append(_conv(f'{pre}/conv_proj', part, 'encoder', 'encoder', hw, c, 4 * feat,
-                         1, s, batch)[0])
+        ops.append(
+            _conv(f'{pre}/conv_proj', part, 'encoder', 'encoder', hw, c, 4 * feat, 1, s, batch)[0]
+        )
       ops.append(_conv(f'{pre}/conv1', part, 'encoder', 'encoder', hw, c, feat, 1, 1, batch)[0])
       op, out_hw = _conv(f'{pre}/conv2', part, 'encoder', 'encoder', hw, feat, feat, 3, s, batch)
       ops.append(op)
-      ops.append(_conv(f'{pre}/conv3', part, 'encoder', 'encoder', out_hw, feat, 4 * feat,
-                       1, 1, batch)[0])
+      ops.append(
+          _conv(f'{pre}/conv3', part, 'encoder', 'encoder', out_hw, feat, 4 * feat, 1, 1, batch)[0]
+      )
       hw, c = out_hw, 4 * feat
     if i + 1 < len(resnet_layers):
       skips[hw] = c
 
   if backbone == 'r50_vit':
     # 1x1 "patch" embedding of the 1/16 map, then the pre-LN Transformer.
-    ops.append(_conv('encoder/embedding', 'embedding', 'encoder', 'encoder', hw, c,
-                     hidden_size, 1, 1, batch)[0])
+    ops.append(
+        _conv(
+            'encoder/embedding', 'embedding', 'encoder', 'encoder', hw, c, hidden_size, 1, 1, batch
+        )[0]
+    )
     t, d = hw[0] * hw[1], hidden_size
     for layer in range(num_layers):
       pre = f'encoder/Transformer/encoderblock_{layer}'
       for proj in ('query', 'key', 'value', 'out'):
-        ops.append(Op(f'{pre}/{proj}', 'transformer: qkv + out projections',
-                      2 * batch * t * d * d, 'encoder', ('encoder',)))
+        ops.append(
+            Op(
+                f'{pre}/{proj}',
+                'transformer: qkv + out projections',
+                2 * batch * t * d * d,
+                'encoder',
+                ('encoder',),
+            )
+        )
       # Q K^T and the weighted sum of V: 2 T^2 D each, summed over heads.
       for what in ('scores', 'weighted_sum'):
-        ops.append(Op(f'{pre}/attention_{what}', 'transformer: attention',
-                      2 * batch * t * t * d, None, ('encoder', 'encoder')))
-      ops.append(Op(f'{pre}/MlpBlock_3/Dense_0', 'transformer: mlp',
-                    2 * batch * t * d * mlp_dim, 'encoder', ('encoder',)))
-      ops.append(Op(f'{pre}/MlpBlock_3/Dense_1', 'transformer: mlp',
-                    2 * batch * t * mlp_dim * d, 'encoder', ('encoder',)))
+        ops.append(
+            Op(
+                f'{pre}/attention_{what}',
+                'transformer: attention',
+                2 * batch * t * t * d,
+                None,
+                ('encoder', 'encoder'),
+            )
+        )
+      ops.append(
+          Op(
+              f'{pre}/MlpBlock_3/Dense_0',
+              'transformer: mlp',
+              2 * batch * t * d * mlp_dim,
+              'encoder',
+              ('encoder',),
+          )
+      )
+      ops.append(
+          Op(
+              f'{pre}/MlpBlock_3/Dense_1',
+              'transformer: mlp',
+              2 * batch * t * mlp_dim * d,
+              'encoder',
+              ('encoder',),
+          )
+      )
     c = hidden_size
   elif backbone != 'r50':
     raise ValueError(f'unknown backbone {backbone!r}')
@@ -145,8 +191,15 @@ def transunet_ops(image_hw: Sequence[int], batch: int = 1, *, backbone: str = 'r
   if noise_conditioning:
     e = NOISE_EMBEDDING_FEATURES
     for name in ('dense1', 'dense2'):
-      ops.append(Op(f'noise_embedding/{name}', 'noise embedding', 2 * batch * e * e,
-                    'noise_embedding', ('sigma' if name == 'dense1' else 'noise_embedding',)))
+      ops.append(
+          Op(
+              f'noise_embedding/{name}',
+              'noise embedding',
+              2 * batch * e * e,
+              'noise_embedding',
+              ('sigma' if name == 'dense1' else 'noise_embedding',),
+          )
+      )
 
   # UNet decoder: the last log2(image / map) blocks upsample x2 first.
   num_up = (image_hw[0] // hw[0]).bit_length() - 1
@@ -161,14 +214,32 @@ def transunet_ops(image_hw: Sequence[int], batch: int = 1, *, backbone: str = 'r
     # (decoder.ConcatConv), so the skip's input gradient follows the encoder alone.
     ops.append(_conv(f'{pre}/conv1', part, 'decoder', src, hw, c, width, 3, 1, batch)[0])
     if skip_c:
-      ops.append(_conv(f'{pre}/conv1 (skip channels)', part, 'decoder', 'encoder', hw, skip_c,
-                       width, 3, 1, batch)[0])
-    ops.append(_conv(f'{pre}/conv2', part, 'decoder', 'decoder', hw, width, width, 3, 1,
-                     batch)[0])
+      ops.append(
+          _conv(
+              f'{pre}/conv1 (skip channels)',
+              part,
+              'decoder',
+              'encoder',
+              hw,
+              skip_c,
+              width,
+              3,
+              1,
+              batch,
+          )[0]
+      )
+    ops.append(_conv(f'{pre}/conv2', part, 'decoder', 'decoder', hw, width, width, 3, 1, batch)[0])
     if noise_conditioning:
       for n in (1, 2):
-        ops.append(Op(f'{pre}/film{n}', part, 2 * batch * NOISE_EMBEDDING_FEATURES * 2 * width,
-                      'decoder', ('noise_embedding',)))
+        ops.append(
+            Op(
+                f'{pre}/film{n}',
+                part,
+                2 * batch * NOISE_EMBEDDING_FEATURES * 2 * width,
+                'decoder',
+                ('noise_embedding',),
+            )
+        )
     c, src = width, 'decoder'
 
   ops.append(_conv('head', 'head', 'head', 'decoder', hw, c, num_outputs, 1, 1, batch)[0])
@@ -178,11 +249,19 @@ def transunet_ops(image_hw: Sequence[int], batch: int = 1, *, backbone: str = 'r
 def model_ops(model, image_hw: Sequence[int], batch: int = 1) -> list[Op]:
   """`transunet_ops` for a (flax, unbound) `ddep.models.TransUNet`'s fields."""
   return transunet_ops(
-      image_hw, batch, backbone=model.backbone, resnet_layers=tuple(model.resnet_layers),
-      resnet_width=model.resnet_width, hidden_size=model.hidden_size,
-      num_layers=model.num_layers, num_heads=model.num_heads, mlp_dim=model.mlp_dim,
-      decoder_widths=tuple(model.decoder_widths), num_outputs=model.num_outputs,
-      noise_conditioning=model.noise_conditioning)
+      image_hw,
+      batch,
+      backbone=model.backbone,
+      resnet_layers=tuple(model.resnet_layers),
+      resnet_width=model.resnet_width,
+      hidden_size=model.hidden_size,
+      num_layers=model.num_layers,
+      num_heads=model.num_heads,
+      mlp_dim=model.mlp_dim,
+      decoder_widths=tuple(model.decoder_widths),
+      num_outputs=model.num_outputs,
+      noise_conditioning=model.noise_conditioning,
+  )
 
 
 def forward_flops(ops: Sequence[Op]) -> int:
@@ -216,11 +295,17 @@ def format_table(ops: Sequence[Op], *, per: str = 'image') -> str:
   total_fwd = forward_flops(ops)
   # Small models (tests, CPU runs) need more decimals to show anything.
   g = (lambda v: f'{v / 1e9:,.1f}') if total_fwd >= 1e10 else (lambda v: f'{v / 1e9:.4f}')
-  lines = [f'| part | forward GFLOPs/{per} | share | DeP step | DDeP step |',
-           '|---|---:|---:|---:|---:|']
+  lines = [
+      f'| part | forward GFLOPs/{per} | share | DeP step | DDeP step |',
+      '|---|---:|---:|---:|---:|',
+  ]
   for part, row in dep.items():
-    lines.append(f'| {part} | {g(row["forward"])} | {row["forward"] / total_fwd:.1%} | '
-                 f'{g(row["train"])} | {g(ddep[part]["train"])} |')
-  lines.append(f'| **total** | **{g(total_fwd)}** | 100% | **{g(train_step_flops(ops))}** | '
-               f'**{g(train_step_flops(ops, DDEP_TRAINED))}** |')
+    lines.append(
+        f'| {part} | {g(row["forward"])} | {row["forward"] / total_fwd:.1%} | '
+        f'{g(row["train"])} | {g(ddep[part]["train"])} |'
+    )
+  lines.append(
+      f'| **total** | **{g(total_fwd)}** | 100% | **{g(train_step_flops(ops))}** | '
+      f'**{g(train_step_flops(ops, DDEP_TRAINED))}** |'
+  )
   return '\n'.join(lines)

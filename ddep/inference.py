@@ -40,7 +40,7 @@ def _pair(value) -> tuple[int, int]:
 def window_starts(length: int, window: int, stride: int) -> list[int]:
   """Offsets of windows covering [0, length); the last one ends at the border."""
   if not 0 < stride <= window:
-    raise ValueError(f"stride must lie in (0, window={window}] to cover every pixel, got {stride}")
+    raise ValueError(f'stride must lie in (0, window={window}] to cover every pixel, got {stride}')
   if length <= window:
     return [0]
   count = math.ceil((length - window) / stride) + 1
@@ -53,11 +53,11 @@ def _batch_shape(images) -> tuple[int, int, int, int]:
   if len(shape) == 3:
     return (1,) + shape
   if len(shape) != 4:
-    raise ValueError(f"expected (H, W, C) or (N, H, W, C) images, got shape {shape}")
+    raise ValueError(f'expected (H, W, C) or (N, H, W, C) images, got shape {shape}')
   return shape
 
 
-@functools.partial(jax.jit, static_argnames=("padded_hw", "window", "flip", "batch_size"))
+@functools.partial(jax.jit, static_argnames=('padded_hw', 'window', 'flip', 'batch_size'))
 def _extract_windows(images, ys, xs, *, padded_hw, window, flip, batch_size):
   """(K, wh, ww, c) crops, window-major then image, flipped copies appended."""
   images = jnp.asarray(images, jnp.float32)
@@ -77,7 +77,7 @@ def _extract_windows(images, ys, xs, *, padded_hw, window, flip, batch_size):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("num_images", "image_hw", "padded_hw", "flip", "single")
+    jax.jit, static_argnames=('num_images', 'image_hw', 'padded_hw', 'flip', 'single')
 )
 def _stitch(logits_batches, ys, xs, *, num_images, image_hw, padded_hw, flip, single):
   """Average window logits into (N, H, W, C): sum of windows / count map."""
@@ -96,10 +96,10 @@ def _stitch(logits_batches, ys, xs, *, num_images, image_hw, padded_hw, flip, si
     total, count = carry
     start = (0, ys[i], xs[i], 0)
     total = jax.lax.dynamic_update_slice(
-      total, jax.lax.dynamic_slice(total, start, logits.shape[1:]) + logits[i], start
+        total, jax.lax.dynamic_slice(total, start, logits.shape[1:]) + logits[i], start
     )
     count = jax.lax.dynamic_update_slice(
-      count, jax.lax.dynamic_slice(count, start[1:3], window_hw) + 1, start[1:3]
+        count, jax.lax.dynamic_slice(count, start[1:3], window_hw) + 1, start[1:3]
     )
     return total, count
 
@@ -109,14 +109,14 @@ def _stitch(logits_batches, ys, xs, *, num_images, image_hw, padded_hw, flip, si
 
 
 def sliding_window(
-  predict_fn: PredictFn,
-  images,
-  *,
-  window,
-  stride,
-  num_classes: int | None = None,
-  flip: bool = False,
-  batch_size: int | None = None,
+    predict_fn: PredictFn,
+    images,
+    *,
+    window,
+    stride,
+    num_classes: int | None = None,
+    flip: bool = False,
+    batch_size: int | None = None,
 ) -> jax.Array:
   """Logits for whole images from overlapping fixed-size windows.
 
@@ -143,60 +143,60 @@ def sliding_window(
   stride_h, stride_w = _pair(stride)
   padded_hw = (max(height, window[0]), max(width, window[1]))
   offsets = [
-    (y, x)
-    for y in window_starts(padded_hw[0], window[0], stride_h)
-    for x in window_starts(padded_hw[1], window[1], stride_w)
+      (y, x)
+      for y in window_starts(padded_hw[0], window[0], stride_h)
+      for x in window_starts(padded_hw[1], window[1], stride_w)
   ]
   ys = jnp.asarray([y for y, _ in offsets], jnp.int32)
   xs = jnp.asarray([x for _, x in offsets], jnp.int32)
 
   crops = _extract_windows(
-    images, ys, xs, padded_hw=padded_hw, window=window, flip=flip, batch_size=batch_size
+      images, ys, xs, padded_hw=padded_hw, window=window, flip=flip, batch_size=batch_size
   )
   step = crops.shape[0] if batch_size is None else batch_size
   logits = [
-    jnp.asarray(predict_fn(jax.lax.dynamic_slice_in_dim(crops, start, step)))
-    for start in range(0, crops.shape[0], step)
+      jnp.asarray(predict_fn(jax.lax.dynamic_slice_in_dim(crops, start, step)))
+      for start in range(0, crops.shape[0], step)
   ]
   if logits[0].ndim != 4 or logits[0].shape[:3] != (step,) + window:
     raise ValueError(
-      f"predict_fn returned {logits[0].shape} for windows of shape {(step,) + window}; "
-      "it must keep the batch and spatial shape"
+        f'predict_fn returned {logits[0].shape} for windows of shape {(step,) + window}; '
+        'it must keep the batch and spatial shape'
     )
   if num_classes is not None and logits[0].shape[-1] != num_classes:
-    raise ValueError(f"predict_fn returned {logits[0].shape[-1]} classes, expected {num_classes}")
+    raise ValueError(f'predict_fn returned {logits[0].shape[-1]} classes, expected {num_classes}')
   return _stitch(
-    logits,
-    ys,
-    xs,
-    num_images=n,
-    image_hw=(height, width),
-    padded_hw=padded_hw,
-    flip=flip,
-    single=np.ndim(images) == 3,
+      logits,
+      ys,
+      xs,
+      num_images=n,
+      image_hw=(height, width),
+      padded_hw=padded_hw,
+      flip=flip,
+      single=np.ndim(images) == 3,
   )
 
 
 def cityscapes_halves(
-  predict_fn: PredictFn, images, *, flip: bool = True, batch_size: int | None = None
+    predict_fn: PredictFn, images, *, flip: bool = True, batch_size: int | None = None
 ) -> jax.Array:
   """Paper Sec. 4.3: left and right HxH halves of an Hx2H image, each averaged
   with its horizontal flip, concatenated back to full-resolution logits."""
   _, height, width, _ = _batch_shape(images)
   if width != 2 * height:
-    raise ValueError(f"cityscapes_halves needs width == 2 * height, got {height}x{width}")
+    raise ValueError(f'cityscapes_halves needs width == 2 * height, got {height}x{width}')
   # Two non-overlapping HxH windows are exactly the two halves.
   return sliding_window(
-    predict_fn, images, window=height, stride=height, flip=flip, batch_size=batch_size
+      predict_fn, images, window=height, stride=height, flip=flip, batch_size=batch_size
   )
 
 
 def resized_shape(
-  height: int, width: int, *, short_side: int | None = None, long_side: int | None = None
+    height: int, width: int, *, short_side: int | None = None, long_side: int | None = None
 ) -> tuple[int, int]:
   """Aspect-preserving size whose short (or long) side has the given length."""
   if (short_side is None) == (long_side is None):
-    raise ValueError("give exactly one of short_side and long_side")
+    raise ValueError('give exactly one of short_side and long_side')
   if short_side is not None:
     target, side = short_side, min(height, width)
   else:
@@ -215,10 +215,10 @@ def resize_images(images, size: tuple[int, int]) -> jax.Array:
   return _resize(images, shape[:-3] + tuple(size) + shape[-1:])
 
 
-@functools.partial(jax.jit, static_argnames="shape")
+@functools.partial(jax.jit, static_argnames='shape')
 def _resize(images, shape):
   # Jitted so eager dispatch does not compile each of resize's ops separately.
-  return jax.image.resize(jnp.asarray(images, jnp.float32), shape, method="linear", antialias=False)
+  return jax.image.resize(jnp.asarray(images, jnp.float32), shape, method='linear', antialias=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,12 +242,12 @@ class Protocol:
   flip: bool = False
 
   def __post_init__(self):
-    if self.kind not in ("halves", "sliding", "whole"):
-      raise ValueError(f"unknown protocol kind {self.kind!r}")
-    if self.kind == "sliding" and (self.window is None or self.stride is None):
-      raise ValueError(f"{self.name}: sliding protocols need window and stride")
+    if self.kind not in ('halves', 'sliding', 'whole'):
+      raise ValueError(f'unknown protocol kind {self.kind!r}')
+    if self.kind == 'sliding' and (self.window is None or self.stride is None):
+      raise ValueError(f'{self.name}: sliding protocols need window and stride')
     if self.short_side is not None and self.long_side is not None:
-      raise ValueError(f"{self.name}: resize by short_side or long_side, not both")
+      raise ValueError(f'{self.name}: resize by short_side or long_side, not both')
 
   def input_size(self, height: int, width: int) -> tuple[int, int]:
     """The resolution the model sees for an image of the given size."""
@@ -259,14 +259,14 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-  "cityscapes_halves": Protocol("cityscapes_halves", "halves", flip=True),
-  "ade20k_sliding": Protocol(
-    "ade20k_sliding", "sliding", short_side=512, window=(512, 512), stride=(341, 341)
-  ),
-  "pascal_context_sliding": Protocol(
-    "pascal_context_sliding", "sliding", long_side=520, window=(480, 480), stride=(320, 320)
-  ),
-  "whole": Protocol("whole", "whole"),
+    'cityscapes_halves': Protocol('cityscapes_halves', 'halves', flip=True),
+    'ade20k_sliding': Protocol(
+        'ade20k_sliding', 'sliding', short_side=512, window=(512, 512), stride=(341, 341)
+    ),
+    'pascal_context_sliding': Protocol(
+        'pascal_context_sliding', 'sliding', long_side=520, window=(480, 480), stride=(320, 320)
+    ),
+    'whole': Protocol('whole', 'whole'),
 }
 
 
@@ -279,13 +279,13 @@ def resize_for_protocol(images, protocol: Protocol | str) -> jax.Array:
 
 def _window_and_stride(protocol: Protocol, input_hw: tuple[int, int]):
   """The windows `protocol` cuts a model input of size `input_hw` into."""
-  if protocol.kind == "halves":
+  if protocol.kind == 'halves':
     height, width = input_hw
     if width != 2 * height:
-      raise ValueError(f"cityscapes_halves needs width == 2 * height, got {height}x{width}")
+      raise ValueError(f'cityscapes_halves needs width == 2 * height, got {height}x{width}')
     # Two non-overlapping HxH windows are exactly the two halves.
     return (height, height), (height, height)
-  if protocol.kind == "sliding":
+  if protocol.kind == 'sliding':
     return tuple(protocol.window), tuple(protocol.stride)
   return tuple(input_hw), tuple(input_hw)  # 'whole': one window the size of the image.
 
@@ -298,18 +298,18 @@ def protocol_windows(protocol: Protocol | str, height: int, width: int):
   window, stride = _window_and_stride(protocol, input_hw)
   padded = [max(n, k) for n, k in zip(input_hw, window)]
   count = len(window_starts(padded[0], window[0], stride[0])) * len(
-    window_starts(padded[1], window[1], stride[1])
+      window_starts(padded[1], window[1], stride[1])
   )
   return window, count
 
 
 def run_protocol(
-  protocol: Protocol | str,
-  predict_fn: PredictFn,
-  images,
-  *,
-  output_size: tuple[int, int] | None = None,
-  batch_size: int | None = None,
+    protocol: Protocol | str,
+    predict_fn: PredictFn,
+    images,
+    *,
+    output_size: tuple[int, int] | None = None,
+    batch_size: int | None = None,
 ) -> jax.Array:
   """Logits at `output_size` (default: the images' own, i.e. original, size).
 
@@ -321,7 +321,12 @@ def run_protocol(
   model_input = resize_for_protocol(images, protocol)
   window, stride = _window_and_stride(protocol, tuple(model_input.shape[-3:-1]))
   logits = sliding_window(
-    predict_fn, model_input, window=window, stride=stride, flip=protocol.flip, batch_size=batch_size
+      predict_fn,
+      model_input,
+      window=window,
+      stride=stride,
+      flip=protocol.flip,
+      batch_size=batch_size,
   )
   return resize_images(logits, original)
 

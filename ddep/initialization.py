@@ -5,6 +5,7 @@ the earlier run that the new model also has is taken, except the `reinit` parts
 (the final projection `head` is initialised afresh). Shape mismatches fail with
 one error listing them.
 """
+
 from typing import Sequence
 
 from absl import logging
@@ -19,8 +20,9 @@ _POSEMB = 'posembed_input/pos_embedding'
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-  return {'/'.join(k): v for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  return {
+      '/'.join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+  }
 
 
 def merge_from_run(params, source, *, reinit: Sequence[str] = (), source_name: str = 'init_from'):
@@ -36,26 +38,42 @@ def merge_from_run(params, source, *, reinit: Sequence[str] = (), source_name: s
       not_in_source.append(key)
       continue
     source_value = np.asarray(src[key])
-    if (key.endswith(_POSEMB) and source_value.ndim == 4 and source_value.shape[-1] == value.shape[-1]
-        and source_value.shape != tuple(value.shape)):
+    if (
+        key.endswith(_POSEMB)
+        and source_value.ndim == 4
+        and source_value.shape[-1] == value.shape[-1]
+        and source_value.shape != tuple(value.shape)
+    ):
       # Pretraining and fine-tuning may use other crop sizes: resize the grid (as when
       # importing published encoders) rather than refuse.
       source_value = np.asarray(vit.resize_posemb(source_value, value.shape[1:3]))
     if tuple(source_value.shape) != tuple(value.shape):
-      mismatched.append(f'{key}: checkpoint {tuple(np.shape(src[key]))} vs model {tuple(value.shape)}')
+      mismatched.append(
+          f'{key}: checkpoint {tuple(np.shape(src[key]))} vs model {tuple(value.shape)}'
+      )
     else:
       out[key] = source_value.astype(value.dtype)
       taken.append(key)
   if mismatched:
-    raise ValueError(f'{source_name}: the checkpoint does not fit the model; '
-                     f'{len(mismatched)} parameters differ in shape: {mismatched}')
+    raise ValueError(
+        f'{source_name}: the checkpoint does not fit the model; '
+        f'{len(mismatched)} parameters differ in shape: {mismatched}'
+    )
   if not taken:
-    raise ValueError(f'{source_name}: the checkpoint shares no parameter with the model '
-                     f'(model keys e.g. {sorted(target)[:3]}, checkpoint keys e.g. {sorted(src)[:3]})')
+    raise ValueError(
+        f'{source_name}: the checkpoint shares no parameter with the model '
+        f'(model keys e.g. {sorted(target)[:3]}, checkpoint keys e.g. {sorted(src)[:3]})'
+    )
   unused = sorted(k for k in src if k not in target and not skip(k))
   modules = sorted({k.split('/')[0] for k in not_in_source})
-  logging.info('%s: took %d params; kept fresh init for %d (modules %s); %d unused',
-               source_name, len(taken), len(not_in_source), modules, len(unused))
+  logging.info(
+      '%s: took %d params; kept fresh init for %d (modules %s); %d unused',
+      source_name,
+      len(taken),
+      len(not_in_source),
+      modules,
+      len(unused),
+  )
   return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in out.items()})
 
 
@@ -65,6 +83,7 @@ def initial_params(config, params):
     params = load_pretrained_encoder(params, config.init_encoder_from)
   if config.init_from:
     source = checkpointing.load_params(config.init_from)
-    params = merge_from_run(params, source, reinit=tuple(config.reinit),
-                            source_name=f'init_from={config.init_from}')
+    params = merge_from_run(
+        params, source, reinit=tuple(config.reinit), source_name=f'init_from={config.init_from}'
+    )
   return params

@@ -47,7 +47,7 @@ from ddep.datasets import specs
 
 try:
   # TF is only a host-side data loader: it must never claim accelerator memory.
-  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], 'GPU')
 except RuntimeError:  # Devices were already initialised by someone else; nothing to hide then.
   pass
 
@@ -70,9 +70,9 @@ _no_autograph = tf.autograph.experimental.do_not_convert
 # Paper Sec. 5: labelled-subset sizes used in the label-efficiency tables.
 # Keyed by fraction; the totals are the full train splits.
 PAPER_SUBSET_COUNTS: dict[str, tuple[int, dict[float, int]]] = {
-  "cityscapes": (2975, {1 / 30: 100, 1 / 8: 372, 1 / 4: 744}),
-  "pascal_context": (4998, {0.01: 50, 0.05: 250, 0.10: 500, 0.20: 1000}),
-  "ade20k": (20210, {0.01: 202, 0.05: 1010, 0.10: 2021, 0.20: 4042}),
+    'cityscapes': (2975, {1 / 30: 100, 1 / 8: 372, 1 / 4: 744}),
+    'pascal_context': (4998, {0.01: 50, 0.05: 250, 0.10: 500, 0.20: 1000}),
+    'ade20k': (20210, {0.01: 202, 0.05: 1010, 0.10: 2021, 0.20: 4042}),
 }
 
 
@@ -88,7 +88,7 @@ def _subset_family(dataset: str | None) -> str | None:
   if dataset is None:
     return None
   for family in PAPER_SUBSET_COUNTS:
-    if dataset == family or dataset.startswith(family + "_"):
+    if dataset == family or dataset.startswith(family + '_'):
       return family
   return None
 
@@ -101,7 +101,7 @@ def subset_size(num_examples: int, fraction: float, dataset: str | None = None) 
   rule), else round-half-up with at least one example.
   """
   if not 0 < fraction <= 1:
-    raise ValueError(f"fraction must lie in (0, 1], got fraction={fraction!r}")
+    raise ValueError(f'fraction must lie in (0, 1], got fraction={fraction!r}')
   family = _subset_family(dataset)
   if family is not None:
     total, counts = PAPER_SUBSET_COUNTS[family]
@@ -113,12 +113,12 @@ def subset_size(num_examples: int, fraction: float, dataset: str | None = None) 
 
 
 def select_subset(
-  examples: int | Sequence[str],
-  *,
-  fraction: float | None = None,
-  count: int | None = None,
-  seed: int,
-  dataset: str | None = None,
+    examples: int | Sequence[str],
+    *,
+    fraction: float | None = None,
+    count: int | None = None,
+    seed: int,
+    dataset: str | None = None,
 ):
   """A deterministic random subset of a split.
 
@@ -132,28 +132,28 @@ def select_subset(
       5% one), different seeds give different subsets.
   """
   if (fraction is None) == (count is None):
-    raise ValueError("pass exactly one of fraction= and count=")
+    raise ValueError('pass exactly one of fraction= and count=')
   ids = None if isinstance(examples, (int, np.integer)) else sorted({str(i) for i in examples})
   n = int(examples) if ids is None else len(ids)
   if ids is not None and len(ids) != len(examples):
-    raise ValueError(f"example ids are not unique ({len(examples) - len(ids)} duplicates)")
+    raise ValueError(f'example ids are not unique ({len(examples) - len(ids)} duplicates)')
   k = subset_size(n, fraction, dataset) if fraction is not None else int(count)
   if not 0 < k <= n:
-    raise ValueError(f"count must lie in [1, {n}], got count={k}")
+    raise ValueError(f'count must lie in [1, {n}], got count={k}')
   if seed < 0:
-    raise ValueError(f"seed must be non-negative, got {seed}")
+    raise ValueError(f'seed must be non-negative, got {seed}')
   chosen = np.sort(np.random.default_rng([seed, 0x5B5E7]).permutation(n)[:k])
   return chosen if ids is None else [ids[i] for i in chosen]
 
 
 def write_subset_ids(path: str, ids: Sequence[str]) -> None:
   """Writes one example id per line (records which labelled subset a run used)."""
-  with tf.io.gfile.GFile(path, "w") as f:
-    f.write("".join(f"{i}\n" for i in ids))
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(''.join(f'{i}\n' for i in ids))
 
 
 def read_subset_ids(path: str) -> list[str]:
-  with tf.io.gfile.GFile(path, "r") as f:
+  with tf.io.gfile.GFile(path, 'r') as f:
     return [line.strip() for line in f if line.strip()]
 
 
@@ -166,8 +166,8 @@ def _builder(spec: specs.DatasetSpec, data_dir: str | None):
   if not builder.is_prepared():
     command = manual.prepare_command(spec, data_dir=data_dir)
     raise FileNotFoundError(
-      f"Dataset {spec.name!r} ({spec.tfds_name}) is not prepared under data_dir={data_dir!r}; "
-      f"prepare it once with\n  {command}\n({manual.DOCS} says which archives to download)."
+        f'Dataset {spec.name!r} ({spec.tfds_name}) is not prepared under data_dir={data_dir!r}; '
+        f'prepare it once with\n  {command}\n({manual.DOCS} says which archives to download).'
     )
   return builder
 
@@ -187,15 +187,15 @@ def _process_defaults(process_index, process_count):
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
   return int(process_index), int(process_count)
 
 
 def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """[start, end) of the examples that `process_index` reads; disjoint, covering."""
   return (
-    num_examples * process_index // process_count,
-    num_examples * (process_index + 1) // process_count,
+      num_examples * process_index // process_count,
+      num_examples * (process_index + 1) // process_count,
   )
 
 
@@ -213,10 +213,10 @@ def _file_chunks(builder, split: str, start: int, end: int, max_take: int) -> li
   if end <= start:
     return []
   chunks = []
-  for fi in builder.info.splits[f"{split}[{start}:{end}]"].file_instructions:
+  for fi in builder.info.splits[f'{split}[{start}:{end}]'].file_instructions:
     for off in range(0, fi.take, max_take):
       chunks.append(
-        _Chunk(fi.filename, fi.skip + off, min(max_take, fi.take - off), fi.examples_in_shard)
+          _Chunk(fi.filename, fi.skip + off, min(max_take, fi.take - off), fi.examples_in_shard)
       )
   assert sum(c.take for c in chunks) == end - start, (split, start, end)
   return chunks
@@ -232,18 +232,18 @@ def _read_records(chunks: Sequence[_Chunk]) -> tf.data.Dataset:
     return tf.data.TFRecordDataset(filename).skip(skip).take(take)
 
   return tf.data.Dataset.from_tensor_slices(
-    (
-      tf.constant([c.filename for c in chunks]),
-      tf.constant([c.skip for c in chunks], tf.int64),
-      tf.constant([c.take for c in chunks], tf.int64),
-    )
+      (
+          tf.constant([c.filename for c in chunks]),
+          tf.constant([c.skip for c in chunks], tf.int64),
+          tf.constant([c.take for c in chunks], tf.int64),
+      )
   ).flat_map(read)
 
 
 def _deserialize(spec: specs.DatasetSpec, features, record):
   """Record -> feature dict with images still encoded (decoded later, where errors are caught)."""
   decoders = {
-    k: tfds.decode.SkipDecoding() for k in (spec.image_key, spec.label_key) if k in features
+      k: tfds.decode.SkipDecoding() for k in (spec.image_key, spec.label_key) if k in features
   }
   return features.deserialize_example(record, decoders=decoders)
 
@@ -251,10 +251,10 @@ def _deserialize(spec: specs.DatasetSpec, features, record):
 def _read_ids(spec: specs.DatasetSpec, features, records: tf.data.Dataset) -> list[str]:
   @_no_autograph
   def image_id(record):
-    return _deserialize(spec, features, record)["image_id"]
+    return _deserialize(spec, features, record)['image_id']
 
   return [
-    i.decode() for i in records.map(image_id, num_parallel_calls=_AUTOTUNE).as_numpy_iterator()
+      i.decode() for i in records.map(image_id, num_parallel_calls=_AUTOTUNE).as_numpy_iterator()
   ]
 
 
@@ -273,18 +273,18 @@ class _Source:
   """
 
   def __init__(
-    self,
-    spec: specs.DatasetSpec,
-    builder,
-    splits: Sequence[str],
-    process_index: int,
-    process_count: int,
-    *,
-    subset_ids: Sequence[str] | None,
-    in_memory: bool | None,
-    shuffle_chunk: int,
-    layout: str = "auto",
-    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
+      self,
+      spec: specs.DatasetSpec,
+      builder,
+      splits: Sequence[str],
+      process_index: int,
+      process_count: int,
+      *,
+      subset_ids: Sequence[str] | None,
+      in_memory: bool | None,
+      shuffle_chunk: int,
+      layout: str = 'auto',
+      memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
   ):
     self.spec = spec
     self.features = builder.info.features
@@ -294,28 +294,28 @@ class _Source:
       chunks = []
       for split in splits:
         n = builder.info.splits[split].num_examples
-        start, end = (0, n) if kind == "global" else process_range(n, process_index, process_count)
-        if kind == "equal_shards":
+        start, end = (0, n) if kind == 'global' else process_range(n, process_index, process_count)
+        if kind == 'equal_shards':
           end = start + n // process_count
         chunks += _file_chunks(builder, split, start, end, max_take=max_take)
       return chunks
 
-    if layout == "auto":
+    if layout == 'auto':
       if subset_ids is not None:
         in_memory = True  # Subsets are small; streaming would read the whole split per epoch.
       elif in_memory is None:
         # The same decision on every process: it depends on the global files only.
-        in_memory = self._estimated_bytes(chunks_of("global")) <= memory_limit_bytes
-      layout = "global" if in_memory else "equal_shards"
+        in_memory = self._estimated_bytes(chunks_of('global')) <= memory_limit_bytes
+      layout = 'global' if in_memory else 'equal_shards'
     elif in_memory is None:
       in_memory = False
-    if layout not in ("global", "equal_shards", "ranges"):
-      raise ValueError(f"unknown layout {layout!r}")
-    if subset_ids is not None and layout != "global":
+    if layout not in ('global', 'equal_shards', 'ranges'):
+      raise ValueError(f'unknown layout {layout!r}')
+    if subset_ids is not None and layout != 'global':
       raise ValueError("a labelled subset is chosen over the whole split: it needs layout='global'")
     self.layout = layout
     # Whether the stream (order and augmentation) is the same on every process.
-    self.is_global = layout == "global"
+    self.is_global = layout == 'global'
     chunks = chunks_of(layout)
     self.in_memory = bool(in_memory)
     if self.in_memory:
@@ -348,9 +348,9 @@ class _Source:
 
   def parse_ids(self, records: Sequence[bytes]) -> list[str]:
     return _read_ids(
-      self.spec,
-      self.features,
-      tf.data.Dataset.from_tensor_slices(tf.constant(list(records), tf.string)),
+        self.spec,
+        self.features,
+        tf.data.Dataset.from_tensor_slices(tf.constant(list(records), tf.string)),
     )
 
   def deserialize(self, record):
@@ -381,7 +381,7 @@ class _Source:
 
 def _check_seed(seed: int) -> int:
   if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    raise ValueError(f'seed must be a non-negative int, got {seed!r}')
   return int(seed)
 
 
@@ -392,7 +392,7 @@ def _fold(key, data):
 def _permutation(n, key):
   # int64 sort keys: float32 ones would tie often for n in the thousands.
   keys = tf.random.stateless_uniform(
-    [n], seed=key, minval=None, maxval=None, dtype=tf.int64, alg=pp._ALG
+      [n], seed=key, minval=None, maxval=None, dtype=tf.int64, alg=pp._ALG
   )
   return tf.argsort(keys, stable=True)
 
@@ -440,7 +440,7 @@ class _Plan:
   """
 
   def __init__(
-    self, chunk_sizes: Sequence[int], *, seed: int, stream: int, shuffle: bool, repeat: bool
+      self, chunk_sizes: Sequence[int], *, seed: int, stream: int, shuffle: bool, repeat: bool
   ):
     self.chunk_sizes = list(chunk_sizes)
     self.n = int(sum(chunk_sizes))
@@ -458,11 +458,11 @@ class _Plan:
     if not self.shuffle:
       return tf.range(size, dtype=tf.int32)
     return _permutation(
-      size, _fold(_fold(self._key, epoch), tf.cast(chunk_id, tf.int64) + (1 << 40))
+        size, _fold(_fold(self._key, epoch), tf.cast(chunk_id, tf.int64) + (1 << 40))
     )
 
   def dataset(
-    self, start_position: int, read_chunk: Callable, slots: _Slots | None = None
+      self, start_position: int, read_chunk: Callable, slots: _Slots | None = None
   ) -> tf.data.Dataset:
     """{'record', '_pos'} from `start_position` on; `read_chunk(id)` yields a chunk's records once.
 
@@ -491,7 +491,7 @@ class _Plan:
 
         @_no_autograph
         def pick(records):
-          return {"record": tf.gather(records, records_order), "_pos": positions}
+          return {'record': tf.gather(records, records_order), '_pos': positions}
 
         return read_chunk(chunk_id).map(pick).unbatch()
 
@@ -499,9 +499,9 @@ class _Plan:
       return chunks.flat_map(chunk_stream)
 
     epochs = (
-      tf.data.Dataset.range(start_epoch, start_epoch + 1)
-      if not self.repeat
-      else tf.data.Dataset.range(start_epoch, 1 << 62)
+        tf.data.Dataset.range(start_epoch, start_epoch + 1)
+        if not self.repeat
+        else tf.data.Dataset.range(start_epoch, 1 << 62)
     )
     return epochs.flat_map(epoch_stream)
 
@@ -555,16 +555,16 @@ def _label_problems(spec: specs.DatasetSpec, image, raw, label):
   same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.shape(label)))
   valid = (label < spec.num_classes) | tf.equal(label, spec.ignore_label)
   size_msg = tf.strings.format(
-    "image size {} != label size {}", (tf.shape(image)[:2], tf.shape(label))
+      'image size {} != label size {}', (tf.shape(image)[:2], tf.shape(label))
   )
   # The stored values, not what label_map made of them (254 for every unknown id).
   bad_values = tf.unique(tf.boolean_mask(raw, ~valid))[0]
   value_msg = tf.strings.format(
-    "raw label values {} are not ids of the dataset (label_map sends them outside [0, {}) "
-    "and != {})",
-    (bad_values, spec.num_classes, spec.ignore_label),
+      'raw label values {} are not ids of the dataset (label_map sends them outside [0, {}) '
+      'and != {})',
+      (bad_values, spec.num_classes, spec.ignore_label),
   )
-  return tf.where(~same_size, size_msg, tf.where(tf.reduce_all(valid), "", value_msg))
+  return tf.where(~same_size, size_msg, tf.where(tf.reduce_all(valid), '', value_msg))
 
 
 class _Examples:
@@ -576,18 +576,18 @@ class _Examples:
   """
 
   def __init__(
-    self,
-    source: _Source,
-    plan: _Plan,
-    *,
-    seed: int,
-    stream: int,
-    skip_bad_examples: bool,
-    what: str,
-    window: Callable | None = None,
+      self,
+      source: _Source,
+      plan: _Plan,
+      *,
+      seed: int,
+      stream: int,
+      skip_bad_examples: bool,
+      what: str,
+      window: Callable | None = None,
   ):
-    if window is not None and what == "segmentation":
-      raise ValueError("a decode window would crop the image but not its label")
+    if window is not None and what == 'segmentation':
+      raise ValueError('a decode window would crop the image but not its label')
     self.source, self.plan = source, plan
     self.key = tf.constant([_check_seed(seed), 2 * stream], tf.int64)
     self.skip_bad = skip_bad_examples
@@ -595,13 +595,13 @@ class _Examples:
     self.window = window
 
   def dataset(
-    self,
-    start_position: int,
-    transform: Callable,
-    *,
-    batch_size: int,
-    drop_remainder: bool,
-    slots: _Slots | None = None,
+      self,
+      start_position: int,
+      transform: Callable,
+      *,
+      batch_size: int,
+      drop_remainder: bool,
+      slots: _Slots | None = None,
   ):
     spec, source = self.source.spec, self.source
 
@@ -613,48 +613,50 @@ class _Examples:
 
     @_no_autograph
     def decode(ex):
-      feats = source.deserialize(ex["record"])
+      feats = source.deserialize(ex['record'])
       out = {
-        "_pos": ex["_pos"],
-        "image_id": feats["image_id"],
-        "image": decode_image(feats[spec.image_key], ex["_pos"]),
+          '_pos': ex['_pos'],
+          'image_id': feats['image_id'],
+          'image': decode_image(feats[spec.image_key], ex['_pos']),
       }
-      if self.what == "segmentation":
+      if self.what == 'segmentation':
         raw = _decode_raw_label(feats[spec.label_key])
-        out["label"] = tf.gather(tf.constant(spec.label_map), raw)
-        out["_problem"] = _label_problems(spec, out["image"], raw, out["label"])
+        out['label'] = tf.gather(tf.constant(spec.label_map), raw)
+        out['_problem'] = _label_problems(spec, out['image'], raw, out['label'])
       else:
-        out["_problem"] = tf.constant("")
-        if self.what == "labels":
-          out["labels"] = tf.cast(feats[spec.image_labels_key], tf.float32)
+        out['_problem'] = tf.constant('')
+        if self.what == 'labels':
+          out['labels'] = tf.cast(feats[spec.image_labels_key], tf.float32)
       return out
 
     @_no_autograph
     def check(ex):
       message = tf.strings.format(
-        "Bad example in dataset " + spec.name + ": image_id={} (stream position {}): {}",
-        (ex["image_id"], ex["_pos"], ex["_problem"]),
+          'Bad example in dataset ' + spec.name + ': image_id={} (stream position {}): {}',
+          (ex['image_id'], ex['_pos'], ex['_problem']),
       )
-      with tf.control_dependencies([tf.debugging.Assert(tf.equal(ex["_problem"], ""), [message])]):
+      with tf.control_dependencies([tf.debugging.Assert(tf.equal(ex['_problem'], ''), [message])]):
         return {k: tf.identity(v) for k, v in ex.items()}
 
     @_no_autograph
     def is_good(ex):
-      ok = tf.equal(ex["_problem"], "")
+      ok = tf.equal(ex['_problem'], '')
       with tf.control_dependencies(
-        [
-          tf.cond(
-            ok, tf.no_op, lambda: tf.print("Skipping bad example", ex["image_id"], ex["_problem"])
-          )
-        ]
+          [
+              tf.cond(
+                  ok,
+                  tf.no_op,
+                  lambda: tf.print('Skipping bad example', ex['image_id'], ex['_problem']),
+              )
+          ]
       ):
         return tf.identity(ok)
 
     @_no_autograph
     def augment(ex):
-      seed = _fold(self.key, ex["_pos"])
+      seed = _fold(self.key, ex['_pos'])
       out = transform(ex, seed)
-      out["_pos"] = ex["_pos"]
+      out['_pos'] = ex['_pos']
       return out
 
     ds = self.plan.dataset(start_position, source.chunk_records, slots)
@@ -686,8 +688,8 @@ def _next_numpy(iterator):
   try:
     return {k: v.numpy() for k, v in next(iterator).items()}
   except tf.errors.InvalidArgumentError as e:
-    if "Bad example" in e.message:
-      start = e.message.index("Bad example")
+    if 'Bad example' in e.message:
+      start = e.message.index('Bad example')
       raise BadExampleError(e.message[start:].splitlines()[0]) from None
     raise
 
@@ -700,9 +702,13 @@ def _log_skipped(examples: _Examples, positions: Sequence[int], what: str) -> li
   """Logs the skipped examples by id; returns their ids."""
   ids = [examples.image_id_at(p) for p in positions]
   logging.warning(
-    "%s skipped %d bad example(s) of %s (undecodable image or label): image_id=%s "
-    "(stream positions %s)", what, len(ids), examples.source.spec.name, ", ".join(ids),
-    list(positions),
+      '%s skipped %d bad example(s) of %s (undecodable image or label): image_id=%s '
+      '(stream positions %s)',
+      what,
+      len(ids),
+      examples.source.spec.name,
+      ', '.join(ids),
+      list(positions),
   )
   return ids
 
@@ -717,9 +723,9 @@ def _add_listed(listed: list[str], ids: Sequence[str]) -> None:
 def _undecodable_message(examples: _Examples, missing: Sequence[int]) -> str:
   ids = [examples.image_id_at(p) for p in missing[:5]]
   return (
-    f"Bad example in dataset {examples.source.spec.name}: undecodable image or label for "
-    f"image_id={', '.join(ids)} (stream positions {list(missing[:5])}); "
-    f"pass skip_bad_examples=True to drop such examples."
+      f'Bad example in dataset {examples.source.spec.name}: undecodable image or label for '
+      f"image_id={', '.join(ids)} (stream positions {list(missing[:5])}); "
+      f'pass skip_bad_examples=True to drop such examples.'
   )
 
 
@@ -745,14 +751,14 @@ class TrainIterator:
   """
 
   def __init__(
-    self,
-    examples: _Examples,
-    transform: Callable,
-    *,
-    slots: _Slots,
-    config: dict,
-    state: Mapping | None,
-    start_step: int = 0,
+      self,
+      examples: _Examples,
+      transform: Callable,
+      *,
+      slots: _Slots,
+      config: dict,
+      state: Mapping | None,
+      start_step: int = 0,
   ):
     self._examples = examples
     self._transform = transform
@@ -786,37 +792,37 @@ class TrainIterator:
 
   def _state(self, *, slot: int, step: int, num_bad: int, bad_ids: list[str]) -> dict:
     return {
-      "position": int(self._slots.to_global(slot)),
-      "step": int(step),
-      "num_bad_examples": int(num_bad),
-      "bad_example_ids": list(bad_ids),
-      "config": self._config,
-      "process_index": self._slots.index,
-      "process_count": self._slots.count,
+        'position': int(self._slots.to_global(slot)),
+        'step': int(step),
+        'num_bad_examples': int(num_bad),
+        'bad_example_ids': list(bad_ids),
+        'config': self._config,
+        'process_index': self._slots.index,
+        'process_count': self._slots.count,
     }
 
   def get_state(self) -> dict:
     return self._state(
-      slot=self._slot, step=self._step, num_bad=self._num_bad, bad_ids=self._bad_ids
+        slot=self._slot, step=self._step, num_bad=self._num_bad, bad_ids=self._bad_ids
     )
 
   def set_state(self, state: Mapping) -> None:
-    saved = _upgrade_legacy_config(dict(state.get("config", self._config)), self._config)
+    saved = _upgrade_legacy_config(dict(state.get('config', self._config)), self._config)
     if saved != self._config:
       diff = sorted(
-        k for k in set(saved) | set(self._config) if saved.get(k) != self._config.get(k)
+          k for k in set(saved) | set(self._config) if saved.get(k) != self._config.get(k)
       )
-      if "process_count" in diff:
+      if 'process_count' in diff:
         raise ValueError(
-          f"Iterator state was saved by {saved.get('process_count')} processes and cannot resume "
-          f"on {self._config.get('process_count')}: {self._config['dataset']} is streamed, so "
-          "each process reads its own shard; resume with the same number of processes."
+            f"Iterator state was saved by {saved.get('process_count')} processes and cannot resume "
+            f"on {self._config.get('process_count')}: {self._config['dataset']} is streamed, so "
+            'each process reads its own shard; resume with the same number of processes.'
         )
       raise ValueError(
-        f"Iterator state was saved with different settings for {diff}: {saved} vs {self._config}"
+          f'Iterator state was saved with different settings for {diff}: {saved} vs {self._config}'
       )
-    position, step = int(state["position"]), int(state["step"])
-    layout = (int(state.get("process_index", 0)), int(state.get("process_count", 1)))
+    position, step = int(state['position']), int(state['step'])
+    layout = (int(state.get('process_index', 0)), int(state.get('process_count', 1)))
     if layout == (self._slots.index, self._slots.count):
       self._slot = int(self._slots.to_slot(position))
     else:
@@ -825,20 +831,20 @@ class TrainIterator:
       old = _Slots(self._slots.global_batch // layout[1], layout[0], layout[1])
       if position != old.to_global(step * old.local_batch):
         raise ValueError(
-          f"Iterator state of process {layout[0]}/{layout[1]} at step {step} is at position "
-          f"{position}, not at the start of its slice of the global batch (bad examples were "
-          f"skipped), so it cannot resume on {self._slots.count} processes."
+            f'Iterator state of process {layout[0]}/{layout[1]} at step {step} is at position '
+            f'{position}, not at the start of its slice of the global batch (bad examples were '
+            f'skipped), so it cannot resume on {self._slots.count} processes.'
         )
       self._slot = step * self._batch_size
     self._step = step
-    self._num_bad = int(state.get("num_bad_examples", 0))
-    self._bad_ids = list(state.get("bad_example_ids", []))
+    self._num_bad = int(state.get('num_bad_examples', 0))
+    self._bad_ids = list(state.get('bad_example_ids', []))
     ds = self._examples.dataset(
-      int(self._slots.to_global(self._slot)),
-      self._transform,
-      batch_size=self._batch_size,
-      drop_remainder=True,
-      slots=self._slots,
+        int(self._slots.to_global(self._slot)),
+        self._transform,
+        batch_size=self._batch_size,
+        drop_remainder=True,
+        slots=self._slots,
     )
     self._iterator = iter(ds)
 
@@ -847,14 +853,14 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = _next_numpy(self._iterator)
-    got = self._slots.to_slot(batch.pop("_pos"))
+    got = self._slots.to_slot(batch.pop('_pos'))
     expected = self._slot + np.arange(self._batch_size)
     if not np.array_equal(got, expected):
       missing = sorted(set(range(self._slot, int(got[-1]) + 1)) - set(got.tolist()))
       positions = [int(p) for p in self._slots.to_global(np.asarray(missing))]
       if not self._examples.skip_bad:
         raise BadExampleError(_undecodable_message(self._examples, positions))
-      _add_listed(self._bad_ids, _log_skipped(self._examples, positions, "training"))
+      _add_listed(self._bad_ids, _log_skipped(self._examples, positions, 'training'))
     self._num_bad += int(got[-1]) + 1 - self._slot - self._batch_size
     self._slot = int(got[-1]) + 1
     self._step += 1
@@ -868,55 +874,55 @@ def _upgrade_legacy_config(saved: dict, current: dict) -> dict:
   a multi-process one does not match and is refused.
   """
   saved = _jsonable(saved)
-  if "layout" in saved or saved.get("process_count") != 1:
+  if 'layout' in saved or saved.get('process_count') != 1:
     return saved
-  saved.pop("process_index", None)
-  saved.pop("process_count", None)
-  saved["layout"] = current.get("layout")
-  for key in ("process_index", "process_count"):
+  saved.pop('process_index', None)
+  saved.pop('process_count', None)
+  saved['layout'] = current.get('layout')
+  for key in ('process_index', 'process_count'):
     if key in current:
-      saved[key] = 0 if key == "process_index" else 1
+      saved[key] = 0 if key == 'process_index' else 1
   return saved
 
 
 def _train_iterator(
-  kind: str,
-  dataset,
-  *,
-  splits,
-  what: str,
-  transform,
-  batch_size: int,
-  seed: int,
-  data_dir,
-  process_index,
-  process_count,
-  start_step: int,
-  state,
-  skip_bad_examples: bool,
-  in_memory,
-  shuffle_chunk: int,
-  subset_ids=None,
-  window: Callable | None = None,
-  extra_config: dict,
+    kind: str,
+    dataset,
+    *,
+    splits,
+    what: str,
+    transform,
+    batch_size: int,
+    seed: int,
+    data_dir,
+    process_index,
+    process_count,
+    start_step: int,
+    state,
+    skip_bad_examples: bool,
+    in_memory,
+    shuffle_chunk: int,
+    subset_ids=None,
+    window: Callable | None = None,
+    extra_config: dict,
 ) -> TrainIterator:
   spec = specs.get(dataset)
   seed = _check_seed(seed)
   process_index, process_count = _process_defaults(process_index, process_count)
   builder = _builder(spec, data_dir)
   source = _Source(
-    spec,
-    builder,
-    splits,
-    process_index,
-    process_count,
-    subset_ids=subset_ids,
-    in_memory=in_memory,
-    shuffle_chunk=shuffle_chunk,
+      spec,
+      builder,
+      splits,
+      process_index,
+      process_count,
+      subset_ids=subset_ids,
+      in_memory=in_memory,
+      shuffle_chunk=shuffle_chunk,
   )
   if source.num_examples == 0:
     raise ValueError(
-      f"{spec.name}: process {process_index}/{process_count} has no examples in {splits}"
+        f'{spec.name}: process {process_index}/{process_count} has no examples in {splits}'
     )
   # A global stream is one for all processes; a streamed shard is this process's own.
   if source.is_global:
@@ -925,28 +931,28 @@ def _train_iterator(
     stream, slots = process_index, _Slots(batch_size)
   plan = _Plan(source.chunk_sizes, seed=seed, stream=stream, shuffle=True, repeat=True)
   examples = _Examples(
-    source,
-    plan,
-    seed=seed,
-    stream=stream,
-    skip_bad_examples=skip_bad_examples,
-    what=what,
-    window=window,
+      source,
+      plan,
+      seed=seed,
+      stream=stream,
+      skip_bad_examples=skip_bad_examples,
+      what=what,
+      window=window,
   )
   config = dict(
-    kind=kind,
-    dataset=spec.name,
-    splits=list(splits),
-    seed=seed,
-    batch_size=batch_size * process_count,  # Global.
-    layout=source.layout,
-    shuffle_chunk=None if source.in_memory else shuffle_chunk,
-    **extra_config,
+      kind=kind,
+      dataset=spec.name,
+      splits=list(splits),
+      seed=seed,
+      batch_size=batch_size * process_count,  # Global.
+      layout=source.layout,
+      shuffle_chunk=None if source.in_memory else shuffle_chunk,
+      **extra_config,
   )
   if not source.is_global:
     config.update(process_index=process_index, process_count=process_count)
   return TrainIterator(
-    examples, transform, slots=slots, config=config, state=state, start_step=start_step
+      examples, transform, slots=slots, config=config, state=state, start_step=start_step
   )
 
 
@@ -975,20 +981,20 @@ def _inception_augment(crop, seed, out_hw):
 
 
 def pretrain_dataset(
-  dataset: str,
-  *,
-  batch_size: int,
-  image_size: Sequence[int] = (512, 512),
-  seed: int,
-  data_dir: str | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  start_step: int = 0,
-  state: Mapping | None = None,
-  area_range: Sequence[float] = (0.05, 1.0),
-  skip_bad_examples: bool = False,
-  in_memory: bool | None = None,
-  shuffle_chunk: int = 1024,
+    dataset: str,
+    *,
+    batch_size: int,
+    image_size: Sequence[int] = (512, 512),
+    seed: int,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    state: Mapping | None = None,
+    area_range: Sequence[float] = (0.05, 1.0),
+    skip_bad_examples: bool = False,
+    in_memory: bool | None = None,
+    shuffle_chunk: int = 1024,
 ) -> TrainIterator:
   """Unlabelled images for denoising pretraining: {'image': float32 (B, H, W, 3) in [-1, 1]}.
 
@@ -999,26 +1005,26 @@ def pretrain_dataset(
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    return {"image": _inception_augment(ex["image"], seed, out_hw)}
+    return {'image': _inception_augment(ex['image'], seed, out_hw)}
 
   return _train_iterator(
-    "pretrain",
-    spec,
-    splits=spec.pretrain_splits,
-    what="image",
-    transform=transform,
-    batch_size=batch_size,
-    seed=seed,
-    data_dir=data_dir,
-    process_index=process_index,
-    process_count=process_count,
-    start_step=start_step,
-    state=state,
-    skip_bad_examples=skip_bad_examples,
-    in_memory=in_memory,
-    shuffle_chunk=shuffle_chunk,
-    window=_inception_window(area_range),
-    extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
+      'pretrain',
+      spec,
+      splits=spec.pretrain_splits,
+      what='image',
+      transform=transform,
+      batch_size=batch_size,
+      seed=seed,
+      data_dir=data_dir,
+      process_index=process_index,
+      process_count=process_count,
+      start_step=start_step,
+      state=state,
+      skip_bad_examples=skip_bad_examples,
+      in_memory=in_memory,
+      shuffle_chunk=shuffle_chunk,
+      window=_inception_window(area_range),
+      extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
   )
 
 
@@ -1028,7 +1034,7 @@ def _resolve_subset(spec, builder, split, subset, subset_seed) -> list[str] | No
     return None
   n = builder.info.splits[split].num_examples
   ids = _read_ids(
-    spec, builder.info.features, _read_records(_file_chunks(builder, split, 0, n, max_take=n))
+      spec, builder.info.features, _read_records(_file_chunks(builder, split, 0, n, max_take=n))
   )
   if isinstance(subset, (float, np.floating)):
     return select_subset(ids, fraction=float(subset), seed=subset_seed, dataset=spec.name)
@@ -1038,29 +1044,29 @@ def _resolve_subset(spec, builder, split, subset, subset_seed) -> list[str] | No
   unknown = sorted(set(chosen) - set(ids))
   if unknown:
     raise ValueError(
-      f"{len(unknown)} subset ids are not in {spec.name}/{split}, e.g. {unknown[:5]}"
+        f'{len(unknown)} subset ids are not in {spec.name}/{split}, e.g. {unknown[:5]}'
     )
   return sorted(set(chosen))
 
 
 def finetune_dataset(
-  dataset: str,
-  *,
-  batch_size: int,
-  crop_size: Sequence[int],
-  seed: int,
-  scale_range: Sequence[float] | None = None,
-  subset: float | int | Sequence[str] | str | None = None,
-  subset_seed: int = 0,
-  split: str | None = None,
-  data_dir: str | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  start_step: int = 0,
-  state: Mapping | None = None,
-  skip_bad_examples: bool = False,
-  in_memory: bool | None = None,
-  shuffle_chunk: int = 1024,
+    dataset: str,
+    *,
+    batch_size: int,
+    crop_size: Sequence[int],
+    seed: int,
+    scale_range: Sequence[float] | None = None,
+    subset: float | int | Sequence[str] | str | None = None,
+    subset_seed: int = 0,
+    split: str | None = None,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    state: Mapping | None = None,
+    skip_bad_examples: bool = False,
+    in_memory: bool | None = None,
+    shuffle_chunk: int = 1024,
 ) -> TrainIterator:
   """Labelled crops: {'image': float32 (B, h, w, 3) in [-1, 1], 'label': int32 (B, h, w)}.
 
@@ -1081,39 +1087,39 @@ def finetune_dataset(
 
   def transform(ex, seed):
     image, label = pp.joint_random_scale_crop_flip(
-      ex["image"],
-      ex["label"],
-      seed,
-      crop_hw,
-      scale_range=scale_range,
-      ignore_label=spec.ignore_label,
-      image_fn=pp.scale_to_minus1_1,  # On the crop: not the whole image in float32.
+        ex['image'],
+        ex['label'],
+        seed,
+        crop_hw,
+        scale_range=scale_range,
+        ignore_label=spec.ignore_label,
+        image_fn=pp.scale_to_minus1_1,  # On the crop: not the whole image in float32.
     )
-    return {"image": image, "label": tf.cast(label, tf.int32)}
+    return {'image': image, 'label': tf.cast(label, tf.int32)}
 
   it = _train_iterator(
-    "finetune",
-    spec,
-    splits=(split,),
-    what="segmentation",
-    transform=transform,
-    batch_size=batch_size,
-    seed=seed,
-    data_dir=data_dir,
-    process_index=process_index,
-    process_count=process_count,
-    start_step=start_step,
-    state=state,
-    skip_bad_examples=skip_bad_examples,
-    in_memory=in_memory,
-    shuffle_chunk=shuffle_chunk,
-    subset_ids=subset_ids,
-    extra_config=dict(
-      crop_size=list(crop_hw),
-      scale_range=None if scale_range is None else list(scale_range),
-      subset_size=None if subset_ids is None else len(subset_ids),
-      subset_seed=None if subset_ids is None else subset_seed,
-    ),
+      'finetune',
+      spec,
+      splits=(split,),
+      what='segmentation',
+      transform=transform,
+      batch_size=batch_size,
+      seed=seed,
+      data_dir=data_dir,
+      process_index=process_index,
+      process_count=process_count,
+      start_step=start_step,
+      state=state,
+      skip_bad_examples=skip_bad_examples,
+      in_memory=in_memory,
+      shuffle_chunk=shuffle_chunk,
+      subset_ids=subset_ids,
+      extra_config=dict(
+          crop_size=list(crop_hw),
+          scale_range=None if scale_range is None else list(scale_range),
+          subset_size=None if subset_ids is None else len(subset_ids),
+          subset_seed=None if subset_ids is None else subset_seed,
+      ),
   )
   it.subset_ids = subset_ids
   it.split_num_examples = builder.info.splits[split].num_examples
@@ -1121,21 +1127,21 @@ def finetune_dataset(
 
 
 def supervised_dataset(
-  dataset: str,
-  *,
-  batch_size: int,
-  image_size: Sequence[int],
-  seed: int,
-  split: str | None = None,
-  data_dir: str | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  start_step: int = 0,
-  state: Mapping | None = None,
-  area_range: Sequence[float] = (0.05, 1.0),
-  skip_bad_examples: bool = False,
-  in_memory: bool | None = None,
-  shuffle_chunk: int = 1024,
+    dataset: str,
+    *,
+    batch_size: int,
+    image_size: Sequence[int],
+    seed: int,
+    split: str | None = None,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    state: Mapping | None = None,
+    area_range: Sequence[float] = (0.05, 1.0),
+    skip_bad_examples: bool = False,
+    in_memory: bool | None = None,
+    shuffle_chunk: int = 1024,
 ) -> TrainIterator:
   """Image-level labels for supervised encoder pretraining (the ImageNet-21K stand-in).
 
@@ -1144,32 +1150,32 @@ def supervised_dataset(
   spec = specs.get(dataset)
   if spec.image_labels_key is None:
     raise ValueError(
-      f"Dataset {spec.name!r} has no image-level labels (DatasetSpec.image_labels_key is None); "
-      "supervised_dataset needs e.g. 'demo'."
+        f'Dataset {spec.name!r} has no image-level labels (DatasetSpec.image_labels_key is None); '
+        "supervised_dataset needs e.g. 'demo'."
     )
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    return {"image": _inception_augment(ex["image"], seed, out_hw), "labels": ex["labels"]}
+    return {'image': _inception_augment(ex['image'], seed, out_hw), 'labels': ex['labels']}
 
   return _train_iterator(
-    "supervised",
-    spec,
-    splits=(split or spec.train_split,),
-    what="labels",
-    transform=transform,
-    batch_size=batch_size,
-    seed=seed,
-    data_dir=data_dir,
-    process_index=process_index,
-    process_count=process_count,
-    start_step=start_step,
-    state=state,
-    skip_bad_examples=skip_bad_examples,
-    in_memory=in_memory,
-    shuffle_chunk=shuffle_chunk,
-    window=_inception_window(area_range),
-    extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
+      'supervised',
+      spec,
+      splits=(split or spec.train_split,),
+      what='labels',
+      transform=transform,
+      batch_size=batch_size,
+      seed=seed,
+      data_dir=data_dir,
+      process_index=process_index,
+      process_count=process_count,
+      start_step=start_step,
+      state=state,
+      skip_bad_examples=skip_bad_examples,
+      in_memory=in_memory,
+      shuffle_chunk=shuffle_chunk,
+      window=_inception_window(area_range),
+      extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
   )
 
 
@@ -1199,28 +1205,33 @@ class EvalDataset:
   def _transform(self, ex, seed):
     del seed
     ignore = self._examples.source.spec.ignore_label
-    image = pp.scale_to_minus1_1(ex["image"])
-    label = tf.cast(ex["label"], tf.int32)
-    out = {"image_id": ex["image_id"], "_mask": tf.constant(True)}
+    image = pp.scale_to_minus1_1(ex['image'])
+    label = tf.cast(ex['label'], tf.int32)
+    out = {'image_id': ex['image_id'], '_mask': tf.constant(True)}
     if self.pad_to is not None:
       hw = tf.shape(image)[:2]
       fits = tf.debugging.Assert(
-        tf.reduce_all(hw <= tf.constant(self.pad_to)),
-        ["Image larger than pad_to=" + str(self.pad_to) + ": image_id", ex["image_id"], "size", hw],
+          tf.reduce_all(hw <= tf.constant(self.pad_to)),
+          [
+              'Image larger than pad_to=' + str(self.pad_to) + ': image_id',
+              ex['image_id'],
+              'size',
+              hw,
+          ],
       )
       # Gate the padding on the check so its message, not ensure_shape's, is what fails.
       with tf.control_dependencies([fits]):
-        out["orig_hw"] = tf.identity(hw)
+        out['orig_hw'] = tf.identity(hw)
         image = tf.ensure_shape(pp.pad_to(tf.identity(image), self.pad_to, 0.0), [*self.pad_to, 3])
         label = tf.ensure_shape(
-          pp.pad_to(tf.identity(label), self.pad_to, ignore), list(self.pad_to)
+            pp.pad_to(tf.identity(label), self.pad_to, ignore), list(self.pad_to)
         )
     out.update(image=image, label=label)
     return out
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     ds = self._examples.dataset(
-      0, self._transform, batch_size=self.batch_size, drop_remainder=False
+        0, self._transform, batch_size=self.batch_size, drop_remainder=False
     )
     iterator = iter(ds)
     template = None
@@ -1233,20 +1244,20 @@ class EvalDataset:
         batch = None
       except tf.errors.InvalidArgumentError as e:
         if (
-          "to the batch" in e.message
-          or "Cannot batch" in e.message
-          or "different shapes" in e.message
+            'to the batch' in e.message
+            or 'Cannot batch' in e.message
+            or 'different shapes' in e.message
         ):
           raise ValueError(
-            f"Images in {self._examples.source.spec.name} differ in size; pass pad_to=(H, W) "
-            "to eval_dataset to pad them."
+              f'Images in {self._examples.source.spec.name} differ in size; pass pad_to=(H, W) '
+              'to eval_dataset to pad them.'
           ) from e
-        if "larger than pad_to" in e.message:
-          start = e.message.index("Image larger")
+        if 'larger than pad_to' in e.message:
+          start = e.message.index('Image larger')
           raise ValueError(e.message[start:].splitlines()[0]) from None
         raise
       if batch is not None:
-        positions = batch.pop("_pos")
+        positions = batch.pop('_pos')
         gap = sorted(set(range(expected, int(positions[-1]) + 1)) - set(positions.tolist()))
         if gap and not self._examples.skip_bad:
           raise BadExampleError(_undecodable_message(self._examples, gap))
@@ -1257,17 +1268,17 @@ class EvalDataset:
       if template is None:
         if self.pad_to is None:
           raise ValueError(
-            "This process has no eval examples; pass pad_to so padding batches have a shape."
+              'This process has no eval examples; pass pad_to so padding batches have a shape.'
           )
         template = {
-          "image": ((*self.pad_to, 3), np.float32),
-          "label": (tuple(self.pad_to), np.int32),
-          "_mask": ((), np.bool_),
-          "image_id": ((), object),
-          "orig_hw": ((2,), np.int32),
+            'image': ((*self.pad_to, 3), np.float32),
+            'label': (tuple(self.pad_to), np.int32),
+            '_mask': ((), np.bool_),
+            'image_id': ((), object),
+            'orig_hw': ((2,), np.int32),
         }
       yield _ids_as_bytes(
-        _pad_batch(batch, template, self.batch_size, self._examples.source.spec.ignore_label)
+          _pad_batch(batch, template, self.batch_size, self._examples.source.spec.ignore_label)
       )
     trailing = list(range(expected, self.num_examples))
     if trailing and not self._examples.skip_bad:
@@ -1276,7 +1287,7 @@ class EvalDataset:
       self._skipped(trailing)
 
   def _skipped(self, positions):
-    ids = _log_skipped(self._examples, positions, "evaluation")
+    ids = _log_skipped(self._examples, positions, 'evaluation')
     self.num_bad_examples += len(ids)
     _add_listed(self.bad_example_ids, ids)
 
@@ -1285,12 +1296,12 @@ class EvalDataset:
 
 
 def _pad_batch(batch, template, batch_size, ignore_label):
-  n = 0 if batch is None else len(batch["_mask"])
+  n = 0 if batch is None else len(batch['_mask'])
   if n == batch_size:
     return batch
   out = {}
   for key, (shape, dtype) in template.items():
-    fill = {"label": ignore_label, "image_id": b""}.get(key, 0)
+    fill = {'label': ignore_label, 'image_id': b''}.get(key, 0)
     padded = np.full((batch_size, *shape), fill, dtype=dtype)
     if batch is not None:
       padded[:n] = batch[key]
@@ -1299,22 +1310,22 @@ def _pad_batch(batch, template, batch_size, ignore_label):
 
 
 def _ids_as_bytes(batch):
-  batch["image_id"] = np.array(batch["image_id"].tolist(), dtype=np.bytes_)
+  batch['image_id'] = np.array(batch['image_id'].tolist(), dtype=np.bytes_)
   return batch
 
 
 def eval_dataset(
-  dataset: str,
-  *,
-  batch_size: int,
-  split: str | None = None,
-  pad_to: Sequence[int] | None = None,
-  data_dir: str | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  skip_bad_examples: bool = False,
-  in_memory: bool | None = False,
-  shuffle_chunk: int = 1024,
+    dataset: str,
+    *,
+    batch_size: int,
+    split: str | None = None,
+    pad_to: Sequence[int] | None = None,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    skip_bad_examples: bool = False,
+    in_memory: bool | None = False,
+    shuffle_chunk: int = 1024,
 ) -> EvalDataset:
   """Evaluation batches; see EvalDataset. Images of different sizes need `pad_to`."""
   spec = specs.get(dataset)
@@ -1322,31 +1333,31 @@ def eval_dataset(
   process_index, process_count = _process_defaults(process_index, process_count)
   builder = _builder(spec, data_dir)
   source = _Source(
-    spec,
-    builder,
-    (split,),
-    process_index,
-    process_count,
-    subset_ids=None,
-    in_memory=in_memory,
-    shuffle_chunk=shuffle_chunk,
-    layout="ranges",
+      spec,
+      builder,
+      (split,),
+      process_index,
+      process_count,
+      subset_ids=None,
+      in_memory=in_memory,
+      shuffle_chunk=shuffle_chunk,
+      layout='ranges',
   )
   plan = _Plan(source.chunk_sizes, seed=0, stream=process_index, shuffle=False, repeat=False)
   examples = _Examples(
-    source,
-    plan,
-    seed=0,
-    stream=process_index,
-    skip_bad_examples=skip_bad_examples,
-    what="segmentation",
+      source,
+      plan,
+      seed=0,
+      stream=process_index,
+      skip_bad_examples=skip_bad_examples,
+      what='segmentation',
   )
   total = builder.info.splits[split].num_examples
   largest_shard = -(-total // process_count)
   num_batches = -(-largest_shard // batch_size)
   return EvalDataset(
-    examples,
-    batch_size=batch_size,
-    num_batches=num_batches,
-    pad_to=None if pad_to is None else tuple(int(s) for s in pad_to),
+      examples,
+      batch_size=batch_size,
+      num_batches=num_batches,
+      pad_to=None if pad_to is None else tuple(int(s) for s in pad_to),
   )

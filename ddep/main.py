@@ -3,6 +3,7 @@ r"""Entry point: `python -m ddep.main --config=configs/<experiment>.py --workdir
 Overrides: `--config.key=value`; experiment arguments: `--config=configs/x.py:arg=v,runlocal`.
 `--dry_run` prints the resolved config, validates it for this machine's devices and exits.
 """
+
 import sys
 
 from absl import app
@@ -10,26 +11,33 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go.')
 _DRY_RUN = flags.DEFINE_bool(
-    'dry_run', False, 'Print the resolved config, validate it and exit: nothing is read, '
-    'built or written.')
+    'dry_run',
+    False,
+    'Print the resolved config, validate it and exit: nothing is read, ' 'built or written.',
+)
 
 
 def dry_run(config, workdir: str) -> int:
   """The config as training would see it; checked for this machine's device count."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddep import config_validation  # pylint: disable=g-import-not-at-top
+
   print(config, flush=True)
   try:
     config_validation.validate(config, num_devices=jax.device_count())
   except config_validation.ConfigError as e:
     print(f'ddep.main: error: {e}', file=sys.stderr, flush=True)
     return 1
-  print(f'ddep.main: config valid for {jax.device_count()} {jax.default_backend()} devices; '
-        f'--dry_run, so nothing was written to {workdir}', flush=True)
+  print(
+      f'ddep.main: config valid for {jax.device_count()} {jax.default_backend()} devices; '
+      f'--dry_run, so nothing was written to {workdir}',
+      flush=True,
+  )
   return 0
 
 
@@ -40,12 +48,15 @@ def main(argv):
     return dry_run(_CONFIG.value, _WORKDIR.value)
   # Import after flag parsing so `--help` stays fast and TF never sees the accelerator.
   from ddep import sharding  # pylint: disable=g-import-not-at-top
+
   sharding.maybe_initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')
   from ddep import checkpointing  # pylint: disable=g-import-not-at-top
   from ddep import config_validation  # pylint: disable=g-import-not-at-top
   from ddep import train  # pylint: disable=g-import-not-at-top
+
   logging.info('config:\n%s', _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -29,13 +29,13 @@ IGNORE_LABEL = 255
 
 
 def confusion_matrix(
-  labels,
-  predictions,
-  num_classes: int,
-  *,
-  ignore_label: int = IGNORE_LABEL,
-  mask=None,
-  unmatched_column: bool = False,
+    labels,
+    predictions,
+    num_classes: int,
+    *,
+    ignore_label: int = IGNORE_LABEL,
+    mask=None,
+    unmatched_column: bool = False,
 ):
   """Counts (ground truth, prediction) pixel pairs; jit-friendly, fixed shape.
 
@@ -63,12 +63,12 @@ def confusion_matrix(
   labels = jnp.asarray(labels).astype(jnp.int32)
   predictions = jnp.asarray(predictions).astype(jnp.int32)
   if labels.shape != predictions.shape:
-    raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} differ in shape")
+    raise ValueError(f'labels {labels.shape} and predictions {predictions.shape} differ in shape')
   valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
   if mask is not None:
     mask = jnp.asarray(mask).astype(bool)
     if mask.shape != labels.shape[: mask.ndim]:
-      raise ValueError(f"mask {mask.shape} is not a leading part of labels {labels.shape}")
+      raise ValueError(f'mask {mask.shape} is not a leading part of labels {labels.shape}')
     valid &= mask.reshape(mask.shape + (1,) * (labels.ndim - mask.ndim))
   in_range = (predictions >= 0) & (predictions < num_classes)
   if unmatched_column:
@@ -80,9 +80,9 @@ def confusion_matrix(
   # Invalid pixels are sent to cell 0 with weight 0, so every index is in bounds.
   index = jnp.where(valid, labels * columns + predictions, 0).reshape(-1)
   counts = (
-    jnp.zeros((num_classes * columns,), jnp.int32)
-    .at[index]
-    .add(valid.reshape(-1).astype(jnp.int32))
+      jnp.zeros((num_classes * columns,), jnp.int32)
+      .at[index]
+      .add(valid.reshape(-1).astype(jnp.int32))
   )
   return counts.reshape(num_classes, columns)
 
@@ -102,15 +102,15 @@ class ConfusionMatrixAccumulator:
   def update(self, cm) -> None:
     cm = np.asarray(cm).astype(np.int64)
     if cm.ndim != 2 or cm.shape[1] not in (cm.shape[0], cm.shape[0] + 1):
-      raise ValueError(f"confusion matrix must be (C, C) or (C, C + 1), got {cm.shape}")
+      raise ValueError(f'confusion matrix must be (C, C) or (C, C + 1), got {cm.shape}')
     if self._num_classes is not None and cm.shape[0] != self._num_classes:
-      raise ValueError(f"expected {self._num_classes} classes, got a {cm.shape} matrix")
+      raise ValueError(f'expected {self._num_classes} classes, got a {cm.shape} matrix')
     if (cm < 0).any():
-      raise ValueError("confusion matrix has negative counts (int32 overflow upstream?)")
+      raise ValueError('confusion matrix has negative counts (int32 overflow upstream?)')
     if self._cm is None:
       self._cm = cm.copy()
     elif self._cm.shape != cm.shape:
-      raise ValueError(f"matrix shape changed from {self._cm.shape} to {cm.shape}")
+      raise ValueError(f'matrix shape changed from {self._cm.shape} to {cm.shape}')
     else:
       self._cm += cm
 
@@ -120,7 +120,7 @@ class ConfusionMatrixAccumulator:
   def result(self) -> np.ndarray:
     if self._cm is None:
       if self._num_classes is None:
-        raise ValueError("no matrix accumulated yet and num_classes unknown")
+        raise ValueError('no matrix accumulated yet and num_classes unknown')
       return np.zeros((self._num_classes, self._num_classes), np.int64)
     return self._cm.copy()
 
@@ -154,27 +154,27 @@ def segmentation_metrics(cm, class_names: Sequence[str] | None = None) -> dict[s
   cm = np.asarray(cm, np.float64)
   num_classes = cm.shape[0]
   if cm.ndim != 2 or cm.shape[1] not in (num_classes, num_classes + 1):
-    raise ValueError(f"confusion matrix must be (C, C) or (C, C + 1), got {cm.shape}")
+    raise ValueError(f'confusion matrix must be (C, C) or (C, C + 1), got {cm.shape}')
   if class_names is None:
     class_names = [str(i) for i in range(num_classes)]
   if len(class_names) != num_classes:
-    raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    raise ValueError(f'{len(class_names)} class names for {num_classes} classes')
   tp = np.diagonal(cm[:, :num_classes])
   gt_pixels = cm.sum(axis=1)  # TP + FN, including predictions of no class.
   predicted = cm[:, :num_classes].sum(axis=0)  # TP + FP.
   union = gt_pixels + predicted - tp
-  with np.errstate(invalid="ignore", divide="ignore"):
+  with np.errstate(invalid='ignore', divide='ignore'):
     iou = np.where(union > 0, tp / union, np.nan)
     accuracy = np.where(gt_pixels > 0, tp / gt_pixels, np.nan)
   total = cm.sum()
   return {
-    "miou": _nanmean(iou),
-    "per_class_iou": {n: float(v) for n, v in zip(class_names, iou)},
-    "pixel_accuracy": float(tp.sum() / total) if total > 0 else math.nan,
-    "mean_class_accuracy": _nanmean(accuracy),
-    "per_class_accuracy": {n: float(v) for n, v in zip(class_names, accuracy)},
-    "num_pixels": int(total),
-    "class_names": list(class_names),
+      'miou': _nanmean(iou),
+      'per_class_iou': {n: float(v) for n, v in zip(class_names, iou)},
+      'pixel_accuracy': float(tp.sum() / total) if total > 0 else math.nan,
+      'mean_class_accuracy': _nanmean(accuracy),
+      'per_class_accuracy': {n: float(v) for n, v in zip(class_names, accuracy)},
+      'num_pixels': int(total),
+      'class_names': list(class_names),
   }
 
 
@@ -193,19 +193,19 @@ def json_safe(value):
 
 
 def _percent(value: float) -> str:
-  return "   n/a" if math.isnan(value) else f"{100 * value:6.2f}"
+  return '   n/a' if math.isnan(value) else f'{100 * value:6.2f}'
 
 
 def format_table(metrics: dict[str, Any]) -> str:
   """A per-class IoU / accuracy table, values x100 to two decimals."""
-  names = list(metrics["per_class_iou"])
-  width = max([len("mean_class_accuracy")] + [len(n) for n in names])
-  lines = [f"{'class':<{width}}    IoU    Acc", "-" * (width + 15)]
+  names = list(metrics['per_class_iou'])
+  width = max([len('mean_class_accuracy')] + [len(n) for n in names])
+  lines = [f"{'class':<{width}}    IoU    Acc", '-' * (width + 15)]
   for name in names:
-    acc = metrics.get("per_class_accuracy", {}).get(name, math.nan)
+    acc = metrics.get('per_class_accuracy', {}).get(name, math.nan)
     lines.append(f"{name:<{width}} {_percent(metrics['per_class_iou'][name])} {_percent(acc)}")
-  lines.append("-" * (width + 15))
-  for key in ("miou", "pixel_accuracy", "mean_class_accuracy"):
+  lines.append('-' * (width + 15))
+  for key in ('miou', 'pixel_accuracy', 'mean_class_accuracy'):
     if key in metrics:
-      lines.append(f"{key:<{width}} {_percent(metrics[key])}")
-  return "\n".join(lines)
+      lines.append(f'{key:<{width}} {_percent(metrics[key])}')
+  return '\n'.join(lines)

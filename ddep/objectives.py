@@ -29,8 +29,8 @@ import numpy as np
 
 Array = jax.Array
 
-NOISE_FORMS = ("additive", "ddpm")
-DENOISING_TARGETS = ("eps", "x")
+NOISE_FORMS = ('additive', 'ddpm')
+DENOISING_TARGETS = ('eps', 'x')
 
 
 # ----------------------------------------------------------------------------
@@ -39,11 +39,11 @@ DENOISING_TARGETS = ("eps", "x")
 
 
 def sample_sigma(
-  rng: Array,
-  batch_size: int,
-  *,
-  sigma: Optional[float] = None,
-  sigma_range: Optional[Sequence[float]] = None,
+    rng: Array,
+    batch_size: int,
+    *,
+    sigma: Optional[float] = None,
+    sigma_range: Optional[Sequence[float]] = None,
 ) -> Array:
   """Noise levels, one per example: shape (batch_size,), float32.
 
@@ -60,19 +60,19 @@ def sample_sigma(
   """
   if (sigma is None) == (sigma_range is None):
     raise ValueError(
-      "Give exactly one of `sigma` (fixed noise level) and `sigma_range` "
-      f"((a, b) for sigma ~ U(a, b)); got sigma={sigma!r}, "
-      f"sigma_range={sigma_range!r}."
+        'Give exactly one of `sigma` (fixed noise level) and `sigma_range` '
+        f'((a, b) for sigma ~ U(a, b)); got sigma={sigma!r}, '
+        f'sigma_range={sigma_range!r}.'
     )
   if sigma is not None:
     if not float(sigma) > 0:
-      raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
+      raise ValueError(f'`sigma` must be > 0, got {sigma!r}.')
     return jnp.full((batch_size,), sigma, jnp.float32)
   if len(sigma_range) != 2:
-    raise ValueError(f"`sigma_range` must be a pair (a, b), got {sigma_range!r}.")
+    raise ValueError(f'`sigma_range` must be a pair (a, b), got {sigma_range!r}.')
   lo, hi = (float(v) for v in sigma_range)
   if not 0 <= lo < hi:
-    raise ValueError(f"`sigma_range` (a, b) needs 0 <= a < b, got {sigma_range!r}.")
+    raise ValueError(f'`sigma_range` (a, b) needs 0 <= a < b, got {sigma_range!r}.')
   return jax.random.uniform(rng, (batch_size,), jnp.float32, minval=lo, maxval=hi)
 
 
@@ -85,7 +85,7 @@ def sigma_from_gamma(gamma):
   """sigma of Eq. 1 with the signal-to-noise ratio of gamma in Eq. 2: sqrt((1 - g) / g)."""
   gamma = np.asarray(gamma, np.float64)
   if not (np.all(gamma > 0) and np.all(gamma < 1)):
-    raise ValueError(f"gamma of Eq. 2 must lie in (0, 1), got {gamma.tolist()}.")
+    raise ValueError(f'gamma of Eq. 2 must lie in (0, 1), got {gamma.tolist()}.')
   return np.sqrt((1.0 - gamma) / gamma)
 
 
@@ -103,12 +103,11 @@ def _check_gamma_if_concrete(gamma) -> None:
     return  # Traced under jit; `make_denoising_batch` checks the config instead.
   if g.size and not (np.all(g > 0) and np.all(g < 1)):
     raise ValueError(
-      "form='ddpm': gamma of Eq. 2 must lie in "
-      f"(0, 1); got values in [{g.min()}, {g.max()}]."
+        "form='ddpm': gamma of Eq. 2 must lie in " f'(0, 1); got values in [{g.min()}, {g.max()}].'
     )
 
 
-def corrupt(x: Array, eps: Array, sigma, *, form: str = "additive") -> Array:
+def corrupt(x: Array, eps: Array, sigma, *, form: str = 'additive') -> Array:
   """Noisy image x~ from clean images `x` (B, H, W, C) and noise `eps`.
 
   Args:
@@ -130,18 +129,18 @@ def corrupt(x: Array, eps: Array, sigma, *, form: str = "additive") -> Array:
   x = jnp.asarray(x, jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
   if x.shape != eps.shape:
-    raise ValueError(f"x {x.shape} and eps {eps.shape} must have one shape.")
-  if form == "additive":
+    raise ValueError(f'x {x.shape} and eps {eps.shape} must have one shape.')
+  if form == 'additive':
     return x + _per_example(sigma, x) * eps
-  if form == "ddpm":
+  if form == 'ddpm':
     _check_gamma_if_concrete(sigma)
     gamma = _per_example(sigma, x)
     return jnp.sqrt(gamma) * x + jnp.sqrt(1.0 - gamma) * eps
-  raise ValueError(f"`form` must be one of {NOISE_FORMS}, got {form!r}.")
+  raise ValueError(f'`form` must be one of {NOISE_FORMS}, got {form!r}.')
 
 
 def mean_squared_error(
-  prediction: Array, target: Array, *, weights: Optional[Array] = None
+    prediction: Array, target: Array, *, weights: Optional[Array] = None
 ) -> Array:
   """Mean over examples, pixels and channels of (prediction - target)^2.
 
@@ -157,7 +156,7 @@ def mean_squared_error(
   """
   if prediction.shape != target.shape:
     raise ValueError(
-      f"prediction {prediction.shape} and target {target.shape} must have one shape."
+        f'prediction {prediction.shape} and target {target.shape} must have one shape.'
     )
   # Squares of bf16 differences lose most of their mantissa: go to f32 first.
   sq = jnp.square(jnp.asarray(prediction, jnp.float32) - jnp.asarray(target, jnp.float32))
@@ -170,12 +169,12 @@ def mean_squared_error(
 
 
 def denoising_loss(
-  prediction: Array,
-  x: Array,
-  eps: Array,
-  *,
-  target: str = "eps",
-  weights: Optional[Array] = None,
+    prediction: Array,
+    x: Array,
+    eps: Array,
+    *,
+    target: str = 'eps',
+    weights: Optional[Array] = None,
 ) -> Array:
   """Denoising objective ||f(x~) - target||^2 (Eq. 4), as a float32 scalar.
 
@@ -191,23 +190,23 @@ def denoising_loss(
           the clean image (the Table 7 ablation).
       weights: optional (B,) per-example weights, see `mean_squared_error`.
   """
-  if target == "eps":
+  if target == 'eps':
     return mean_squared_error(prediction, eps, weights=weights)
-  if target == "x":
+  if target == 'x':
     return mean_squared_error(prediction, x, weights=weights)
-  raise ValueError(f"`target` must be one of {DENOISING_TARGETS}, got {target!r}.")
+  raise ValueError(f'`target` must be one of {DENOISING_TARGETS}, got {target!r}.')
 
 
 def make_denoising_batch(
-  rng: Array,
-  images: Array,
-  *,
-  sigma: Optional[float] = None,
-  sigma_range: Optional[Sequence[float]] = None,
-  gamma: Optional[float] = None,
-  gamma_range: Optional[Sequence[float]] = None,
-  form: str = "additive",
-  target: str = "eps",
+    rng: Array,
+    images: Array,
+    *,
+    sigma: Optional[float] = None,
+    sigma_range: Optional[Sequence[float]] = None,
+    gamma: Optional[float] = None,
+    gamma_range: Optional[Sequence[float]] = None,
+    form: str = 'additive',
+    target: str = 'eps',
 ) -> Tuple[Array, Array, Array]:
   """Corrupts a batch of clean images for one denoising training step.
 
@@ -230,19 +229,19 @@ def make_denoising_batch(
       the noise level, Sec. 3.2).
   """
   if target not in DENOISING_TARGETS:
-    raise ValueError(f"`target` must be one of {DENOISING_TARGETS}, got {target!r}.")
+    raise ValueError(f'`target` must be one of {DENOISING_TARGETS}, got {target!r}.')
   if form not in NOISE_FORMS:
-    raise ValueError(f"`form` must be one of {NOISE_FORMS}, got {form!r}.")
-  own, other = (("gamma", "sigma") if form == "ddpm" else ("sigma", "gamma"))
+    raise ValueError(f'`form` must be one of {NOISE_FORMS}, got {form!r}.')
+  own, other = ('gamma', 'sigma') if form == 'ddpm' else ('sigma', 'gamma')
   given = dict(sigma=sigma, sigma_range=sigma_range, gamma=gamma, gamma_range=gamma_range)
-  mixed = [k for k in (other, f"{other}_range") if given[k] is not None]
+  mixed = [k for k in (other, f'{other}_range') if given[k] is not None]
   if mixed:
     raise ValueError(
-      f"form={form!r} takes `{own}` or `{own}_range`; got {', '.join(f'`{k}`' for k in mixed)} "
-      f"(sigma is Eq. 1's noise level, gamma Eq. 2's: gamma = 1 / (1 + sigma^2))."
+        f"form={form!r} takes `{own}` or `{own}_range`; got {', '.join(f'`{k}`' for k in mixed)} "
+        f"(sigma is Eq. 1's noise level, gamma Eq. 2's: gamma = 1 / (1 + sigma^2))."
     )
-  level, level_range = given[own], given[f"{own}_range"]
-  if form == "ddpm":
+  level, level_range = given[own], given[f'{own}_range']
+  if form == 'ddpm':
     # Static config values, so this also guards traced calls of `corrupt`.
     _check_gamma_if_concrete(level if level is not None else level_range)
   rng_sigma, rng_eps = jax.random.split(rng)
@@ -251,7 +250,7 @@ def make_denoising_batch(
   sigmas = sample_sigma(rng_sigma, images.shape[0], sigma=level, sigma_range=level_range)
   eps = jax.random.normal(rng_eps, images.shape, jnp.float32)
   noisy = corrupt(images, eps, sigmas, form=form)
-  return noisy, (eps if target == "eps" else images), sigmas
+  return noisy, (eps if target == 'eps' else images), sigmas
 
 
 # ----------------------------------------------------------------------------
@@ -260,11 +259,11 @@ def make_denoising_batch(
 
 
 def softmax_cross_entropy_per_pixel(
-  logits: Array,
-  labels: Array,
-  *,
-  ignore_label: int = 255,
-  mask: Optional[Array] = None,
+    logits: Array,
+    labels: Array,
+    *,
+    ignore_label: int = 255,
+    mask: Optional[Array] = None,
 ) -> Tuple[Array, Array]:
   """Per-pixel softmax cross-entropy and the mask of pixels that count.
 
@@ -283,7 +282,7 @@ def softmax_cross_entropy_per_pixel(
       a wrong class.
   """
   if logits.shape[:-1] != labels.shape:
-    raise ValueError(f"logits {logits.shape} must be labels {labels.shape} + (classes,).")
+    raise ValueError(f'logits {logits.shape} must be labels {labels.shape} + (classes,).')
   num_classes = logits.shape[-1]
   labels = jnp.asarray(labels)
   valid = labels != ignore_label
@@ -303,11 +302,11 @@ def softmax_cross_entropy_per_pixel(
 
 
 def softmax_cross_entropy_with_ignore(
-  logits: Array,
-  labels: Array,
-  *,
-  ignore_label: int = 255,
-  mask: Optional[Array] = None,
+    logits: Array,
+    labels: Array,
+    *,
+    ignore_label: int = 255,
+    mask: Optional[Array] = None,
 ) -> Tuple[Array, Array]:
   """Pixelwise softmax cross-entropy averaged over the valid pixels (Sec. 4.3).
 
@@ -327,7 +326,7 @@ def softmax_cross_entropy_with_ignore(
   return loss, num_valid
 
 
-def image_classification_loss(logits: Array, labels: Array, *, kind: str = "sigmoid") -> Array:
+def image_classification_loss(logits: Array, labels: Array, *, kind: str = 'sigmoid') -> Array:
   """Image-level classification loss for (B, K) logits and multi-hot labels.
 
   Args:
@@ -342,14 +341,14 @@ def image_classification_loss(logits: Array, labels: Array, *, kind: str = "sigm
       float32 scalar (0 for softmax when no example has a positive label).
   """
   if logits.shape != labels.shape:
-    raise ValueError(f"logits {logits.shape} and labels {labels.shape} must have one shape.")
+    raise ValueError(f'logits {logits.shape} and labels {labels.shape} must have one shape.')
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels, jnp.float32)
-  if kind == "sigmoid":
+  if kind == 'sigmoid':
     # log_sigmoid(-z) = log(1 - sigmoid(z)), stable for large |z|.
     bce = -(labels * jax.nn.log_sigmoid(logits) + (1.0 - labels) * jax.nn.log_sigmoid(-logits))
     return jnp.mean(bce)
-  if kind == "softmax":
+  if kind == 'softmax':
     total = jnp.sum(labels, axis=-1)
     has_label = total > 0
     target = labels / jnp.where(has_label, total, 1.0)[:, None]

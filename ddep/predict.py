@@ -25,6 +25,7 @@ Bad input: a file that cannot be read as an image, or that the protocol cannot
 take (e.g. cityscapes_halves on a non 1:2 image), is reported on stderr with its
 name and skipped; every other image is still written, and the command exits 1.
 """
+
 import dataclasses
 import functools
 import glob
@@ -92,16 +93,22 @@ def find_images(images: str, *, exclude: Optional[str] = None) -> list[ImageFile
   exclude = os.path.abspath(exclude) if exclude else None
   if os.path.isdir(images):
     base = images
-    paths = [os.path.join(root, name) for root, _, names in os.walk(images) for name in names
-             if name.lower().endswith(IMAGE_EXTENSIONS)]
+    paths = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(images)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    ]
   else:
     paths = [p for p in glob.glob(images, recursive=True) if os.path.isfile(p)]
     base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ''
   if exclude:
     paths = [p for p in paths if os.path.commonpath([os.path.abspath(p), exclude]) != exclude]
   if not paths:
-    raise FileNotFoundError(f'no images found at {images!r} (a directory of '
-                            f'{"/".join(IMAGE_EXTENSIONS)} files, or a glob)')
+    raise FileNotFoundError(
+        f'no images found at {images!r} (a directory of '
+        f'{"/".join(IMAGE_EXTENSIONS)} files, or a glob)'
+    )
   files, seen = [], {}
   for path in sorted(paths):
     stem = os.path.splitext(os.path.relpath(os.path.abspath(path), os.path.abspath(base)))[0]
@@ -121,27 +128,31 @@ def read_image(path: str) -> np.ndarray:
     raise ImageError(f'cannot read image {path}: {e}') from e
 
 
-def overlay(image: np.ndarray, train_ids: np.ndarray, colours: np.ndarray,
-            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+def overlay(
+    image: np.ndarray, train_ids: np.ndarray, colours: np.ndarray, alpha: float = OVERLAY_ALPHA
+) -> np.ndarray:
   """The image with each pixel blended towards its class colour."""
   blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[train_ids].astype(np.float32)
   return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
-def padded_size(height: int, width: int, *, stride: int,
-                min_hw: Sequence[int] = (0, 0)) -> tuple[int, int]:
+def padded_size(
+    height: int, width: int, *, stride: int, min_hw: Sequence[int] = (0, 0)
+) -> tuple[int, int]:
   """The smallest size >= the image and `min_hw`, in multiples of `stride`."""
   up = lambda n: -(-n // stride) * stride  # noqa: E731
   return up(max(height, int(min_hw[0]))), up(max(width, int(min_hw[1])))
 
 
-def make_predictor(config, model, params, *,
-                   protocol: Optional[str] = None) -> Callable[[np.ndarray], np.ndarray]:
+def make_predictor(
+    config, model, params, *, protocol: Optional[str] = None
+) -> Callable[[np.ndarray], np.ndarray]:
   """`fn(image uint8 (H, W, 3)) -> train ids uint8 (H, W)` with the config's protocol."""
   name = protocol or config.eval.protocol
   if name not in inference.PROTOCOLS:
     raise config_validation.ConfigError(
-        f'config.eval.protocol: unknown {name!r}; known: {", ".join(inference.PROTOCOLS)}')
+        f'config.eval.protocol: unknown {name!r}; known: {", ".join(inference.PROTOCOLS)}'
+    )
   stride = model.output_stride
   whole = name == 'whole'
   # 'whole' sees images padded as the eval pipeline pads them (to eval_pad_to); the
@@ -159,9 +170,12 @@ def make_predictor(config, model, params, *,
     return model.apply({'params': params}, images)[:, :h, :w]
 
   params = jax.device_put(params)
-  protocol_fn = inference.make_protocol(name, functools.partial(apply, params),
-                                        batch_size=int(config.eval.batch_size) or None,
-                                        flip=bool(config.eval.flip))
+  protocol_fn = inference.make_protocol(
+      name,
+      functools.partial(apply, params),
+      batch_size=int(config.eval.batch_size) or None,
+      flip=bool(config.eval.flip),
+  )
 
   def predict(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
@@ -182,8 +196,12 @@ def _save_png(array: np.ndarray, path: str) -> None:
   Image.fromarray(array).save(path)
 
 
-def predict_files(predictor: Callable[[np.ndarray], np.ndarray], files: Sequence[ImageFile],
-                  output: str, spec: specs.DatasetSpec) -> list[str]:
+def predict_files(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    files: Sequence[ImageFile],
+    output: str,
+    spec: specs.DatasetSpec,
+) -> list[str]:
   """Writes labels/ and overlays/ for each file; returns one message per failed file."""
   ids, colours = label_id_table(spec), palette(spec)
   errors = []
@@ -193,18 +211,29 @@ def predict_files(predictor: Callable[[np.ndarray], np.ndarray], files: Sequence
       try:
         train_ids = predictor(image)
       except ValueError as e:  # A protocol's size requirement, e.g. halves need W = 2H.
-        raise ImageError(f'cannot predict {file.path} ({image.shape[1]}x{image.shape[0]}): {e}') from e
+        raise ImageError(
+            f'cannot predict {file.path} ({image.shape[1]}x{image.shape[0]}): {e}'
+        ) from e
     except ImageError as e:
       print(f'ddep.predict: error: {e}', file=sys.stderr, flush=True)
       errors.append(str(e))
       continue
     _save_png(ids[train_ids], os.path.join(output, 'labels', file.stem + '.png'))
-    _save_png(overlay(image, train_ids, colours), os.path.join(output, 'overlays', file.stem + '.png'))
+    _save_png(
+        overlay(image, train_ids, colours), os.path.join(output, 'overlays', file.stem + '.png')
+    )
   return errors
 
 
-def predict(workdir: str, images: str, output: str, *, config=None, checkpoint: Optional[str] = None,
-            protocol: Optional[str] = None) -> list[str]:
+def predict(
+    workdir: str,
+    images: str,
+    output: str,
+    *,
+    config=None,
+    checkpoint: Optional[str] = None,
+    protocol: Optional[str] = None,
+) -> list[str]:
   """Predicts every image; returns the messages of the files that failed."""
   config = evaluate.load_config(workdir, config)
   evaluate.check_segmentation_config(config)
@@ -212,15 +241,24 @@ def predict(workdir: str, images: str, output: str, *, config=None, checkpoint: 
   files = find_images(images, exclude=output)
   checkpoint_dir = evaluate.find_checkpoint(workdir, checkpoint)
   model, params = evaluate.load_params(config, checkpoint_dir, spec)
-  errors = predict_files(make_predictor(config, model, params, protocol=protocol), files, output, spec)
-  print(f'ddep.predict: {len(files) - len(errors)}/{len(files)} images from {checkpoint_dir} '
-        f'-> {os.path.join(output, "labels")}, {os.path.join(output, "overlays")}', flush=True)
+  errors = predict_files(
+      make_predictor(config, model, params, protocol=protocol), files, output, spec
+  )
+  print(
+      f'ddep.predict: {len(files) - len(errors)}/{len(files)} images from {checkpoint_dir} '
+      f'-> {os.path.join(output, "labels")}, {os.path.join(output, "overlays")}',
+      flush=True,
+  )
   return errors
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file('config', None, "Experiment config file; default: the "
-                                  "workdir's config.json.", lock_config=True)
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'Experiment config file; default: the ' "workdir's config.json.",
+      lock_config=True,
+  )
   flags.DEFINE_string('workdir', None, 'The trained segmentation run.')
   flags.DEFINE_string('images', None, 'A directory (searched recursively) or a glob.')
   flags.DEFINE_string('output', None, 'Where labels/ and overlays/ are written.')
@@ -234,10 +272,20 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
-    errors = predict(f.workdir, f.images, f.output, config=f.config, checkpoint=f.checkpoint,
-                     protocol=f.protocol or None)
-  except (evaluate.CheckpointError, ImageError, FileNotFoundError,
-          config_validation.ConfigError) as e:
+    errors = predict(
+        f.workdir,
+        f.images,
+        f.output,
+        config=f.config,
+        checkpoint=f.checkpoint,
+        protocol=f.protocol or None,
+    )
+  except (
+      evaluate.CheckpointError,
+      ImageError,
+      FileNotFoundError,
+      config_validation.ConfigError,
+  ) as e:
     print(f'ddep.predict: error: {e}', file=sys.stderr, flush=True)
     return 1
   if errors:

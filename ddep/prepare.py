@@ -12,6 +12,7 @@ Which archives each builder needs and where they come from: docs/datasets.md.
 Progress is printed as plain lines with a rate (`[ddep] prepare ade20k train 1200 examples,
 31.0 examples/s, 40s elapsed`) in place of TFDS's carriage-return bars.
 """
+
 import contextlib
 import sys
 
@@ -29,17 +30,30 @@ _TFDS_EXAMPLES_DESC = ('Generating ', ' examples...')
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags, defined on demand so that importing ddep.prepare defines none."""
-  flags.DEFINE_string('dataset', None, f'A dataset name: {", ".join(specs.names())}.',
-                      flag_values=flag_values)
   flags.DEFINE_string(
-      'manual_dir', None, 'The directory holding the downloaded archives (unextracted); '
-      f'not needed by the generated demo datasets. See {manual.DOCS}.', flag_values=flag_values)
+      'dataset', None, f'A dataset name: {", ".join(specs.names())}.', flag_values=flag_values
+  )
   flags.DEFINE_string(
-      'data_dir', None, "Where the TFDS files go; a run's --config.data.data_dir. "
-      'Default: TFDS\'s (~/tensorflow_datasets).', flag_values=flag_values)
+      'manual_dir',
+      None,
+      'The directory holding the downloaded archives (unextracted); '
+      f'not needed by the generated demo datasets. See {manual.DOCS}.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      'data_dir',
+      None,
+      "Where the TFDS files go; a run's --config.data.data_dir. "
+      "Default: TFDS's (~/tensorflow_datasets).",
+      flag_values=flag_values,
+  )
   flags.DEFINE_bool(
-      'pretrain', False, "Build the images denoising pretraining reads (the spec's "
-      'pretrain_tfds_name) instead of the labelled dataset.', flag_values=flag_values)
+      'pretrain',
+      False,
+      "Build the images denoising pretraining reads (the spec's "
+      'pretrain_tfds_name) instead of the labelled dataset.',
+      flag_values=flag_values,
+  )
   flags.mark_flags_as_required(['dataset'], flag_values=flag_values)
 
 
@@ -49,9 +63,8 @@ def _progress_bar(name: str, empty_bar):
   def bar(iterable=None, *args, desc: str = '', total=None, **kwargs):
     start, end = _TFDS_EXAMPLES_DESC
     if iterable is not None and desc.startswith(start) and desc.endswith(end):
-      split = desc[len(start):-len(end)]
-      return progress.track(iterable, total=total, desc=f'prepare {name} {split}',
-                            unit='examples')
+      split = desc[len(start) : -len(end)]
+      return progress.track(iterable, total=total, desc=f'prepare {name} {split}', unit='examples')
     return empty_bar(iterable, *args, desc=desc, total=total, **kwargs)
 
   return bar
@@ -61,6 +74,7 @@ def _progress_bar(name: str, empty_bar):
 def plain_progress(name: str):
   """Within it, TFDS builds report through ddep.progress (log-file friendly lines)."""
   from tensorflow_datasets.core import utils as tfds_utils  # pylint: disable=g-import-not-at-top
+
   original = getattr(tfds_utils, 'tqdm', None)
   empty_bar = getattr(tfds_utils, 'EmptyTqdm', None)
   if original is None or empty_bar is None:  # Another TFDS layout: keep its own bars.
@@ -80,15 +94,17 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   try:
     with plain_progress(f.dataset):
-      builder = manual.prepare(f.dataset, manual_dir=f.manual_dir, data_dir=f.data_dir,
-                               pretrain=f.pretrain)
+      builder = manual.prepare(
+          f.dataset, manual_dir=f.manual_dir, data_dir=f.data_dir, pretrain=f.pretrain
+      )
   except (manual.PrepareError, FileNotFoundError, ValueError) as e:
     # Missing or bad input, not a bug: the message names the file (and the example).
     print(f'ddep.prepare: error: {e}', file=sys.stderr, flush=True)
     return 1
   splits = ', '.join(f'{s} {info.num_examples}' for s, info in sorted(builder.info.splits.items()))
-  print(f'ddep.prepare: {builder.info.full_name} ready in {builder.data_dir} ({splits})',
-        flush=True)
+  print(
+      f'ddep.prepare: {builder.info.full_name} ready in {builder.data_dir} ({splits})', flush=True
+  )
   if f.data_dir:
     print(f'ddep.prepare: runs read it with --config.data.data_dir={f.data_dir}', flush=True)
   return 0

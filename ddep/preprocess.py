@@ -14,7 +14,7 @@ import tensorflow as tf
 
 # TF runs only on the host CPU here (input_pipeline hides accelerators), where
 # 'auto_select' is Philox; it builds half the graph ops of naming 'philox'.
-_ALG = "auto_select"
+_ALG = 'auto_select'
 
 
 def split_seed(seed, num: int):
@@ -25,7 +25,7 @@ def split_seed(seed, num: int):
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0, dtype=tf.float32):
   return tf.random.stateless_uniform(
-    shape, seed=seed, minval=minval, maxval=maxval, dtype=dtype, alg=_ALG
+      shape, seed=seed, minval=minval, maxval=maxval, dtype=dtype, alg=_ALG
   )
 
 
@@ -51,10 +51,10 @@ def random_flip(image, seed):
 
 
 def inception_crop_window(
-  image_shape,
-  seed,
-  area_range: Sequence[float] = (0.05, 1.0),
-  aspect_range: Sequence[float] = (3 / 4, 4 / 3),
+    image_shape,
+    seed,
+    area_range: Sequence[float] = (0.05, 1.0),
+    aspect_range: Sequence[float] = (3 / 4, 4 / 3),
 ):
   """(begin [y, x, 0], size [h, w, -1]) of a random inception crop of an image of `image_shape`.
 
@@ -63,19 +63,19 @@ def inception_crop_window(
   ([H, W, C]) matter.
   """
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    image_shape,
-    bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
-    seed=seed,
-    min_object_covered=0.0,
-    aspect_ratio_range=tuple(aspect_range),
-    area_range=tuple(area_range),
-    max_attempts=20,
-    use_image_if_no_bounding_boxes=True,
+      image_shape,
+      bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
+      seed=seed,
+      min_object_covered=0.0,
+      aspect_ratio_range=tuple(aspect_range),
+      area_range=tuple(area_range),
+      max_attempts=20,
+      use_image_if_no_bounding_boxes=True,
   )
   return begin, size
 
 
-def resize_crop(crop, out_hw: Sequence[int], method: str = "bilinear"):
+def resize_crop(crop, out_hw: Sequence[int], method: str = 'bilinear'):
   """The inception crop's resize: antialiased unless nearest; float32 out.
 
   Antialiased bilinear is a triangle filter as wide as the reduction. A crop
@@ -83,23 +83,23 @@ def resize_crop(crop, out_hw: Sequence[int], method: str = "bilinear"):
   bilinear interpolation: that is ResizeBilinear, ~2x cheaper than the general
   ScaleAndTranslate (equal up to float rounding of the sample positions).
   """
-  if method != "bilinear":
-    return tf.image.resize(crop, out_hw, method=method, antialias=method != "nearest")
+  if method != 'bilinear':
+    return tf.image.resize(crop, out_hw, method=method, antialias=method != 'nearest')
   enlarged = tf.reduce_all(tf.shape(crop)[:2] <= tf.constant(out_hw, tf.int32))
   return tf.cond(
-    enlarged,
-    lambda: tf.image.resize(crop, out_hw, antialias=False),
-    lambda: tf.image.resize(crop, out_hw, antialias=True),
+      enlarged,
+      lambda: tf.image.resize(crop, out_hw, antialias=False),
+      lambda: tf.image.resize(crop, out_hw, antialias=True),
   )
 
 
 def inception_crop(
-  image,
-  seed,
-  out_hw: Sequence[int],
-  area_range: Sequence[float] = (0.05, 1.0),
-  aspect_range: Sequence[float] = (3 / 4, 4 / 3),
-  method: str = "bilinear",
+    image,
+    seed,
+    out_hw: Sequence[int],
+    area_range: Sequence[float] = (0.05, 1.0),
+    aspect_range: Sequence[float] = (3 / 4, 4 / 3),
+    method: str = 'bilinear',
 ):
   """Random crop of a random area fraction and aspect ratio, resized to `out_hw`.
 
@@ -113,18 +113,18 @@ def inception_crop(
 
 
 def _resize_hw(image, hw, method):
-  out = tf.image.resize(image, hw, method=method, antialias=method not in ("nearest",))
-  return out if method == "nearest" else tf.cast(out, tf.float32)
+  out = tf.image.resize(image, hw, method=method, antialias=method not in ('nearest',))
+  return out if method == 'nearest' else tf.cast(out, tf.float32)
 
 
-def resize_long_side(image, long_side: int, method: str = "bilinear"):
+def resize_long_side(image, long_side: int, method: str = 'bilinear'):
   """Resizes so that max(H, W) == long_side, keeping the aspect ratio."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   new_hw = tf.cast(tf.round(hw * (long_side / tf.reduce_max(hw))), tf.int32)
   return _resize_hw(image, tf.maximum(new_hw, 1), method)
 
 
-def resize_short_side(image, short_side: int, method: str = "bilinear"):
+def resize_short_side(image, short_side: int, method: str = 'bilinear'):
   """Resizes so that min(H, W) == short_side, keeping the aspect ratio."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   new_hw = tf.cast(tf.round(hw * (short_side / tf.reduce_min(hw))), tf.int32)
@@ -142,14 +142,14 @@ def pad_to(image, hw: Sequence[int], value=0):
 
 
 def joint_random_scale_crop_flip(
-  image,
-  label,
-  seed,
-  crop_hw: Sequence[int],
-  scale_range: Sequence[float] | None = None,
-  ignore_label: int = 255,
-  image_pad_value: float = 0.0,
-  image_fn=None,
+    image,
+    label,
+    seed,
+    crop_hw: Sequence[int],
+    scale_range: Sequence[float] | None = None,
+    ignore_label: int = 255,
+    image_pad_value: float = 0.0,
+    image_fn=None,
 ):
   """Random scale, crop and flip with ONE draw shared by image and label.
 
@@ -171,8 +171,8 @@ def joint_random_scale_crop_flip(
     scale = _uniform(s_scale, minval=scale_range[0], maxval=scale_range[1])
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
     new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
-    image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-    label3 = tf.image.resize(label3, new_hw, method="nearest")
+    image = tf.image.resize(image, new_hw, method='bilinear', antialias=True)
+    label3 = tf.image.resize(label3, new_hw, method='nearest')
   # The offsets are drawn over the padded size; cropping first and padding the crop
   # at the bottom/right gives the same pixels (an axis that needs padding has offset 0).
   padded = tf.maximum(tf.shape(image)[:2], tf.constant(crop_hw, tf.int32))

@@ -11,6 +11,7 @@ prints, at most every `every_s` seconds (and once at the end),
 No carriage returns or terminal control, so a log file reads like the terminal.
 Only process 0 prints in a multi-process JAX run; jax is never imported here.
 """
+
 import functools
 import math
 import sys
@@ -48,8 +49,9 @@ def format_rate(count: float, elapsed: float, unit: str) -> str:
   return f'{rate:.1f} {unit}/s'
 
 
-def format_line(desc: str, count: int, total: Optional[int], unit: str, elapsed: float, *,
-                final: bool = False) -> str:
+def format_line(
+    desc: str, count: int, total: Optional[int], unit: str, elapsed: float, *, final: bool = False
+) -> str:
   """One progress line; the ETA assumes the rate so far holds for the rest."""
   done = f'{count}/{total}' if total is not None else f'{count}'
   rate = format_rate(count, elapsed, unit)
@@ -72,6 +74,7 @@ def is_main_process() -> bool:
     return True
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
     started = xla_bridge.backends_are_initialized() or jax.distributed.is_initialized()
   except (ImportError, AttributeError):  # Another jax version: ask it directly.
     started = True
@@ -84,10 +87,18 @@ class Progress:
   `clock` and `print_fn` are injectable for tests. `enabled=None` means: on process 0.
   """
 
-  def __init__(self, total: Optional[int], desc: str, *, unit: str = 'items',
-               every_s: Optional[float] = DEFAULT_EVERY_S, every_n: Optional[int] = None,
-               print_fn: Callable[[str], object] = _print_flushed,
-               clock: Callable[[], float] = time.monotonic, enabled: Optional[bool] = None):
+  def __init__(
+      self,
+      total: Optional[int],
+      desc: str,
+      *,
+      unit: str = 'items',
+      every_s: Optional[float] = DEFAULT_EVERY_S,
+      every_n: Optional[int] = None,
+      print_fn: Callable[[str], object] = _print_flushed,
+      clock: Callable[[], float] = time.monotonic,
+      enabled: Optional[bool] = None,
+  ):
     self.total = None if total is None else int(total)
     self.desc, self.unit = desc, unit
     self.every_s, self.every_n = every_s, every_n
@@ -124,8 +135,9 @@ class Progress:
       return
     self._finished = True
     if self._enabled:
-      self._print(format_line(self.desc, self.count, self.total, self.unit, self.elapsed,
-                              final=True))
+      self._print(
+          format_line(self.desc, self.count, self.total, self.unit, self.elapsed, final=True)
+      )
 
   def __enter__(self) -> 'Progress':
     return self
@@ -135,8 +147,14 @@ class Progress:
       self.done()
 
 
-def track(iterable: Iterable[T], *, total: Optional[int] = None, desc: str = '',
-          unit: str = 'items', **kwargs) -> Iterator[T]:
+def track(
+    iterable: Iterable[T],
+    *,
+    total: Optional[int] = None,
+    desc: str = '',
+    unit: str = 'items',
+    **kwargs,
+) -> Iterator[T]:
   """Yields `iterable`'s items, counting one after each is processed; `kwargs` go to Progress.
 
   `total` defaults to len(iterable) where it has one.

@@ -9,6 +9,7 @@ differ in size and so in window count. So before each eval batch the
 processes exchange a plan (window shape and call count of each image) and
 each pads its calls, per window shape, to the most any process needs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,8 @@ class LockstepPredict:
     self._params, self._frozen = params, frozen
     self._apply = jax.jit(
         lambda p, f, x: model.apply({'params': optimizer_lib.merge(p, f)}, x),
-        out_shardings=sharding.batch_sharding(mesh))
+        out_shardings=sharding.batch_sharding(mesh),
+    )
     self.calls = 0
 
   def __call__(self, windows):
@@ -79,9 +81,17 @@ def _everyones(plan: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(plan))
 
 
-def confusion_matrix(model, state: dict, mesh, eval_batches: Iterable[dict], *,
-                     protocol: inference.Protocol, num_classes: int, ignore_label: int,
-                     batch_size: int = 0) -> np.ndarray:
+def confusion_matrix(
+    model,
+    state: dict,
+    mesh,
+    eval_batches: Iterable[dict],
+    *,
+    protocol: inference.Protocol,
+    num_classes: int,
+    ignore_label: int,
+    batch_size: int = 0,
+) -> np.ndarray:
   """The dataset's confusion matrix under `protocol`, summed over all processes.
 
   `eval_batches` yields this process's batches (`ddep.input_pipeline.EvalDataset`:
@@ -91,7 +101,8 @@ def confusion_matrix(model, state: dict, mesh, eval_batches: Iterable[dict], *,
   batch_size = window_batch_size(batch_size, mesh)
   predict = LockstepPredict(model, state['params'], state['frozen'], mesh)
   protocol_fn = lambda image, size: inference.run_protocol(  # pylint: disable=g-long-lambda
-      protocol, predict, image, output_size=size, batch_size=batch_size)
+      protocol, predict, image, output_size=size, batch_size=batch_size
+  )
   local = np.zeros((num_classes, num_classes), np.int64)
   for batch in eval_batches:
     plan = _plan(batch, protocol, batch_size)
@@ -108,12 +119,15 @@ def confusion_matrix(model, state: dict, mesh, eval_batches: Iterable[dict], *,
           h, w = batch['orig_hw'][i]
           image, label = image[:h, :w], label[:h, :w]
         pred = jnp.argmax(protocol_fn(image[None], label.shape), axis=-1)
-        local += np.asarray(metrics_lib.confusion_matrix(
-            label[None], pred, num_classes, ignore_label=ignore_label))
+        local += np.asarray(
+            metrics_lib.confusion_matrix(label[None], pred, num_classes, ignore_label=ignore_label)
+        )
       made = predict.calls - start
       if made != sum(int(plan[i, 2]) for i in mine):
-        raise AssertionError(f'protocol {protocol.name} made {made} calls for window {shape}, '
-                             f'planned {sum(int(plan[i, 2]) for i in mine)}')
+        raise AssertionError(
+            f'protocol {protocol.name} made {made} calls for window {shape}, '
+            f'planned {sum(int(plan[i, 2]) for i in mine)}'
+        )
       for _ in range(needed - made):  # Others still have windows of this shape.
         predict(np.zeros((batch_size, *shape, 3), np.float32))
   if jax.process_count() > 1:
@@ -124,8 +138,7 @@ def confusion_matrix(model, state: dict, mesh, eval_batches: Iterable[dict], *,
 def protocol_from_config(eval_config) -> inference.Protocol:
   """The config's `eval.protocol` with its `eval.flip`."""
   if eval_config.protocol not in inference.PROTOCOLS:
-    raise ValueError(f'unknown protocol {eval_config.protocol!r}; known: '
-                     f'{", ".join(inference.PROTOCOLS)}')
-  return dataclasses.replace(inference.PROTOCOLS[eval_config.protocol],
-                             flip=bool(eval_config.flip))
-
+    raise ValueError(
+        f'unknown protocol {eval_config.protocol!r}; known: ' f'{", ".join(inference.PROTOCOLS)}'
+    )
+  return dataclasses.replace(inference.PROTOCOLS[eval_config.protocol], flip=bool(eval_config.flip))

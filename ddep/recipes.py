@@ -14,6 +14,7 @@ agree between them:
     subset counts exactly;
   * `shrink_for_runlocal`: the tiny CPU variant every config offers.
 """
+
 import fractions
 
 from ddep import config_schema
@@ -31,8 +32,11 @@ ENCODERS = {
     'bit_r50_unet': 'checkpoints/BiT-M-R50x1.npz',
 }
 # runlocal swaps each paper model for the preset of the same architecture at toy size.
-TINY_PRESETS = {'r50_vit_b16': 'tiny', 'r50_unet': 'tiny_r50_unet',
-                'bit_r50_unet': 'tiny_bit_r50_unet'}
+TINY_PRESETS = {
+    'r50_vit_b16': 'tiny',
+    'r50_unet': 'tiny_r50_unet',
+    'bit_r50_unet': 'tiny_bit_r50_unet',
+}
 # Sec. 3.3: sigma = 0.8 works best for DeP, 0.1 for DDeP.
 DEFAULT_SIGMA = {'dep': 0.8, 'ddep': 0.1}
 PRETRAIN_METHODS = ('dep', 'ddep')
@@ -59,9 +63,19 @@ def parse_range(text: str, name: str = 'sigma_range') -> tuple[float, float]:
   return float(lo), float(hi)
 
 
-def pretrain_method(c, *, method: str, sigma: float, sigma_range: str, target: str,
-                    encoder: str, init_from: str, form: str = 'additive', gamma: float = 0.0,
-                    gamma_range: str = '') -> None:
+def pretrain_method(
+    c,
+    *,
+    method: str,
+    sigma: float,
+    sigma_range: str,
+    target: str,
+    encoder: str,
+    init_from: str,
+    form: str = 'additive',
+    gamma: float = 0.0,
+    gamma_range: str = '',
+) -> None:
   """Denoising pretraining (Eq. 4) for DeP (everything, from scratch) or DDeP
   (decoder only, on a frozen supervised encoder)."""
   if method not in PRETRAIN_METHODS:
@@ -90,10 +104,23 @@ def pretrain_method(c, *, method: str, sigma: float, sigma_range: str, target: s
     c.frozen = FROZEN_ENCODER
 
 
-PRETRAIN_ARGS = dict(method='ddep', width=1, sigma=0.0, sigma_range='', form='additive',
-                     gamma=0.0, gamma_range='', target='eps',
-                     epochs=6000.0, lr=1e-4, batch=128, model='r50_vit_b16', encoder='',
-                     init_from='', runlocal=False)
+PRETRAIN_ARGS = dict(
+    method='ddep',
+    width=1,
+    sigma=0.0,
+    sigma_range='',
+    form='additive',
+    gamma=0.0,
+    gamma_range='',
+    target='eps',
+    epochs=6000.0,
+    lr=1e-4,
+    batch=128,
+    model='r50_vit_b16',
+    encoder='',
+    init_from='',
+    runlocal=False,
+)
 
 
 def denoising_pretraining(arg, *, dataset: str):
@@ -101,16 +128,25 @@ def denoising_pretraining(arg, *, dataset: str):
   pretraining images; arguments as documented in configs/pretrain_*.py."""
   a = config_schema.parse_arg(arg, **PRETRAIN_ARGS)
   c = config_schema.base_config()
-  pretrain_method(c, method=a.method, sigma=a.sigma, sigma_range=a.sigma_range,
-                  form=a.form, gamma=a.gamma, gamma_range=a.gamma_range, target=a.target,
-                  encoder=a.encoder or ENCODERS[a.model], init_from=a.init_from)
+  pretrain_method(
+      c,
+      method=a.method,
+      sigma=a.sigma,
+      sigma_range=a.sigma_range,
+      form=a.form,
+      gamma=a.gamma,
+      gamma_range=a.gamma_range,
+      target=a.target,
+      encoder=a.encoder or ENCODERS[a.model],
+      init_from=a.init_from,
+  )
   c.model.preset = a.model
   c.model.decoder_width_multiplier = a.width  # must match the fine-tuning run's
   c.model.dtype = 'bfloat16'  # compute only; parameters and optimizer stay float32
 
   c.data.dataset = dataset
   c.data.batch_size = a.batch
-  c.data.eval_batch_size = 32   # chunks of the held-out denoising set; divides the devices
+  c.data.eval_batch_size = 32  # chunks of the held-out denoising set; divides the devices
   c.data.image_size = (512, 512)  # Sec. 4.1: all denoising pretraining at 512x512
 
   c.optim.name = 'adam'
@@ -148,23 +184,45 @@ def finetune_method(c, *, method: str, encoder: str, init_from: str) -> None:
   else:
     # DeP/DDeP: the whole pretrained network; `reinit` drops the denoising head (Sec. 3.1).
     if not init_from:
-      raise ValueError(f'method={method} fine-tunes a pretraining run: pass '
-                       f'init_from=<workdir of configs/pretrain_*.py:method={method}>')
+      raise ValueError(
+          f'method={method} fine-tunes a pretraining run: pass '
+          f'init_from=<workdir of configs/pretrain_*.py:method={method}>'
+      )
     c.init_from = init_from
 
 
-FINETUNE_ARGS = dict(method='ddep', fraction='1', count=0, seed=0, width=1, lr=1e-4, wd=1e-4,
-                     steps=0, batch=16, model='r50_vit_b16', encoder='', init_from='',
-                     runlocal=False)
+FINETUNE_ARGS = dict(
+    method='ddep',
+    fraction='1',
+    count=0,
+    seed=0,
+    width=1,
+    lr=1e-4,
+    wd=1e-4,
+    steps=0,
+    batch=16,
+    model='r50_vit_b16',
+    encoder='',
+    init_from='',
+    runlocal=False,
+)
 
 
-def finetuning(a, *, dataset: str, crop: tuple[int, int], protocol: str, flip: bool,
-               eval_pad_to: tuple[int, int], protocol_batch: int, steps: int):
+def finetuning(
+    a,
+    *,
+    dataset: str,
+    crop: tuple[int, int],
+    protocol: str,
+    flip: bool,
+    eval_pad_to: tuple[int, int],
+    protocol_batch: int,
+    steps: int,
+):
   """Fine-tuning on `dataset` with pixelwise cross-entropy, Adam and cosine decay
   (Sec. 4.3); `a` are the parsed FINETUNE_ARGS (plus any the experiment adds)."""
   c = config_schema.base_config()
-  finetune_method(c, method=a.method, encoder=a.encoder or ENCODERS[a.model],
-                  init_from=a.init_from)
+  finetune_method(c, method=a.method, encoder=a.encoder or ENCODERS[a.model], init_from=a.init_from)
   c.model.preset = a.model
   c.model.decoder_width_multiplier = a.width  # Sec. 4.2
   c.model.dtype = 'bfloat16'  # compute only; parameters and optimizer stay float32
@@ -173,12 +231,12 @@ def finetuning(a, *, dataset: str, crop: tuple[int, int], protocol: str, flip: b
   c.data.dataset = dataset
   c.data.batch_size = a.batch
   c.data.eval_batch_size = 16
-  c.data.image_size = crop            # Sec. 4.1: random crop + left-right flip only
+  c.data.image_size = crop  # Sec. 4.1: random crop + left-right flip only
   c.data.label_fraction = parse_fraction(a.fraction)  # paper counts (Sec. 4.3) apply
-  c.data.label_count = a.count        # or an exact number of labelled images
+  c.data.label_count = a.count  # or an exact number of labelled images
   # Sec. 4.3: repeated runs use different subsets, so one seed picks both.
   c.data.subset_seed = a.seed
-  c.data.eval_pad_to = eval_pad_to    # eval images differ in size; the pad is ignored
+  c.data.eval_pad_to = eval_pad_to  # eval images differ in size; the pad is ignored
   c.eval.protocol = protocol
   c.eval.flip = flip
   c.eval.batch_size = protocol_batch  # windows per call: one compile per protocol
@@ -208,19 +266,22 @@ def shrink_for_runlocal(c, *, model: str) -> None:
   given `init_from=<workdir of configs/supervised_demo.py:runlocal>` instead.
   """
   if c.init_encoder_from:
-    raise ValueError(f'runlocal has no published encoder ({c.init_encoder_from}); pass '
-                     f'init_from=<workdir of {SUPERVISED_STAND_IN}:runlocal>')
+    raise ValueError(
+        f'runlocal has no published encoder ({c.init_encoder_from}); pass '
+        f'init_from=<workdir of {SUPERVISED_STAND_IN}:runlocal>'
+    )
   c.model.preset = TINY_PRESETS.get(model, model)
   c.model.dtype = 'float32'  # bfloat16 is emulated, hence slow, on CPU.
   c.data.dataset = 'demo_tiny'
-  c.data.prepare = True      # generated offline on first use
+  c.data.prepare = True  # generated offline on first use
   c.data.batch_size = 2
   c.data.eval_batch_size = 2
   c.data.image_size = (32, 32)
   # demo_tiny images are at most 40x44; the pad must be a multiple of the output
   # stride for the 'whole' protocol (16 for the hybrid, 32 for the R50 UNet).
-  c.data.eval_pad_to = (64, 64) if c.model.preset in ('tiny_r50_unet', 'tiny_bit_r50_unet') \
-      else (48, 48)
+  c.data.eval_pad_to = (
+      (64, 64) if c.model.preset in ('tiny_r50_unet', 'tiny_bit_r50_unet') else (48, 48)
+  )
   # The paper's protocols need real image sizes (1024x2048 halves, 512-px windows).
   c.eval.protocol = 'whole'
   c.eval.flip = False

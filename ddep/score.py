@@ -77,25 +77,25 @@ class Layout:
 
 
 def _ade20k_dir(root: Path) -> Path:
-  nested = root / "annotations" / "validation"
+  nested = root / 'annotations' / 'validation'
   return nested if nested.is_dir() else root
 
 
-_CITYSCAPES_SUFFIX = "_gtFine_labelIds.png"
+_CITYSCAPES_SUFFIX = '_gtFine_labelIds.png'
 # name -> (find ground-truth files under a dir, prediction key of a GT file, exact stem?)
 _FILES = {
-  "cityscapes": (
-    lambda root: sorted(root.rglob("*" + _CITYSCAPES_SUFFIX)),
-    lambda path: path.name[: -len(_CITYSCAPES_SUFFIX)],
-    False,
-  ),
-  "ade20k": (
-    lambda root: sorted(_ade20k_dir(root).glob("ADE_val_*.png")),
-    lambda path: path.stem,
-    True,
-  ),
-  "pascal_context_60": (lambda root: sorted(root.rglob("*.png")), lambda path: path.stem, True),
-  "pascal_context_59": (lambda root: sorted(root.rglob("*.png")), lambda path: path.stem, True),
+    'cityscapes': (
+        lambda root: sorted(root.rglob('*' + _CITYSCAPES_SUFFIX)),
+        lambda path: path.name[: -len(_CITYSCAPES_SUFFIX)],
+        False,
+    ),
+    'ade20k': (
+        lambda root: sorted(_ade20k_dir(root).glob('ADE_val_*.png')),
+        lambda path: path.stem,
+        True,
+    ),
+    'pascal_context_60': (lambda root: sorted(root.rglob('*.png')), lambda path: path.stem, True),
+    'pascal_context_59': (lambda root: sorted(root.rglob('*.png')), lambda path: path.stem, True),
 }
 
 
@@ -112,52 +112,52 @@ def make_layout(name: str) -> Layout:
   pred_lut = np.where(gt_lut == IGNORE, spec.num_classes, gt_lut)
   find, key, exact = _FILES[name]
   return Layout(
-    name=name,
-    class_names=tuple(spec.class_names),
-    gt_lut=gt_lut,
-    pred_lut=pred_lut,
-    find_ground_truth=find,
-    gt_key=key,
-    exact_stem=exact,
+      name=name,
+      class_names=tuple(spec.class_names),
+      gt_lut=gt_lut,
+      pred_lut=pred_lut,
+      find_ground_truth=find,
+      gt_key=key,
+      exact_stem=exact,
   )
 
 
 def pair_files(
-  layout: Layout, predictions_dir: Path, ground_truth_dir: Path
+    layout: Layout, predictions_dir: Path, ground_truth_dir: Path
 ) -> list[tuple[Path, Path]]:
   """(prediction, ground truth) pairs; every GT file needs exactly one prediction."""
-  for what, path in (("predictions", predictions_dir), ("ground truth", ground_truth_dir)):
+  for what, path in (('predictions', predictions_dir), ('ground truth', ground_truth_dir)):
     if not path.is_dir():
-      raise ScoreError(f"{what} directory {path} does not exist")
+      raise ScoreError(f'{what} directory {path} does not exist')
   gt_files = layout.find_ground_truth(ground_truth_dir)
   if not gt_files:
-    raise ScoreError(f"no {layout.name} ground-truth files found under {ground_truth_dir}")
+    raise ScoreError(f'no {layout.name} ground-truth files found under {ground_truth_dir}')
   # Index by exact stem (ADE20K, Pascal Context) or by city (Cityscapes), then
   # match Cityscapes names with cityscapesScripts' own rule <city>_<seq>_<frame>*.png.
   candidates: dict[str, list[Path]] = {}
   for root, _, names in os.walk(predictions_dir):
     for name in names:
-      if name.endswith(".png"):
-        key = name[:-4] if layout.exact_stem else name.split("_")[0]
+      if name.endswith('.png'):
+        key = name[:-4] if layout.exact_stem else name.split('_')[0]
         candidates.setdefault(key, []).append(Path(root) / name)
   pairs = []
   for gt_file in gt_files:
     key = layout.gt_key(gt_file)
     if layout.exact_stem:
-      pattern = f"{key}.png"
+      pattern = f'{key}.png'
       found = candidates.get(key, [])
     else:
-      pattern = f"{key}*.png"
+      pattern = f'{key}*.png'
       found = [
-        p for p in candidates.get(key.split("_")[0], []) if fnmatch.fnmatchcase(p.name, pattern)
+          p for p in candidates.get(key.split('_')[0], []) if fnmatch.fnmatchcase(p.name, pattern)
       ]
     if not found:
       raise ScoreError(
-        f"no prediction {pattern} under {predictions_dir} for ground truth {gt_file}"
+          f'no prediction {pattern} under {predictions_dir} for ground truth {gt_file}'
       )
     if len(found) > 1:
       raise ScoreError(
-        f"several predictions for ground truth {gt_file}: {', '.join(map(str, found))}"
+          f"several predictions for ground truth {gt_file}: {', '.join(map(str, found))}"
       )
     pairs.append((found[0], gt_file))
   return pairs
@@ -169,17 +169,17 @@ def _read_ids(path: Path, lut: np.ndarray, what: str) -> np.ndarray:
     with Image.open(path) as image:
       ids = np.array(image)
   except (OSError, ValueError) as e:
-    raise ScoreError(f"cannot read {what} {path}: {e}") from e
+    raise ScoreError(f'cannot read {what} {path}: {e}') from e
   if ids.ndim != 2:
-    raise ScoreError(f"{what} {path} has shape {ids.shape}; expected a single-channel id image")
+    raise ScoreError(f'{what} {path} has shape {ids.shape}; expected a single-channel id image')
   ids = ids.astype(np.int64)
   if ids.min() < 0 or ids.max() > 255:
-    raise ScoreError(f"{what} {path} holds ids outside [0, 255] (range {ids.min()}..{ids.max()})")
+    raise ScoreError(f'{what} {path} holds ids outside [0, 255] (range {ids.min()}..{ids.max()})')
   mapped = lut[ids]
   if (mapped == INVALID).any():
     bad = np.unique(ids[mapped == INVALID])
     raise ScoreError(
-      f"{what} {path} holds ids {bad.tolist()[:10]} that the dataset does not define"
+        f'{what} {path} holds ids {bad.tolist()[:10]} that the dataset does not define'
     )
   return mapped
 
@@ -190,7 +190,7 @@ _BUCKET = 1 << 18
 
 
 _confusion_matrix = jax.jit(
-  metrics.confusion_matrix, static_argnums=2, static_argnames="unmatched_column"
+    metrics.confusion_matrix, static_argnums=2, static_argnames='unmatched_column'
 )
 
 
@@ -199,14 +199,15 @@ def score_pairs(layout: Layout, pairs: Sequence[tuple[Path, Path]]) -> dict:
   accumulator = metrics.ConfusionMatrixAccumulator(layout.num_classes)
   # stderr: `--json=-` makes stdout the result alone.
   to_stderr = functools.partial(print, file=sys.stderr, flush=True)
-  for prediction_file, gt_file in progress.track(pairs, desc="score", unit="images",
-                                                 print_fn=to_stderr):
-    gt = _read_ids(gt_file, layout.gt_lut, "ground truth")
-    prediction = _read_ids(prediction_file, layout.pred_lut, "prediction")
+  for prediction_file, gt_file in progress.track(
+      pairs, desc='score', unit='images', print_fn=to_stderr
+  ):
+    gt = _read_ids(gt_file, layout.gt_lut, 'ground truth')
+    prediction = _read_ids(prediction_file, layout.pred_lut, 'prediction')
     if prediction.shape != gt.shape:
       raise ScoreError(
-        f"prediction {prediction_file} is {prediction.shape[1]}x{prediction.shape[0]} "
-        f"but ground truth {gt_file} is {gt.shape[1]}x{gt.shape[0]} (WxH)"
+          f'prediction {prediction_file} is {prediction.shape[1]}x{prediction.shape[0]} '
+          f'but ground truth {gt_file} is {gt.shape[1]}x{gt.shape[0]} (WxH)'
       )
     size = -(-gt.size // _BUCKET) * _BUCKET
     gt = np.pad(gt.ravel(), (0, size - gt.size), constant_values=IGNORE).astype(np.int32)
@@ -226,28 +227,39 @@ def score(dataset: str, predictions_dir, ground_truth_dir) -> dict:
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags, defined on demand so that importing ddep.score defines none."""
-  flags.DEFINE_enum("dataset", None, sorted(_FILES), "The benchmark whose layout is read.",
-                    flag_values=flag_values)
-  flags.DEFINE_string("predictions", None, "Directory of predicted label PNGs.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("ground_truth", None, "Directory of ground-truth label PNGs.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("json", None, "Also write the metrics as JSON here ('-' = stdout only).",
-                      flag_values=flag_values)
-  flags.mark_flags_as_required(["dataset", "predictions", "ground_truth"], flag_values=flag_values)
+  flags.DEFINE_enum(
+      'dataset',
+      None,
+      sorted(_FILES),
+      'The benchmark whose layout is read.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+      'predictions', None, 'Directory of predicted label PNGs.', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+      'ground_truth', None, 'Directory of ground-truth label PNGs.', flag_values=flag_values
+  )
+  flags.DEFINE_string(
+      'json',
+      None,
+      "Also write the metrics as JSON here ('-' = stdout only).",
+      flag_values=flag_values,
+  )
+  flags.mark_flags_as_required(['dataset', 'predictions', 'ground_truth'], flag_values=flag_values)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
   """app.run's main: `flag_values` are parsed already (tests pass their own)."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flag_values
   try:
     result = score(f.dataset, f.predictions, f.ground_truth)
   except ScoreError as e:
-    print(f"ddep.score: error: {e}", file=sys.stderr)
+    print(f'ddep.score: error: {e}', file=sys.stderr)
     return 1
-  if f.json == "-":
+  if f.json == '-':
     print(json.dumps(metrics.json_safe(result), indent=1))
     return 0
   print(f"{f.dataset}: {result['num_images']} images")
@@ -257,6 +269,6 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
   return 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   define_flags()
   app.run(main)

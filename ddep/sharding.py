@@ -3,6 +3,7 @@
 Multi-host runs use JAX's own runtime: `jax.distributed.initialize()` and global
 arrays assembled from each process's local batch.
 """
+
 import json
 import os
 
@@ -27,7 +28,8 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-        process_id=int(os.environ['JAX_PROCESS_ID']))
+        process_id=int(os.environ['JAX_PROCESS_ID']),
+    )
   elif os.environ.get('SLURM_NTASKS', '1') != '1' or os.environ.get('TPU_WORKER_HOSTNAMES'):
     jax.distributed.initialize()
 
@@ -59,18 +61,22 @@ def fsdp_spec(shape, num_shards: int) -> P:
 
 def state_shardings(abstract_state, mesh: Mesh, *, fsdp: bool):
   n = mesh.shape[DATA]
+
   def one(x):
     if not fsdp or not hasattr(x, 'shape'):
       return replicated(mesh)
     return NamedSharding(mesh, fsdp_spec(x.shape, n))
+
   return jax.tree.map(one, abstract_state)
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Assembles global arrays, sharded over 'data', from this process's local batch."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in local_batch.items()
+  }
 
 
 def allgather_json(value) -> list:
@@ -80,6 +86,6 @@ def allgather_json(value) -> list:
   text = np.frombuffer(json.dumps(value).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.int32(len(text)))
   padded = np.zeros(int(np.max(lengths)), np.uint8)
-  padded[:len(text)] = text
+  padded[: len(text)] = text
   rows = multihost_utils.process_allgather(padded)
   return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]

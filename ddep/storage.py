@@ -4,6 +4,7 @@ Workdirs, checkpoints, config.json, metrics, subset ids, results and reports go
 through here, never through os.path or open(): those would turn `gs://bucket/x`
 into a local directory `./gs:/bucket/x` (and so does epath's own `resolve()`).
 """
+
 import os
 from typing import Union
 
@@ -50,5 +51,6 @@ def glob(pattern: str) -> list[str]:
 
 def files_below(root: PathLike, name: str = '') -> list[epath.Path]:
   """Every file under `root` (called `name` if given), sorted; epath has no recursive glob."""
-  return sorted(epath.Path(d) / f for d, _, files in path(root).walk() for f in files
-                if not name or f == name)
+  return sorted(
+      epath.Path(d) / f for d, _, files in path(root).walk() for f in files if not name or f == name
+  )

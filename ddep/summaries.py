@@ -9,6 +9,7 @@ The pictures are built by pure functions of host arrays (uint8, (N, H, W, 3)); t
 `write_*` functions write them on process 0 only, since every process computes the
 same values and other processes' writers only log.
 """
+
 import functools
 import math
 from typing import Any, Mapping, Optional
@@ -52,8 +53,9 @@ def model_scalars(model, image_hw, *, num_trainable: int, num_frozen: int) -> di
   """Parameter counts and analytic GFLOPs of one image's forward pass (ddep.flops)."""
   out = {'model/params_trainable': float(num_trainable), 'model/params_frozen': float(num_frozen)}
   try:
-    out['model/gflops_per_image'] = flops_lib.forward_flops(
-        flops_lib.model_ops(model, tuple(image_hw))) / 1e9
+    out['model/gflops_per_image'] = (
+        flops_lib.forward_flops(flops_lib.model_ops(model, tuple(image_hw))) / 1e9
+    )
   except (ValueError, AttributeError) as e:  # A backbone the analytic count does not know.
     logging.info('no analytic GFLOPs for this model: %s', e)
   return out
@@ -64,8 +66,12 @@ def write_start(writer, config, model, *, num_trainable: int, num_frozen: int) -
   if not _is_main():
     return
   writer.write_hparams(flat_hparams(config))
-  writer.write_scalars(0, model_scalars(model, config.data.image_size,
-                                        num_trainable=num_trainable, num_frozen=num_frozen))
+  writer.write_scalars(
+      0,
+      model_scalars(
+          model, config.data.image_size, num_trainable=num_trainable, num_frozen=num_frozen
+      ),
+  )
 
 
 def _to_uint8(image01: np.ndarray) -> np.ndarray:
@@ -77,15 +83,25 @@ def _stride(height: int, width: int, max_side: int) -> int:
   return max(1, -(-max(height, width) // max_side))
 
 
-def denoising_grid(clean, noisy, eps_hat, x_hat, noise_scale: float = NOISE_DISPLAY_SCALE,
-                   max_side: int = MAX_PANEL_SIDE) -> np.ndarray:
+def denoising_grid(
+    clean,
+    noisy,
+    eps_hat,
+    x_hat,
+    noise_scale: float = NOISE_DISPLAY_SCALE,
+    max_side: int = MAX_PANEL_SIDE,
+) -> np.ndarray:
   """(N, H, 4W, 3) uint8: clean | noisy | predicted ε | denoised, side by side per image.
 
   Subsampled (every k-th pixel, no smoothing: the noise stays noise) to `max_side`.
   """
   s = _stride(*np.shape(clean)[1:3], max_side)
-  panels = [report.to_display(clean), report.to_display(noisy),
-            report.to_display(eps_hat, noise_scale), report.to_display(x_hat)]
+  panels = [
+      report.to_display(clean),
+      report.to_display(noisy),
+      report.to_display(eps_hat, noise_scale),
+      report.to_display(x_hat),
+  ]
   return _to_uint8(np.concatenate([p[:, ::s, ::s] for p in panels], axis=2))
 
 
@@ -93,34 +109,46 @@ def write_denoising(writer, step: int, examples: Mapping[str, np.ndarray]) -> No
   """The grid of the pictures of `denoise_eval.Evaluator.run`."""
   if not _is_main() or not len(examples['clean']):
     return
-  writer.write_images(step, {'val/denoising': denoising_grid(
-      examples['clean'], examples['noisy'], examples['eps_hat'], examples['x_hat'])})
+  writer.write_images(
+      step,
+      {
+          'val/denoising': denoising_grid(
+              examples['clean'], examples['noisy'], examples['eps_hat'], examples['x_hat']
+          )
+      },
+  )
 
 
-def segmentation_panels(images, labels, predictions, colours, *, ignore_label: int,
-                        max_side: int = MAX_PANEL_SIDE) -> list[np.ndarray]:
+def segmentation_panels(
+    images, labels, predictions, colours, *, ignore_label: int, max_side: int = MAX_PANEL_SIDE
+) -> list[np.ndarray]:
   """Per image, (H, 3W, 3) uint8: image | ground truth | prediction, as colour overlays.
 
   `images` are in [-1, 1]; ignored ground-truth pixels show the plain image. Each is
   subsampled (every k-th pixel, so labels stay labels) to `max_side`.
   """
   from ddep import predict  # pylint: disable=g-import-not-at-top  (predict imports train)
+
   rows = []
   for image, label, pred in zip(images, labels, predictions):
     s = _stride(*label.shape, max_side)
     image, label, pred = image[::s, ::s], label[::s, ::s], pred[::s, ::s]
     rgb = _to_uint8(report.to_display(image))
     valid = label != ignore_label
-    truth = np.where(valid[..., None], predict.overlay(rgb, np.where(valid, label, 0), colours),
-                     rgb)
+    truth = np.where(
+        valid[..., None], predict.overlay(rgb, np.where(valid, label, 0), colours), rgb
+    )
     rows.append(np.concatenate([rgb, truth, predict.overlay(rgb, pred, colours)], axis=1))
   return rows
 
 
 def per_class_iou(result: Mapping[str, Any]) -> dict[str, float]:
   """{'val_iou/<class>': IoU} of the classes with one (absent classes have NaN)."""
-  return {f'val_iou/{name}': float(v) for name, v in result['per_class_iou'].items()
-          if not math.isnan(v)}
+  return {
+      f'val_iou/{name}': float(v)
+      for name, v in result['per_class_iou'].items()
+      if not math.isnan(v)
+  }
 
 
 def first_examples(eval_iter, count: int) -> Optional[dict[str, list[np.ndarray]]]:
@@ -133,7 +161,7 @@ def first_examples(eval_iter, count: int) -> Optional[dict[str, list[np.ndarray]
     return None
   out = {'image': [], 'label': []}
   for batch in iter(eval_iter):
-    for i in np.flatnonzero(batch['_mask'])[:count - len(out['image'])]:
+    for i in np.flatnonzero(batch['_mask'])[: count - len(out['image'])]:
       out['image'].append(np.asarray(batch['image'][i]))
       out['label'].append(np.asarray(batch['label'][i]))
       if 'orig_hw' in batch:
@@ -186,12 +214,19 @@ def preview_panels(config, model, params, spec, previews) -> Optional[list[np.nd
     return None
   from ddep import inference  # pylint: disable=g-import-not-at-top
   from ddep import predict  # pylint: disable=g-import-not-at-top  (predict imports train)
+
   apply = _jitted_apply(model)
   protocol = inference.make_protocol(
-      config.eval.protocol, lambda x: apply(params, x),
-      batch_size=int(config.eval.batch_size) or None, flip=bool(config.eval.flip))
+      config.eval.protocol,
+      lambda x: apply(params, x),
+      batch_size=int(config.eval.batch_size) or None,
+      flip=bool(config.eval.flip),
+  )
   images, labels, preds = predict_previews(
-      lambda x, size: inference.predict_labels(protocol, x, output_size=size), previews,
-      whole=config.eval.protocol == 'whole')
-  return segmentation_panels(images, labels, preds, predict.palette(spec),
-                             ignore_label=spec.ignore_label)
+      lambda x, size: inference.predict_labels(protocol, x, output_size=size),
+      previews,
+      whole=config.eval.protocol == 'whole',
+  )
+  return segmentation_panels(
+      images, labels, preds, predict.palette(spec), ignore_label=spec.ignore_label
+  )

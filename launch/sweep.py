@@ -20,6 +20,7 @@ pretraining job. --dry_run prints the commands (for slurm, a bash script) instea
 Flags after `--` are passed to every `ddep.main` run, e.g. `-- --config.seed=5`.
 `python -m ddep.report --workdirs=ROOT/finetune/<dataset>/<row>/*` then gathers a row.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,8 @@ PAPER_SEEDS = {
 }
 DEFAULT_SEEDS = 10
 
-CITYSCAPES_FRACTIONS = ('1', '1/4', '1/8', '1/30')        # Table 1
-PC_ADE_FRACTIONS = ('1', '0.2', '0.1', '0.05', '0.01')    # Tables 3-5
+CITYSCAPES_FRACTIONS = ('1', '1/4', '1/8', '1/30')  # Table 1
+PC_ADE_FRACTIONS = ('1', '0.2', '0.1', '0.05', '0.01')  # Tables 3-5
 # Figure 7's sigmas and Figure 8's epochs/lrs are not given in the text; these
 # grids bracket the paper's defaults (sigma 0.1 / 0.8, 6000 epochs at lr 1e-4).
 FIG7_SIGMAS = ('0.05', '0.1', '0.2', '0.3', '0.4', '0.6', '0.8')
@@ -57,6 +58,7 @@ FIG8_LRS = ('3e-5', '1e-4', '3e-4', '1e-3')
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One line of a table: a method at a decoder width, with its pretraining variant."""
+
   method: str
   width: int = 1
   model: str = 'r50_vit_b16'
@@ -89,47 +91,71 @@ def _rows(methods: Sequence[str], widths: Sequence[int], **kw) -> tuple[Row, ...
 _BASELINES_AND_DDEP = ('none', 'supervised', 'ddep')
 GRIDS = {
     # Table 1: Cityscapes, every method at 1x; DeP has no 2x row.
-    'table1': Grid(('cityscapes',), _rows(('none', 'supervised', 'dep', 'ddep'), (1,))
-                   + _rows(_BASELINES_AND_DDEP, (2,)), CITYSCAPES_FRACTIONS),
+    'table1': Grid(
+        ('cityscapes',),
+        _rows(('none', 'supervised', 'dep', 'ddep'), (1,)) + _rows(_BASELINES_AND_DDEP, (2,)),
+        CITYSCAPES_FRACTIONS,
+    ),
     # Table 2: our row is Table 1's DDeP 2x (the baselines are other papers').
     'table2': Grid(('cityscapes',), (Row('ddep', 2),), CITYSCAPES_FRACTIONS),
     # Figure 2: Cityscapes, 1x, down to 1% and 2% labels (Sec. 4.4).
-    'fig2': Grid(('cityscapes',), _rows(('none', 'supervised', 'dep', 'ddep'), (1,)),
-                 ('1', '1/4', '1/8', '1/30', '0.02', '0.01')),
+    'fig2': Grid(
+        ('cityscapes',),
+        _rows(('none', 'supervised', 'dep', 'ddep'), (1,)),
+        ('1', '1/4', '1/8', '1/30', '0.02', '0.01'),
+    ),
     'table3': Grid(('pascal_context',), _rows(_BASELINES_AND_DDEP, (1, 3)), PC_ADE_FRACTIONS),
     'fig5': Grid(('pascal_context',), _rows(_BASELINES_AND_DDEP, (1,)), PC_ADE_FRACTIONS),
     'table4': Grid(('ade20k',), _rows(_BASELINES_AND_DDEP, (1, 3)), PC_ADE_FRACTIONS),
     'fig6': Grid(('ade20k',), _rows(_BASELINES_AND_DDEP, (1,)), PC_ADE_FRACTIONS),
     # Table 5: the plain ResNet-50 UNet on Pascal Context, on BiT's ResNet-50 v2 so that the
     # supervised and DDeP rows start from the published BiT-M-R50x1 weights.
-    'table5': Grid(('pascal_context',), _rows(_BASELINES_AND_DDEP, (1,), model='bit_r50_unet'),
-                   PC_ADE_FRACTIONS),
+    'table5': Grid(
+        ('pascal_context',),
+        _rows(_BASELINES_AND_DDEP, (1,), model='bit_r50_unet'),
+        PC_ADE_FRACTIONS,
+    ),
     # Table 6: DDeP 3x, sigma ~ U(0.2, 0.3) against sigma = 0.2.
-    'table6': Grid(('pascal_context',),
-                   (Row('ddep', 3, pretrain_args=(('sigma_range', '0.2:0.3'),)),
-                    Row('ddep', 3, pretrain_args=(('sigma', '0.2'),))),
-                   ('1', '0.2', '0.1')),
+    'table6': Grid(
+        ('pascal_context',),
+        (
+            Row('ddep', 3, pretrain_args=(('sigma_range', '0.2:0.3'),)),
+            Row('ddep', 3, pretrain_args=(('sigma', '0.2'),)),
+        ),
+        ('1', '0.2', '0.1'),
+    ),
     # Table 7: predict x against predict eps (Eq. 4), DDeP 1x, all labels.
-    'table7': Grid(('pascal_context', 'ade20k'),
-                   tuple(Row('ddep', 1, pretrain_args=(('target', t),)) for t in ('x', 'eps')),
-                   ('1',)),
+    'table7': Grid(
+        ('pascal_context', 'ade20k'),
+        tuple(Row('ddep', 1, pretrain_args=(('target', t),)) for t in ('x', 'eps')),
+        ('1',),
+    ),
     # Figure 7: DDeP's pretraining sigma.
-    'fig7': Grid(('pascal_context', 'ade20k'),
-                 tuple(Row('ddep', 1, pretrain_args=(('sigma', s),)) for s in FIG7_SIGMAS), ('1',)),
+    'fig7': Grid(
+        ('pascal_context', 'ade20k'),
+        tuple(Row('ddep', 1, pretrain_args=(('sigma', s),)) for s in FIG7_SIGMAS),
+        ('1',),
+    ),
     # Figure 8: pretraining length x learning rate (Sec. 4.5.3).
-    'fig8': Grid(('pascal_context',),
-                 tuple(Row('ddep', 1, pretrain_args=(('epochs', e), ('lr', lr)))
-                       for e in FIG8_EPOCHS for lr in FIG8_LRS), ('1',)),
+    'fig8': Grid(
+        ('pascal_context',),
+        tuple(
+            Row('ddep', 1, pretrain_args=(('epochs', e), ('lr', lr)))
+            for e in FIG8_EPOCHS
+            for lr in FIG8_LRS
+        ),
+        ('1',),
+    ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  config: str        # configs/<file>.py
-  arg: str           # its get_config argument
+  config: str  # configs/<file>.py
+  arg: str  # its get_config argument
   workdir: str
-  name: str          # the workdir below the sweep's root, e.g. 'pretrain/ade20k/ddep_w1'
-  after: str = ''    # workdir of the run this one initialises from
+  name: str  # the workdir below the sweep's root, e.g. 'pretrain/ade20k/ddep_w1'
+  after: str = ''  # workdir of the run this one initialises from
 
   @property
   def config_flag(self) -> str:
@@ -151,14 +177,26 @@ def seeds_for(dataset: str, fraction: str, seeds: str) -> range:
   return range(by_value.get(fractions.Fraction(fraction), DEFAULT_SEEDS))
 
 
-def expand(grid: Grid, root: str, *, seeds: str = 'paper', methods: Sequence[str] = (),
-           widths: Sequence[int] = (), fractions_: Sequence[str] = (),
-           lrs: Sequence[str] = (), wds: Sequence[str] = (), encoder: str = '',
-           stage: str = 'all') -> list[Run]:
+def expand(
+    grid: Grid,
+    root: str,
+    *,
+    seeds: str = 'paper',
+    methods: Sequence[str] = (),
+    widths: Sequence[int] = (),
+    fractions_: Sequence[str] = (),
+    lrs: Sequence[str] = (),
+    wds: Sequence[str] = (),
+    encoder: str = '',
+    stage: str = 'all',
+) -> list[Run]:
   """Pretraining runs (deduplicated, first) and then fine-tuning runs of `grid`."""
   root = root.rstrip('/')
-  rows = [r for r in grid.rows if (not methods or r.method in methods)
-          and (not widths or r.width in widths)]
+  rows = [
+      r
+      for r in grid.rows
+      if (not methods or r.method in methods) and (not widths or r.width in widths)
+  ]
   extra = (('encoder', encoder),) if encoder else ()
   pretrain, finetune = {}, []
   for dataset in grid.datasets:
@@ -170,8 +208,9 @@ def expand(grid: Grid, root: str, *, seeds: str = 'paper', methods: Sequence[str
       if row.needs_pretraining:
         rel = f'pretrain/{dataset}/{row.name}'
         init = f'{root}/{rel}'
-        pretrain.setdefault(init, Run(PRETRAIN_CONFIG[dataset],
-                                      _arg(base + row.pretrain_args + extra), init, rel))
+        pretrain.setdefault(
+            init, Run(PRETRAIN_CONFIG[dataset], _arg(base + row.pretrain_args + extra), init, rel)
+        )
       for fraction in fractions_ or grid.fractions:
         for seed in seeds_for(dataset, fraction, seeds):
           for lr in lrs or ('',):
@@ -182,18 +221,29 @@ def expand(grid: Grid, root: str, *, seeds: str = 'paper', methods: Sequence[str
               rel = f'finetune/{dataset}/{row.name}/{run}'
               pairs = base + (('fraction', fraction), ('seed', seed)) + hp
               pairs += (('init_from', init),) if init else extra
-              finetune.append(Run(FINETUNE_CONFIG[dataset], _arg(pairs), f'{root}/{rel}', rel,
-                                  after=init))
-  return {'pretrain': list(pretrain.values()), 'finetune': finetune,
-          'all': list(pretrain.values()) + finetune}[stage]
+              finetune.append(
+                  Run(FINETUNE_CONFIG[dataset], _arg(pairs), f'{root}/{rel}', rel, after=init)
+              )
+  return {
+      'pretrain': list(pretrain.values()),
+      'finetune': finetune,
+      'all': list(pretrain.values()) + finetune,
+  }[stage]
 
 
 def _quote(args: Sequence[str]) -> str:
   return ' '.join(shlex.quote(a) for a in args)
 
 
-def commands(runs: Sequence[Run], *, launcher: str, python: str = 'python',
-             tpu_name: str = '', zone: str = '', extra_flags: Sequence[str] = ()) -> list[str]:
+def commands(
+    runs: Sequence[Run],
+    *,
+    launcher: str,
+    python: str = 'python',
+    tpu_name: str = '',
+    zone: str = '',
+    extra_flags: Sequence[str] = (),
+) -> list[str]:
   """One shell line per run, in launch order."""
   lines, job_vars = [], {}
   for i, run in enumerate(runs):  # i: a unique shell variable for a slurm job id
@@ -201,7 +251,9 @@ def commands(runs: Sequence[Run], *, launcher: str, python: str = 'python',
     if launcher == 'local':
       lines.append(_quote([python, '-m', 'ddep.main', *run_flags]))
     elif launcher == 'tpu':
-      lines.append(_quote(['launch/tpu.sh', 'run', f'--name={tpu_name}', f'--zone={zone}', *run_flags]))
+      lines.append(
+          _quote(['launch/tpu.sh', 'run', f'--name={tpu_name}', f'--zone={zone}', *run_flags])
+      )
     elif launcher == 'slurm':
       sbatch = ['sbatch', '--parsable', f'--job-name=ddep.{run.name.replace("/", ".")}']
       dependency = ''
@@ -220,12 +272,9 @@ def commands(runs: Sequence[Run], *, launcher: str, python: str = 'python',
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags; the grid (table1 ... fig8) is the one positional argument."""
   fv = {'flag_values': flag_values}
-  flags.DEFINE_string('workdir_root', None, 'Where the runs\' workdirs go (a path or gs://).',
-                      **fv)
-  flags.DEFINE_enum('stage', 'all', ['all', 'pretrain', 'finetune'], 'Which runs to launch.',
-                    **fv)
-  flags.DEFINE_enum('launcher', 'local', ['local', 'tpu', 'slurm'], 'How runs are launched.',
-                    **fv)
+  flags.DEFINE_string('workdir_root', None, "Where the runs' workdirs go (a path or gs://).", **fv)
+  flags.DEFINE_enum('stage', 'all', ['all', 'pretrain', 'finetune'], 'Which runs to launch.', **fv)
+  flags.DEFINE_enum('launcher', 'local', ['local', 'tpu', 'slurm'], 'How runs are launched.', **fv)
   flags.DEFINE_string('seeds', 'paper', "'paper' (Sec. 4.3) or a number of seeds.", **fv)
   flags.DEFINE_list('methods', [], "Comma-separated subset of the grid's methods.", **fv)
   flags.DEFINE_list('widths', [], 'Comma-separated decoder widths.', **fv)
@@ -233,7 +282,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list('lrs', [], 'Fine-tuning learning rates (Sec. 4.3 sweep).', **fv)
   flags.DEFINE_list('wds', [], 'Fine-tuning weight decays (Sec. 4.3 sweep).', **fv)
   flags.DEFINE_string('encoder', '', 'ImageNet-21k encoder file for every run.', **fv)
-  flags.DEFINE_string('tpu_name', '', "The TPU VM (--launcher=tpu).", **fv)
+  flags.DEFINE_string('tpu_name', '', 'The TPU VM (--launcher=tpu).', **fv)
   flags.DEFINE_string('zone', '', "The TPU VM's zone (--launcher=tpu).", **fv)
   flags.DEFINE_string('python', sys.executable, "The local launcher's interpreter.", **fv)
   flags.DEFINE_bool('dry_run', False, 'Print the commands only.', **fv)
@@ -241,7 +290,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.register_multi_flags_validator(
       ['launcher', 'tpu_name', 'zone'],
       lambda f: f['launcher'] != 'tpu' or bool(f['tpu_name'] and f['zone']),
-      '--launcher=tpu needs --tpu_name and --zone', **fv)
+      '--launcher=tpu needs --tpu_name and --zone',
+      **fv,
+  )
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -254,20 +305,39 @@ def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   if '--' not in argv:
     return argv, []
   i = argv.index('--')
-  return argv[:i], argv[i + 1:]
+  return argv[:i], argv[i + 1 :]
 
 
-def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS, *,
-         extra_flags: Sequence[str] = ()) -> int:
+def main(
+    argv: Sequence[str],
+    flag_values: flags.FlagValues = flags.FLAGS,
+    *,
+    extra_flags: Sequence[str] = (),
+) -> int:
   """app.run's main: argv = [program, grid]; `flag_values` are parsed already."""
   if len(argv) != 2 or argv[1] not in GRIDS:
     raise app.UsageError(f'give one grid of {", ".join(sorted(GRIDS))}; got {argv[1:]}')
   a = flag_values
-  runs = expand(GRIDS[argv[1]], a.workdir_root, seeds=a.seeds, methods=a.methods,
-                widths=[int(w) for w in a.widths], fractions_=a.fractions, lrs=a.lrs,
-                wds=a.wds, encoder=a.encoder, stage=a.stage)
-  lines = commands(runs, launcher=a.launcher, python=a.python, tpu_name=a.tpu_name,
-                   zone=a.zone, extra_flags=extra_flags)
+  runs = expand(
+      GRIDS[argv[1]],
+      a.workdir_root,
+      seeds=a.seeds,
+      methods=a.methods,
+      widths=[int(w) for w in a.widths],
+      fractions_=a.fractions,
+      lrs=a.lrs,
+      wds=a.wds,
+      encoder=a.encoder,
+      stage=a.stage,
+  )
+  lines = commands(
+      runs,
+      launcher=a.launcher,
+      python=a.python,
+      tpu_name=a.tpu_name,
+      zone=a.zone,
+      extra_flags=extra_flags,
+  )
   if a.dry_run:
     print('\n'.join(lines))
     return 0

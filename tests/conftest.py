@@ -7,7 +7,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tests check values, not speed; fewer optimizations compile much faster on CPU.
 # Two host devices, so shardings (data parallel, FSDP) are exercised for real.
 os.environ.setdefault(
-  'XLA_FLAGS', '--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=2'
+    'XLA_FLAGS', '--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=2'
 )
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
 # Many tests (and their subprocesses, which inherit these) compile the same tiny
@@ -27,13 +27,13 @@ jax.config.update('jax_disable_most_optimizations', True)
 # first so that with `-n 2 --dist loadfile` the short files fill in at the end instead of
 # one long file running alone on one worker while the other idles.
 _SLOW_FILES_FIRST = (
-  'test_train.py',
-  'test_configs.py',
-  'test_benchmark.py',
-  'test_multihost.py',
-  'test_demo.py',
-  'test_models.py',
-  'test_evaluate_predict.py',
+    'test_train.py',
+    'test_configs.py',
+    'test_benchmark.py',
+    'test_multihost.py',
+    'test_demo.py',
+    'test_models.py',
+    'test_evaluate_predict.py',
 )
 
 
@@ -48,4 +48,5 @@ def pytest_collection_modifyitems(items):
   def rank(item):
     name = os.path.basename(str(item.fspath))
     return _SLOW_FILES_FIRST.index(name) if name in _SLOW_FILES_FIRST else len(_SLOW_FILES_FIRST)
+
   items.sort(key=rank)  # Stable: the order within each file is kept.

@@ -44,14 +44,52 @@ def make_certificates(directory: str) -> tuple[str, str, str]:
   key, csr = os.path.join(directory, 'server.key'), os.path.join(directory, 'server.csr')
   cert, ext = os.path.join(directory, 'server.pem'), os.path.join(directory, 'san.ext')
   run = lambda *args: subprocess.run(['openssl', *args], check=True, capture_output=True)
-  run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=ddep test CA',
-      '-keyout', ca_key, '-out', ca)
-  run('req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=www.googleapis.com', '-keyout', key,
-      '-out', csr)
+  run(
+      'req',
+      '-x509',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-days',
+      '2',
+      '-subj',
+      '/CN=ddep test CA',
+      '-keyout',
+      ca_key,
+      '-out',
+      ca,
+  )
+  run(
+      'req',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-subj',
+      '/CN=www.googleapis.com',
+      '-keyout',
+      key,
+      '-out',
+      csr,
+  )
   with open(ext, 'w') as f:
     f.write('subjectAltName=' + ','.join(f'DNS:{h}' for h in GOOGLE_HOSTS) + '\n')
-  run('x509', '-req', '-in', csr, '-CA', ca, '-CAkey', ca_key, '-CAcreateserial', '-days', '2',
-      '-extfile', ext, '-out', cert)
+  run(
+      'x509',
+      '-req',
+      '-in',
+      csr,
+      '-CA',
+      ca,
+      '-CAkey',
+      ca_key,
+      '-CAcreateserial',
+      '-days',
+      '2',
+      '-extfile',
+      ext,
+      '-out',
+      cert,
+  )
   return ca, cert, key
 
 
@@ -136,8 +174,10 @@ class _ConnectHandler(socketserver.BaseRequestHandler):
       self.request.sendall(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
       return
     self.request.sendall(b'HTTP/1.1 200 Connection established\r\n\r\n')
-    with self.server.context.wrap_socket(self.request, server_side=True) as client, \
-        socket.create_connection(self.server.upstream) as upstream:
+    with (
+        self.server.context.wrap_socket(self.request, server_side=True) as client,
+        socket.create_connection(self.server.upstream) as upstream,
+    ):
       head = _read_head(client)
       if head:
         _send_upstream(client, upstream, head)
@@ -148,7 +188,7 @@ class _ConnectHandler(socketserver.BaseRequestHandler):
     for host in GOOGLE_HOSTS:
       prefix = f'http://{host}'.encode()
       if target.startswith(prefix):
-        head = head.replace(target, target[len(prefix):] or b'/', 1)
+        head = head.replace(target, target[len(prefix) :] or b'/', 1)
         break
     else:
       self.request.sendall(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
@@ -161,6 +201,7 @@ class _ConnectHandler(socketserver.BaseRequestHandler):
 def _add_generation_headers(server) -> None:
   """Downloads answer with `x-goog-generation`, as GCS does; TensorStore needs it."""
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+
   download = objects.download
 
   def download_with_generation(request, response, storage, *args, **kwargs):
@@ -175,12 +216,14 @@ def _add_generation_headers(server) -> None:
   objects.download = download_with_generation  # `objects.get` calls it for alt=media.
   server.HANDLERS = tuple(
       (regex, {m: download_with_generation if f is download else f for m, f in methods.items()})
-      for regex, methods in server.HANDLERS)
+      for regex, methods in server.HANDLERS
+  )
 
 
 def _start_emulator(port: int, bucket: str):
   """The emulator's HTTP server, in memory, on a thread of this process."""
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
+
   read_data = server._read_data  # pylint: disable=protected-access
 
   def read_data_or_empty(handler, query):
@@ -243,6 +286,7 @@ class GcsEmulator:
   def objects(self, prefix: str = '') -> list[str]:
     """Names of the bucket's objects under `prefix`, straight from the emulator."""
     import json  # pylint: disable=g-import-not-at-top
+
     names, token = [], ''
     while True:
       query = f'prefix={prefix}' + (f'&pageToken={token}' if token else '')

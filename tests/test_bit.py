@@ -1,5 +1,6 @@
 """BiT ResNet v2 (`bit_r50` backbone): forward pass against an independent reference that
 reads the published BiT-M-R50x1.npz names, both file formats, and the loader's errors."""
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,10 @@ IMAGE = (2, 64, 64, 3)
 
 
 def _flat(tree):
-  return {'/'.join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  return {
+      '/'.join(k): np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+  }
 
 
 @pytest.fixture(scope='module')
@@ -64,8 +67,14 @@ def reference_features(w, x, layers=LAYERS, groups=GROUPS):
     k = w[kernel]
     k = k - k.mean(axis=(0, 1, 2), keepdims=True)
     k = k / jnp.sqrt(jnp.mean(k * k, axis=(0, 1, 2), keepdims=True) + 1e-10)
-    return jax.lax.conv_general_dilated(x, k, (stride, stride), [(pad, pad), (pad, pad)],
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=hi)
+    return jax.lax.conv_general_dilated(
+        x,
+        k,
+        (stride, stride),
+        [(pad, pad), (pad, pad)],
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=hi,
+    )
 
   def norm_relu(x, prefix):
     n, h, wd, c = x.shape
@@ -99,8 +108,9 @@ def _rel(a, b):
   return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-def test_encoder_matches_an_independent_resnet_v2_on_the_published_names(model_and_params,
-                                                                         tmp_path):
+def test_encoder_matches_an_independent_resnet_v2_on_the_published_names(
+    model_and_params, tmp_path
+):
   model, params = model_and_params
   weights = published_layout(np.random.default_rng(0))
   path = str(tmp_path / 'BiT-M-R50x1.npz')
@@ -109,15 +119,21 @@ def test_encoder_matches_an_independent_resnet_v2_on_the_published_names(model_a
   images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, IMAGE), jnp.float32)
 
   features, skips = jax.jit(lambda p, x: model.apply({'params': p}, x, method=TransUNet.encode))(
-      loaded, images)
+      loaded, images
+  )
   ref_features, ref_skips = jax.jit(reference_features)(
-      {k: jnp.asarray(v) for k, v in weights.items()}, images)
+      {k: jnp.asarray(v) for k, v in weights.items()}, images
+  )
   # The 1/32 map after the final GroupNorm + ReLU, and the skips at 1/2, 1/4, 1/8, 1/16.
   assert features.shape == (2, 2, 2, 4 * 8 * WIDTH)
   assert _rel(features, ref_features) < 2e-3
   # (jit returns dicts sorted by key; the model's own order is root, block1, ...)
-  assert {k: s.shape[1] for k, s in skips.items()} == {'root': 32, 'block1': 16, 'block2': 8,
-                                                       'block3': 4}
+  assert {k: s.shape[1] for k, s in skips.items()} == {
+      'root': 32,
+      'block1': 16,
+      'block2': 8,
+      'block3': 4,
+  }
   for name, want in ref_skips.items():
     assert _rel(skips[name], want) < 2e-3, name
   # The decoder takes them as it takes r50_unet's: the whole UNet runs at full size.
@@ -132,17 +148,26 @@ def test_round_trip_of_both_file_formats(model_and_params, tmp_path):
   npz = pretrained.encoder_to_bit_checkpoint(encoder, fmt='npz')
   timm = pretrained.encoder_to_bit_checkpoint(encoder, fmt='timm')
   # The published names of each format (BiT's npz; timm's resnetv2_50x1_bit).
-  assert {'resnet/root_block/standardized_conv2d/kernel',
-          'resnet/block1/unit01/a/standardized_conv2d/kernel',
-          'resnet/block1/unit01/a/group_norm/gamma', 'resnet/block2/unit01/a/proj/'
-          'standardized_conv2d/kernel', 'resnet/group_norm/beta'} <= set(npz)
-  assert {'stem.conv.weight', 'stages.0.blocks.0.norm1.weight', 'stages.0.blocks.0.conv2.weight',
-          'stages.1.blocks.0.downsample.conv.weight', 'norm.bias'} <= set(timm)
+  assert {
+      'resnet/root_block/standardized_conv2d/kernel',
+      'resnet/block1/unit01/a/standardized_conv2d/kernel',
+      'resnet/block1/unit01/a/group_norm/gamma',
+      'resnet/block2/unit01/a/proj/' 'standardized_conv2d/kernel',
+      'resnet/group_norm/beta',
+  } <= set(npz)
+  assert {
+      'stem.conv.weight',
+      'stages.0.blocks.0.norm1.weight',
+      'stages.0.blocks.0.conv2.weight',
+      'stages.1.blocks.0.downsample.conv.weight',
+      'norm.bias',
+  } <= set(timm)
   assert timm['stages.0.blocks.0.conv2.weight'].shape == (WIDTH, WIDTH, 3, 3)  # OIHW
   np.savez(tmp_path / 'bit.npz', **npz)
-  st_numpy.save_file(dict(timm, **{'head.fc.weight': np.zeros((3, 4 * 8 * WIDTH, 1, 1),
-                                                              np.float32)}),
-                     str(tmp_path / 'bit.safetensors'))
+  st_numpy.save_file(
+      dict(timm, **{'head.fc.weight': np.zeros((3, 4 * 8 * WIDTH, 1, 1), np.float32)}),
+      str(tmp_path / 'bit.safetensors'),
+  )
   want = _flat(encoder)
   for name in ('bit.npz', 'bit.safetensors'):
     got = _flat(load_pretrained_encoder(params, str(tmp_path / name))['encoder'])
@@ -155,8 +180,7 @@ def test_wrong_files_fail_with_every_mismatch_in_one_error(model_and_params, tmp
   _, params = model_and_params
   weights = published_layout(np.random.default_rng(2))
   del weights['resnet/block3/unit01/b/group_norm/beta']
-  weights['resnet/block2/unit01/c/standardized_conv2d/kernel'] = np.zeros((1, 1, 32, 7),
-                                                                          np.float32)
+  weights['resnet/block2/unit01/c/standardized_conv2d/kernel'] = np.zeros((1, 1, 32, 7), np.float32)
   weights['resnet/block5/unit01/a/group_norm/gamma'] = np.ones(4, np.float32)
   np.savez(tmp_path / 'broken.npz', **weights)
   with pytest.raises(pretrained.CheckpointError) as e:
@@ -169,23 +193,31 @@ def test_wrong_files_fail_with_every_mismatch_in_one_error(model_and_params, tmp
   # An R50+ViT checkpoint for the BiT model, and BiT weights for the post-activation r50_unet.
   hybrid = create_model('tiny', num_outputs=3)
   vit_params = jax.device_get(jax.jit(hybrid.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  np.savez(tmp_path / 'vit.npz',
-           **pretrained.encoder_to_vit_layout(vit_params['params']['encoder']))
-  with pytest.raises(pretrained.CheckpointError, match=r'is a R50\+ViT-B/16 hybrid .* the '
-                     r"model's is a BiT ResNet v2 \(preset 'bit_r50_unet'\)"):
+  np.savez(
+      tmp_path / 'vit.npz', **pretrained.encoder_to_vit_layout(vit_params['params']['encoder'])
+  )
+  with pytest.raises(
+      pretrained.CheckpointError,
+      match=r'is a R50\+ViT-B/16 hybrid .* the '
+      r"model's is a BiT ResNet v2 \(preset 'bit_r50_unet'\)",
+  ):
     load_pretrained_encoder(params, str(tmp_path / 'vit.npz'))
   r50 = create_model('tiny_r50_unet', num_outputs=3)
   r50_params = jax.device_get(jax.jit(r50.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   np.savez(tmp_path / 'bit.npz', **published_layout(np.random.default_rng(3)))
-  with pytest.raises(pretrained.CheckpointError, match=r"is a BiT ResNet v2 .*post-activation"):
+  with pytest.raises(pretrained.CheckpointError, match=r'is a BiT ResNet v2 .*post-activation'):
     load_pretrained_encoder(r50_params['params'], str(tmp_path / 'bit.npz'))
 
   # Keys that belong to neither layout are named, in both formats.
   np.savez(tmp_path / 'mixed.npz', **{'resnet/group_norm/gamma': np.ones(4), 'cls': np.ones(1)})
   with pytest.raises(pretrained.CheckpointError, match=r"keys outside 'resnet/'.*'cls'"):
     load_pretrained_encoder(params, str(tmp_path / 'mixed.npz'))
-  st_numpy.save_file({'stem.conv.weight': np.ones((2, 3, 7, 7), np.float32),
-                      'stages.0.blocks.0.se.fc.weight': np.ones(2, np.float32)},
-                     str(tmp_path / 'odd.safetensors'))
+  st_numpy.save_file(
+      {
+          'stem.conv.weight': np.ones((2, 3, 7, 7), np.float32),
+          'stages.0.blocks.0.se.fc.weight': np.ones(2, np.float32),
+      },
+      str(tmp_path / 'odd.safetensors'),
+  )
   with pytest.raises(pretrained.CheckpointError, match=r'timm BiT ResNet v2.*se\.fc\.weight'):
     load_pretrained_encoder(params, str(tmp_path / 'odd.safetensors'))

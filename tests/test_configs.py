@@ -1,5 +1,6 @@
 """The experiment configs: every paper setting they encode, and each one trained for
 one step at toy size (`runlocal`) through the real trainer."""
+
 import importlib
 import json
 import math
@@ -30,9 +31,15 @@ def get_config(name, arg=None):
 
 
 def test_every_experiment_file_is_a_config():
-  assert {'finetune_cityscapes', 'finetune_pascal_context', 'finetune_ade20k',
-          'pretrain_cityscapes', 'pretrain_pascal_context', 'pretrain_ade20k',
-          'supervised_demo'} <= set(CONFIGS)
+  assert {
+      'finetune_cityscapes',
+      'finetune_pascal_context',
+      'finetune_ade20k',
+      'pretrain_cityscapes',
+      'pretrain_pascal_context',
+      'pretrain_ade20k',
+      'supervised_demo',
+  } <= set(CONFIGS)
   for name in CONFIGS:
     assert callable(getattr(importlib.import_module(f'configs.{name}'), 'get_config', None)), name
 
@@ -43,15 +50,31 @@ def test_every_experiment_file_is_a_config():
 # Every config with each kind of argument it takes, at full size.
 FULL_SIZE_ARGS = {
     'supervised_demo': ['', 'model=r50_vit_b16'],
-    **{f'pretrain_{d}': ['', 'method=dep', 'method=ddep,width=3', 'method=ddep,init_from=/runs/sup',
-                         'method=ddep,sigma_range=0.2:0.3', 'method=ddep,target=x',
-                         'method=ddep,epochs=100,lr=3e-4', 'method=ddep,model=r50_unet']
-       for d in ('cityscapes', 'pascal_context', 'ade20k')},
-    **{f'finetune_{d}': ['method=none', 'method=supervised,fraction=0.01,seed=9',
-                         'method=supervised,init_from=/runs/sup', 'method=dep,init_from=/runs/dep',
-                         'method=ddep,width=3,count=17,init_from=/runs/ddep',
-                         'method=none,model=r50_unet', 'method=ddep,lr=1e-5,wd=3e-4,init_from=/p']
-       for d in ('cityscapes', 'pascal_context', 'ade20k')},
+    **{
+        f'pretrain_{d}': [
+            '',
+            'method=dep',
+            'method=ddep,width=3',
+            'method=ddep,init_from=/runs/sup',
+            'method=ddep,sigma_range=0.2:0.3',
+            'method=ddep,target=x',
+            'method=ddep,epochs=100,lr=3e-4',
+            'method=ddep,model=r50_unet',
+        ]
+        for d in ('cityscapes', 'pascal_context', 'ade20k')
+    },
+    **{
+        f'finetune_{d}': [
+            'method=none',
+            'method=supervised,fraction=0.01,seed=9',
+            'method=supervised,init_from=/runs/sup',
+            'method=dep,init_from=/runs/dep',
+            'method=ddep,width=3,count=17,init_from=/runs/ddep',
+            'method=none,model=r50_unet',
+            'method=ddep,lr=1e-5,wd=3e-4,init_from=/p',
+        ]
+        for d in ('cityscapes', 'pascal_context', 'ade20k')
+    },
 }
 FULL_SIZE_ARGS['finetune_pascal_context'].append('method=none,classes=59')
 
@@ -60,8 +83,9 @@ def test_full_size_args_cover_every_config():
   assert set(FULL_SIZE_ARGS) == set(CONFIGS)
 
 
-@pytest.mark.parametrize('name,arg', [(n, a) for n in sorted(FULL_SIZE_ARGS)
-                                      for a in FULL_SIZE_ARGS[n]])
+@pytest.mark.parametrize(
+    'name,arg', [(n, a) for n in sorted(FULL_SIZE_ARGS) for a in FULL_SIZE_ARGS[n]]
+)
 def test_full_size_config_validates_on_8_devices(name, arg):
   c = get_config(name, arg)
   config_validation.validate(c, num_devices=8)
@@ -82,6 +106,7 @@ CITYSCAPES_COUNTS = {'1': 2975, '1/4': 744, '1/8': 372, '1/30': 100}  # Table 1'
 @pytest.mark.parametrize('method', sorted(METHOD_INIT))
 def test_finetune_cityscapes_per_method_and_fraction(method):
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: import late)
+
   for fraction, count in CITYSCAPES_COUNTS.items():
     init = ',init_from=/runs/pretrain' if method in ('dep', 'ddep') else ''
     c = get_config('finetune_cityscapes', f'method={method},fraction={fraction},seed=4{init}')
@@ -107,18 +132,28 @@ def test_finetune_datasets_crops_and_protocols():
   for name, (dataset, crop, protocol, flip) in expect.items():
     c = get_config(name, 'method=ddep,width=3,fraction=0.05,init_from=/p')
     assert (c.data.dataset, tuple(c.data.image_size), c.eval.protocol, bool(c.eval.flip)) == (
-        dataset, crop, protocol, flip)
+        dataset,
+        crop,
+        protocol,
+        flip,
+    )
     assert c.model.decoder_width_multiplier == 3
     assert c.data.label_fraction == 0.05
   assert get_config('finetune_pascal_context', 'method=none,classes=59').data.dataset == (
-      'pascal_context_59')
+      'pascal_context_59'
+  )
 
 
 def test_finetune_lr_wd_steps_count_and_r50_unet():
-  c = get_config('finetune_ade20k', 'method=supervised,lr=3e-4,wd=1e-5,steps=123,count=17,'
-                 'model=r50_unet')
+  c = get_config(
+      'finetune_ade20k', 'method=supervised,lr=3e-4,wd=1e-5,steps=123,count=17,' 'model=r50_unet'
+  )
   assert (c.optim.lr, c.optim.weight_decay, c.total_steps, c.data.label_count) == (
-      3e-4, 1e-5, 123, 17)
+      3e-4,
+      1e-5,
+      123,
+      17,
+  )
   assert (c.model.preset, c.init_encoder_from) == ('r50_unet', 'checkpoints/BiT-M-R50x1.npz')
   assert get_config('finetune_ade20k', 'method=none').total_steps == 80_000
 
@@ -134,20 +169,29 @@ PRETRAIN_IMAGES = {
 @pytest.mark.parametrize('name', sorted(PRETRAIN_IMAGES))
 def test_pretraining_reads_the_papers_images(name):
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+
   view = specs.get(get_config(name).data.dataset).pretrain_view()
   assert (view.tfds_name, view.pretrain_splits) == PRETRAIN_IMAGES[name]
 
 
-@pytest.mark.parametrize('name,dataset', [('pretrain_cityscapes', 'cityscapes'),
-                                          ('pretrain_pascal_context', 'pascal_context_60'),
-                                          ('pretrain_ade20k', 'ade20k')])
+@pytest.mark.parametrize(
+    'name,dataset',
+    [
+        ('pretrain_cityscapes', 'cityscapes'),
+        ('pretrain_pascal_context', 'pascal_context_60'),
+        ('pretrain_ade20k', 'ade20k'),
+    ],
+)
 def test_pretrain_dep_and_ddep(name, dataset):
   dep = get_config(name, 'method=dep')
   assert (dep.task, dep.method, dep.data.dataset) == ('denoise', 'dep', dataset)
   assert dep.denoise.sigma == 0.8 and tuple(dep.frozen) == ()  # Sec. 3.3; all from scratch
   assert (dep.init_from, dep.init_encoder_from) == ('', '')
   assert (dep.denoise.target, dep.denoise.form, tuple(dep.denoise.sigma_range)) == (
-      'eps', 'additive', ())  # Eq. 4
+      'eps',
+      'additive',
+      (),
+  )  # Eq. 4
   # Sec. 4.3: Adam, lr 1e-4, batch 128, 6000 epochs, 512x512.
   assert (dep.optim.name, dep.optim.lr, dep.data.batch_size) == ('adam', 1e-4, 128)
   assert (dep.total_epochs, dep.total_steps, tuple(dep.data.image_size)) == (6000, 0, (512, 512))
@@ -158,7 +202,10 @@ def test_pretrain_dep_and_ddep(name, dataset):
   assert ddep.model.decoder_width_multiplier == 2
   ours = get_config(name, 'method=ddep,init_from=/runs/sup')  # a supervised run of ours
   assert (ours.init_from, ours.init_encoder_from, tuple(ours.frozen)) == (
-      '/runs/sup', '', ('encoder/.*',))
+      '/runs/sup',
+      '',
+      ('encoder/.*',),
+  )
 
 
 def test_pretrain_ablation_args():
@@ -177,25 +224,30 @@ def test_ddep_freezes_exactly_the_encoder():
   c = get_config('pretrain_cityscapes', 'method=ddep')
   model = presets.create_model('tiny', num_outputs=3)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)))
-  mask = flax.traverse_util.flatten_dict(optimizer_lib.trainable_mask(shapes['params'], c.frozen),
-                                         sep='/')
+  mask = flax.traverse_util.flatten_dict(
+      optimizer_lib.trainable_mask(shapes['params'], c.frozen), sep='/'
+  )
   assert {k for k, trainable in mask.items() if not trainable} == {
-      k for k in mask if k.startswith('encoder/')}
+      k for k in mask if k.startswith('encoder/')
+  }
   assert any(k.startswith('decoder/') for k in mask) and any(k.startswith('head/') for k in mask)
 
 
-@pytest.mark.parametrize('name,arg,message', [
-    ('finetune_cityscapes', 'method=ddep', 'init_from'),
-    ('finetune_ade20k', 'method=dep', 'init_from'),
-    ('finetune_cityscapes', 'method=none,init_from=/p', 'random'),
-    ('finetune_cityscapes', 'method=supervised,runlocal', 'supervised_demo'),
-    ('pretrain_ade20k', 'method=ddep,runlocal', 'supervised_demo'),
-    ('pretrain_ade20k', 'method=supervised', 'dep'),
-    ('finetune_ade20k', 'method=none,fraction=0', 'fraction'),
-    ('finetune_pascal_context', 'method=none,classes=21', 'classes'),
-    ('pretrain_cityscapes', 'sigma_range=0.2', 'lo:hi'),
-    ('finetune_cityscapes', 'method=none,frac=1', 'unknown config argument'),
-])
+@pytest.mark.parametrize(
+    'name,arg,message',
+    [
+        ('finetune_cityscapes', 'method=ddep', 'init_from'),
+        ('finetune_ade20k', 'method=dep', 'init_from'),
+        ('finetune_cityscapes', 'method=none,init_from=/p', 'random'),
+        ('finetune_cityscapes', 'method=supervised,runlocal', 'supervised_demo'),
+        ('pretrain_ade20k', 'method=ddep,runlocal', 'supervised_demo'),
+        ('pretrain_ade20k', 'method=supervised', 'dep'),
+        ('finetune_ade20k', 'method=none,fraction=0', 'fraction'),
+        ('finetune_pascal_context', 'method=none,classes=21', 'classes'),
+        ('pretrain_cityscapes', 'sigma_range=0.2', 'lo:hi'),
+        ('finetune_cityscapes', 'method=none,frac=1', 'unknown config argument'),
+    ],
+)
 def test_bad_args_fail_with_a_reason(name, arg, message):
   with pytest.raises(ValueError, match=message):
     get_config(name, arg)
@@ -216,11 +268,16 @@ def test_runlocal_shrinks_to_the_tiny_presets():
 
 def test_table5_supervised_and_ddep_start_from_the_published_bit_weights():
   sup = get_config('finetune_pascal_context', 'method=supervised,model=bit_r50_unet')
-  assert (sup.model.preset, sup.init_encoder_from) == ('bit_r50_unet',
-                                                       'checkpoints/BiT-M-R50x1.npz')
+  assert (sup.model.preset, sup.init_encoder_from) == (
+      'bit_r50_unet',
+      'checkpoints/BiT-M-R50x1.npz',
+  )
   ddep = get_config('pretrain_pascal_context', 'method=ddep,model=bit_r50_unet')
   assert (ddep.model.preset, ddep.init_encoder_from, tuple(ddep.frozen)) == (
-      'bit_r50_unet', 'checkpoints/BiT-M-R50x1.npz', ('encoder/.*',))
+      'bit_r50_unet',
+      'checkpoints/BiT-M-R50x1.npz',
+      ('encoder/.*',),
+  )
   config_validation.validate(sup, num_devices=8)
   config_validation.validate(ddep, num_devices=8)
 
@@ -232,15 +289,12 @@ def test_table5_supervised_and_ddep_start_from_the_published_bit_weights():
 RUNLOCAL_ARGS = {
     'supervised_demo': 'runlocal',
     'pretrain_cityscapes': 'method=dep,width=2,runlocal',
-    'pretrain_pascal_context':
-        'method=ddep,sigma_range=0.2:0.3,init_from={supervised_demo},runlocal',
+    'pretrain_pascal_context': 'method=ddep,sigma_range=0.2:0.3,init_from={supervised_demo},runlocal',
     'pretrain_ade20k': 'method=ddep,target=x,init_from={supervised_demo},runlocal',
-    'finetune_cityscapes':
-        'method=dep,width=2,fraction=1/8,init_from={pretrain_cityscapes},runlocal',
+    'finetune_cityscapes': 'method=dep,width=2,fraction=1/8,init_from={pretrain_cityscapes},runlocal',
     'finetune_ade20k': 'method=ddep,fraction=0.05,seed=1,init_from={pretrain_ade20k},runlocal',
     # Table 5's UNet on BiT's ResNet-50 v2, at toy size.
-    'finetune_pascal_context':
-        'method=none,model=bit_r50_unet,classes=59,fraction=0.1,runlocal',
+    'finetune_pascal_context': 'method=none,model=bit_r50_unet,classes=59,fraction=0.1,runlocal',
 }
 
 
@@ -252,6 +306,7 @@ def test_runlocal_args_cover_every_config():
 def one_step_run(tmp_path_factory):
   """name -> (config, workdir) of that config's one-step runlocal run, made on first use."""
   from ddep import train  # pylint: disable=g-import-not-at-top  (TF: import late)
+
   root = tmp_path_factory.mktemp('runs')
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   done = {}
@@ -267,12 +322,15 @@ def one_step_run(tmp_path_factory):
       train.train_and_evaluate(c, workdir)
       done[name] = (c, workdir)
     return done[name]
+
   return run
 
 
 def _leaves(tree):
-  return {'/'.join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  return {
+      '/'.join(k): np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+  }
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -289,7 +347,9 @@ def test_runlocal_one_step(name, one_step_run):
       results = json.load(f)
     assert 0.0 <= results['miou'] <= 1.0
     assert (results['method'], results['decoder_width']) == (
-        c.method, c.model.decoder_width_multiplier)
+        c.method,
+        c.model.decoder_width_multiplier,
+    )
     assert results['label_fraction'] == pytest.approx(c.data.label_fraction)
     # What it was pretrained as, for telling ablations apart in reports.
     assert results['model'] == c.model.preset
@@ -297,7 +357,9 @@ def test_runlocal_one_step(name, one_step_run):
       with open(os.path.join(c.init_from, 'config.json')) as f:
         source = json.load(f)
       assert (results['pretraining']['method'], results['pretraining']['sigma']) == (
-          source['method'], source['denoise']['sigma'])
+          source['method'],
+          source['denoise']['sigma'],
+      )
     else:
       assert results['pretraining'] is None
 
@@ -340,23 +402,40 @@ def test_ddpm_form_takes_gamma_by_default_at_the_methods_sigma():
   assert steps.noise_level(ddpm.denoise) == {'gamma': ddpm.denoise.gamma}
   assert steps.noise_level(ranged.denoise) == {'gamma_range': (0.5, 0.6)}
   assert steps.noise_level(additive.denoise) == {'sigma': 0.1}
-  assert steps.noise_level(_denoise('sigma_range=0.2:0.3').denoise) == {
-      'sigma_range': (0.2, 0.3)}
+  assert steps.noise_level(_denoise('sigma_range=0.2:0.3').denoise) == {'sigma_range': (0.2, 0.3)}
 
 
-@pytest.mark.parametrize('arg,overrides,match', [
-    # σ with Eq. 2, γ with Eq. 1: the error names the key that does not belong, and the form.
-    ('form=ddpm,sigma=0.1', {}, r"config\.denoise\.sigma: 0\.1 is sigma of Eq\. 1.*"
-     r"denoise\.form='ddpm' takes denoise\.gamma or denoise\.gamma_range"),
-    ('form=ddpm,sigma_range=0.2:0.3', {}, r'config\.denoise\.sigma_range: \(0\.2, 0\.3\) is sigma'),
-    ('gamma=0.5', {}, r"config\.denoise\.gamma: 0\.5 is gamma of Eq\. 2.*"
-     r"denoise\.form='additive' takes denoise\.sigma"),
-    ('', {'denoise__gamma_range': (0.4, 0.5)}, r'config\.denoise\.gamma_range: \(0\.4, 0\.5\)'),
-    ('form=ddpm,gamma=1.5', {}, r'config\.denoise\.gamma: .*in \(0, 1\), got 1\.5'),
-    ('form=ddpm,gamma_range=0.5:1.2', {}, r'config\.denoise\.gamma_range: expected .* < 1'),
-    ('', {'denoise__form': 'ddpm', 'denoise__sigma': 0.0},
-     r'config\.denoise\.gamma: .*in \(0, 1\), got 0\.0'),
-])
+@pytest.mark.parametrize(
+    'arg,overrides,match',
+    [
+        # σ with Eq. 2, γ with Eq. 1: the error names the key that does not belong, and the form.
+        (
+            'form=ddpm,sigma=0.1',
+            {},
+            r'config\.denoise\.sigma: 0\.1 is sigma of Eq\. 1.*'
+            r"denoise\.form='ddpm' takes denoise\.gamma or denoise\.gamma_range",
+        ),
+        (
+            'form=ddpm,sigma_range=0.2:0.3',
+            {},
+            r'config\.denoise\.sigma_range: \(0\.2, 0\.3\) is sigma',
+        ),
+        (
+            'gamma=0.5',
+            {},
+            r'config\.denoise\.gamma: 0\.5 is gamma of Eq\. 2.*'
+            r"denoise\.form='additive' takes denoise\.sigma",
+        ),
+        ('', {'denoise__gamma_range': (0.4, 0.5)}, r'config\.denoise\.gamma_range: \(0\.4, 0\.5\)'),
+        ('form=ddpm,gamma=1.5', {}, r'config\.denoise\.gamma: .*in \(0, 1\), got 1\.5'),
+        ('form=ddpm,gamma_range=0.5:1.2', {}, r'config\.denoise\.gamma_range: expected .* < 1'),
+        (
+            '',
+            {'denoise__form': 'ddpm', 'denoise__sigma': 0.0},
+            r'config\.denoise\.gamma: .*in \(0, 1\), got 0\.0',
+        ),
+    ],
+)
 def test_mixing_sigma_and_gamma_fails_validation_naming_the_keys(arg, overrides, match):
   with pytest.raises(config_validation.ConfigError, match=match):
     config_validation.validate(_denoise(arg, **overrides), num_devices=8)

@@ -1,4 +1,5 @@
 """The main job, end to end at its quick size: every stage runs, reruns reuse them."""
+
 import os
 import subprocess
 import sys
@@ -10,8 +11,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_stages_are_valid_configs_wired_to_their_pretraining():
-  runs = demo.stage_configs('/out', quick=False, pretrain_steps=500, finetune_steps=200,
-                            fractions=['0.02', '1.0'], seeds=2)
+  runs = demo.stage_configs(
+      '/out',
+      quick=False,
+      pretrain_steps=500,
+      finetune_steps=200,
+      fractions=['0.02', '1.0'],
+      seeds=2,
+  )
   names = [n for n, _, _ in runs]
   assert names[:3] == ['pretrain_supervised', 'pretrain_dep', 'pretrain_ddep']
   assert len(names) == 3 + (2 + 1) * 4  # one run at 100%: every seed picks the same subset
@@ -25,24 +32,47 @@ def test_stages_are_valid_configs_wired_to_their_pretraining():
   assert ddep.init_from == '/out/runs/pretrain_supervised'
   ft = by_name['finetune_ddep_f0.02_s1']
   assert (ft.task, ft.init_from, ft.data.label_fraction, ft.data.subset_seed) == (
-      'segment', '/out/runs/pretrain_ddep', 0.02, 1)
+      'segment',
+      '/out/runs/pretrain_ddep',
+      0.02,
+      1,
+  )
   assert by_name['finetune_none_f1.0_s0'].init_from == ''
   assert 'finetune_none_f1.0_s1' not in by_name
   assert all(c.data.eval_split == '' for n, c in by_name.items() if n.startswith('finetune_'))
 
 
 def test_a_method_subset_runs_only_the_pretraining_it_needs_and_can_score_on_holdout():
-  runs = demo.stage_configs('/out', quick=False, pretrain_steps=5, finetune_steps=5,
-                            fractions=['0.02'], seeds=1, methods=['none', 'ddep'],
-                            eval_split='holdout', finetune_lr=1e-3)
+  runs = demo.stage_configs(
+      '/out',
+      quick=False,
+      pretrain_steps=5,
+      finetune_steps=5,
+      fractions=['0.02'],
+      seeds=1,
+      methods=['none', 'ddep'],
+      eval_split='holdout',
+      finetune_lr=1e-3,
+  )
   names = [n for n, _, _ in runs]
-  assert names == ['pretrain_supervised', 'pretrain_ddep', 'finetune_none_f0.02_s0',
-                   'finetune_ddep_f0.02_s0']
+  assert names == [
+      'pretrain_supervised',
+      'pretrain_ddep',
+      'finetune_none_f0.02_s0',
+      'finetune_ddep_f0.02_s0',
+  ]
   assert {c.data.eval_split for _, _, c in runs[2:]} == {'holdout'}
   assert {c.optim.lr for _, _, c in runs[2:]} == {1e-3}
   try:
-    demo.stage_configs('/out', quick=True, pretrain_steps=1, finetune_steps=1,
-                       fractions=['1.0'], seeds=1, methods=['dpe'])
+    demo.stage_configs(
+        '/out',
+        quick=True,
+        pretrain_steps=1,
+        finetune_steps=1,
+        fractions=['1.0'],
+        seeds=1,
+        methods=['dpe'],
+    )
   except ValueError as e:
     assert 'dpe' in str(e)
   else:
@@ -54,8 +84,13 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
   cmd = [sys.executable, '-m', 'ddep.demo', '--quick', f'--output={tmp_path}']
   first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-  for name in ('results.md', 'denoising.png', 'denoising_ddep.png', 'segmentation.png',
-               'miou_vs_fraction_demo_tiny_1x.png'):
+  for name in (
+      'results.md',
+      'denoising.png',
+      'denoising_ddep.png',
+      'segmentation.png',
+      'miou_vs_fraction_demo_tiny_1x.png',
+  ):
     assert (tmp_path / name).stat().st_size > 0, name
   table = (tmp_path / 'results.md').read_text()
   for method in ('No pretraining', 'Supervised', 'DeP', 'DDeP'):
@@ -69,19 +104,28 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
 
 def test_default_budget_has_three_seeds_at_the_lowest_fraction():
   b = demo.BUDGETS['default']
-  runs = demo.stage_configs('/out', quick=False, pretrain_steps=b['pretrain_steps'],
-                            finetune_steps=b['finetune_steps'], fractions=b['fractions'],
-                            seeds=b['seeds'])
+  runs = demo.stage_configs(
+      '/out',
+      quick=False,
+      pretrain_steps=b['pretrain_steps'],
+      finetune_steps=b['finetune_steps'],
+      fractions=b['fractions'],
+      seeds=b['seeds'],
+  )
   lowest = min(float(f) for f in b['fractions'])
   for method in demo.METHODS:
-    seeds = {c.data.subset_seed for n, _, c in runs
-             if n.startswith(f'finetune_{method}_') and c.data.label_fraction == lowest}
+    seeds = {
+        c.data.subset_seed
+        for n, _, c in runs
+        if n.startswith(f'finetune_{method}_') and c.data.label_fraction == lowest
+    }
     assert len(seeds) >= 3, method
 
 
 def test_stage_cost_and_seconds_table():
-  runs = demo.stage_configs('/out', quick=True, pretrain_steps=6, finetune_steps=4,
-                            fractions=['1.0'], seeds=1)
+  runs = demo.stage_configs(
+      '/out', quick=True, pretrain_steps=6, finetune_steps=4, fractions=['1.0'], seeds=1
+  )
   name, _, config = runs[-1]
   assert demo.stage_cost(config) == 4 * 8 * 32 * 32
   table = demo.stage_seconds_table(runs, {n: 2.0 for n, _, _ in runs})

@@ -10,38 +10,38 @@ _DEFAULT = demo_scenes.DdepDemoScenes.BUILDER_CONFIGS[0]
 
 
 def test_scenes_are_a_function_of_split_and_index():
-  a = demo_scenes.make_example(_DEFAULT, "train", 3)
-  b = demo_scenes.make_example(_DEFAULT, "train", 3)
-  c = demo_scenes.make_example(_DEFAULT, "train", 4)
-  d = demo_scenes.make_example(_DEFAULT, "validation", 3)
-  for key in ("image", "segmentation", "labels"):
+  a = demo_scenes.make_example(_DEFAULT, 'train', 3)
+  b = demo_scenes.make_example(_DEFAULT, 'train', 3)
+  c = demo_scenes.make_example(_DEFAULT, 'train', 4)
+  d = demo_scenes.make_example(_DEFAULT, 'validation', 3)
+  for key in ('image', 'segmentation', 'labels'):
     np.testing.assert_array_equal(a[key], b[key])
-  assert not np.array_equal(a["image"], c["image"])
-  assert not np.array_equal(a["image"], d["image"])
-  assert a["image_id"] == "train_000003"
+  assert not np.array_equal(a['image'], c['image'])
+  assert not np.array_equal(a['image'], d['image'])
+  assert a['image_id'] == 'train_000003'
 
 
 def test_examples_are_consistent():
   for i in range(40):
-    ex = demo_scenes.make_example(_DEFAULT, "train", i)
-    assert ex["image"].shape == (64, 64, 3) and ex["image"].dtype == np.uint8
-    assert ex["segmentation"].shape == (64, 64, 1)
-    present = set(np.unique(ex["segmentation"]).tolist())
+    ex = demo_scenes.make_example(_DEFAULT, 'train', i)
+    assert ex['image'].shape == (64, 64, 3) and ex['image'].dtype == np.uint8
+    assert ex['segmentation'].shape == (64, 64, 1)
+    present = set(np.unique(ex['segmentation']).tolist())
     assert present <= set(range(demo_scenes.NUM_CLASSES))
     # Image-level labels are exactly the visible foreground classes.
-    assert set((np.flatnonzero(ex["labels"]) + 1).tolist()) == present - {0}
-    assert ex["labels"].sum() >= 1
+    assert set((np.flatnonzero(ex['labels']) + 1).tolist()) == present - {0}
+    assert ex['labels'].sum() >= 1
 
 
 def test_colour_does_not_identify_a_class():
   # Mean colour of each class's pixels varies widely across images, for every class.
   means = {c: [] for c in range(1, demo_scenes.NUM_CLASSES)}
   for i in range(120):
-    ex = demo_scenes.make_example(_DEFAULT, "unlabelled", i)
-    seg = ex["segmentation"][..., 0]
+    ex = demo_scenes.make_example(_DEFAULT, 'unlabelled', i)
+    seg = ex['segmentation'][..., 0]
     for c in means:
       if (seg == c).sum() > 30:
-        means[c].append(ex["image"][seg == c].mean(axis=0))
+        means[c].append(ex['image'][seg == c].mean(axis=0))
   for c, m in means.items():
     assert len(m) > 10, c
     assert np.std(np.array(m), axis=0).min() > 25, (c, np.std(np.array(m), axis=0))
@@ -51,8 +51,8 @@ def test_textures_differ_between_classes():
   # Stripes/checks/dots/speckle have strong local contrast; the ring's gradient does not.
   contrast = {c: [] for c in range(1, demo_scenes.NUM_CLASSES)}
   for i in range(120):
-    ex = demo_scenes.make_example(_DEFAULT, "unlabelled", i)
-    img, seg = ex["image"].astype(np.float32), ex["segmentation"][..., 0]
+    ex = demo_scenes.make_example(_DEFAULT, 'unlabelled', i)
+    img, seg = ex['image'].astype(np.float32), ex['segmentation'][..., 0]
     grad = np.abs(np.diff(img, axis=1)).sum(-1)
     inside = seg[:, 1:] == seg[:, :-1]
     for c in contrast:
@@ -64,41 +64,41 @@ def test_textures_differ_between_classes():
 
 
 def test_tiny_builder_writes_what_make_example_draws(tmp_path):
-  builder = tfds.builder("ddep_demo_scenes/tiny", data_dir=str(tmp_path))
+  builder = tfds.builder('ddep_demo_scenes/tiny', data_dir=str(tmp_path))
   builder.download_and_prepare()
   info = builder.info
   assert {s: info.splits[s].num_examples for s in info.splits} == {
-    "unlabelled": 48,
-    "train": 24,
-    "validation": 10,
-    "holdout": 6,
+      'unlabelled': 48,
+      'train': 24,
+      'validation': 10,
+      'holdout': 6,
   }
   config = builder.builder_config
   seen = 0
-  for ex in tfds.as_numpy(builder.as_dataset(split="validation")):
-    image_id = ex["image_id"].decode()
-    split, index = image_id.rsplit("_", 1)
+  for ex in tfds.as_numpy(builder.as_dataset(split='validation')):
+    image_id = ex['image_id'].decode()
+    split, index = image_id.rsplit('_', 1)
     expected = demo_scenes.make_example(config, split, int(index))
-    np.testing.assert_array_equal(ex["image"], expected["image"])  # PNG is lossless.
-    np.testing.assert_array_equal(ex["segmentation"], expected["segmentation"])
-    np.testing.assert_array_equal(ex["labels"], expected["labels"])
-    assert config.min_size <= ex["image"].shape[0] <= config.max_size
+    np.testing.assert_array_equal(ex['image'], expected['image'])  # PNG is lossless.
+    np.testing.assert_array_equal(ex['segmentation'], expected['segmentation'])
+    np.testing.assert_array_equal(ex['labels'], expected['labels'])
+    assert config.min_size <= ex['image'].shape[0] <= config.max_size
     seen += 1
   assert seen == 10
 
 
 def test_demo_spec():
-  spec = specs.get("demo")
-  assert spec.num_classes == 6 and spec.class_names[0] == "background"
-  assert spec.pretrain_splits == ("unlabelled",) and spec.image_labels_key == "labels"
+  spec = specs.get('demo')
+  assert spec.num_classes == 6 and spec.class_names[0] == 'background'
+  assert spec.pretrain_splits == ('unlabelled',) and spec.image_labels_key == 'labels'
   np.testing.assert_array_equal(spec.label_map[:6], np.arange(6))
   assert spec.label_map[255] == 255 and spec.label_map[6] == specs.INVALID_LABEL
   assert specs.get(spec) is spec
 
 
 def test_unknown_dataset_lists_known_names():
-  with pytest.raises(ValueError, match="known datasets: .*cityscapes.*demo"):
-    specs.get("no_such_dataset")
+  with pytest.raises(ValueError, match='known datasets: .*cityscapes.*demo'):
+    specs.get('no_such_dataset')
 
 
 def test_label_maps():
@@ -106,26 +106,26 @@ def test_label_maps():
   assert table.dtype == np.uint8 and table.shape == (256,)
   np.testing.assert_array_equal(table[:4], [255, 0, 1, specs.INVALID_LABEL])
   np.testing.assert_array_equal(
-    specs.make_label_map(lambda x: np.minimum(x, 255))[[0, 7, 255]], [0, 7, 255]
+      specs.make_label_map(lambda x: np.minimum(x, 255))[[0, 7, 255]], [0, 7, 255]
   )
-  spec = specs.DatasetSpec(name="t", tfds_name="t", num_classes=2, label_map={0: 255, 1: 0, 2: 1})
+  spec = specs.DatasetSpec(name='t', tfds_name='t', num_classes=2, label_map={0: 255, 1: 0, 2: 1})
   np.testing.assert_array_equal(spec.valid_raw_ids, [0, 1, 2])
-  with pytest.raises(ValueError, match="outside"):
-    specs.DatasetSpec(name="t", tfds_name="t", num_classes=2, label_map={0: 0, 1: 5})
-  with pytest.raises(ValueError, match="class_names"):
-    specs.DatasetSpec(name="t", tfds_name="t", num_classes=2, class_names=("a",))
+  with pytest.raises(ValueError, match='outside'):
+    specs.DatasetSpec(name='t', tfds_name='t', num_classes=2, label_map={0: 0, 1: 5})
+  with pytest.raises(ValueError, match='class_names'):
+    specs.DatasetSpec(name='t', tfds_name='t', num_classes=2, class_names=('a',))
 
 
 def test_pretrain_view_switches_builder_and_image_key():
   spec = specs.DatasetSpec(
-    name="t",
-    tfds_name="a/x",
-    num_classes=2,
-    image_key="left",
-    pretrain_tfds_name="a/y",
-    pretrain_image_key="img",
+      name='t',
+      tfds_name='a/x',
+      num_classes=2,
+      image_key='left',
+      pretrain_tfds_name='a/y',
+      pretrain_image_key='img',
   )
   view = spec.pretrain_view()
-  assert (view.tfds_name, view.image_key, view.num_classes) == ("a/y", "img", 2)
-  plain = specs.DatasetSpec(name="t", tfds_name="a/x", num_classes=2).pretrain_view()
-  assert (plain.tfds_name, plain.image_key) == ("a/x", "image")
+  assert (view.tfds_name, view.image_key, view.num_classes) == ('a/y', 'img', 2)
+  plain = specs.DatasetSpec(name='t', tfds_name='a/x', num_classes=2).pretrain_view()
+  assert (plain.tfds_name, plain.image_key) == ('a/x', 'image')

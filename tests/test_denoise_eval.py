@@ -1,4 +1,5 @@
 """The held-out denoising metric: reconstruction, PSNR, fixed noise, devices, the train loop."""
+
 import json
 import types
 
@@ -30,8 +31,9 @@ def test_reconstruct_inverts_the_corruption_for_each_form_and_target(form, level
   eps = rng.normal(size=x.shape).astype(np.float32)
   levels = np.array([level, level / 2], np.float32)
   noisy = np.asarray(objectives.corrupt(x, eps, levels, form=form))
-  eps_hat, x_hat = denoise_eval.reconstruct(noisy, eps if target == 'eps' else x, levels,
-                                            form=form, target=target)
+  eps_hat, x_hat = denoise_eval.reconstruct(
+      noisy, eps if target == 'eps' else x, levels, form=form, target=target
+  )
   np.testing.assert_allclose(eps_hat, eps, atol=1e-4)
   np.testing.assert_allclose(x_hat, x, atol=1e-4)
 
@@ -65,8 +67,7 @@ def test_centre_crop_box_keeps_the_output_aspect():
 @pytest.fixture(scope='module')
 def tiny():
   model = create_model('tiny', num_outputs=3)
-  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)))['params'])(
-      jax.random.key(3))
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)))['params'])(jax.random.key(3))
   images = np.random.default_rng(1).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
   heldout = denoise_eval.HeldoutSet(images, tuple(map(str, range(5))), 'synthetic', 'val')
   return model, jax.device_get(params), heldout
@@ -84,13 +85,19 @@ def test_two_devices_equal_one_device_and_an_independent_computation(tiny):
 
   # Independently: the whole set in one call, ε from the documented per-index key.
   x = jnp.asarray(heldout.images)
-  eps = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.key(20240), i), x.shape[1:])
-                   for i in range(5)])
+  eps = jnp.stack(
+      [
+          jax.random.normal(jax.random.fold_in(jax.random.key(20240), i), x.shape[1:])
+          for i in range(5)
+      ]
+  )
   pred = jax.jit(lambda p, v: model.apply({'params': p}, v))(params, x + 0.4 * eps)
   x_hat = np.clip(np.asarray(x + 0.4 * eps - 0.4 * pred), -1, 1)
   mse_x = np.mean((x_hat - heldout.images) ** 2, axis=(1, 2, 3))
-  want = {'val/eps_mse': float(np.mean((np.asarray(pred) - np.asarray(eps)) ** 2)),
-          'val/psnr': float(np.mean(10 * np.log10(4 / mse_x)))}
+  want = {
+      'val/eps_mse': float(np.mean((np.asarray(pred) - np.asarray(eps)) ** 2)),
+      'val/psnr': float(np.mean(10 * np.log10(4 / mse_x))),
+  }
   for key, value in want.items():
     np.testing.assert_allclose(got_one[key], value, rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(got_two[key], value, rtol=1e-5, err_msg=key)
@@ -117,13 +124,14 @@ def test_heldout_images_are_the_eval_split_at_the_crop_size_and_too_many_is_an_e
   assert a.images.shape == (3, 32, 32, 3) and a.split == 'validation'
   assert a.image_ids == b.image_ids and np.array_equal(a.images, b.images)
   assert a.images.min() >= -1 and a.images.max() <= 1 and a.images.std() > 0.05
-  with pytest.raises(ValueError, match=r'eval.denoise_images=10000: demo_tiny/validation has '
-                                       r'only \d+ images'):
-    denoise_eval.load_heldout('demo_tiny', num_images=10000, image_size=(32, 32),
-                              data_dir=data_dir)
+  with pytest.raises(
+      ValueError, match=r'eval.denoise_images=10000: demo_tiny/validation has ' r'only \d+ images'
+  ):
+    denoise_eval.load_heldout('demo_tiny', num_images=10000, image_size=(32, 32), data_dir=data_dir)
   with pytest.raises(ValueError, match=r"eval.denoise_split='valid'\): Unknown split"):
-    denoise_eval.load_heldout('demo_tiny', num_images=1, image_size=(32, 32), split='valid',
-                              data_dir=data_dir)
+    denoise_eval.load_heldout(
+        'demo_tiny', num_images=1, image_size=(32, 32), split='valid', data_dir=data_dir
+    )
 
 
 def test_a_denoise_run_logs_the_metric_keeps_the_best_and_writes_a_grid(data_dir, tmp_path):
@@ -131,8 +139,14 @@ def test_a_denoise_run_logs_the_metric_keeps_the_best_and_writes_a_grid(data_dir
   c.task, c.method = 'denoise', 'dep'
   c.model.preset = 'tiny'
   # Train batch and lr as test_train's runs: their compiled step is in the shared cache.
-  c.data.update(dataset='demo_tiny', data_dir=data_dir, prepare=False, batch_size=4,
-                eval_batch_size=4, image_size=(32, 32))
+  c.data.update(
+      dataset='demo_tiny',
+      data_dir=data_dir,
+      prepare=False,
+      batch_size=4,
+      eval_batch_size=4,
+      image_size=(32, 32),
+  )
   c.eval.update(denoise_images=3, summary_images=2)
   c.update(total_steps=2, log_every=1, eval_every=1, checkpoint_every=2, checkpoint_async=False)
   c.optim.lr = 1e-3
@@ -146,6 +160,7 @@ def test_a_denoise_run_logs_the_metric_keeps_the_best_and_writes_a_grid(data_dir
   assert sorted(p.name for p in (workdir / 'best').iterdir() if p.name.isdigit()) == [str(best)]
 
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
   events = event_accumulator.EventAccumulator(str(workdir), size_guidance={'tensors': 0})
   events.Reload()
   tags = set(events.Tags()['tensors'])

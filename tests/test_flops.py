@@ -1,4 +1,5 @@
 """Analytic FLOP count: closed forms, the train-step rules, and XLA's own count."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -25,7 +26,8 @@ def test_same_conv_taps_match_brute_force(n, k, s):
 def test_conv_flops_count_valid_taps_like_xla():
   x, w = jnp.zeros((2, 12, 20, 5)), jnp.zeros((3, 3, 5, 7))
   conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
-      x, w, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x, w, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   (oh, th), (ow, tw) = flops.same_conv_taps(12, 3, 2), flops.same_conv_taps(20, 3, 2)
   assert (oh, ow) == (6, 10)
   assert _xla_flops(conv, x, w) == 2 * 2 * th * tw * 5 * 7
@@ -49,16 +51,16 @@ def test_paper_model_at_512_closed_forms():
   assert parts['transformer: mlp']['forward'] == layers * 2 * 2 * t * d * m
   assert parts['embedding']['forward'] == 2 * t * 1024 * d
   # A 3x3 stride-1 SAME conv sees 3n - 2 taps per axis of length n.
-  conv3 = lambda n, cin, cout: 2 * (3 * n - 2)**2 * cin * cout  # noqa: E731
+  conv3 = lambda n, cin, cout: 2 * (3 * n - 2) ** 2 * cin * cout  # noqa: E731
   # The x2 upsampling is a 2-tap stencil: elementwise, not counted.
   assert parts['decoder block0']['forward'] == conv3(32, 768, 1024) + conv3(32, 1024, 1024)
-  assert parts['decoder block1']['forward'] == (
-      conv3(64, 1024 + 512, 512) + conv3(64, 512, 512))
+  assert parts['decoder block1']['forward'] == (conv3(64, 1024 + 512, 512) + conv3(64, 512, 512))
   assert parts['decoder block4']['forward'] == conv3(512, 128, 64) + conv3(512, 64, 64)
   assert parts['head']['forward'] == 2 * 512 * 512 * 64 * 3
   # Linear in the batch.
   assert flops.forward_flops(flops.model_ops(create_model('r50_vit_b16'), (512, 512), 4)) == (
-      4 * flops.forward_flops(ops))
+      4 * flops.forward_flops(ops)
+  )
 
 
 def test_train_step_rules():
@@ -75,20 +77,25 @@ def test_train_step_rules():
   dec = total - enc
   skips = sum(fwd[f'decoder/block{i}/conv1 (skip channels)'] for i in (1, 2, 3))
   assert flops.train_step_flops(ops, flops.DDEP_TRAINED) == (
-      enc + 3 * dec - fwd['decoder/block0/conv1'] - skips)
+      enc + 3 * dec - fwd['decoder/block0/conv1'] - skips
+  )
 
 
-@pytest.mark.parametrize('preset,hw,kwargs', [
-    ('tiny', (64, 64), {}),
-    ('tiny', (64, 128), dict(noise_conditioning=True)),
-    ('tiny_r50_unet', (64, 64), {}),
-])
+@pytest.mark.parametrize(
+    'preset,hw,kwargs',
+    [
+        ('tiny', (64, 64), {}),
+        ('tiny', (64, 128), dict(noise_conditioning=True)),
+        ('tiny_r50_unet', (64, 64), {}),
+    ],
+)
 def test_forward_matches_xla(preset, hw, kwargs):
   model = create_model(preset, **kwargs)
   x = jnp.zeros((2, *hw, 3))
   sigma = (jnp.ones((2,)),) if model.noise_conditioning else ()
-  params = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x[:1], *(s[:1] for s in sigma)))['params']
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], *(s[:1] for s in sigma)))[
+      'params'
+  ]
   xla = _xla_flops(lambda p, x, *s: model.apply({'params': p}, x, *s), params, x, *sigma)
   analytic = flops.forward_flops(flops.model_ops(model, hw, 2))
   # XLA also counts norms, ReLUs, residual and bias adds and softmax, which the
@@ -100,10 +107,10 @@ def test_full_size_encoder_matches_xla():
   """R50+ViT-B/16 encoder at 64x64: compiled only, never run."""
   model = TransUNet()
   x = jnp.zeros((2, 64, 64, 3))
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1],
-                                             method=TransUNet.encode))['params']
-  xla = _xla_flops(lambda p, x: model.apply({'params': p}, x, method=TransUNet.encode),
-                   params, x)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], method=TransUNet.encode))[
+      'params'
+  ]
+  xla = _xla_flops(lambda p, x: model.apply({'params': p}, x, method=TransUNet.encode), params, x)
   analytic = flops.encoder_flops(flops.model_ops(model, (64, 64), 2))
   assert 1.0 < xla / analytic < 1.03
 
@@ -116,10 +123,11 @@ def test_ddep_gradient_matches_xla(preset):
   x = jnp.zeros((2, 64, 64, 3))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))['params']
   trainable, frozen = optimizer.split_trainable(
-      params, optimizer.trainable_mask(params, ('encoder/.*',)))
+      params, optimizer.trainable_mask(params, ('encoder/.*',))
+  )
 
   def loss(trainable, frozen, x):
-    return jnp.mean(model.apply({'params': optimizer.merge(trainable, frozen)}, x)**2)
+    return jnp.mean(model.apply({'params': optimizer.merge(trainable, frozen)}, x) ** 2)
 
   xla = _xla_flops(jax.grad(loss), trainable, frozen, x)
   analytic = flops.train_step_flops(flops.model_ops(model, (64, 64), 2), flops.DDEP_TRAINED)

@@ -6,6 +6,7 @@ configs, results and figures through TensorFlow's GCS filesystem (epath's
 backend). Both are pointed at one emulator (tests/gcs_emulator.py), so what
 the test reads back is what a bucket would hold.
 """
+
 import json
 import os
 import signal
@@ -32,22 +33,39 @@ def bucket(tmp_path_factory):
 
 
 def _env(emulator):
-  return dict(os.environ, **emulator.env, PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-              XLA_FLAGS='--xla_backend_optimization_level=0 '
-                        '--xla_force_host_platform_device_count=2')
+  return dict(
+      os.environ,
+      **emulator.env,
+      PYTHONPATH=REPO,
+      JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+      XLA_FLAGS='--xla_backend_optimization_level=0 ' '--xla_force_host_platform_device_count=2',
+  )
 
 
 def _cli(emulator, cwd, *args, timeout=300):
   """Runs `python -m ARGS` to the end; (exit code, output)."""
-  p = subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=_env(emulator), text=True,
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+  p = subprocess.run(
+      [sys.executable, '-m', *args],
+      cwd=cwd,
+      env=_env(emulator),
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      timeout=timeout,
+  )
   return p.returncode, p.stdout
 
 
 def _train_until_preempted(emulator, cwd, args, *, at_line: str):
   """Starts a training CLI, sends SIGTERM when `at_line` appears; (exit code, output)."""
-  p = subprocess.Popen([sys.executable, '-m', *args], cwd=cwd, env=_env(emulator), text=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  p = subprocess.Popen(
+      [sys.executable, '-m', *args],
+      cwd=cwd,
+      env=_env(emulator),
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+  )
   lines = []
   for line in p.stdout:
     lines.append(line)
@@ -76,14 +94,24 @@ def gcs_run(bucket, tmp_path_factory):
   workdir = f'gs://{bucket.bucket}/{RUN}'
   config = os.path.join(REPO, 'tests', 'configs', 'tiny_finetune.py')
   # Checkpoints: the preemption's and the last (each is a few seconds on the emulator).
-  train_args = ['ddep.main', f'--config={config}', f'--workdir={workdir}',
-                f'--config.data.data_dir={data_dir}', '--config.checkpoint_every=6']
+  train_args = [
+      'ddep.main',
+      f'--config={config}',
+      f'--workdir={workdir}',
+      f'--config.data.data_dir={data_dir}',
+      '--config.checkpoint_every=6',
+  ]
   out = {}
   out['preempted'] = _train_until_preempted(bucket, cwd, train_args, at_line='step 2/')
   out['resumed'] = _cli(bucket, cwd, *train_args)
   out['evaluate'] = _cli(bucket, cwd, 'ddep.evaluate', f'--workdir={workdir}')  # config.json.
-  out['report'] = _cli(bucket, cwd, 'ddep.report', f'--workdirs=gs://{bucket.bucket}/runs',
-                       f'--output=gs://{bucket.bucket}/report')
+  out['report'] = _cli(
+      bucket,
+      cwd,
+      'ddep.report',
+      f'--workdirs=gs://{bucket.bucket}/runs',
+      f'--output=gs://{bucket.bucket}/report',
+  )
   # The same run uninterrupted, on local disk: what the preempted one must equal.
   local = train.train_and_evaluate(_finetune_config(data_dir), str(root / 'local'))
   return dict(out, cwd=cwd, local=local, objects=bucket.objects())
@@ -96,8 +124,11 @@ def test_a_gs_run_is_preempted_saves_and_resumes_on_the_bucket(gcs_run):
   code, out = gcs_run['resumed']
   assert code == 0, out[-3000:]
   assert f'resumed gs://ddep-test/{RUN} at step' in out, out[-2000:]
-  steps = {int(n.split('/')[3]) for n in gcs_run['objects']
-           if n.startswith(f'{RUN}/checkpoints/') and n.split('/')[3].isdigit()}
+  steps = {
+      int(n.split('/')[3])
+      for n in gcs_run['objects']
+      if n.startswith(f'{RUN}/checkpoints/') and n.split('/')[3].isdigit()
+  }
   assert 6 in steps and steps & {2, 3}, sorted(steps)
 
 
@@ -127,5 +158,6 @@ def test_evaluate_and_report_read_and_write_gs(gcs_run):
   assert code == 0, out[-3000:]
   assert '1 runs -> gs://ddep-test/report' in out, out
   reports = [n for n in gcs_run['objects'] if n.startswith('report/')]
-  assert any(n.endswith('.md') for n in reports) and any(n.endswith('.png') for n in reports), \
-      reports
+  assert any(n.endswith('.md') for n in reports) and any(
+      n.endswith('.png') for n in reports
+  ), reports

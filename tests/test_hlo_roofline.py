@@ -1,12 +1,15 @@
 """hlo_roofline on small hand-written HLO, modelled on lines of real XLA:GPU dumps."""
+
 from absl import app
 from absl import flags
 import pytest
 
 from ddep.tools import hlo_roofline
 
-_BC = ('backend_config={"operation_queue_id":"0","cudnn_conv_backend_config":'
-       '{"activation_mode":"kNone","conv_result_scale":1},"force_earliest_schedule":false}')
+_BC = (
+    'backend_config={"operation_queue_id":"0","cudnn_conv_backend_config":'
+    '{"activation_mode":"kNone","conv_result_scale":1},"force_earliest_schedule":false}'
+)
 _META = 'metadata={op_name="jit(train_step)/jvp(TransUNet)/conv_general_dilated" stack_frame_id=5}'
 
 # Three cuDNN convs with one forward shape, x [2,8,8,4] * w [8,3,3,4] (o01i) -> y [2,8,8,8]:
@@ -49,11 +52,13 @@ ENTRY %main (a: bf16[64,16], b: bf16[16,8], c: bf16[16,8]) -> bf16[64,16] {
 """
 
 # cuDNN flash attention, q/k/v/o/do in [B, T, N, H] = [2, 16, 3, 8].
-_DN = ('"bmm1_dot_dimension_numbers": {"lhs_contracting_dimensions": ["3"], '
-       '"rhs_contracting_dimensions": ["3"], "lhs_batch_dimensions": ["0", "2"], '
-       '"rhs_batch_dimensions": ["0", "2"]}, "bmm2_dot_dimension_numbers": '
-       '{"lhs_contracting_dimensions": ["3"], "rhs_contracting_dimensions": ["1"], '
-       '"lhs_batch_dimensions": ["0", "1"], "rhs_batch_dimensions": ["0", "2"]}')
+_DN = (
+    '"bmm1_dot_dimension_numbers": {"lhs_contracting_dimensions": ["3"], '
+    '"rhs_contracting_dimensions": ["3"], "lhs_batch_dimensions": ["0", "2"], '
+    '"rhs_batch_dimensions": ["0", "2"]}, "bmm2_dot_dimension_numbers": '
+    '{"lhs_contracting_dimensions": ["3"], "rhs_contracting_dimensions": ["1"], '
+    '"lhs_batch_dimensions": ["0", "1"], "rhs_batch_dimensions": ["0", "2"]}'
+)
 FMHA = f"""HloModule m
 
 ENTRY %main (q: bf16[2,16,3,8], k: bf16[2,16,3,8], v: bf16[2,16,3,8], do: bf16[2,16,3,8]) -> bf16[2,3,16,8] {{
@@ -176,12 +181,13 @@ def test_unknown_trip_count_counts_once_with_a_note():
 
 def test_bound_is_max_of_compute_and_memory_per_kernel():
   # A conv and an add; at these rates the conv is compute-bound, the add memory-bound.
-  text = (LOOP.split('%fused_transpose')[0] + CONVS.split('\n', 1)[1].replace(
+  text = LOOP.split('%fused_transpose')[0] + CONVS.split('\n', 1)[1].replace(
       '  ROOT %bitcast.5',
       '  %b.2 = f32[8]{0} parameter(3)\n'
       '  %add.2 = f32[4,8]{1,0} fusion(%x.2, %b.2), kind=kLoop, calls=%fused_add\n'
       '  %x.2 = f32[4,8]{1,0} parameter(4)\n'
-      '  ROOT %bitcast.5'))
+      '  ROOT %bitcast.5',
+  )
   peak, bw = 1e6, 1e6
   conv_bytes = 3 * (8 * 9 * 4 * 2 + 2 * 8 * 8 * 8 * 2) + 2 * 2 * 8 * 8 * 4 * 2 + 2 * 17 * 17 * 4 * 2
   assert CONV_FLOPS / peak > conv_bytes / bw  # Even for the three together.
@@ -191,7 +197,8 @@ def test_bound_is_max_of_compute_and_memory_per_kernel():
   assert r['memory_bound_s'] == pytest.approx(ADD_BYTES / bw)
   assert r['lower_bound_s'] == pytest.approx(3 * CONV_FLOPS / peak + ADD_BYTES / bw)
   assert r['by_category']['conv']['share'] == pytest.approx(
-      3 * CONV_FLOPS / peak / r['lower_bound_s'])
+      3 * CONV_FLOPS / peak / r['lower_bound_s']
+  )
   # With compute free, every kernel is bound by its bytes.
   r = hlo_roofline.analyze(text, peak_flops=1e30, hbm_bytes_per_s=bw)
   assert r['compute_bound_s'] == 0
@@ -204,7 +211,8 @@ def test_unknown_ops_and_garbage_lines_do_not_crash():
       '  %copy.1 = s32[] copy(%n.1)\n'
       '  this line is not HLO\n'
       '  %sort.1 = f32[4,8]{1,0} sort(%x.1), dimensions={1}, to_apply=%cond\n'
-      '  %cc.1 = f32[8]{0} custom-call(%b.1, %nowhere), custom_call_target="MyKernel"')
+      '  %cc.1 = f32[8]{0} custom-call(%b.1, %nowhere), custom_call_target="MyKernel"',
+  )
   r = _analyze(text)
   assert r['skipped'] == 1
   other = r['by_category']['other']
@@ -218,7 +226,8 @@ def test_report_and_cli(tmp_path, capsys):
   table = hlo_roofline.format_report(r, model_flops=2 * CONV_FLOPS)
   assert '| conv | 3 |' in table
   assert hlo_roofline.mfu_ceiling(r, 2 * CONV_FLOPS) == pytest.approx(
-      2 * CONV_FLOPS / (r['lower_bound_s'] * 1e9))
+      2 * CONV_FLOPS / (r['lower_bound_s'] * 1e9)
+  )
   path = tmp_path / 'step.hlo.txt'
   path.write_text(GEMM)
   flag_values = flags.FlagValues()
@@ -228,7 +237,8 @@ def test_report_and_cli(tmp_path, capsys):
   hlo_roofline.main(argv, flag_values)
   out = capsys.readouterr().out
   expected = hlo_roofline.format_report(
-      _analyze(GEMM, peak_flops=1e12, hbm_bytes_per_s=3.35e12), model_flops=1e4)
+      _analyze(GEMM, peak_flops=1e12, hbm_bytes_per_s=3.35e12), model_flops=1e4
+  )
   assert '| gemm | 1 |' in out and 'roofline MFU ceiling' in out
   assert out == f'## {path}\n\n{expected}\n\n'  # The flags' values reached analyze().
   with pytest.raises(app.UsageError, match='FILE'):

@@ -51,29 +51,29 @@ def random_images(shape, seed=0):
 
 
 @pytest.mark.parametrize(
-  "length,window,stride,expected",
-  [
-    (10, 4, 3, [0, 3, 6]),  # exact fit.
-    (11, 4, 3, [0, 3, 6, 7]),  # last window pulled back flush with the border.
-    (4, 4, 2, [0]),
-    (3, 4, 2, [0]),  # smaller than the window: one (padded) window.
-    (2048, 1024, 1024, [0, 1024]),
-    (683, 512, 341, [0, 171]),  # ADE20K 512x683 after resize.
-  ],
+    'length,window,stride,expected',
+    [
+        (10, 4, 3, [0, 3, 6]),  # exact fit.
+        (11, 4, 3, [0, 3, 6, 7]),  # last window pulled back flush with the border.
+        (4, 4, 2, [0]),
+        (3, 4, 2, [0]),  # smaller than the window: one (padded) window.
+        (2048, 1024, 1024, [0, 1024]),
+        (683, 512, 341, [0, 171]),  # ADE20K 512x683 after resize.
+    ],
 )
 def test_window_starts(length, window, stride, expected):
   assert inference.window_starts(length, window, stride) == expected
 
 
 def test_stride_larger_than_window_is_rejected():
-  with pytest.raises(ValueError, match="stride"):
+  with pytest.raises(ValueError, match='stride'):
     inference.window_starts(10, 4, 5)
 
 
 def test_sliding_window_overlap_average_matches_brute_force():
   image = random_images((11, 10, 3))
   out = np.asarray(
-    inference.sliding_window(window_coords, image, window=4, stride=3, num_classes=3)
+      inference.sliding_window(window_coords, image, window=4, stride=3, num_classes=3)
   )
   expected, count = brute_force_window_coords(11, 10, [0, 3, 6, 7], [0, 3, 6], 4, 4)
   # Sanity of the independent count map: row 7 lies in windows 6 and 7 (and not 3).
@@ -83,13 +83,13 @@ def test_sliding_window_overlap_average_matches_brute_force():
 
 
 @pytest.mark.parametrize(
-  "shape,window,stride",
-  [
-    ((2, 37, 53, 3), 16, 11),  # odd sizes, batch of 2.
-    ((1, 16, 16, 3), 16, 16),  # one window.
-    ((1, 5, 7, 3), 8, 4),  # smaller than the window: padded.
-    ((1, 9, 30, 3), (12, 10), (6, 7)),  # rectangular window, padded in height only.
-  ],
+    'shape,window,stride',
+    [
+        ((2, 37, 53, 3), 16, 11),  # odd sizes, batch of 2.
+        ((1, 16, 16, 3), 16, 16),  # one window.
+        ((1, 5, 7, 3), 8, 4),  # smaller than the window: padded.
+        ((1, 9, 30, 3), (12, 10), (6, 7)),  # rectangular window, padded in height only.
+    ],
 )
 def test_sliding_window_reproduces_per_pixel_function(shape, window, stride):
   images = random_images(shape)
@@ -103,7 +103,7 @@ def test_padded_region_is_excluded():
   # 5x7 image, 8x8 window: one window; coordinates must be the unpadded ones
   # and the output cropped back to 5x7 (the pad contributes no pixel).
   out = np.asarray(
-    inference.sliding_window(window_coords, random_images((5, 7, 3)), window=8, stride=4)
+      inference.sliding_window(window_coords, random_images((5, 7, 3)), window=8, stride=4)
   )
   expected, _ = brute_force_window_coords(5, 7, [0], [0], 8, 8)
   np.testing.assert_array_equal(out, expected)
@@ -113,7 +113,7 @@ def test_flip_averages_unflipped_logits():
   # Direct column c and un-flipped column (w-1-c) average to (w-1)/2; rows unchanged.
   image = random_images((6, 8, 3))
   out = np.asarray(
-    inference.sliding_window(window_coords, image, window=(6, 8), stride=(6, 8), flip=True)
+      inference.sliding_window(window_coords, image, window=(6, 8), stride=(6, 8), flip=True)
   )
   np.testing.assert_allclose(out[..., 1], 3.5)
   np.testing.assert_allclose(out[..., 0], np.broadcast_to(np.arange(6.0)[:, None], (6, 8)))
@@ -150,7 +150,7 @@ def test_cityscapes_halves_exact():
 
 
 def test_cityscapes_halves_rejects_other_aspect_ratios():
-  with pytest.raises(ValueError, match="width == 2 \\* height"):
+  with pytest.raises(ValueError, match='width == 2 \\* height'):
     inference.cityscapes_halves(per_pixel, random_images((8, 15, 3)))
 
 
@@ -181,10 +181,10 @@ def _reference_bilinear(image, out_h, out_w):
       y1, x1 = min(y0 + 1, in_h - 1), min(x0 + 1, in_w - 1)
       dy, dx = y - y0, x - x0
       out[i, j] = (
-        (1 - dy) * (1 - dx) * image[y0, x0]
-        + (1 - dy) * dx * image[y0, x1]
-        + dy * (1 - dx) * image[y1, x0]
-        + dy * dx * image[y1, x1]
+          (1 - dy) * (1 - dx) * image[y0, x0]
+          + (1 - dy) * dx * image[y0, x1]
+          + dy * (1 - dx) * image[y1, x0]
+          + dy * dx * image[y1, x1]
       )
   return out
 
@@ -196,13 +196,13 @@ def test_resize_images_is_half_pixel_bilinear():
 
 
 @pytest.mark.parametrize(
-  "name,image_shape,model_shape",
-  [
-    ("ade20k_sliding", (30, 45), (512, 768)),
-    ("pascal_context_sliding", (30, 50), (312, 520)),
-    ("cityscapes_halves", (16, 32), (16, 32)),
-    ("whole", (9, 13), (9, 13)),
-  ],
+    'name,image_shape,model_shape',
+    [
+        ('ade20k_sliding', (30, 45), (512, 768)),
+        ('pascal_context_sliding', (30, 50), (312, 520)),
+        ('cityscapes_halves', (16, 32), (16, 32)),
+        ('whole', (9, 13), (9, 13)),
+    ],
 )
 def test_protocols_return_original_resolution(name, image_shape, model_shape):
   protocol = inference.PROTOCOLS[name]
@@ -216,8 +216,8 @@ def test_protocols_return_original_resolution(name, image_shape, model_shape):
   np.testing.assert_allclose(logits, per_pixel(images), atol=1e-6)
   # Each call sees exactly the protocol's window (or the whole model input).
   window = protocol.window or (
-    model_shape[0],
-    model_shape[0] if protocol.kind == "halves" else model_shape[1],
+      model_shape[0],
+      model_shape[0] if protocol.kind == 'halves' else model_shape[1],
   )
   assert {c.shape for c in recorder.calls} == {(2,) + tuple(window) + (3,)}
   # Labels stored at another resolution get logits at that resolution.
@@ -228,7 +228,7 @@ def test_protocols_return_original_resolution(name, image_shape, model_shape):
 def test_whole_protocol_with_resize_override_returns_original_size():
   ramp = np.linspace(-1, 1, 12 * 20, dtype=np.float32).reshape(1, 12, 20, 1).repeat(3, -1)
   recorder = Recorder(per_pixel)
-  logits = inference.make_protocol("whole", recorder, size=(6, 10))(ramp)
+  logits = inference.make_protocol('whole', recorder, size=(6, 10))(ramp)
   assert recorder.calls[0].shape == (1, 6, 10, 3)
   assert logits.shape == (1, 12, 20, 4)
   # Halving then doubling a linear ramp is exact away from the clamped borders.
@@ -236,9 +236,9 @@ def test_whole_protocol_with_resize_override_returns_original_size():
 
 
 def test_num_classes_mismatch_is_reported():
-  with pytest.raises(ValueError, match="classes"):
+  with pytest.raises(ValueError, match='classes'):
     inference.sliding_window(
-      per_pixel, random_images((8, 8, 3)), window=8, stride=8, num_classes=19
+        per_pixel, random_images((8, 8, 3)), window=8, stride=8, num_classes=19
     )
 
 
@@ -248,8 +248,8 @@ def test_metrics_and_inference_import_without_tensorflow():
   import sys
 
   code = (
-    "import sys, ddep.metrics, ddep.inference; "
-    "assert not any(m.startswith('tensorflow') for m in sys.modules), 'TF imported'"
+      'import sys, ddep.metrics, ddep.inference; '
+      "assert not any(m.startswith('tensorflow') for m in sys.modules), 'TF imported'"
   )
-  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr

@@ -14,12 +14,12 @@ from ddep.datasets import specs
 SINGLE = dict(process_index=0, process_count=1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  ip.prepare("demo_tiny", data_dir=path)
+  path = str(tmp_path_factory.mktemp('tfds'))
+  ip.prepare('demo_tiny', data_dir=path)
   for kind in _BAD_KINDS:
-    tfds.builder(f"ddep_test_bad_scenes/{kind}", data_dir=path).download_and_prepare()
+    tfds.builder(f'ddep_test_bad_scenes/{kind}', data_dir=path).download_and_prepare()
   return path
 
 
@@ -33,10 +33,10 @@ def _all_equal(a, b):
 
 def test_paper_subset_counts():
   expected = {
-    ("cityscapes", 2975): {1 / 30: 100, 1 / 8: 372, 1 / 4: 744},
-    ("pascal_context_59", 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
-    ("pascal_context_60", 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
-    ("ade20k", 20210): {0.01: 202, 0.05: 1010, 0.1: 2021, 0.2: 4042},
+      ('cityscapes', 2975): {1 / 30: 100, 1 / 8: 372, 1 / 4: 744},
+      ('pascal_context_59', 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
+      ('pascal_context_60', 4998): {0.01: 50, 0.05: 250, 0.1: 500, 0.2: 1000},
+      ('ade20k', 20210): {0.01: 202, 0.05: 1010, 0.1: 2021, 0.2: 4042},
   }
   for (name, n), counts in expected.items():
     for fraction, count in counts.items():
@@ -44,42 +44,42 @@ def test_paper_subset_counts():
       assert len(ip.select_subset(n, fraction=fraction, seed=0, dataset=name)) == count
   # Away from the paper's tables: round half up, at least one.
   assert (
-    ip.subset_size(1024, 0.25) == 256
-    and ip.subset_size(10, 0.01) == 1
-    and ip.subset_size(10, 0.25) == 3
+      ip.subset_size(1024, 0.25) == 256
+      and ip.subset_size(10, 0.01) == 1
+      and ip.subset_size(10, 0.25) == 3
   )
 
 
 def test_select_subset_is_seeded_and_nested():
-  ids = [f"img_{i:04d}" for i in range(500)]
+  ids = [f'img_{i:04d}' for i in range(500)]
   a = ip.select_subset(ids, fraction=0.1, seed=1)
   assert a == ip.select_subset(
-    list(reversed(ids)), fraction=0.1, seed=1
+      list(reversed(ids)), fraction=0.1, seed=1
   )  # Storage order is irrelevant.
   assert a != ip.select_subset(ids, fraction=0.1, seed=2)
   assert set(ip.select_subset(ids, fraction=0.05, seed=1)) < set(a)
   assert len(a) == 50 and a == sorted(a) and set(a) <= set(ids)
   idx = ip.select_subset(500, count=7, seed=3)
-  assert idx.dtype.kind == "i" and len(set(idx.tolist())) == 7 and idx.max() < 500
+  assert idx.dtype.kind == 'i' and len(set(idx.tolist())) == 7 and idx.max() < 500
 
 
-@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+@pytest.mark.parametrize('fraction', [0.0, -0.1, 1.5])
 def test_select_subset_rejects_bad_fractions(fraction):
-  with pytest.raises(ValueError, match="fraction"):
+  with pytest.raises(ValueError, match='fraction'):
     ip.select_subset(100, fraction=fraction, seed=0)
 
 
 def test_subset_ids_round_trip(tmp_path):
-  path = str(tmp_path / "subset_ids.txt")
-  ip.write_subset_ids(path, ["b", "a_1", "c"])
-  assert ip.read_subset_ids(path) == ["b", "a_1", "c"]
+  path = str(tmp_path / 'subset_ids.txt')
+  ip.write_subset_ids(path, ['b', 'a_1', 'c'])
+  assert ip.read_subset_ids(path) == ['b', 'a_1', 'c']
 
 
 # ---------------------------------------------------------------------------
 # Stream plans and process shards.
 
 
-@pytest.mark.parametrize("chunk_sizes", [[11], [4, 4, 3]])
+@pytest.mark.parametrize('chunk_sizes', [[11], [4, 4, 3]])
 def test_every_epoch_is_a_fresh_permutation(chunk_sizes):
   plan = ip._Plan(chunk_sizes, seed=5, stream=0, shuffle=True, repeat=True)
   n = sum(chunk_sizes)
@@ -103,25 +103,32 @@ def test_process_ranges_are_disjoint_and_cover():
 
 
 def test_process_shards_of_the_data_are_disjoint(data_dir):
-  spec = specs.get("demo_tiny")
+  spec = specs.get('demo_tiny')
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
 
   def shards(layout, count):
     out = []
     for i in range(count):
       source = ip._Source(
-        spec, builder, ("train",), i, count, subset_ids=None, in_memory=True, shuffle_chunk=1024,
-        layout=layout,
+          spec,
+          builder,
+          ('train',),
+          i,
+          count,
+          subset_ids=None,
+          in_memory=True,
+          shuffle_chunk=1024,
+          layout=layout,
       )
       out.append(source.parse_ids([source.record(0, j) for j in range(source.num_examples)]))
     return out
 
   # Evaluation: tfds.even_splits ranges, covering.
-  flat = [i for s in shards("ranges", 3) for i in s]
+  flat = [i for s in shards('ranges', 3) for i in s]
   assert len(flat) == len(set(flat)) == 24
-  assert set(flat) == {f"train_{i:06d}" for i in range(24)}
+  assert set(flat) == {f'train_{i:06d}' for i in range(24)}
   # Streamed training: equal shards, 24 = 5 * 4 + 4, so 4 examples are dropped.
-  equal = shards("equal_shards", 5)
+  equal = shards('equal_shards', 5)
   assert [len(s) for s in equal] == [4] * 5
   assert len({i for s in equal for i in s}) == 20
 
@@ -132,87 +139,87 @@ def test_process_shards_of_the_data_are_disjoint(data_dir):
 
 def test_pretrain_batches(data_dir):
   it = ip.pretrain_dataset(
-    "demo_tiny", batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
+      'demo_tiny', batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
   )
   a = [next(it) for _ in range(2)]
-  assert set(a[0]) == {"image"}
-  img = a[0]["image"]
+  assert set(a[0]) == {'image'}
+  img = a[0]['image']
   assert img.shape == (6, 20, 24, 3) and img.dtype == np.float32
   assert img.min() >= -1 and img.max() <= 1 and img.std() > 0.1
   assert it.num_examples == 48
   again = ip.pretrain_dataset(
-    "demo_tiny", batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
+      'demo_tiny', batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
   )
   other = ip.pretrain_dataset(
-    "demo_tiny", batch_size=6, image_size=(20, 24), seed=1, data_dir=data_dir, **SINGLE
+      'demo_tiny', batch_size=6, image_size=(20, 24), seed=1, data_dir=data_dir, **SINGLE
   )
   assert all(_all_equal(x, next(again)) for x in a)
-  assert not np.array_equal(a[0]["image"], next(other)["image"])
+  assert not np.array_equal(a[0]['image'], next(other)['image'])
   assert json.loads(json.dumps(it.get_state())) == it.get_state()
 
 
 def test_finetune_batches_share_crop_and_flip(data_dir):
   # Crops larger than the 24-40 px images force padding: label 255 exactly where the image is 0 (grey).
   it = ip.finetune_dataset(
-    "demo_tiny", batch_size=8, crop_size=(44, 44), seed=0, data_dir=data_dir, **SINGLE
+      'demo_tiny', batch_size=8, crop_size=(44, 44), seed=0, data_dir=data_dir, **SINGLE
   )
   for _ in range(3):
     batch = next(it)
-    image, label = batch["image"], batch["label"]
+    image, label = batch['image'], batch['label']
     assert image.shape == (8, 44, 44, 3) and label.shape == (8, 44, 44) and label.dtype == np.int32
     assert image.min() >= -1 and image.max() <= 1
     assert set(np.unique(label).tolist()) <= set(range(6)) | {255}
     np.testing.assert_array_equal(label == 255, np.all(image == 0, axis=-1))
   # Padding sits bottom-right and flips move it left: both occur, always identically in image and label.
   padded_left = [
-    (label[i, :, 0] == 255).all() and not (label[i, :, -1] == 255).all() for i in range(8)
+      (label[i, :, 0] == 255).all() and not (label[i, :, -1] == 255).all() for i in range(8)
   ]
   assert 0 < sum(padded_left) < 8
 
 
 def test_finetune_with_scale_range(data_dir):
   it = ip.finetune_dataset(
-    "demo_tiny",
-    batch_size=4,
-    crop_size=(24, 24),
-    scale_range=(0.5, 2.0),
-    seed=3,
-    data_dir=data_dir,
-    **SINGLE,
+      'demo_tiny',
+      batch_size=4,
+      crop_size=(24, 24),
+      scale_range=(0.5, 2.0),
+      seed=3,
+      data_dir=data_dir,
+      **SINGLE,
   )
   batch = next(it)
-  assert batch["label"].shape == (4, 24, 24)
-  assert set(np.unique(batch["label"]).tolist()) <= set(range(6)) | {255}
-  assert (batch["label"] < 6).mean() > 0.3
+  assert batch['label'].shape == (4, 24, 24)
+  assert set(np.unique(batch['label']).tolist()) <= set(range(6)) | {255}
+  assert (batch['label'] < 6).mean() > 0.3
 
 
-@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize('in_memory', [True, False])
 def test_resume_is_exact(data_dir, in_memory):
   # process 1 of 2 has 12 examples; batches of 5 cross epoch boundaries, chunks of 5 stream from disk.
   kw = dict(
-    batch_size=5,
-    crop_size=(24, 24),
-    scale_range=(0.8, 1.25),
-    seed=3,
-    data_dir=data_dir,
-    process_index=1,
-    process_count=2,
-    in_memory=in_memory,
-    shuffle_chunk=5,
+      batch_size=5,
+      crop_size=(24, 24),
+      scale_range=(0.8, 1.25),
+      seed=3,
+      data_dir=data_dir,
+      process_index=1,
+      process_count=2,
+      in_memory=in_memory,
+      shuffle_chunk=5,
   )
-  reference = ip.finetune_dataset("demo_tiny", **kw)
+  reference = ip.finetune_dataset('demo_tiny', **kw)
   expected = [next(reference) for _ in range(8)]
-  interrupted = ip.finetune_dataset("demo_tiny", **kw)
+  interrupted = ip.finetune_dataset('demo_tiny', **kw)
   for _ in range(3):
     next(interrupted)
   state = json.loads(json.dumps(interrupted.get_state()))  # As a checkpoint would store it.
   # In memory, positions are global: process 1 reads [3*10 + 5, 3*10 + 10) next.
-  assert state["position"] == (35 if in_memory else 15) and state["step"] == 3
-  resumed = ip.finetune_dataset("demo_tiny", state=state, **kw)
+  assert state['position'] == (35 if in_memory else 15) and state['step'] == 3
+  resumed = ip.finetune_dataset('demo_tiny', state=state, **kw)
   for k in range(3, 8):
     assert _all_equal(next(resumed), expected[k]), k
   if in_memory:
-    by_step = ip.finetune_dataset("demo_tiny", start_step=3, **kw)
+    by_step = ip.finetune_dataset('demo_tiny', start_step=3, **kw)
     assert all(_all_equal(next(by_step), expected[k]) for k in range(3, 8))
   else:
     interrupted.set_state(state)
@@ -222,38 +229,43 @@ def test_resume_is_exact(data_dir, in_memory):
 def test_pretraining_resumes_exactly(data_dir):
   # The crop window is drawn while decoding: from the same per-position seed after a resume.
   kw = dict(
-    batch_size=5, image_size=(12, 12), seed=2, data_dir=data_dir, in_memory=False,
-    shuffle_chunk=7, **SINGLE,
+      batch_size=5,
+      image_size=(12, 12),
+      seed=2,
+      data_dir=data_dir,
+      in_memory=False,
+      shuffle_chunk=7,
+      **SINGLE,
   )
-  it = ip.pretrain_dataset("demo_tiny", **kw)
+  it = ip.pretrain_dataset('demo_tiny', **kw)
   next(it)
   state = json.loads(json.dumps(it.get_state()))
   expected = [next(it) for _ in range(2)]
-  resumed = ip.pretrain_dataset("demo_tiny", state=state, **kw)
+  resumed = ip.pretrain_dataset('demo_tiny', state=state, **kw)
   assert all(_all_equal(next(resumed), e) for e in expected)
 
 
 def test_state_from_other_settings_is_rejected(data_dir):
   kw = dict(batch_size=4, image_size=(16, 16), data_dir=data_dir, **SINGLE)
-  state = ip.pretrain_dataset("demo_tiny", seed=0, **kw).get_state()
-  with pytest.raises(ValueError, match="seed"):
-    ip.pretrain_dataset("demo_tiny", seed=1, state=state, **kw)
+  state = ip.pretrain_dataset('demo_tiny', seed=0, **kw).get_state()
+  with pytest.raises(ValueError, match='seed'):
+    ip.pretrain_dataset('demo_tiny', seed=1, state=state, **kw)
 
 
 def test_finetune_subset(data_dir):
   kw = dict(batch_size=2, crop_size=(16, 16), seed=0, data_dir=data_dir)
-  it = ip.finetune_dataset("demo_tiny", subset=0.25, subset_seed=1, **kw, **SINGLE)
+  it = ip.finetune_dataset('demo_tiny', subset=0.25, subset_seed=1, **kw, **SINGLE)
   assert len(it.subset_ids) == 6 and it.num_examples == 6
   assert it.subset_ids == ip.select_subset(
-    [f"train_{i:06d}" for i in range(24)], fraction=0.25, seed=1
+      [f'train_{i:06d}' for i in range(24)], fraction=0.25, seed=1
   )
   assert (
-    ip.finetune_dataset("demo_tiny", subset=0.25, subset_seed=2, **kw, **SINGLE).subset_ids
-    != it.subset_ids
+      ip.finetune_dataset('demo_tiny', subset=0.25, subset_seed=2, **kw, **SINGLE).subset_ids
+      != it.subset_ids
   )
   assert it.split_num_examples == 24
-  with pytest.raises(ValueError, match="not in"):
-    ip.finetune_dataset("demo_tiny", subset=["train_000001", "nope"], **kw, **SINGLE)
+  with pytest.raises(ValueError, match='not in'):
+    ip.finetune_dataset('demo_tiny', subset=['train_000001', 'nope'], **kw, **SINGLE)
 
 
 def _global_plan_kw(data_dir, **kw):
@@ -262,12 +274,12 @@ def _global_plan_kw(data_dir, **kw):
 
 def test_processes_read_slices_of_one_global_stream(data_dir):
   # 11 labelled examples do not split evenly over 2 processes; batches cross epochs.
-  one = ip.finetune_dataset("demo_tiny", batch_size=4, **_global_plan_kw(data_dir), **SINGLE)
+  one = ip.finetune_dataset('demo_tiny', batch_size=4, **_global_plan_kw(data_dir), **SINGLE)
   two = [
-    ip.finetune_dataset(
-      "demo_tiny", batch_size=2, **_global_plan_kw(data_dir), process_index=i, process_count=2
-    )
-    for i in range(2)
+      ip.finetune_dataset(
+          'demo_tiny', batch_size=2, **_global_plan_kw(data_dir), process_index=i, process_count=2
+      )
+      for i in range(2)
   ]
   # One plan: the same subset, the same global epoch size on every process.
   assert all(t.subset_ids == one.subset_ids and t.num_examples == 11 for t in two)
@@ -277,51 +289,63 @@ def test_processes_read_slices_of_one_global_stream(data_dir):
     for k in want:
       np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], err_msg=k)
   states = [json.loads(json.dumps(t.get_state())) for t in two]
-  assert [s["position"] for s in states] == [24, 26]
+  assert [s['position'] for s in states] == [24, 26]
   # Either process's state resumes the global stream on one process, and one on two.
   for state in states:
     resumed = ip.finetune_dataset(
-      "demo_tiny", batch_size=4, state=state, **_global_plan_kw(data_dir), **SINGLE
+        'demo_tiny', batch_size=4, state=state, **_global_plan_kw(data_dir), **SINGLE
     )
-    assert _all_equal(next(resumed), next(ip.finetune_dataset(
-      "demo_tiny", batch_size=4, start_step=6, **_global_plan_kw(data_dir), **SINGLE)))
+    assert _all_equal(
+        next(resumed),
+        next(
+            ip.finetune_dataset(
+                'demo_tiny', batch_size=4, start_step=6, **_global_plan_kw(data_dir), **SINGLE
+            )
+        ),
+    )
   single_state = one.get_state()
   want = next(one)
   halves = [
-    next(ip.finetune_dataset(
-      "demo_tiny", batch_size=2, state=single_state, **_global_plan_kw(data_dir),
-      process_index=i, process_count=2,
-    ))
-    for i in range(2)
+      next(
+          ip.finetune_dataset(
+              'demo_tiny',
+              batch_size=2,
+              state=single_state,
+              **_global_plan_kw(data_dir),
+              process_index=i,
+              process_count=2,
+          )
+      )
+      for i in range(2)
   ]
-  np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), want["image"])
+  np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), want['image'])
 
 
 def test_streamed_state_refuses_another_process_count(data_dir):
   kw = dict(batch_size=2, image_size=(16, 16), seed=0, data_dir=data_dir, in_memory=False)
-  state = ip.pretrain_dataset("demo_tiny", **kw, process_index=0, process_count=2).get_state()
-  with pytest.raises(ValueError, match="saved by 2 processes and cannot resume on 1"):
-    ip.pretrain_dataset("demo_tiny", state=state, **kw, **SINGLE)
+  state = ip.pretrain_dataset('demo_tiny', **kw, process_index=0, process_count=2).get_state()
+  with pytest.raises(ValueError, match='saved by 2 processes and cannot resume on 1'):
+    ip.pretrain_dataset('demo_tiny', state=state, **kw, **SINGLE)
 
 
 def test_supervised_batches(data_dir):
   it = ip.supervised_dataset(
-    "demo_tiny", batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
+      'demo_tiny', batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
   )
   batch = next(it)
-  assert batch["image"].shape == (4, 16, 16, 3)
-  assert batch["labels"].shape == (4, 5) and batch["labels"].dtype == np.float32
+  assert batch['image'].shape == (4, 16, 16, 3)
+  assert batch['labels'].shape == (4, 5) and batch['labels'].dtype == np.float32
   assert (
-    set(np.unique(batch["labels"]).tolist()) <= {0.0, 1.0} and batch["labels"].sum(-1).min() >= 1
+      set(np.unique(batch['labels']).tolist()) <= {0.0, 1.0} and batch['labels'].sum(-1).min() >= 1
   )
   no_labels = specs.register(
-    specs.DatasetSpec(
-      name="demo_tiny_no_image_labels", tfds_name="ddep_demo_scenes/tiny", num_classes=6
-    )
+      specs.DatasetSpec(
+          name='demo_tiny_no_image_labels', tfds_name='ddep_demo_scenes/tiny', num_classes=6
+      )
   )
-  with pytest.raises(ValueError, match="no image-level labels"):
+  with pytest.raises(ValueError, match='no image-level labels'):
     ip.supervised_dataset(
-      no_labels, batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
+        no_labels, batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
     )
 
 
@@ -330,79 +354,79 @@ def test_supervised_batches(data_dir):
 
 
 def test_eval_covers_every_example_once_at_original_resolution(data_dir):
-  spec = specs.get("demo_tiny")
+  spec = specs.get('demo_tiny')
   raw = {
-    ex["image_id"].decode(): ex
-    for ex in tfds.as_numpy(
-      tfds.builder(spec.tfds_name, data_dir=data_dir).as_dataset(split="validation")
-    )
+      ex['image_id'].decode(): ex
+      for ex in tfds.as_numpy(
+          tfds.builder(spec.tfds_name, data_dir=data_dir).as_dataset(split='validation')
+      )
   }
   seen = []
   per_process = []
   for i in range(3):
     ev = ip.eval_dataset(
-      "demo_tiny",
-      batch_size=2,
-      pad_to=(40, 44),
-      data_dir=data_dir,
-      process_index=i,
-      process_count=3,
+        'demo_tiny',
+        batch_size=2,
+        pad_to=(40, 44),
+        data_dir=data_dir,
+        process_index=i,
+        process_count=3,
     )
     batches = list(ev)
     per_process.append(len(batches))
     for batch in batches:
-      assert batch["image"].shape == (2, 40, 44, 3) and batch["image_id"].dtype.kind == "S"
-      for j in np.flatnonzero(batch["_mask"]):
-        image_id = batch["image_id"][j].decode()
-        h, w = batch["orig_hw"][j]
+      assert batch['image'].shape == (2, 40, 44, 3) and batch['image_id'].dtype.kind == 'S'
+      for j in np.flatnonzero(batch['_mask']):
+        image_id = batch['image_id'][j].decode()
+        h, w = batch['orig_hw'][j]
         ex = raw[image_id]
-        assert (h, w) == ex["image"].shape[:2]
-        np.testing.assert_array_equal(batch["label"][j, :h, :w], ex["segmentation"][..., 0])
-        np.testing.assert_allclose(batch["image"][j, :h, :w], ex["image"] / 127.5 - 1, atol=1e-6)
-        assert (batch["label"][j, h:] == 255).all() and (batch["label"][j, :, w:] == 255).all()
+        assert (h, w) == ex['image'].shape[:2]
+        np.testing.assert_array_equal(batch['label'][j, :h, :w], ex['segmentation'][..., 0])
+        np.testing.assert_allclose(batch['image'][j, :h, :w], ex['image'] / 127.5 - 1, atol=1e-6)
+        assert (batch['label'][j, h:] == 255).all() and (batch['label'][j, :, w:] == 255).all()
         seen.append(image_id)
-      padding = ~batch["_mask"]
-      assert (batch["label"][padding] == 255).all() and (batch["image_id"][padding] == b"").all()
+      padding = ~batch['_mask']
+      assert (batch['label'][padding] == 255).all() and (batch['image_id'][padding] == b'').all()
   assert sorted(seen) == sorted(raw) and len(seen) == 10
   assert per_process == [2, 2, 2]  # Same count everywhere, so collectives line up.
 
 
 def test_eval_without_pad_to(data_dir):
-  batches = list(ip.eval_dataset("demo_tiny", batch_size=1, data_dir=data_dir, **SINGLE))
-  assert len(batches) == 10 and "orig_hw" not in batches[0]
-  assert batches[0]["label"].shape[1:] == batches[0]["image"].shape[1:3]
-  with pytest.raises(ValueError, match="pad_to"):
-    list(ip.eval_dataset("demo_tiny", batch_size=4, data_dir=data_dir, **SINGLE))
-  with pytest.raises(ValueError, match=r"larger than pad_to=\(30, 30\): image_id.*validation_0000"):
-    list(ip.eval_dataset("demo_tiny", batch_size=4, pad_to=(30, 30), data_dir=data_dir, **SINGLE))
+  batches = list(ip.eval_dataset('demo_tiny', batch_size=1, data_dir=data_dir, **SINGLE))
+  assert len(batches) == 10 and 'orig_hw' not in batches[0]
+  assert batches[0]['label'].shape[1:] == batches[0]['image'].shape[1:3]
+  with pytest.raises(ValueError, match='pad_to'):
+    list(ip.eval_dataset('demo_tiny', batch_size=4, data_dir=data_dir, **SINGLE))
+  with pytest.raises(ValueError, match=r'larger than pad_to=\(30, 30\): image_id.*validation_0000'):
+    list(ip.eval_dataset('demo_tiny', batch_size=4, pad_to=(30, 30), data_dir=data_dir, **SINGLE))
 
 
 # ---------------------------------------------------------------------------
 # Bad examples: example 5 of 8 is broken in a different way per config.
 
-_BAD_KINDS = ("corrupt", "size", "range", "ignored")
-_BAD_ID = "bad_000005"
+_BAD_KINDS = ('corrupt', 'size', 'range', 'ignored')
+_BAD_ID = 'bad_000005'
 
 
 class DdepTestBadScenes(tfds.core.GeneratorBasedBuilder):
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version('1.0.0')
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=k) for k in _BAD_KINDS]
 
   def _info(self):
     # DatasetInfo directly: dataset_info_from_configs looks for metadata files next to a package.
     return tfds.core.DatasetInfo(
-      builder=self,
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "segmentation": tfds.features.Image(shape=(None, None, 1)),
-          "image_id": tfds.features.Text(),
-        }
-      ),
+        builder=self,
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'segmentation': tfds.features.Image(shape=(None, None, 1)),
+                'image_id': tfds.features.Text(),
+            }
+        ),
     )
 
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(), "validation": self._generate_examples()}
+    return {'train': self._generate_examples(), 'validation': self._generate_examples()}
 
   def _generate_examples(self):
     kind = self.builder_config.name
@@ -411,35 +435,35 @@ class DdepTestBadScenes(tfds.core.GeneratorBasedBuilder):
       image = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
       label = rng.integers(0, 3, (12, 12, 1), dtype=np.uint8)
       if i == 5:
-        if kind == "corrupt":
-          image = io.BytesIO(b"\x89PNG\r\n\x1a\n this is not a png")
-        elif kind == "size":
+        if kind == 'corrupt':
+          image = io.BytesIO(b'\x89PNG\r\n\x1a\n this is not a png')
+        elif kind == 'size':
           label = label[:10]
-        elif kind == "range":
+        elif kind == 'range':
           label[3, 4] = 7
         else:
           label[3, 4] = 9  # Mapped to ignore by the spec: fine.
-      yield f"bad_{i:06d}", {"image": image, "segmentation": label, "image_id": f"bad_{i:06d}"}
+      yield f'bad_{i:06d}', {'image': image, 'segmentation': label, 'image_id': f'bad_{i:06d}'}
 
 
 def _bad_spec(kind):
   return specs.register(
-    specs.DatasetSpec(
-      name=f"bad_{kind}",
-      tfds_name=f"ddep_test_bad_scenes/{kind}",
-      num_classes=3,
-      label_map={0: 0, 1: 1, 2: 2, 9: 255, 255: 255},
-    )
+      specs.DatasetSpec(
+          name=f'bad_{kind}',
+          tfds_name=f'ddep_test_bad_scenes/{kind}',
+          num_classes=3,
+          label_map={0: 0, 1: 1, 2: 2, 9: 255, 255: 255},
+      )
   )
 
 
 @pytest.mark.parametrize(
-  "kind, message",
-  [("corrupt", "undecodable"), ("size", "size"), ("range", r"raw label values \[7\]")],
+    'kind, message',
+    [('corrupt', 'undecodable'), ('size', 'size'), ('range', r'raw label values \[7\]')],
 )
 def test_bad_examples_fail_naming_the_example(data_dir, kind, message):
   it = ip.finetune_dataset(
-    _bad_spec(kind), batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
+      _bad_spec(kind), batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
   )
   with pytest.raises(ip.BadExampleError, match=message) as err:
     for _ in range(2):  # One epoch.
@@ -447,63 +471,66 @@ def test_bad_examples_fail_naming_the_example(data_dir, kind, message):
   assert _BAD_ID in str(err.value)
   with pytest.raises(ip.BadExampleError, match=_BAD_ID):
     list(
-      ip.eval_dataset(_bad_spec(kind), batch_size=4, pad_to=(12, 12), data_dir=data_dir, **SINGLE)
+        ip.eval_dataset(_bad_spec(kind), batch_size=4, pad_to=(12, 12), data_dir=data_dir, **SINGLE)
     )
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "range"])
+@pytest.mark.parametrize('kind', ['corrupt', 'range'])
 def test_bad_examples_can_be_skipped_and_counted(data_dir, kind, caplog):
   kw = dict(
-    batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, skip_bad_examples=True, **SINGLE
+      batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, skip_bad_examples=True, **SINGLE
   )
   it = ip.finetune_dataset(_bad_spec(kind), **kw)
   batches = [next(it) for _ in range(7)]  # 28 good examples = 4 epochs of 7.
-  assert it.get_state()["position"] == 32 and it.num_bad_examples == 4
+  assert it.get_state()['position'] == 32 and it.num_bad_examples == 4
   assert it.bad_example_ids == [_BAD_ID]  # Listed once, though dropped in every epoch.
-  assert f"training skipped 1 bad example(s) of bad_{kind}" in caplog.text
-  assert f"image_id={_BAD_ID}" in caplog.text
-  if kind == "range":
+  assert f'training skipped 1 bad example(s) of bad_{kind}' in caplog.text
+  assert f'image_id={_BAD_ID}' in caplog.text
+  if kind == 'range':
     resumed = ip.finetune_dataset(_bad_spec(kind), state=it.get_state(), **kw)
     assert _all_equal(next(resumed), next(it)) and resumed.num_bad_examples == it.num_bad_examples
     assert resumed.bad_example_ids == [_BAD_ID]
-  assert all(set(np.unique(b["label"]).tolist()) <= {0, 1, 2, 255} for b in batches)
+  assert all(set(np.unique(b['label']).tolist()) <= {0, 1, 2, 255} for b in batches)
   ev = ip.eval_dataset(
-    _bad_spec(kind),
-    batch_size=4,
-    pad_to=(12, 12),
-    data_dir=data_dir,
-    skip_bad_examples=True,
-    **SINGLE,
+      _bad_spec(kind),
+      batch_size=4,
+      pad_to=(12, 12),
+      data_dir=data_dir,
+      skip_bad_examples=True,
+      **SINGLE,
   )
   batches = list(ev)
-  ids = [i for b in batches for i in b["image_id"][b["_mask"]].tolist()]
+  ids = [i for b in batches for i in b['image_id'][b['_mask']].tolist()]
   assert (
-    len(batches) == 2 and len(ids) == 7 and _BAD_ID.encode() not in ids and ev.num_bad_examples == 1
+      len(batches) == 2
+      and len(ids) == 7
+      and _BAD_ID.encode() not in ids
+      and ev.num_bad_examples == 1
   )
   assert ev.bad_example_ids == [_BAD_ID]
 
 
 def test_ignored_raw_ids_are_not_bad(data_dir):
   ev = ip.eval_dataset(
-    _bad_spec("ignored"), batch_size=8, pad_to=(12, 12), data_dir=data_dir, **SINGLE
+      _bad_spec('ignored'), batch_size=8, pad_to=(12, 12), data_dir=data_dir, **SINGLE
   )
   (batch,) = list(ev)
-  j = list(batch["image_id"]).index(_BAD_ID.encode())
-  assert batch["label"][j, 3, 4] == 255 and batch["_mask"].all()
+  j = list(batch['image_id']).index(_BAD_ID.encode())
+  assert batch['label'][j, 3, 4] == 255 and batch['_mask'].all()
 
 
 def test_pretraining_also_rejects_undecodable_images(data_dir):
   it = ip.pretrain_dataset(
-    _bad_spec("corrupt"), batch_size=8, image_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
+      _bad_spec('corrupt'), batch_size=8, image_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
   )
   with pytest.raises(ip.BadExampleError, match=_BAD_ID):
     next(it)
 
 
 def test_unprepared_dataset_names_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="prepare"):
+  with pytest.raises(FileNotFoundError, match='prepare'):
     ip.pretrain_dataset(
-      "demo_tiny", batch_size=2, image_size=(8, 8), seed=0, data_dir=str(tmp_path), **SINGLE
+        'demo_tiny', batch_size=2, image_size=(8, 8), seed=0, data_dir=str(tmp_path), **SINGLE
     )
 
 
@@ -514,7 +541,7 @@ def _scene(h, w):
   return np.stack([x * 255 // w, y * 255 // h, blocks + x % 7], -1).astype(np.uint8)
 
 
-@pytest.mark.parametrize("encode", [tf.io.encode_jpeg, tf.io.encode_png])
+@pytest.mark.parametrize('encode', [tf.io.encode_jpeg, tf.io.encode_png])
 def test_decoding_only_the_crop_window_gives_the_crop(encode):
   # 45 x 61: neither side a multiple of the 16 px JPEG MCU, so partial blocks at the edges occur.
   encoded = encode(_scene(45, 61))
@@ -536,19 +563,19 @@ def test_decoding_only_the_crop_window_gives_the_crop(encode):
 
 
 def test_tf_sees_no_accelerator():
-  assert tf.config.get_visible_devices("GPU") == []
+  assert tf.config.get_visible_devices('GPU') == []
 
 
-@pytest.mark.parametrize("task", ["denoise", "classify"])
+@pytest.mark.parametrize('task', ['denoise', 'classify'])
 def test_a_configs_area_range_reaches_the_pretraining_pipeline(data_dir, task):
   from ddep import config_schema, train
 
   config = config_schema.base_config()
   config.task = task
-  config.data.dataset = "demo_tiny"
+  config.data.dataset = 'demo_tiny'
   config.data.data_dir = data_dir
   config.data.image_size = (16, 16)
   config.data.area_range = (0.5, 0.75)
   it = train.make_train_iterator(config, local_batch=2)
-  assert it.get_state()["config"]["area_range"] == [0.5, 0.75]
-  assert next(it)["image"].shape == (2, 16, 16, 3)
+  assert it.get_state()['config']['area_range'] == [0.5, 0.75]
+  assert next(it)['image'].shape == (2, 16, 16, 3)

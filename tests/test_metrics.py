@@ -47,7 +47,7 @@ def test_ignore_label_pixels_are_not_counted():
   np.testing.assert_array_equal(cm, [[1, 0], [0, 1]])
   # The ignored pixels' predictions (1 and 0) must not become false positives.
   m = metrics.segmentation_metrics(cm)
-  assert m["miou"] == 1.0 and m["num_pixels"] == 2
+  assert m['miou'] == 1.0 and m['num_pixels'] == 2
 
 
 def test_masked_examples_are_not_counted():
@@ -66,24 +66,24 @@ def test_masked_examples_are_not_counted():
 def test_empty_union_is_nan_and_left_out_of_mean():
   # Class 2 is neither in the ground truth nor predicted.
   cm = np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]])
-  m = metrics.segmentation_metrics(cm, ["a", "b", "c"])
-  assert math.isnan(m["per_class_iou"]["c"])
-  assert m["per_class_iou"]["a"] == pytest.approx(3 / 4)
-  assert m["per_class_iou"]["b"] == pytest.approx(4 / 5)
-  assert m["miou"] == pytest.approx((3 / 4 + 4 / 5) / 2)
-  assert m["pixel_accuracy"] == pytest.approx(7 / 8)
-  assert m["mean_class_accuracy"] == pytest.approx((3 / 4 + 1) / 2)
+  m = metrics.segmentation_metrics(cm, ['a', 'b', 'c'])
+  assert math.isnan(m['per_class_iou']['c'])
+  assert m['per_class_iou']['a'] == pytest.approx(3 / 4)
+  assert m['per_class_iou']['b'] == pytest.approx(4 / 5)
+  assert m['miou'] == pytest.approx((3 / 4 + 4 / 5) / 2)
+  assert m['pixel_accuracy'] == pytest.approx(7 / 8)
+  assert m['mean_class_accuracy'] == pytest.approx((3 / 4 + 1) / 2)
 
 
 def test_predicted_only_class_counts_as_zero():
   # Class 2 never occurs in the ground truth but is predicted twice.
   cm = np.array([[2, 0, 2], [0, 3, 0], [0, 0, 0]])
   m = metrics.segmentation_metrics(cm)
-  assert m["per_class_iou"]["2"] == 0.0
-  assert m["miou"] == pytest.approx((2 / 4 + 1 + 0) / 3)
+  assert m['per_class_iou']['2'] == 0.0
+  assert m['miou'] == pytest.approx((2 / 4 + 1 + 0) / 3)
   # Its accuracy is undefined (no ground truth), so it leaves that mean.
-  assert math.isnan(m["per_class_accuracy"]["2"])
-  assert m["mean_class_accuracy"] == pytest.approx((0.5 + 1) / 2)
+  assert math.isnan(m['per_class_accuracy']['2'])
+  assert m['mean_class_accuracy'] == pytest.approx((0.5 + 1) / 2)
 
 
 def test_unmatched_column_is_false_negative_only():
@@ -93,9 +93,9 @@ def test_unmatched_column_is_false_negative_only():
   np.testing.assert_array_equal(cm, [[1, 0, 2], [1, 1, 0]])
   m = metrics.segmentation_metrics(cm)
   # Class 0: TP 1, FN 2 (the unmatched), FP 1. Class 1: TP 1, FN 1, FP 0.
-  assert m["per_class_iou"]["0"] == pytest.approx(1 / 4)
-  assert m["per_class_iou"]["1"] == pytest.approx(1 / 2)
-  assert m["pixel_accuracy"] == pytest.approx(2 / 5)
+  assert m['per_class_iou']['0'] == pytest.approx(1 / 4)
+  assert m['per_class_iou']['1'] == pytest.approx(1 / 2)
+  assert m['pixel_accuracy'] == pytest.approx(2 / 5)
   # Without the column, out-of-range predictions drop out with their pixel.
   cm = np.asarray(metrics.confusion_matrix(labels, predictions, 2))
   np.testing.assert_array_equal(cm, [[1, 0], [1, 1]])
@@ -103,7 +103,7 @@ def test_unmatched_column_is_false_negative_only():
 
 def test_empty_evaluation_is_nan_not_error():
   m = metrics.segmentation_metrics(np.zeros((3, 3), np.int64))
-  assert math.isnan(m["miou"]) and math.isnan(m["pixel_accuracy"])
+  assert math.isnan(m['miou']) and math.isnan(m['pixel_accuracy'])
 
 
 def test_random_against_python_loop_under_jit():
@@ -113,7 +113,7 @@ def test_random_against_python_loop_under_jit():
   labels[rng.random(labels.shape) < 0.2] = 255
   # Class 5 never predicted, so its IoU is 0 wherever it is in the GT.
   predictions = np.where(
-    rng.random(labels.shape) < 0.5, labels % 255, rng.integers(0, 5, labels.shape)
+      rng.random(labels.shape) < 0.5, labels % 255, rng.integers(0, 5, labels.shape)
   )
   predictions = np.where(predictions == 5, 4, predictions)
   fn = jax.jit(metrics.confusion_matrix, static_argnums=2)
@@ -125,10 +125,10 @@ def test_random_against_python_loop_under_jit():
   np.testing.assert_array_equal(cm, _loop_confusion(labels, predictions, num_classes))
   m = metrics.segmentation_metrics(cm)
   expected = _loop_iou(labels, predictions, num_classes)
-  np.testing.assert_allclose(list(m["per_class_iou"].values()), expected, rtol=1e-12)
-  assert m["miou"] == pytest.approx(np.nanmean(expected), rel=1e-12)
+  np.testing.assert_allclose(list(m['per_class_iou'].values()), expected, rtol=1e-12)
+  assert m['miou'] == pytest.approx(np.nanmean(expected), rel=1e-12)
   keep = labels != 255
-  assert m["pixel_accuracy"] == pytest.approx(np.mean(labels[keep] == predictions[keep]))
+  assert m['pixel_accuracy'] == pytest.approx(np.mean(labels[keep] == predictions[keep]))
 
 
 def test_accumulator_rejects_shape_change_and_overflowed_counts():
@@ -136,24 +136,24 @@ def test_accumulator_rejects_shape_change_and_overflowed_counts():
   acc.update(np.ones((2, 2), np.int32))
   acc.update(np.ones((2, 2), np.int32))
   np.testing.assert_array_equal(acc.result(), 2 * np.ones((2, 2)))
-  with pytest.raises(ValueError, match="shape changed"):
+  with pytest.raises(ValueError, match='shape changed'):
     acc.update(np.ones((3, 3)))
-  with pytest.raises(ValueError, match="negative"):
+  with pytest.raises(ValueError, match='negative'):
     acc.update(-np.ones((2, 2)))
 
 
 def test_format_table_scales_to_percent():
-  m = metrics.segmentation_metrics(np.array([[1, 2], [0, 0]]), ["road", "sky"])
+  m = metrics.segmentation_metrics(np.array([[1, 2], [0, 0]]), ['road', 'sky'])
   table = metrics.format_table(m)
-  assert "road" in table and " 33.33" in table  # IoU 1/3.
-  sky_line = next(line for line in table.splitlines() if line.startswith("sky"))
-  assert "0.00" in sky_line  # predicted-only: IoU 0, accuracy n/a.
-  assert "n/a" in sky_line
-  assert "miou" in table
+  assert 'road' in table and ' 33.33' in table  # IoU 1/3.
+  sky_line = next(line for line in table.splitlines() if line.startswith('sky'))
+  assert '0.00' in sky_line  # predicted-only: IoU 0, accuracy n/a.
+  assert 'n/a' in sky_line
+  assert 'miou' in table
 
 
 def test_json_safe_turns_every_nan_into_null():
-  value = {"iou": {"car": math.nan, "road": np.float32(0.5)}, "rows": (np.float64("nan"), 1)}
+  value = {'iou': {'car': math.nan, 'road': np.float32(0.5)}, 'rows': (np.float64('nan'), 1)}
   safe = metrics.json_safe(value)
-  assert safe == {"iou": {"car": None, "road": 0.5}, "rows": [None, 1]}
+  assert safe == {'iou': {'car': None, 'road': 0.5}, 'rows': [None, 1]}
   assert json.loads(json.dumps(safe, allow_nan=False)) == safe

@@ -1,4 +1,5 @@
 """TransUNet: shapes, parameter counts, options."""
+
 import functools
 
 import flax
@@ -29,22 +30,35 @@ def _count(tree):
 
 def test_full_size_encoder_parameter_count():
   model = TransUNet()
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), method=TransUNet.encode))
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), method=TransUNet.encode)
+  )
   assert set(shapes['params']) == {'encoder'}
   assert _count(shapes['params']) == R50_VIT_B16_ENCODER == 97_888_576
 
 
 def test_full_size_names_follow_the_checkpoint():
-  shapes = jax.eval_shape(lambda: TransUNet().init(
-      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), method=TransUNet.encode))
+  shapes = jax.eval_shape(
+      lambda: TransUNet().init(
+          jax.random.key(0), jnp.zeros((1, 64, 64, 3)), method=TransUNet.encode
+      )
+  )
   flat = {'/'.join(k) for k in flax.traverse_util.flatten_dict(shapes['params']['encoder'])}
-  for key in ['conv_root/kernel', 'gn_root/scale', 'block1/unit1/conv_proj/kernel',
-              'block1/unit1/gn_proj/bias', 'block3/unit9/conv3/kernel', 'block3/unit9/gn3/scale',
-              'embedding/kernel', 'embedding/bias', 'Transformer/posembed_input/pos_embedding',
-              'Transformer/encoderblock_11/MultiHeadDotProductAttention_1/query/kernel',
-              'Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias',
-              'Transformer/encoderblock_0/LayerNorm_2/scale', 'Transformer/encoder_norm/bias']:
+  for key in [
+      'conv_root/kernel',
+      'gn_root/scale',
+      'block1/unit1/conv_proj/kernel',
+      'block1/unit1/gn_proj/bias',
+      'block3/unit9/conv3/kernel',
+      'block3/unit9/gn3/scale',
+      'embedding/kernel',
+      'embedding/bias',
+      'Transformer/posembed_input/pos_embedding',
+      'Transformer/encoderblock_11/MultiHeadDotProductAttention_1/query/kernel',
+      'Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias',
+      'Transformer/encoderblock_0/LayerNorm_2/scale',
+      'Transformer/encoder_norm/bias',
+  ]:
     assert key in flat, key
   assert 'block1/unit2/conv_proj/kernel' not in flat  # Projection only where shapes change.
 
@@ -55,7 +69,8 @@ def test_decoder_widths(decoder_multiplier, expected_head_in):
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   dec = shapes['params']['decoder']
   assert [dec[f'block{i}']['conv2']['kernel'].shape[-1] for i in range(5)] == [
-      decoder_multiplier * w for w in (1024, 512, 256, 128, 64)]
+      decoder_multiplier * w for w in (1024, 512, 256, 128, 64)
+  ]
   # block1 sees the 1/8 skip (block2: 512 ch) next to the upsampled block0 output.
   assert dec['block1']['conv1']['kernel'].shape[2] == decoder_multiplier * 1024 + 512
   assert dec['block3']['conv1']['kernel'].shape[2] == decoder_multiplier * 256 + 64  # root
@@ -102,10 +117,12 @@ def test_position_embeddings_follow_the_grid(tiny):
   # constant, so the output equals that of a model initialised at the new size.
   const = jax.tree.map(lambda x: x, variables)
   const['params']['encoder']['Transformer']['posembed_input']['pos_embedding'] = jnp.full(
-      (1, 4, 4, 64), 0.3)
+      (1, 4, 4, 64), 0.3
+  )
   big = jax.tree.map(lambda x: x, const)
   big['params']['encoder']['Transformer']['posembed_input']['pos_embedding'] = jnp.full(
-      (1, 3, 6, 64), 0.3)
+      (1, 3, 6, 64), 0.3
+  )
   x = jax.random.normal(jax.random.key(3), (1, 48, 96, 3))
   np.testing.assert_allclose(_jit(model.apply)(const, x), _jit(model.apply)(big, x), atol=1e-5)
 
@@ -113,6 +130,7 @@ def test_position_embeddings_follow_the_grid(tiny):
 @pytest.mark.parametrize('hw', [(1, 1), (2, 3), (5, 4)])
 def test_upsample2x_equals_bilinear_resize(hw):
   from ddep.models import decoder
+
   x = jax.random.normal(jax.random.key(0), (2, *hw, 3))
   want = jax.image.resize(x, (2, 2 * hw[0], 2 * hw[1], 3), method='bilinear')
   np.testing.assert_allclose(decoder.upsample2x(x), want, atol=1e-6)
@@ -178,8 +196,7 @@ def test_noise_conditioning_starts_as_identity_then_depends_on_sigma():
   np.testing.assert_allclose(y_a, y_b, atol=1e-6)  # FiLM projections start at zero.
   p = flax.core.unfreeze(v['params'])
   film = p['decoder']['block0']['film1']['kernel']
-  p['decoder']['block0']['film1']['kernel'] = 0.1 * jax.random.normal(jax.random.key(7),
-                                                                      film.shape)
+  p['decoder']['block0']['film1']['kernel'] = 0.1 * jax.random.normal(jax.random.key(7), film.shape)
   y_c = apply({'params': p}, x, sig)
   y_d = apply({'params': p}, x, sig[::-1])
   assert float(jnp.max(jnp.abs(y_c - y_d))) > 1e-4

@@ -3,6 +3,7 @@
 Each process gets its own CPU devices and joins the run through JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID on 127.0.0.1, as on a cluster.
 """
+
 import importlib.util
 import json
 import os
@@ -22,8 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _flat(tree):
-  return {'/'.join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  return {
+      '/'.join(k): np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+  }
 
 
 def _free_port() -> int:
@@ -37,16 +40,32 @@ def _launch(workdir, data_dir, *, processes, config='tests/configs/tiny_finetune
   port = _free_port()
   procs = []
   for i in range(processes):
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-               XLA_FLAGS='--xla_backend_optimization_level=0 '
-                         f'--xla_force_host_platform_device_count={4 // processes}')
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO,
+        JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+        XLA_FLAGS='--xla_backend_optimization_level=0 '
+        f'--xla_force_host_platform_device_count={4 // processes}',
+    )
     if processes > 1:
-      env.update(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(processes),
-                 JAX_PROCESS_ID=str(i))
-    cmd = [sys.executable, '-m', 'ddep.main', f'--config={config}', f'--workdir={workdir}',
-           f'--config.data.data_dir={data_dir}']
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+      env.update(
+          JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+          JAX_NUM_PROCESSES=str(processes),
+          JAX_PROCESS_ID=str(i),
+      )
+    cmd = [
+        sys.executable,
+        '-m',
+        'ddep.main',
+        f'--config={config}',
+        f'--workdir={workdir}',
+        f'--config.data.data_dir={data_dir}',
+    ]
+    procs.append(
+        subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    )
   return procs
 
 

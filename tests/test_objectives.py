@@ -35,16 +35,16 @@ def test_sample_sigma_range_is_uniform_per_example():
 
 
 @pytest.mark.parametrize(
-  "kwargs, word",
-  [
-    (dict(), "exactly one"),
-    (dict(sigma=0.1, sigma_range=(0.1, 0.2)), "exactly one"),
-    (dict(sigma=0.0), "`sigma`"),
-    (dict(sigma=-1.0), "`sigma`"),
-    (dict(sigma_range=(0.3, 0.2)), "`sigma_range`"),
-    (dict(sigma_range=(0.2, 0.2)), "`sigma_range`"),
-    (dict(sigma_range=(0.1,)), "`sigma_range`"),
-  ],
+    'kwargs, word',
+    [
+        (dict(), 'exactly one'),
+        (dict(sigma=0.1, sigma_range=(0.1, 0.2)), 'exactly one'),
+        (dict(sigma=0.0), '`sigma`'),
+        (dict(sigma=-1.0), '`sigma`'),
+        (dict(sigma_range=(0.3, 0.2)), '`sigma_range`'),
+        (dict(sigma_range=(0.2, 0.2)), '`sigma_range`'),
+        (dict(sigma_range=(0.1,)), '`sigma_range`'),
+    ],
 )
 def test_sample_sigma_rejects_bad_arguments(kwargs, word):
   with pytest.raises(ValueError, match=word):
@@ -78,30 +78,30 @@ def test_corrupt_ddpm_matches_eq2_and_additive_equivalence():
   x = rng.uniform(-1, 1, (2, 3, 3, 3)).astype(np.float32)
   eps = rng.standard_normal(x.shape).astype(np.float32)
   gamma = np.array([0.9, 0.2], np.float32)
-  out = np.asarray(objectives.corrupt(x, eps, gamma, form="ddpm"))
+  out = np.asarray(objectives.corrupt(x, eps, gamma, form='ddpm'))
   g = gamma.astype(np.float64)[:, None, None, None]
   np.testing.assert_allclose(out, np.sqrt(g) * x + np.sqrt(1 - g) * eps, rtol=1e-5, atol=1e-6)
   # Documented relation: Eq. 2 at gamma = 1/(1+sigma^2) is Eq. 1 divided by sqrt(1+sigma^2).
   sigma = np.sqrt((1 - gamma) / gamma)
   additive = np.asarray(objectives.corrupt(x, eps, sigma))
   np.testing.assert_allclose(
-    out, additive * np.sqrt(gamma)[:, None, None, None], rtol=1e-5, atol=1e-6
+      out, additive * np.sqrt(gamma)[:, None, None, None], rtol=1e-5, atol=1e-6
   )
 
 
-@pytest.mark.parametrize("gamma", [0.0, 1.0, 1.5, -0.1])
+@pytest.mark.parametrize('gamma', [0.0, 1.0, 1.5, -0.1])
 def test_corrupt_ddpm_rejects_gamma_outside_unit_interval(gamma):
   x = np.zeros((2, 1, 1, 1), np.float32)
-  with pytest.raises(ValueError, match="gamma"):
-    objectives.corrupt(x, x, np.array([0.5, gamma], np.float32), form="ddpm")
+  with pytest.raises(ValueError, match='gamma'):
+    objectives.corrupt(x, x, np.array([0.5, gamma], np.float32), form='ddpm')
 
 
 def test_corrupt_ddpm_under_jit_and_unknown_form():
   x = jnp.ones((2, 1, 1, 1))
-  out = jax.jit(lambda g: objectives.corrupt(x, 0 * x, g, form="ddpm"))(jnp.array([0.25, 0.64]))
+  out = jax.jit(lambda g: objectives.corrupt(x, 0 * x, g, form='ddpm'))(jnp.array([0.25, 0.64]))
   np.testing.assert_allclose(out.ravel(), [0.5, 0.8], rtol=1e-6)
-  with pytest.raises(ValueError, match="form"):
-    objectives.corrupt(x, x, 0.1, form="ddim")
+  with pytest.raises(ValueError, match='form'):
+    objectives.corrupt(x, x, 0.1, form='ddim')
 
 
 # ---------------------------------------------------------------- denoising loss
@@ -113,10 +113,10 @@ def test_denoising_loss_targets_match_numpy():
   want_eps = np.mean((pred.astype(np.float64) - eps) ** 2)
   want_x = np.mean((pred.astype(np.float64) - x) ** 2)
   np.testing.assert_allclose(objectives.denoising_loss(pred, x, eps), want_eps, rtol=1e-6)
-  np.testing.assert_allclose(objectives.denoising_loss(pred, x, eps, target="x"), want_x, rtol=1e-6)
+  np.testing.assert_allclose(objectives.denoising_loss(pred, x, eps, target='x'), want_x, rtol=1e-6)
   assert abs(want_eps - want_x) > 0.1  # The two targets are told apart.
-  with pytest.raises(ValueError, match="target"):
-    objectives.denoising_loss(pred, x, eps, target="v")
+  with pytest.raises(ValueError, match='target'):
+    objectives.denoising_loss(pred, x, eps, target='v')
 
 
 def test_denoising_loss_hand_computed():
@@ -144,18 +144,18 @@ def test_denoising_loss_weights_are_a_weighted_mean_of_examples():
   got = objectives.denoising_loss(pred, pred, eps, weights=w)
   np.testing.assert_allclose(got, (per_example[0] + 3 * per_example[2]) / 4, rtol=1e-6)
   np.testing.assert_allclose(
-    objectives.denoising_loss(pred, pred, eps, weights=np.ones(3)), per_example.mean(), rtol=1e-6
+      objectives.denoising_loss(pred, pred, eps, weights=np.ones(3)), per_example.mean(), rtol=1e-6
   )
   assert float(objectives.denoising_loss(pred, pred, eps, weights=np.zeros(3))) == 0.0
 
 
-@pytest.mark.parametrize("target", ["eps", "x"])
+@pytest.mark.parametrize('target', ['eps', 'x'])
 def test_make_denoising_batch(target):
   images = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
   fn = jax.jit(lambda r, im: objectives.make_denoising_batch(r, im, sigma=0.8, target=target))
   noisy, tgt, sigma = fn(jax.random.key(0), images)
   np.testing.assert_array_equal(sigma, np.full(4, np.float32(0.8)))
-  if target == "x":
+  if target == 'x':
     np.testing.assert_array_equal(tgt, images)
     eps = (noisy - images) / 0.8
   else:
@@ -172,9 +172,9 @@ def test_make_denoising_batch_sigma_range_and_ddpm_guard():
   images = jnp.zeros((64, 2, 2, 1))
   _, _, sigma = objectives.make_denoising_batch(jax.random.key(0), images, sigma_range=(0.2, 0.3))
   assert np.all((sigma >= 0.2) & (sigma < 0.3)) and np.unique(np.asarray(sigma)).size > 50
-  with pytest.raises(ValueError, match="gamma"):
-    jax.jit(lambda r: objectives.make_denoising_batch(r, images, sigma=1.2, form="ddpm"))(
-      jax.random.key(0)
+  with pytest.raises(ValueError, match='gamma'):
+    jax.jit(lambda r: objectives.make_denoising_batch(r, images, sigma=1.2, form='ddpm'))(
+        jax.random.key(0)
     )
 
 
@@ -249,7 +249,7 @@ def test_cross_entropy_mask_and_custom_ignore_label():
   example_mask = np.array([True, False])
   loss, n = objectives.softmax_cross_entropy_with_ignore(logits, labels, mask=example_mask)
   want, want_n = _ce_numpy(
-    logits, labels, mask=np.broadcast_to(example_mask[:, None, None], labels.shape)
+      logits, labels, mask=np.broadcast_to(example_mask[:, None, None], labels.shape)
   )
   assert int(n) == want_n
   np.testing.assert_allclose(loss, want, rtol=1e-6)
@@ -276,7 +276,7 @@ def test_cross_entropy_out_of_range_label_is_loud():
   logits = np.zeros((1, 1, 2, 3), np.float32)
   loss, _ = objectives.softmax_cross_entropy_with_ignore(logits, np.array([[[0, 254]]]))
   assert np.isnan(float(loss))
-  with pytest.raises(ValueError, match="labels"):
+  with pytest.raises(ValueError, match='labels'):
     objectives.softmax_cross_entropy_with_ignore(logits, np.zeros((1, 2, 1), int))
 
 
@@ -290,7 +290,7 @@ def test_sigmoid_classification_loss_matches_numpy():
   p = 1 / (1 + np.exp(-logits.astype(np.float64)))
   want = np.mean(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
   np.testing.assert_allclose(
-    objectives.image_classification_loss(logits, labels, kind="sigmoid"), want, rtol=1e-5
+      objectives.image_classification_loss(logits, labels, kind='sigmoid'), want, rtol=1e-5
   )
 
 
@@ -300,12 +300,12 @@ def test_softmax_classification_loss_normalises_labels_and_skips_empty():
   labels = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]], np.float32)
   logp = _log_softmax_np(logits)
   want = (-(logp[0, 0] + logp[0, 2]) / 2 - logp[2, 3]) / 2  # Example 1 has no label.
-  got = objectives.image_classification_loss(logits, labels, kind="softmax")
+  got = objectives.image_classification_loss(logits, labels, kind='softmax')
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  none = objectives.image_classification_loss(logits, np.zeros_like(labels), kind="softmax")
+  none = objectives.image_classification_loss(logits, np.zeros_like(labels), kind='softmax')
   assert float(none) == 0.0
-  with pytest.raises(ValueError, match="kind"):
-    objectives.image_classification_loss(logits, labels, kind="hinge")
+  with pytest.raises(ValueError, match='kind'):
+    objectives.image_classification_loss(logits, labels, kind='hinge')
 
 
 def test_sigma_gamma_conversion_is_the_same_signal_to_noise_ratio():
@@ -315,28 +315,30 @@ def test_sigma_gamma_conversion_is_the_same_signal_to_noise_ratio():
   np.testing.assert_allclose(objectives.sigma_from_gamma(gamma), sigma, rtol=1e-12)
   # SNR of Eq. 2, gamma / (1 - gamma), equals Eq. 1's 1 / sigma^2.
   np.testing.assert_allclose(gamma / (1 - gamma), 1 / sigma**2, rtol=1e-12)
-  with pytest.raises(ValueError, match=r"\(0, 1\)"):
+  with pytest.raises(ValueError, match=r'\(0, 1\)'):
     objectives.sigma_from_gamma([0.5, 1.0])
 
 
 def test_make_denoising_batch_takes_each_forms_level_in_its_own_terms():
   images = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (3, 4, 4, 3)), jnp.float32)
   key = jax.random.key(2)
-  noisy, eps, level = objectives.make_denoising_batch(key, images, gamma=0.64, form="ddpm")
+  noisy, eps, level = objectives.make_denoising_batch(key, images, gamma=0.64, form='ddpm')
   np.testing.assert_array_equal(level, np.full(3, np.float32(0.64)))
   np.testing.assert_allclose(noisy, 0.8 * images + 0.6 * eps, rtol=1e-5, atol=1e-6)  # Eq. 2
   # The same draw at sigma_from_gamma(0.64) = 0.75 in Eq. 1 is Eq. 2 times 1 / sqrt(gamma).
   additive, eps1, _ = objectives.make_denoising_batch(key, images, sigma=0.75)
   np.testing.assert_array_equal(eps, eps1)
   np.testing.assert_allclose(additive, noisy / 0.8, rtol=1e-5, atol=1e-6)
-  _, _, drawn = objectives.make_denoising_batch(key, jnp.zeros((256, 1, 1, 1)),
-                                                gamma_range=(0.5, 0.6), form="ddpm")
+  _, _, drawn = objectives.make_denoising_batch(
+      key, jnp.zeros((256, 1, 1, 1)), gamma_range=(0.5, 0.6), form='ddpm'
+  )
   assert np.all((drawn >= 0.5) & (drawn < 0.6)) and np.unique(np.asarray(drawn)).size > 50
-  for kwargs, named in ((dict(gamma=0.5, sigma=0.1, form="ddpm"), "`sigma`"),
-                        (dict(gamma_range=(0.5, 0.6), sigma_range=(0.1, 0.2), form="ddpm"),
-                         "`sigma_range`"),
-                        (dict(sigma=0.1, gamma=0.5), "`gamma`")):
+  for kwargs, named in (
+      (dict(gamma=0.5, sigma=0.1, form='ddpm'), '`sigma`'),
+      (dict(gamma_range=(0.5, 0.6), sigma_range=(0.1, 0.2), form='ddpm'), '`sigma_range`'),
+      (dict(sigma=0.1, gamma=0.5), '`gamma`'),
+  ):
     with pytest.raises(ValueError, match=named):
       objectives.make_denoising_batch(key, images, **kwargs)
-  with pytest.raises(ValueError, match="gamma"):
-    objectives.make_denoising_batch(key, images, gamma_range=(0.5, 1.5), form="ddpm")
+  with pytest.raises(ValueError, match='gamma'):
+    objectives.make_denoising_batch(key, images, gamma_range=(0.5, 1.5), form='ddpm')

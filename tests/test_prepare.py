@@ -1,4 +1,5 @@
 """ddep.prepare's command: flags parsed by absl, TFDS's bars replaced by ddep.progress lines."""
+
 from absl import flags
 from tensorflow_datasets.core import utils as tfds_utils
 

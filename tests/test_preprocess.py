@@ -8,7 +8,7 @@ from ddep import preprocess as pp
 
 # Distinct colours per class so a pixel's class can be read back off the image.
 _COLOURS = np.array(
-  [[0, 0, 0], [250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0], [0, 250, 250]], np.float32
+    [[0, 0, 0], [250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0], [0, 250, 250]], np.float32
 )
 
 
@@ -52,9 +52,9 @@ def test_inception_crop_full_area_square_is_identity():
 def test_inception_crop_takes_a_sub_window():
   # Pixel value = column index: a crop with nearest resizing shows a contiguous range of columns.
   cols = np.tile(np.arange(64, dtype=np.float32)[None, :, None], (48, 1, 1))
-  a = pp.inception_crop(cols, _seed(3), (20, 20), area_range=(0.1, 0.3), method="nearest").numpy()
-  b = pp.inception_crop(cols, _seed(3), (20, 20), area_range=(0.1, 0.3), method="nearest").numpy()
-  c = pp.inception_crop(cols, _seed(4), (20, 20), area_range=(0.1, 0.3), method="nearest").numpy()
+  a = pp.inception_crop(cols, _seed(3), (20, 20), area_range=(0.1, 0.3), method='nearest').numpy()
+  b = pp.inception_crop(cols, _seed(3), (20, 20), area_range=(0.1, 0.3), method='nearest').numpy()
+  c = pp.inception_crop(cols, _seed(4), (20, 20), area_range=(0.1, 0.3), method='nearest').numpy()
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   span = a.max() - a.min() + 1
@@ -63,7 +63,7 @@ def test_inception_crop_takes_a_sub_window():
   assert np.all(np.diff(a[0, :, 0]) >= 0)
 
 
-@pytest.mark.parametrize("crop_hw", [(20, 30), (30, 30), (40, 16), (50, 64)])
+@pytest.mark.parametrize('crop_hw', [(20, 30), (30, 30), (40, 16), (50, 64)])
 def test_resize_crop_is_the_antialiased_resize(crop_hw):
   # Enlarged crops take the cheaper bilinear kernel; any reduction keeps the antialiasing filter.
   crop = tf.constant(np.random.default_rng(1).integers(0, 256, (*crop_hw, 3)), tf.uint8)
@@ -76,7 +76,7 @@ def test_resize_crop_is_the_antialiased_resize(crop_hw):
     assert np.abs(plain - got).max() > 1
 
 
-@pytest.mark.parametrize("crop_hw", [(16, 20), (30, 12), (44, 44)])
+@pytest.mark.parametrize('crop_hw', [(16, 20), (30, 12), (44, 44)])
 def test_joint_crop_maps_the_crop_as_the_whole_image(crop_hw):
   # Without scaling, image_fn runs on the crop only; padding (crops larger than the 24 x 36
   # image) and the offsets must come out as when the whole image was mapped first.
@@ -85,20 +85,20 @@ def test_joint_crop_maps_the_crop_as_the_whole_image(crop_hw):
   for s in range(4):
     whole = pp.joint_random_scale_crop_flip(pp.scale_to_minus1_1(image), label, _seed(s), crop_hw)
     crop = pp.joint_random_scale_crop_flip(
-      image, label, _seed(s), crop_hw, image_fn=pp.scale_to_minus1_1
+        image, label, _seed(s), crop_hw, image_fn=pp.scale_to_minus1_1
     )
     for a, b in zip(whole, crop):
       np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-@pytest.mark.parametrize("scale_range", [None, (0.75, 1.5)])
+@pytest.mark.parametrize('scale_range', [None, (0.75, 1.5)])
 def test_joint_crop_flip_keeps_image_and_label_aligned(scale_range):
   label = _blocky_label(40, 56)
   image = _COLOURS[label]
   flips = 0
   for s in range(8):
     out_img, out_lab = pp.joint_random_scale_crop_flip(
-      image, label, _seed(s), (32, 32), scale_range=scale_range
+        image, label, _seed(s), (32, 32), scale_range=scale_range
     )
     out_img, out_lab = out_img.numpy(), out_lab.numpy()
     assert out_img.shape == (32, 32, 3) and out_lab.shape == (32, 32) and out_lab.dtype == np.uint8
@@ -110,18 +110,18 @@ def test_joint_crop_flip_keeps_image_and_label_aligned(scale_range):
       # Without rescaling the crop is an exact window of the (possibly flipped) input.
       windows = [label, label[:, ::-1]]
       found = any(
-        np.array_equal(w[y : y + 32, x : x + 32], out_lab)
-        for w in windows
-        for y in range(40 - 31)
-        for x in range(56 - 31)
+          np.array_equal(w[y : y + 32, x : x + 32], out_lab)
+          for w in windows
+          for y in range(40 - 31)
+          for x in range(56 - 31)
       )
       assert found
       flips += int(
-        not any(
-          np.array_equal(label[y : y + 32, x : x + 32], out_lab)
-          for y in range(9)
-          for x in range(25)
-        )
+          not any(
+              np.array_equal(label[y : y + 32, x : x + 32], out_lab)
+              for y in range(9)
+              for x in range(25)
+          )
       )
   if scale_range is None:
     assert 0 < flips < 8
@@ -155,7 +155,7 @@ def test_joint_crop_scales_the_label_with_nearest():
   image = _COLOURS[label]
   # With scale exactly 2 (range of width 0) and a crop the full scaled size, only a flip remains.
   out_img, out_lab = pp.joint_random_scale_crop_flip(
-    image, label, _seed(0), (64, 64), scale_range=(2.0, 2.0)
+      image, label, _seed(0), (64, 64), scale_range=(2.0, 2.0)
   )
   up = np.kron(label, np.ones((2, 2), np.uint8))
   assert np.array_equal(out_lab.numpy(), up) or np.array_equal(out_lab.numpy(), up[:, ::-1])
@@ -167,7 +167,7 @@ def test_resize_long_and_short_side():
   assert pp.resize_long_side(image, 120).shape == (60, 120, 3)
   assert pp.resize_short_side(image, 15).shape == (15, 30, 3)
   label = tf.constant(_blocky_label(30, 60))[..., None]
-  small = pp.resize_short_side(label, 45, method="nearest")
+  small = pp.resize_short_side(label, 45, method='nearest')
   assert small.dtype == tf.uint8 and small.shape == (45, 90, 1)
   assert set(np.unique(small.numpy())) <= set(np.unique(label.numpy()))
 

@@ -1,4 +1,5 @@
 """Pretrained-encoder import: both published layouts, resizing, and clear errors."""
+
 import subprocess
 import sys
 
@@ -15,8 +16,10 @@ from ddep.models import pretrained
 
 
 def _flat(tree):
-  return {'/'.join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(tree)).items()}
+  return {
+      '/'.join(k): np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+  }
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +29,9 @@ def source():
   params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))['params']
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(42), len(leaves))
-  params = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  params = jax.tree.unflatten(
+      treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
   return params['encoder']
 
 
@@ -40,8 +45,11 @@ def _published_npz(encoder, path, *, linen_names=False):
   flat['head/bias'] = np.zeros((1000,), np.float32)
   flat['pre_logits/kernel'] = np.zeros((d, d), np.float32)
   if linen_names:
-    ren = {'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
-           'LayerNorm_2': 'LayerNorm_1', 'MlpBlock_3': 'MlpBlock_0'}
+    ren = {
+        'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
+        'LayerNorm_2': 'LayerNorm_1',
+        'MlpBlock_3': 'MlpBlock_0',
+    }
     flat = {'/'.join(ren.get(p, p) for p in k.split('/')): v for k, v in flat.items()}
   np.savez(path, **flat)
   return flat
@@ -74,8 +82,9 @@ def _timm_safetensors(encoder, path):
   out['patch_embed.proj.bias'] = f['embedding/bias']
   pos = f['Transformer/posembed_input/pos_embedding']
   d = pos.shape[-1]
-  out['pos_embed'] = np.concatenate([np.full((1, 1, d), 7.0, np.float32),
-                                     pos.reshape(1, -1, d)], axis=1)
+  out['pos_embed'] = np.concatenate(
+      [np.full((1, 1, d), 7.0, np.float32), pos.reshape(1, -1, d)], axis=1
+  )
   out['cls_token'] = np.ones((1, 1, d), np.float32)
   out['norm.weight'] = f['Transformer/encoder_norm/scale']
   out['norm.bias'] = f['Transformer/encoder_norm/bias']
@@ -84,12 +93,20 @@ def _timm_safetensors(encoder, path):
     b = f'Transformer/encoderblock_{i}/'
     a = b + 'MultiHeadDotProductAttention_1/'
     t = f'blocks.{i}.'
-    out[t + 'norm1.weight'], out[t + 'norm1.bias'] = f[b + 'LayerNorm_0/scale'], f[b + 'LayerNorm_0/bias']
-    out[t + 'norm2.weight'], out[t + 'norm2.bias'] = f[b + 'LayerNorm_2/scale'], f[b + 'LayerNorm_2/bias']
+    out[t + 'norm1.weight'], out[t + 'norm1.bias'] = (
+        f[b + 'LayerNorm_0/scale'],
+        f[b + 'LayerNorm_0/bias'],
+    )
+    out[t + 'norm2.weight'], out[t + 'norm2.bias'] = (
+        f[b + 'LayerNorm_2/scale'],
+        f[b + 'LayerNorm_2/bias'],
+    )
     out[t + 'attn.qkv.weight'] = np.concatenate(
-        [f[a + n + '/kernel'].reshape(d, d).T for n in ('query', 'key', 'value')], axis=0)
+        [f[a + n + '/kernel'].reshape(d, d).T for n in ('query', 'key', 'value')], axis=0
+    )
     out[t + 'attn.qkv.bias'] = np.concatenate(
-        [f[a + n + '/bias'].reshape(d) for n in ('query', 'key', 'value')])
+        [f[a + n + '/bias'].reshape(d) for n in ('query', 'key', 'value')]
+    )
     out[t + 'attn.proj.weight'] = np.ascontiguousarray(f[a + 'out/kernel'].reshape(d, d).T)
     out[t + 'attn.proj.bias'] = f[a + 'out/bias']
     for j, fc in ((0, 'fc1'), (1, 'fc2')):
@@ -144,8 +161,18 @@ def test_safetensors_route_agrees_with_npz_route(source, target, tmp_path):
 def test_converter_writes_the_npz_layout(source, tmp_path):
   st, out = str(tmp_path / 'timm.safetensors'), str(tmp_path / 'converted.npz')
   _timm_safetensors(source, st)
-  subprocess.run([sys.executable, '-m', 'ddep.tools.convert_checkpoint', f'--input={st}',
-                  f'--output={out}', '--head_dim=32'], check=True, capture_output=True)
+  subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'ddep.tools.convert_checkpoint',
+          f'--input={st}',
+          f'--output={out}',
+          '--head_dim=32',
+      ],
+      check=True,
+      capture_output=True,
+  )
   want = _published_npz(source, str(tmp_path / 'published.npz'))
   with np.load(out) as got:
     assert set(got.files) == set(want) - {'pre_logits/kernel'}
@@ -188,8 +215,11 @@ def test_mismatches_are_reported_together(source, target, tmp_path):
 def test_a_different_model_size_is_rejected(source, tmp_path):
   path = str(tmp_path / 'tiny.npz')
   _published_npz(source, path)
-  full = jax.eval_shape(lambda: TransUNet().init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), method=TransUNet.encode))['params']
+  full = jax.eval_shape(
+      lambda: TransUNet().init(
+          jax.random.key(0), jnp.zeros((1, 32, 32, 3)), method=TransUNet.encode
+      )
+  )['params']
   with pytest.raises(pretrained.CheckpointError, match=r'wrong shape \(\d+\)'):
     load_pretrained_encoder(full, path)
 
@@ -218,8 +248,9 @@ def test_unknown_timm_keys_are_listed(source, target, tmp_path):
   path = tmp_path / 'odd.safetensors'
   _timm_safetensors(source, path)
   from safetensors.numpy import load_file
+
   t = load_file(str(path))
   t['blocks.0.attn.q_norm.weight'] = np.zeros(4, np.float32)
   save_file(t, str(path))
-  with pytest.raises(pretrained.CheckpointError, match=r"blocks\.0\.attn\.q_norm\.weight"):
+  with pytest.raises(pretrained.CheckpointError, match=r'blocks\.0\.attn\.q_norm\.weight'):
     load_pretrained_encoder(target, str(path))

@@ -1,4 +1,5 @@
 """The storage layer: gs:// paths stay URLs, local paths become absolute, writes are atomic."""
+
 import os
 
 import pytest
@@ -29,7 +30,9 @@ def test_atomic_write_append_glob_and_find(tmp_path):
   (tmp_path / 'b' / 'c' / 'results.json').write_text('{}')
   assert storage.glob(str(tmp_path / '*' / 'results.json')) == [str(target)]
   assert [str(p) for p in storage.files_below(tmp_path, 'results.json')] == [
-      str(target), str(tmp_path / 'b' / 'c' / 'results.json')]
+      str(target),
+      str(tmp_path / 'b' / 'c' / 'results.json'),
+  ]
 
 
 def test_a_gs_workdir_never_becomes_a_local_directory(tmp_path, monkeypatch):
@@ -40,8 +43,15 @@ def test_a_gs_workdir_never_becomes_a_local_directory(tmp_path, monkeypatch):
   layers = [
       lambda: checkpointing.Checkpointer(workdir, keep=1, async_save=False),
       lambda: checkpointing.resolve_checkpoint(workdir),
-      lambda: report.write_results(workdir, method='dep', dataset='demo', label_fraction=1.0,
-                                   subset_seed=0, decoder_width=1, metrics={'miou': 0.5}),
+      lambda: report.write_results(
+          workdir,
+          method='dep',
+          dataset='demo',
+          label_fraction=1.0,
+          subset_seed=0,
+          decoder_width=1,
+          metrics={'miou': 0.5},
+      ),
       lambda: report.load_run(workdir),
       lambda: storage.write_text_atomic(workdir + '/config.json', '{}'),
   ]

@@ -1,4 +1,5 @@
 """The train loop: frozen encoders, hand-off, bad input, exact resume, preemption, damage."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _flat(tree):
-  return {'/'.join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  return {
+      '/'.join(k): np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+  }
 
 
 class Batches:
@@ -85,7 +88,9 @@ def encoder_npz(tmp_path_factory):
   params = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))['params']
   leaves, treedef = jax.tree.flatten(params['encoder'])
   keys = jax.random.split(jax.random.key(8), len(leaves))
-  enc = jax.tree.unflatten(treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  enc = jax.tree.unflatten(
+      treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
   path = str(tmp_path_factory.mktemp('enc') / 'encoder.npz')
   np.savez(path, **pretrained.encoder_to_vit_layout(enc))
   return path, _flat(enc)
@@ -106,13 +111,18 @@ def test_ddep_trains_decoder_only_with_no_encoder_optimizer_state(encoder_npz, d
   got = _flat(result.params['encoder'])
   for k, v in enc.items():
     np.testing.assert_array_equal(got[k], v, err_msg=k)  # Frozen: bit-identical.
-  fresh = _flat(create_model('tiny', num_outputs=3).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']['decoder'])
+  fresh = _flat(
+      create_model('tiny', num_outputs=3).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))[
+          'params'
+      ]['decoder']
+  )
   moved = [k for k, v in _flat(result.params['decoder']).items() if not np.allclose(v, fresh[k])]
   assert moved, 'decoder did not train'
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '2', 'state'))
-  opt_paths = ['/'.join(str(getattr(p, 'key', p)) for p in path)
-               for path, _ in jax.tree_util.tree_flatten_with_path(state['opt'])[0]]
+  opt_paths = [
+      '/'.join(str(getattr(p, 'key', p)) for p in path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(state['opt'])[0]
+  ]
   assert opt_paths and not any('encoder' in p for p in opt_paths)
   assert any('decoder' in p for p in opt_paths)
   assert set(state['frozen']) == {'encoder'} and 'encoder' not in state['params']
@@ -135,6 +145,7 @@ def test_fsdp_shards_params_and_matches_data_parallel(tmp_path):
     assert np.mean(np.abs(a[k] - b[k])) < 1e-6, k
   # The large kernels really were split across the two devices.
   from ddep import sharding
+
   spec = sharding.fsdp_spec(a['decoder/block0/conv1/kernel'].shape, 2)
   assert 'data' in tuple(spec)
 
@@ -154,8 +165,9 @@ def test_handoff_takes_encoder_and_decoder_and_reinitialises_head(ddep_run):
       assert v.shape[-1] == 6
     elif k.endswith('pos_embedding'):
       assert v.shape == (1, 3, 3, 64) and src[k].shape == (1, 2, 2, 64)
-      np.testing.assert_allclose(v, jax.image.resize(src[k], v.shape, 'bilinear', antialias=False),
-                                 atol=1e-6)
+      np.testing.assert_allclose(
+          v, jax.image.resize(src[k], v.shape, 'bilinear', antialias=False), atol=1e-6
+      )
     else:
       np.testing.assert_array_equal(v, src[k], err_msg=k)
 
@@ -183,31 +195,55 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize('key,value,match', [
-    ('data.image_size', (40, 32), r'config\.data\.image_size: 40x32 is not divisible by 16'),
-    ('denoise.sigma', 0.0, r'config\.denoise\.sigma: must be > 0'),
-    ('method', 'mae', r"config\.method: unknown method 'mae'"),
-    ('data.label_fraction', 1.5, r'config\.data\.label_fraction: 1\.5 is outside \(0, 1\]'),
-    ('denoise.sigma_range', (0.3, 0.2), r'config\.denoise\.sigma_range'),
-    ('data.area_range', (0.5, 1.2), r'config\.data\.area_range: expected \(lo, hi\)'),
-    ('data.batch_size', 3, r'config\.data\.batch_size: 3 must be .* divisible by the 2 devices'),
-    ('eval.protocol', 'sliding', r"config\.eval\.protocol: unknown protocol 'sliding'"),
-    ('optim.decay', 'exponential', r"config\.optim\.decay: unknown decay 'exponential'"),
-    ('model.remat', ('encoder',), r"config\.model\.remat: unknown parts \['encoder'\]"),
-    ('data.dataset', 'cityscape', r"config\.data\.dataset: unknown dataset 'cityscape'"),
-])
+@pytest.mark.parametrize(
+    'key,value,match',
+    [
+        ('data.image_size', (40, 32), r'config\.data\.image_size: 40x32 is not divisible by 16'),
+        ('denoise.sigma', 0.0, r'config\.denoise\.sigma: must be > 0'),
+        ('method', 'mae', r"config\.method: unknown method 'mae'"),
+        ('data.label_fraction', 1.5, r'config\.data\.label_fraction: 1\.5 is outside \(0, 1\]'),
+        ('denoise.sigma_range', (0.3, 0.2), r'config\.denoise\.sigma_range'),
+        ('data.area_range', (0.5, 1.2), r'config\.data\.area_range: expected \(lo, hi\)'),
+        (
+            'data.batch_size',
+            3,
+            r'config\.data\.batch_size: 3 must be .* divisible by the 2 devices',
+        ),
+        ('eval.protocol', 'sliding', r"config\.eval\.protocol: unknown protocol 'sliding'"),
+        ('optim.decay', 'exponential', r"config\.optim\.decay: unknown decay 'exponential'"),
+        ('model.remat', ('encoder',), r"config\.model\.remat: unknown parts \['encoder'\]"),
+        ('data.dataset', 'cityscape', r"config\.data\.dataset: unknown dataset 'cityscape'"),
+    ],
+)
 def test_invalid_configs_fail_before_compiling(key, value, match):
   with pytest.raises(config_validation.ConfigError, match=match):
     config_validation.validate(_config(**{key: value}), num_devices=2)
 
 
 def _main(workdir, data_dir, **popen_kw):
-  cmd = [sys.executable, '-m', 'ddep.main', '--config=tests/configs/tiny_denoise.py',
-         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}']
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_backend_optimization_level=0',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='true')
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **popen_kw)
+  cmd = [
+      sys.executable,
+      '-m',
+      'ddep.main',
+      '--config=tests/configs/tiny_denoise.py',
+      f'--workdir={workdir}',
+      f'--config.data.data_dir={data_dir}',
+  ]
+  env = dict(
+      os.environ,
+      PYTHONPATH=REPO,
+      XLA_FLAGS='--xla_backend_optimization_level=0',
+      JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+  )
+  return subprocess.Popen(
+      cmd,
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      **popen_kw,
+  )
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
@@ -253,8 +289,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_a_typo_in_eval_protocol_stops_the_run_before_any_data_is_read(tmp_path):
-  config = _config(task='segment', **{'eval.protocol': 'cityscapes_halfs',
-                                      'data.data_dir': str(tmp_path / 'no_data_here')})
+  config = _config(
+      task='segment',
+      **{'eval.protocol': 'cityscapes_halfs', 'data.data_dir': str(tmp_path / 'no_data_here')},
+  )
   with pytest.raises(config_validation.ConfigError, match=r'config\.eval\.protocol'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'no_data_here')
@@ -280,8 +318,9 @@ def test_sigterm_on_one_process_saves_that_step_and_a_rerun_resumes_exactly(tmp_
   with pytest.raises(train.Preempted, match='at step 3/5: every process saved step 3'):
     train.train_and_evaluate(config, workdir, train_iter=_SigtermAt(3))
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The handler is removed again.
-  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
-                if s.isdigit()) == [3]
+  assert sorted(
+      int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()
+  ) == [3]
   resumed = train.train_and_evaluate(config, workdir, train_iter=Batches())
   a, b = _flat(straight.params), _flat(resumed.params)
   for k in a:
@@ -296,8 +335,12 @@ def saved_run(tmp_path_factory):
 
 
 def _truncate_largest_array_file(step_dir):
-  files = [os.path.join(r, n) for r, _, names in os.walk(os.path.join(step_dir, 'state'))
-           for n in names if os.sep + 'd' + os.sep in os.path.join(r, n) + os.sep]
+  files = [
+      os.path.join(r, n)
+      for r, _, names in os.walk(os.path.join(step_dir, 'state'))
+      for n in names
+      if os.sep + 'd' + os.sep in os.path.join(r, n) + os.sep
+  ]
   largest = max(files, key=os.path.getsize)
   with open(largest, 'r+b') as f:
     f.truncate(100)
@@ -305,8 +348,9 @@ def _truncate_largest_array_file(step_dir):
 
 
 @pytest.mark.parametrize('damage', ['truncated array file', 'no _METADATA', 'bad data state'])
-def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(saved_run, tmp_path,
-                                                                        damage):
+def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(
+    saved_run, tmp_path, damage
+):
   workdir = str(tmp_path / 'run')
   shutil.copytree(saved_run, workdir)
   step_dir = os.path.join(workdir, 'checkpoints', '2')
@@ -365,6 +409,14 @@ def test_skipped_examples_for_results_json_count_every_drop_and_name_each_id_onc
   train_iter = types.SimpleNamespace(bad_example_ids=['b', 'a'], num_bad_examples=5)
   eval_iter = types.SimpleNamespace(bad_example_ids=['c'], num_bad_examples=1)
   assert train.skipped_examples(train_iter, eval_iter) == {
-      'num_train': 5, 'train_ids': ['a', 'b'], 'num_eval': 1, 'eval_ids': ['c']}
+      'num_train': 5,
+      'train_ids': ['a', 'b'],
+      'num_eval': 1,
+      'eval_ids': ['c'],
+  }
   assert train.skipped_examples(object(), None) == {
-      'num_train': 0, 'train_ids': [], 'num_eval': 0, 'eval_ids': []}
+      'num_train': 0,
+      'train_ids': [],
+      'num_eval': 0,
+      'eval_ids': [],
+  }

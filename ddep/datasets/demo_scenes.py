@@ -16,13 +16,13 @@ import tensorflow_datasets as tfds
 
 from ddep.datasets import specs
 
-CLASS_NAMES = ("background", "disk", "square", "triangle", "ring", "bar")
+CLASS_NAMES = ('background', 'disk', 'square', 'triangle', 'ring', 'bar')
 NUM_CLASSES = len(CLASS_NAMES)
 PALETTE = np.array(
-  [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
-  np.uint8,
+    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
+    np.uint8,
 )
-_SPLIT_IDS = {"unlabelled": 0, "train": 1, "validation": 2, "holdout": 3}
+_SPLIT_IDS = {'unlabelled': 0, 'train': 1, 'validation': 2, 'holdout': 3}
 
 
 @dataclasses.dataclass
@@ -136,79 +136,79 @@ def make_example(config: DemoScenesConfig, split: str, index: int) -> dict:
   labels = np.zeros((NUM_CLASSES - 1,), np.uint8)
   labels[np.unique(seg[seg > 0]) - 1] = 1
   return {
-    "image": image,
-    "segmentation": seg[..., None],
-    "image_id": f"{split}_{index:06d}",
-    "labels": labels,
+      'image': image,
+      'segmentation': seg[..., None],
+      'image_id': f'{split}_{index:06d}',
+      'labels': labels,
   }
 
 
 class DdepDemoScenes(tfds.core.GeneratorBasedBuilder):
   """Generated scenes with 5 object classes + background."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
-    "1.0.0": "Initial release.",
-    "1.1.0": "A `holdout` split for choosing hyper-parameters without the validation split.",
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'A `holdout` split for choosing hyper-parameters without the validation split.',
   }
   BUILDER_CONFIGS = [
-    DemoScenesConfig(name="default", description="64x64 images, 4096/1024/256/256 examples."),
-    # Varying sizes on purpose: tests exercise padding and per-image eval shapes.
-    DemoScenesConfig(
-      name="tiny",
-      description="24-40 px images, 48/24/10/6 examples, for tests.",
-      min_size=24,
-      max_size=40,
-      num_unlabelled=48,
-      num_train=24,
-      num_validation=10,
-      num_holdout=6,
-    ),
+      DemoScenesConfig(name='default', description='64x64 images, 4096/1024/256/256 examples.'),
+      # Varying sizes on purpose: tests exercise padding and per-image eval shapes.
+      DemoScenesConfig(
+          name='tiny',
+          description='24-40 px images, 48/24/10/6 examples, for tests.',
+          min_size=24,
+          max_size=40,
+          num_unlabelled=48,
+          num_train=24,
+          num_validation=10,
+          num_holdout=6,
+      ),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "segmentation": tfds.features.Image(shape=(None, None, 1)),
-          "image_id": tfds.features.Text(),
-          "labels": tfds.features.Tensor(shape=(NUM_CLASSES - 1,), dtype=np.uint8),
-        }
-      ),
-      description=__doc__,
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'segmentation': tfds.features.Image(shape=(None, None, 1)),
+                'image_id': tfds.features.Text(),
+                'labels': tfds.features.Tensor(shape=(NUM_CLASSES - 1,), dtype=np.uint8),
+            }
+        ),
+        description=__doc__,
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     c = self.builder_config
     sizes = {
-      "unlabelled": c.num_unlabelled,
-      "train": c.num_train,
-      "validation": c.num_validation,
-      "holdout": c.num_holdout,
+        'unlabelled': c.num_unlabelled,
+        'train': c.num_train,
+        'validation': c.num_validation,
+        'holdout': c.num_holdout,
     }
     return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
   def _generate_examples(self, split, num_examples):
     for index in range(num_examples):
       example = make_example(self.builder_config, split, index)
-      yield example["image_id"], example
+      yield example['image_id'], example
 
 
 _COMMON = dict(
-  num_classes=NUM_CLASSES,
-  train_split="train",
-  eval_split="validation",
-  pretrain_splits=("unlabelled",),
-  class_names=CLASS_NAMES,
-  palette=PALETTE,
-  label_map=specs.identity_label_map(NUM_CLASSES),
-  image_labels_key="labels",
+    num_classes=NUM_CLASSES,
+    train_split='train',
+    eval_split='validation',
+    pretrain_splits=('unlabelled',),
+    class_names=CLASS_NAMES,
+    palette=PALETTE,
+    label_map=specs.identity_label_map(NUM_CLASSES),
+    image_labels_key='labels',
 )
 specs.register(
-  specs.DatasetSpec(name="demo", tfds_name="ddep_demo_scenes/default:1.1.0", **_COMMON)
+    specs.DatasetSpec(name='demo', tfds_name='ddep_demo_scenes/default:1.1.0', **_COMMON)
 )
 specs.register(
-  specs.DatasetSpec(name="demo_tiny", tfds_name="ddep_demo_scenes/tiny:1.1.0", **_COMMON)
+    specs.DatasetSpec(name='demo_tiny', tfds_name='ddep_demo_scenes/tiny:1.1.0', **_COMMON)
 )

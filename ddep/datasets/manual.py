@@ -13,7 +13,7 @@ from PIL import Image
 from ddep.datasets import specs
 
 # Where each builder's archives come from and where they go.
-DOCS = "docs/datasets.md"
+DOCS = 'docs/datasets.md'
 
 
 def prepare_command(dataset: str | specs.DatasetSpec, *, data_dir: str | None = None) -> str:
@@ -27,14 +27,14 @@ def prepare_command(dataset: str | specs.DatasetSpec, *, data_dir: str | None = 
     registered = specs.get(spec.name)
   except ValueError:  # A spec of its own that was never registered (as tests make).
     registered = spec
-  parts = ["python -m ddep.prepare", f"--dataset={spec.name}"]
+  parts = ['python -m ddep.prepare', f'--dataset={spec.name}']
   if spec.tfds_name != registered.tfds_name:
-    parts.append("--pretrain")
-  if not spec.name.startswith("demo"):  # The demo scenes are generated, not read.
-    parts.append("--manual_dir=DIR_WITH_THE_ARCHIVES")
+    parts.append('--pretrain')
+  if not spec.name.startswith('demo'):  # The demo scenes are generated, not read.
+    parts.append('--manual_dir=DIR_WITH_THE_ARCHIVES')
   if data_dir:
-    parts.append(f"--data_dir={data_dir}")
-  return " ".join(parts)
+    parts.append(f'--data_dir={data_dir}')
+  return ' '.join(parts)
 
 
 class PrepareError(Exception):
@@ -42,11 +42,11 @@ class PrepareError(Exception):
 
 
 def prepare(
-  dataset: str,
-  *,
-  manual_dir: str | None = None,
-  data_dir: str | None = None,
-  pretrain: bool = False,
+    dataset: str,
+    *,
+    manual_dir: str | None = None,
+    data_dir: str | None = None,
+    pretrain: bool = False,
 ):
   """Builds, once, the TFDS builder of `dataset` (or of its pretraining images); returns it.
 
@@ -60,7 +60,7 @@ def prepare(
   except ValueError as e:
     raise PrepareError(str(e)) from None
   name = spec.pretrain_view().tfds_name if pretrain else spec.tfds_name
-  if name == "pascal_voc":
+  if name == 'pascal_voc':
     # Importing it registers the builder; no spec is named after it.
     from ddep.datasets import pascal_voc  # pylint: disable=g-import-not-at-top,unused-import
   builder = tfds.builder(name, data_dir=data_dir)
@@ -69,20 +69,20 @@ def prepare(
     return builder
   if not manual_dir:
     raise PrepareError(
-      f"{name} is built from archives you download yourself: pass --manual_dir=DIR "
-      f"with them in it; {DOCS} lists them."
+        f'{name} is built from archives you download yourself: pass --manual_dir=DIR '
+        f'with them in it; {DOCS} lists them.'
     )
   if not os.path.isdir(manual_dir):
     raise PrepareError(
-      f"--manual_dir={manual_dir} is not a directory; put the archives of {name} there ({DOCS})."
+        f'--manual_dir={manual_dir} is not a directory; put the archives of {name} there ({DOCS}).'
     )
-  if name.startswith("cityscapes/"):
+  if name.startswith('cityscapes/'):
     # TFDS's own Cityscapes builder names no file when one is missing.
     from ddep.datasets import cityscapes  # pylint: disable=g-import-not-at-top
 
-    cityscapes.check_manual_files(name.split("/", 1)[1], manual_dir)
+    cityscapes.check_manual_files(name.split('/', 1)[1], manual_dir)
   builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
   )
   return builder
 
@@ -95,8 +95,8 @@ def require_manual_file(dl_manager, filename: str, instructions: str):
   path = manual_dir / filename
   if not path.exists():
     raise FileNotFoundError(
-      f"Missing manual file {filename!r}: put it in the manual directory {os.fspath(manual_dir)}.\n"
-      f"{instructions}\nSee {DOCS} for every dataset's files."
+        f'Missing manual file {filename!r}: put it in the manual directory {os.fspath(manual_dir)}.\n'
+        f"{instructions}\nSee {DOCS} for every dataset's files."
     )
   return path
 
@@ -111,14 +111,14 @@ def _open(data: bytes, name: str, image_id: str, what: str) -> Image.Image:
   except (OSError, SyntaxError, ValueError):
     # PIL's own message names only a BytesIO; the user needs the file and the example.
     raise BadExampleError(
-      f"{name} (image_id {image_id}): {what} is not a file PIL can read (corrupt or truncated?)"
+        f'{name} (image_id {image_id}): {what} is not a file PIL can read (corrupt or truncated?)'
     ) from None
 
 
 def check_image(image_bytes: bytes, *, name: str, image_id: str) -> tuple[int, int]:
   """The (width, height) of an image file, or an error naming the file and the example."""
   # The header only: decoding every image would double the time a build takes.
-  with _open(image_bytes, name, image_id, "the image") as image:
+  with _open(image_bytes, name, image_id, 'the image') as image:
     return image.size
 
 
@@ -128,45 +128,45 @@ def _id_ranges(ids) -> str:
   for i, value in enumerate(ids):
     start = value if start is None else start
     if i + 1 == len(ids) or ids[i + 1] != value + 1:
-      parts.append(f"{start}..{value}" if value > start else f"{value}")
+      parts.append(f'{start}..{value}' if value > start else f'{value}')
       start = None
-  return ", ".join(parts)
+  return ', '.join(parts)
 
 
 def check_label(
-  label_bytes: bytes,
-  image_bytes: bytes,
-  *,
-  label_name: str,
-  image_name: str,
-  image_id: str,
-  valid_ids: np.ndarray,
+    label_bytes: bytes,
+    image_bytes: bytes,
+    *,
+    label_name: str,
+    image_name: str,
+    image_id: str,
+    valid_ids: np.ndarray,
 ):
   """Fails on an example the stored-raw-ids convention cannot carry, naming its file,
   its image id and, for a label value the dataset does not define, that raw value."""
   # A colour, resized or out-of-range label would otherwise be stored silently and
   # decode into wrong ids, found (if at all) as 254 after the label map while training.
   image_size = check_image(image_bytes, name=image_name, image_id=image_id)
-  with _open(label_bytes, label_name, image_id, "the label PNG") as label:
-    if label.mode != "L":
+  with _open(label_bytes, label_name, image_id, 'the label PNG') as label:
+    if label.mode != 'L':
       raise BadExampleError(
-        f"{label_name} (image_id {image_id}): label PNG has mode {label.mode}, expected 8-bit "
-        "grayscale ids ('L')"
+          f'{label_name} (image_id {image_id}): label PNG has mode {label.mode}, expected 8-bit '
+          "grayscale ids ('L')"
       )
     if label.size != image_size:
       raise BadExampleError(
-        f"{label_name} (image_id {image_id}): label size {label.size} != image size {image_size} "
-        f"of {image_name}"
+          f'{label_name} (image_id {image_id}): label size {label.size} != image size {image_size} '
+          f'of {image_name}'
       )
     try:
       values = np.unique(np.asarray(label))
     except OSError:
       raise BadExampleError(
-        f"{label_name} (image_id {image_id}): the label PNG is truncated or corrupt"
+          f'{label_name} (image_id {image_id}): the label PNG is truncated or corrupt'
       ) from None
   unknown = np.setdiff1d(values, valid_ids)
   if unknown.size:
     raise BadExampleError(
-      f"{label_name} (image_id {image_id}): raw label values {unknown.tolist()} are not ids of "
-      f"this dataset ({_id_ranges(valid_ids)})"
+        f'{label_name} (image_id {image_id}): raw label values {unknown.tolist()} are not ids of '
+        f'this dataset ({_id_ranges(valid_ids)})'
     )

@@ -21,19 +21,19 @@ INVALID_LABEL = 254
 # Which module registers each spec; `get` imports it on first use so that
 # specs.py (and ddep.datasets) stay free of TF until a dataset is requested.
 _MODULES = {
-  "demo": "ddep.datasets.demo_scenes",
-  "demo_tiny": "ddep.datasets.demo_scenes",
-  "cityscapes": "ddep.datasets.cityscapes",
-  "ade20k": "ddep.datasets.ade20k",
-  "pascal_context_60": "ddep.datasets.pascal_context",
-  "pascal_context_59": "ddep.datasets.pascal_context",
+    'demo': 'ddep.datasets.demo_scenes',
+    'demo_tiny': 'ddep.datasets.demo_scenes',
+    'cityscapes': 'ddep.datasets.cityscapes',
+    'ade20k': 'ddep.datasets.ade20k',
+    'pascal_context_60': 'ddep.datasets.pascal_context',
+    'pascal_context_59': 'ddep.datasets.pascal_context',
 }
 
-_REGISTRY: dict[str, "DatasetSpec"] = {}
+_REGISTRY: dict[str, 'DatasetSpec'] = {}
 
 
 def make_label_map(
-  mapping: Mapping[int, int] | Sequence[int] | Callable[[np.ndarray], np.ndarray],
+    mapping: Mapping[int, int] | Sequence[int] | Callable[[np.ndarray], np.ndarray],
 ) -> np.ndarray:
   """A 256-entry uint8 lookup table raw id -> train id.
 
@@ -50,7 +50,7 @@ def make_label_map(
     values = np.asarray(mapping, np.int64)
     table[: len(values)] = values
   if table.min() < 0 or table.max() > 255:
-    raise ValueError(f"label map values must lie in [0, 255], got [{table.min()}, {table.max()}]")
+    raise ValueError(f'label map values must lie in [0, 255], got [{table.min()}, {table.max()}]')
   return table.astype(np.uint8)
 
 
@@ -88,15 +88,15 @@ class DatasetSpec:
   name: str
   tfds_name: str
   num_classes: int
-  train_split: str = "train"
-  eval_split: str = "validation"
-  pretrain_splits: tuple[str, ...] = ("train",)
+  train_split: str = 'train'
+  eval_split: str = 'validation'
+  pretrain_splits: tuple[str, ...] = ('train',)
   ignore_label: int = IGNORE_LABEL
   class_names: tuple[str, ...] = ()
   palette: np.ndarray | None = None
   label_map: np.ndarray | Mapping[int, int] | Callable | None = None
-  image_key: str = "image"
-  label_key: str = "segmentation"
+  image_key: str = 'image'
+  label_key: str = 'segmentation'
   image_labels_key: str | None = None
   pretrain_tfds_name: str | None = None
   pretrain_image_key: str | None = None
@@ -104,16 +104,16 @@ class DatasetSpec:
   def __post_init__(self):
     if not 0 < self.num_classes < INVALID_LABEL:
       raise ValueError(
-        f"{self.name}: num_classes must lie in [1, {INVALID_LABEL}), got {self.num_classes}"
+          f'{self.name}: num_classes must lie in [1, {INVALID_LABEL}), got {self.num_classes}'
       )
     if self.class_names and len(self.class_names) != self.num_classes:
       raise ValueError(
-        f"{self.name}: {len(self.class_names)} class_names for num_classes={self.num_classes}"
+          f'{self.name}: {len(self.class_names)} class_names for num_classes={self.num_classes}'
       )
     if isinstance(self.pretrain_splits, str):
-      object.__setattr__(self, "pretrain_splits", (self.pretrain_splits,))
+      object.__setattr__(self, 'pretrain_splits', (self.pretrain_splits,))
     else:
-      object.__setattr__(self, "pretrain_splits", tuple(self.pretrain_splits))
+      object.__setattr__(self, 'pretrain_splits', tuple(self.pretrain_splits))
     if self.label_map is None:
       table = identity_label_map(self.num_classes, ignore_raw=(self.ignore_label,))
     elif isinstance(self.label_map, np.ndarray) and self.label_map.shape == (256,):
@@ -123,26 +123,26 @@ class DatasetSpec:
     bad = (table >= self.num_classes) & (table != self.ignore_label) & (table != INVALID_LABEL)
     if bad.any():
       raise ValueError(
-        f"{self.name}: label_map sends raw ids {np.flatnonzero(bad).tolist()} outside "
-        f"[0, {self.num_classes}) ∪ {{{self.ignore_label}}}"
+          f'{self.name}: label_map sends raw ids {np.flatnonzero(bad).tolist()} outside '
+          f'[0, {self.num_classes}) ∪ {{{self.ignore_label}}}'
       )
     table = table.copy()
     table.flags.writeable = False
-    object.__setattr__(self, "label_map", table)
+    object.__setattr__(self, 'label_map', table)
     if self.palette is not None:
       palette = np.asarray(self.palette, np.uint8)
       if palette.shape != (self.num_classes, 3):
-        raise ValueError(f"{self.name}: palette shape {palette.shape} != ({self.num_classes}, 3)")
-      object.__setattr__(self, "palette", palette)
+        raise ValueError(f'{self.name}: palette shape {palette.shape} != ({self.num_classes}, 3)')
+      object.__setattr__(self, 'palette', palette)
 
-  def pretrain_view(self) -> "DatasetSpec":
+  def pretrain_view(self) -> 'DatasetSpec':
     """This spec as seen by denoising pretraining: its builder and image key."""
     return dataclasses.replace(
-      self,
-      tfds_name=self.pretrain_tfds_name or self.tfds_name,
-      image_key=self.pretrain_image_key or self.image_key,
-      pretrain_tfds_name=None,
-      pretrain_image_key=None,
+        self,
+        tfds_name=self.pretrain_tfds_name or self.tfds_name,
+        image_key=self.pretrain_image_key or self.image_key,
+        pretrain_tfds_name=None,
+        pretrain_image_key=None,
     )
 
   @property

@@ -3,6 +3,7 @@ r"""Converts an R50+ViT-B/16 checkpoint (original .npz or timm .safetensors) to 
   python -m ddep.tools.convert_checkpoint --input vit_base_r50_s16_224.safetensors \
       --output R50+ViT-B_16.npz
 """
+
 import os
 
 from absl import app
@@ -14,7 +15,8 @@ from ddep.models import pretrained
 _INPUT = flags.DEFINE_string('input', None, 'Source checkpoint (.npz or .safetensors).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Destination .npz path.')
 _HEAD_DIM = flags.DEFINE_integer(
-    'head_dim', 64, 'Attention head size, to split timm\'s fused weights into heads.')
+    'head_dim', 64, "Attention head size, to split timm's fused weights into heads."
+)
 
 
 def convert(input_path: str, output_path: str, *, head_dim: int = 64) -> int:

@@ -14,6 +14,7 @@ Needs JAX's CUDA plugin, matching the installed jax, e.g.
 dependency of ddep. The plugin refuses to start without a GPU unless
 JAX_SKIP_CUDA_CONSTRAINTS_CHECK is set, which `mesh` does.
 """
+
 import os
 
 import numpy as np
@@ -21,10 +22,14 @@ import numpy as np
 # Datasheet figures of the SXM parts; the field names are XLA's
 # (stream_executor/device_description.proto). Both are Hopper: 132 SMs at 1.98 GHz.
 TARGETS = {
-    'h100': dict(description='NVIDIA H100 80GB HBM3', memory_bytes=85_520_809_984,
-                 bandwidth=3_352_320_000_000),
-    'h200': dict(description='NVIDIA H200', memory_bytes=150_754_820_096,
-                 bandwidth=4_800_000_000_000),
+    'h100': dict(
+        description='NVIDIA H100 80GB HBM3',
+        memory_bytes=85_520_809_984,
+        bandwidth=3_352_320_000_000,
+    ),
+    'h200': dict(
+        description='NVIDIA H200', memory_bytes=150_754_820_096, bandwidth=4_800_000_000_000
+    ),
 }
 
 _TEMPLATE = """\
@@ -81,13 +86,16 @@ def mesh(name: str, axis: str, num_devices: int = 1):
   os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+
   try:
-    topology = topologies.get_topology_desc(platform='cuda', target_config=config,
-                                            topology=f'1x1x{num_devices}')
+    topology = topologies.get_topology_desc(
+        platform='cuda', target_config=config, topology=f'1x1x{num_devices}'
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise SystemExit(
         f'--target {name}: cannot describe a CUDA device ({type(e).__name__}: {e}). '
         'Deviceless GPU compilation needs the CUDA plugin of this jax version, e.g. '
         'pip install "jax[cuda13]==<jax version>", and JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 '
-        'set before JAX first starts its backends') from e
+        'set before JAX first starts its backends'
+    ) from e
   return Mesh(np.asarray(topology.devices[:num_devices]), (axis,))

@@ -24,6 +24,7 @@ so the real step is slower than this bound.
 
 Pure Python (no jax; absl for the command line), so it runs anywhere the HLO text is.
 """
+
 import collections
 import math
 import re
@@ -32,23 +33,65 @@ from absl import app
 from absl import flags
 
 DTYPE_BYTES = {
-    'pred': 1, 's2': 0.25, 'u2': 0.25, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1,
-    's16': 2, 'u16': 2, 's32': 4, 'u32': 4, 's64': 8, 'u64': 8,
-    'f16': 2, 'bf16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16,
-    'f4e2m1fn': 0.5, 'f8e4m3fn': 1, 'f8e5m2': 1, 'f8e4m3': 1, 'f8e3m4': 1,
-    'f8e4m3fnuz': 1, 'f8e5m2fnuz': 1, 'f8e4m3b11fnuz': 1, 'f8e8m0fnu': 1,
+    'pred': 1,
+    's2': 0.25,
+    'u2': 0.25,
+    's4': 0.5,
+    'u4': 0.5,
+    's8': 1,
+    'u8': 1,
+    's16': 2,
+    'u16': 2,
+    's32': 4,
+    'u32': 4,
+    's64': 8,
+    'u64': 8,
+    'f16': 2,
+    'bf16': 2,
+    'f32': 4,
+    'f64': 8,
+    'c64': 8,
+    'c128': 16,
+    'f4e2m1fn': 0.5,
+    'f8e4m3fn': 1,
+    'f8e5m2': 1,
+    'f8e4m3': 1,
+    'f8e3m4': 1,
+    'f8e4m3fnuz': 1,
+    'f8e5m2fnuz': 1,
+    'f8e4m3b11fnuz': 1,
+    'f8e8m0fnu': 1,
     'token': 0,
 }
 # Instructions that launch no work of their own.
-BOOKKEEPING = frozenset((
-    'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
-    'add-dependency', 'opt-barrier', 'partition-id', 'replica-id', 'domain',
-    'iota-placeholder'))
-CATEGORIES = ('conv', 'gemm', 'attention', 'elementwise/reduction fusions',
-              'copy/transpose', 'other')
+BOOKKEEPING = frozenset(
+    (
+        'parameter',
+        'get-tuple-element',
+        'tuple',
+        'bitcast',
+        'constant',
+        'after-all',
+        'add-dependency',
+        'opt-barrier',
+        'partition-id',
+        'replica-id',
+        'domain',
+        'iota-placeholder',
+    )
+)
+CATEGORIES = (
+    'conv',
+    'gemm',
+    'attention',
+    'elementwise/reduction fusions',
+    'copy/transpose',
+    'other',
+)
 # Ops a fusion may hold and still only move data.
-_MOVE_OPS = frozenset(('parameter', 'transpose', 'copy', 'bitcast', 'reshape',
-                       'tuple', 'get-tuple-element'))
+_MOVE_OPS = frozenset(
+    ('parameter', 'transpose', 'copy', 'bitcast', 'reshape', 'tuple', 'get-tuple-element')
+)
 FMHA_BACKWARD_FACTOR = 2.5
 
 _SHAPE_RE = re.compile(r'\b([a-z][a-z0-9]*)\[([^\]]*)\]')
@@ -56,16 +99,17 @@ _INSTR_RE = re.compile(r'^\s+(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$')
 _OP_RE = re.compile(r'\s*([A-Za-z][\w$.\-]*)\(')
 _CALLED_RE = re.compile(
     r'\b(?:calls|to_apply|body|condition|branch_computations|called_computations)='
-    r'(\{[^}]*\}|%?[\w.\-]+)')
+    r'(\{[^}]*\}|%?[\w.\-]+)'
+)
 
 
 class _Instr:
   """One parsed HLO instruction."""
+
   __slots__ = ('name', 'type', 'op', 'operands', 'attrs')
 
   def __init__(self, name, type_, op, operands, attrs):
-    self.name, self.type, self.op, self.operands, self.attrs = (
-        name, type_, op, operands, attrs)
+    self.name, self.type, self.op, self.operands, self.attrs = (name, type_, op, operands, attrs)
 
 
 def _closing(s, i):
@@ -110,7 +154,7 @@ def _parse_instr(line):
     end = _closing(rest, 0)
     if end < 0:
       return None
-    type_, rest = rest[:end + 1], rest[end + 1:]
+    type_, rest = rest[: end + 1], rest[end + 1 :]
   else:
     sp = rest.find(' ')
     if sp < 0:
@@ -124,8 +168,8 @@ def _parse_instr(line):
   end = _closing(rest, start)
   if end < 0:
     return None
-  operands = [p.split()[-1].lstrip('%') for p in _split_top(rest[start + 1:end])]
-  return _Instr(name, type_, op, operands, rest[end + 1:])
+  operands = [p.split()[-1].lstrip('%') for p in _split_top(rest[start + 1 : end])]
+  return _Instr(name, type_, op, operands, rest[end + 1 :])
 
 
 def parse_module(text):
@@ -238,9 +282,11 @@ def _fmha_flops(instr, shapes, target):
   if dn:
     fields = dict(re.findall(r'"(\w+)":\s*\[([^\]]*)\]', dn.group(1)))
     qc, qb = _ints(fields.get('lhs_contracting_dimensions', '')), _ints(
-        fields.get('lhs_batch_dimensions', ''))
+        fields.get('lhs_batch_dimensions', '')
+    )
     kc, kb = _ints(fields.get('rhs_contracting_dimensions', '')), _ints(
-        fields.get('rhs_batch_dimensions', ''))
+        fields.get('rhs_batch_dimensions', '')
+    )
   else:  # The default [B, T, N, H] layout.
     qc, qb, kc, kb = [3], [0, 2], [3], [0, 2]
   if max(qc + qb, default=0) >= len(q) or max(kc + kb, default=0) >= len(k):
@@ -323,7 +369,8 @@ class _Analyzer:
     """(category, flops, bytes) of one kernel."""
     category, flops = self.classify(instr)
     nbytes = type_bytes(instr.type) + sum(
-        type_bytes(self.shapes.get(o, '')) for o in instr.operands)
+        type_bytes(self.shapes.get(o, '')) for o in instr.operands
+    )
     return category, flops, nbytes
 
   def walk(self, comp, multiplier, out, _depth=0):
@@ -357,8 +404,7 @@ class _Analyzer:
           self.walk(callee, multiplier, kernels, _depth + 1)
           branches.append(kernels)
         if branches:
-          out.extend(min(branches, key=lambda ks: sum(self.seconds(*k[2:4]) * k[4]
-                                                     for k in ks)))
+          out.extend(min(branches, key=lambda ks: sum(self.seconds(*k[2:4]) * k[4] for k in ks)))
         self.notes.append(f'{instr.name}: conditional, cheapest branch counted')
         continue
       category, flops, nbytes = self.kernel(instr)
@@ -405,13 +451,19 @@ def analyze(hlo_text, *, peak_flops, hbm_bytes_per_s, top=10):
       'compute_bound_s': total['compute_bound_s'],
       'memory_bound_s': total['memory_bound_s'],
       'by_category': {
-          name: {'count': c['count'], 'flops': c['flops'], 'bytes': c['bytes'],
-                 'seconds': c['seconds'],
-                 'share': c['seconds'] / lower if lower else 0.0}
-          for name, c in by_cat.items()},
+          name: {
+              'count': c['count'],
+              'flops': c['flops'],
+              'bytes': c['bytes'],
+              'seconds': c['seconds'],
+              'share': c['seconds'] / lower if lower else 0.0,
+          }
+          for name, c in by_cat.items()
+      },
       'top_kernels': [
           {'name': n, 'category': cat, 'flops': f, 'bytes': b, 'seconds': s}
-          for s, n, cat, f, b in timed[:top]],
+          for s, n, cat, f, b in timed[:top]
+      ],
       'peak_flops': peak_flops,
       'hbm_bytes_per_s': hbm_bytes_per_s,
       'skipped': skipped,
@@ -436,31 +488,43 @@ def format_report(result, model_flops=None):
       '|---|---:|---:|---:|---:|---:|',
   ]
   for name, c in result['by_category'].items():
-    lines.append(f"| {name} | {c['count']} | {c['flops'] / 1e12:.2f} | "
-                 f"{c['bytes'] / 1e9:.1f} | {c['seconds'] * 1e3:.2f} | "
-                 f"{c['share'] * 100:.1f}% |")
+    lines.append(
+        f"| {name} | {c['count']} | {c['flops'] / 1e12:.2f} | "
+        f"{c['bytes'] / 1e9:.1f} | {c['seconds'] * 1e3:.2f} | "
+        f"{c['share'] * 100:.1f}% |"
+    )
   if model_flops:
-    lines += ['', f'roofline MFU ceiling: {mfu_ceiling(result, model_flops) * 100:.1f}% '
-              f'(model {model_flops / 1e12:.2f} TFLOP)']
+    lines += [
+        '',
+        f'roofline MFU ceiling: {mfu_ceiling(result, model_flops) * 100:.1f}% '
+        f'(model {model_flops / 1e12:.2f} TFLOP)',
+    ]
   if result['top_kernels']:
     lines += ['', 'slowest kernels:']
     for k in result['top_kernels'][:5]:
-      lines.append(f"  {k['name']} ({k['category']}): {k['seconds'] * 1e6:.0f} us, "
-                   f"{k['flops'] / 1e9:.1f} GFLOP, {k['bytes'] / 1e6:.1f} MB")
+      lines.append(
+          f"  {k['name']} ({k['category']}): {k['seconds'] * 1e6:.0f} us, "
+          f"{k['flops'] / 1e9:.1f} GFLOP, {k['bytes'] / 1e6:.1f} MB"
+      )
   if result['skipped'] or result['notes']:
-    lines += ['', f"skipped lines: {result['skipped']}"] + [
-        f'note: {n}' for n in result['notes']]
+    lines += ['', f"skipped lines: {result['skipped']}"] + [f'note: {n}' for n in result['notes']]
   return '\n'.join(lines)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags, defined on demand so that importing the module defines none."""
-  flags.DEFINE_float('peak_tflops', 989.0, 'Dense peak, TFLOP/s (H100 SXM bf16: 989).',
-                     flag_values=flag_values)
-  flags.DEFINE_float('hbm_tbps', 3.35, 'HBM bandwidth, TB/s (H100 SXM: 3.35).',
-                     flag_values=flag_values)
-  flags.DEFINE_float('model_flops', None, 'Analytic FLOPs of the step, for the MFU ceiling.',
-                     flag_values=flag_values)
+  flags.DEFINE_float(
+      'peak_tflops', 989.0, 'Dense peak, TFLOP/s (H100 SXM bf16: 989).', flag_values=flag_values
+  )
+  flags.DEFINE_float(
+      'hbm_tbps', 3.35, 'HBM bandwidth, TB/s (H100 SXM: 3.35).', flag_values=flag_values
+  )
+  flags.DEFINE_float(
+      'model_flops',
+      None,
+      'Analytic FLOPs of the step, for the MFU ceiling.',
+      flag_values=flag_values,
+  )
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
@@ -471,8 +535,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   for path in files:
     with open(path) as hlo:
-      result = analyze(hlo.read(), peak_flops=f.peak_tflops * 1e12,
-                       hbm_bytes_per_s=f.hbm_tbps * 1e12)
+      result = analyze(
+          hlo.read(), peak_flops=f.peak_tflops * 1e12, hbm_bytes_per_s=f.hbm_tbps * 1e12
+      )
     print(f'## {path}\n')
     print(format_report(result, f.model_flops))
     print()

@@ -1,4 +1,5 @@
 """A tiny denoising run on the generated demo data, for process-level tests."""
+
 from ddep import config_schema
 
 
