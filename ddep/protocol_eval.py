@@ -25,6 +25,7 @@ import numpy as np
 from ddep import inference
 from ddep import metrics as metrics_lib
 from ddep import optimizer as optimizer_lib
+from ddep import progress
 from ddep import sharding
 
 
@@ -104,7 +105,7 @@ def confusion_matrix(
       protocol, predict, image, output_size=size, batch_size=batch_size
   )
   local = np.zeros((num_classes, num_classes), np.int64)
-  for batch in eval_batches:
+  for batch in progress.track(eval_batches, desc=f'eval {protocol.name}', unit='batches'):
     plan = _plan(batch, protocol, batch_size)
     everyone = _everyones(plan)
     # Window shapes in one order on every process; within a shape, the most calls anyone needs.

@@ -28,6 +28,7 @@ from ddep import initialization
 from ddep import input_pipeline
 from ddep import metrics as metrics_lib
 from ddep import optimizer as optimizer_lib
+from ddep import progress
 from ddep import protocol_eval
 from ddep import report
 from ddep import sharding
@@ -235,7 +236,7 @@ def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dic
         ),
         out_shardings=sharding.replicated(mesh),
     )
-    for batch in eval_iter:
+    for batch in progress.track(eval_iter, desc='eval whole', unit='batches'):
       batch = sharding.global_batch({k: batch[k] for k in ('image', 'label', '_mask')}, mesh)
       acc.update(_fetch(eval_step(state['params'], state['frozen'], batch)))
   else:
