@@ -39,7 +39,13 @@ setuptools.setup(
     python_requires='>=3.11',
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # gcp-storage-emulator: a GCS API on 127.0.0.1 for the gs:// workdir tests.
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'gcp-storage-emulator>=2024.1'],
+        # gcp-storage-emulator: a GCS API on 127.0.0.1 for the gs:// workdir tests;
+        # pyink: the formatter scripts/test.sh checks (pinned: its output is the style).
+        'test': [
+            'pytest>=8',
+            'pytest-xdist>=3.5',
+            'gcp-storage-emulator>=2024.1',
+            'pyink==26.5.1',
+        ],
     },
 )
