@@ -38,8 +38,8 @@ import optax
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
 
-DECAYS = ("cosine", "constant", "linear")
-OPTIMIZERS = ("adam", "adamw")
+DECAYS = ('cosine', 'constant', 'linear')
+OPTIMIZERS = ('adam', 'adamw')
 
 
 # ----------------------------------------------------------------------------
@@ -48,12 +48,12 @@ OPTIMIZERS = ("adam", "adamw")
 
 
 def steps_from(
-  *,
-  steps: Optional[int] = None,
-  epochs: Optional[float] = None,
-  num_examples: Optional[int] = None,
-  batch_size: Optional[int] = None,
-  name: str = "train",
+    *,
+    steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    num_examples: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    name: str = 'train',
 ) -> int:
   """A duration in steps, from `<name>_steps` or `<name>_epochs` of a config.
 
@@ -64,19 +64,19 @@ def steps_from(
   """
   if (steps is None) == (epochs is None):
     raise ValueError(
-      f"Give exactly one of `{name}_steps` and `{name}_epochs`; got "
-      f"{name}_steps={steps!r}, {name}_epochs={epochs!r}."
+        f'Give exactly one of `{name}_steps` and `{name}_epochs`; got '
+        f'{name}_steps={steps!r}, {name}_epochs={epochs!r}.'
     )
   if steps is not None:
     if int(steps) != steps or steps < 0:
-      raise ValueError(f"`{name}_steps` must be an integer >= 0, got {steps!r}.")
+      raise ValueError(f'`{name}_steps` must be an integer >= 0, got {steps!r}.')
     return int(steps)
   if epochs < 0:
-    raise ValueError(f"`{name}_epochs` must be >= 0, got {epochs!r}.")
+    raise ValueError(f'`{name}_epochs` must be >= 0, got {epochs!r}.')
   if not num_examples or not batch_size or num_examples < 0 or batch_size < 0:
     raise ValueError(
-      f"`{name}_epochs` needs num_examples > 0 and batch_size > 0, got "
-      f"num_examples={num_examples!r}, batch_size={batch_size!r}."
+        f'`{name}_epochs` needs num_examples > 0 and batch_size > 0, got '
+        f'num_examples={num_examples!r}, batch_size={batch_size!r}.'
     )
   # Exact decimal arithmetic: 0.1 epochs of 30 examples at batch 3 is 1 step,
   # where floats give ceil(1.0000000000000002) = 2.
@@ -85,12 +85,12 @@ def steps_from(
 
 
 def make_schedule(
-  *,
-  base_lr: float,
-  total_steps: int,
-  warmup_steps: int = 0,
-  decay: str = "cosine",
-  end_lr_factor: float = 0.0,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    decay: str = 'cosine',
+    end_lr_factor: float = 0.0,
 ) -> Schedule:
   """Learning rate as a function of the optimizer step: warm-up, then decay.
 
@@ -105,12 +105,12 @@ def make_schedule(
   gradient, from taking full-size steps.
   """
   if decay not in DECAYS:
-    raise ValueError(f"`decay` must be one of {DECAYS}, got {decay!r}.")
+    raise ValueError(f'`decay` must be one of {DECAYS}, got {decay!r}.')
   if total_steps <= 0:
-    raise ValueError(f"`total_steps` must be > 0, got {total_steps!r}.")
+    raise ValueError(f'`total_steps` must be > 0, got {total_steps!r}.')
   if not 0 <= warmup_steps <= total_steps:
     raise ValueError(
-      f"`warmup_steps` must lie in [0, total_steps={total_steps}], got {warmup_steps!r}."
+        f'`warmup_steps` must lie in [0, total_steps={total_steps}], got {warmup_steps!r}.'
     )
   end_lr = base_lr * end_lr_factor
   decay_steps = max(total_steps - warmup_steps, 1)
@@ -118,9 +118,9 @@ def make_schedule(
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    if decay == "cosine":
+    if decay == 'cosine':
       shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    elif decay == "linear":
+    elif decay == 'linear':
       shape = 1.0 - progress
     else:
       shape = jnp.ones_like(progress)
@@ -139,16 +139,16 @@ def make_schedule(
 
 def _key_name(key) -> str:
   """One path component: the dict key, attribute or index as a string."""
-  for attr in ("key", "name", "idx"):
+  for attr in ('key', 'name', 'idx'):
     if hasattr(key, attr):
       value = getattr(key, attr)
-      return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
+      return '/'.join(map(str, value)) if isinstance(value, tuple) else str(value)
   return str(key)
 
 
 def path_str(keypath) -> str:
   """'/'-joined path of a leaf, e.g. 'Encoder/block1/unit1/conv1/kernel'."""
-  return "/".join(_key_name(k) for k in keypath)
+  return '/'.join(_key_name(k) for k in keypath)
 
 
 def tree_paths(tree: PyTree) -> PyTree:
@@ -163,7 +163,7 @@ def decay_kernels_only(path: str, leaf) -> bool:
   alone: decaying them towards 0 is not regularisation but a bias (the
   position embedding is 3-D, so ndim alone would not exclude it).
   """
-  return path.split("/")[-1] == "kernel" and jnp.ndim(leaf) > 1
+  return path.split('/')[-1] == 'kernel' and jnp.ndim(leaf) > 1
 
 
 WeightDecayMask = Union[None, PyTree, Callable[[str, Any], bool]]
@@ -175,7 +175,7 @@ def _decay_mask_fn(weight_decay_mask: WeightDecayMask):
   if not callable(rule):
     return rule  # Already a pytree of bools.
   return lambda params: jax.tree_util.tree_map_with_path(
-    lambda kp, leaf: bool(rule(path_str(kp), leaf)), params
+      lambda kp, leaf: bool(rule(path_str(kp), leaf)), params
   )
 
 
@@ -185,16 +185,16 @@ def _decay_mask_fn(weight_decay_mask: WeightDecayMask):
 
 
 def make_optimizer(
-  *,
-  name: str = "adam",
-  learning_rate: Union[float, Schedule],
-  weight_decay: float = 0.0,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  grad_clip_norm: Optional[float] = None,
-  accumulation_steps: int = 1,
-  weight_decay_mask: WeightDecayMask = None,
+    *,
+    name: str = 'adam',
+    learning_rate: Union[float, Schedule],
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip_norm: Optional[float] = None,
+    accumulation_steps: int = 1,
+    weight_decay_mask: WeightDecayMask = None,
 ) -> optax.GradientTransformation:
   """Adam or AdamW (Sec. 4.3) with optional clipping, decay and accumulation.
 
@@ -223,22 +223,22 @@ def make_optimizer(
   updates.
   """
   if name not in OPTIMIZERS:
-    raise ValueError(f"`name` must be one of {OPTIMIZERS}, got {name!r}.")
+    raise ValueError(f'`name` must be one of {OPTIMIZERS}, got {name!r}.')
   if weight_decay < 0:
-    raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+    raise ValueError(f'`weight_decay` must be >= 0, got {weight_decay!r}.')
   if grad_clip_norm is not None and not grad_clip_norm > 0:
-    raise ValueError(f"`grad_clip_norm` must be > 0 or None, got {grad_clip_norm!r}.")
+    raise ValueError(f'`grad_clip_norm` must be > 0 or None, got {grad_clip_norm!r}.')
   if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
-    raise ValueError(f"`accumulation_steps` must be an integer >= 1, got {accumulation_steps!r}.")
+    raise ValueError(f'`accumulation_steps` must be an integer >= 1, got {accumulation_steps!r}.')
 
   mask = _decay_mask_fn(weight_decay_mask)
   parts = []
   if grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
-  if name == "adam" and weight_decay > 0:
+  if name == 'adam' and weight_decay > 0:
     parts.append(optax.add_decayed_weights(weight_decay, mask))
   parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  if name == "adamw" and weight_decay > 0:
+  if name == 'adamw' and weight_decay > 0:
     parts.append(optax.add_decayed_weights(weight_decay, mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   tx = optax.chain(*parts)
@@ -270,14 +270,14 @@ def trainable_mask(params: PyTree, frozen_patterns: Sequence[str]) -> PyTree:
   paths = jax.tree_util.tree_leaves(tree_paths(params))
   unmatched = [p.pattern for p in compiled if not any(p.fullmatch(x) for x in paths)]
   if unmatched:
-    examples = ", ".join(repr(x) for x in paths[:6])
+    examples = ', '.join(repr(x) for x in paths[:6])
     raise ValueError(
-      f"Frozen patterns {unmatched} match no parameter (patterns are "
-      f"re.fullmatch'ed against '/'-joined paths; all patterns: "
-      f"{list(frozen_patterns)}). {len(paths)} paths, e.g. {examples}."
+        f'Frozen patterns {unmatched} match no parameter (patterns are '
+        f"re.fullmatch'ed against '/'-joined paths; all patterns: "
+        f'{list(frozen_patterns)}). {len(paths)} paths, e.g. {examples}.'
     )
   return jax.tree_util.tree_map(
-    lambda path: not any(p.fullmatch(path) for p in compiled), tree_paths(params)
+      lambda path: not any(p.fullmatch(path) for p in compiled), tree_paths(params)
   )
 
 
@@ -295,7 +295,7 @@ def split_trainable(params: Mapping, mask: Mapping) -> Tuple[dict, dict]:
   flat_params, flat_mask = _flat(params), _flat(mask)
   if flat_params.keys() != flat_mask.keys():
     raise ValueError(
-      f"mask and params differ in paths: {sorted(set(flat_params) ^ set(flat_mask))[:6]}"
+        f'mask and params differ in paths: {sorted(set(flat_params) ^ set(flat_mask))[:6]}'
     )
   trainable = {k: v for k, v in flat_params.items() if flat_mask[k]}
   frozen = {k: v for k, v in flat_params.items() if not flat_mask[k]}
@@ -308,5 +308,5 @@ def merge(trainable: Mapping, frozen: Mapping) -> dict:
   flat_trainable, flat_frozen = _flat(trainable), _flat(frozen)
   overlap = flat_trainable.keys() & flat_frozen.keys()
   if overlap:
-    raise ValueError(f"Paths both trainable and frozen: {sorted(overlap)[:6]}")
+    raise ValueError(f'Paths both trainable and frozen: {sorted(overlap)[:6]}')
   return flax.traverse_util.unflatten_dict({**flat_trainable, **flat_frozen})

@@ -11,6 +11,7 @@ The train state is a plain dict (big_vision style):
   first_nonfinite  int32 scalar: first step whose loss or gradient was not finite, or -1.
                    Kept on device so checking it costs no host sync per step.
 """
+
 from typing import Any, Callable
 
 import jax
@@ -42,29 +43,44 @@ def make_loss_fn(model: TransUNet, config) -> Callable:
   def denoise(params, batch, rng):
     noise_rng, dropout_rng = jax.random.split(rng)
     noisy, target, sigma = objectives.make_denoising_batch(
-        noise_rng, batch['image'], form=d.form, target=d.target, **noise_level(d))
-    pred = model.apply({'params': params}, noisy,
-                       sigma if model.noise_conditioning else None,
-                       train=True, rngs={'dropout': dropout_rng})
+        noise_rng, batch['image'], form=d.form, target=d.target, **noise_level(d)
+    )
+    pred = model.apply(
+        {'params': params},
+        noisy,
+        sigma if model.noise_conditioning else None,
+        train=True,
+        rngs={'dropout': dropout_rng},
+    )
     return objectives.mean_squared_error(pred, target), {}
 
   def segment(params, batch, rng):
-    logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': rng})
+    logits = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
     loss, n = objectives.softmax_cross_entropy_with_ignore(logits, batch['label'])
     return loss, {'train/valid_pixels': n}
 
   def classify(params, batch, rng):
-    logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': rng}, method=TransUNet.classify)
-    return objectives.image_classification_loss(logits, batch['labels'],
-                                                kind=config.classify.loss), {}
+    logits = model.apply(
+        {'params': params},
+        batch['image'],
+        train=True,
+        rngs={'dropout': rng},
+        method=TransUNet.classify,
+    )
+    return (
+        objectives.image_classification_loss(logits, batch['labels'], kind=config.classify.loss),
+        {},
+    )
 
   return {'denoise': denoise, 'segment': segment, 'classify': classify}[task]
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
-                    accumulation_steps: int = 1) -> Callable:
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    accumulation_steps: int = 1,
+) -> Callable:
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
     step = state['step']
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
@@ -79,31 +95,50 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Recorded 1-based, like checkpoint and log step numbers (steps completed).
-    first_bad = jnp.where((state['first_nonfinite'] < 0) & ~finite, step + 1,
-                          state['first_nonfinite'])
-    new_state = dict(params=params, frozen=state['frozen'], opt=opt, step=step + 1,
-                     rng=state['rng'], first_nonfinite=first_bad.astype(jnp.int32))
-    out = {'train/loss': loss, 'train/grad_norm': grad_norm,
-           'train/param_norm': optax.tree.norm(params),
-           'train/update_norm': optax.tree.norm(updates),
-           'train/lr': schedule(step // accumulation_steps), **aux}
+    first_bad = jnp.where(
+        (state['first_nonfinite'] < 0) & ~finite, step + 1, state['first_nonfinite']
+    )
+    new_state = dict(
+        params=params,
+        frozen=state['frozen'],
+        opt=opt,
+        step=step + 1,
+        rng=state['rng'],
+        first_nonfinite=first_bad.astype(jnp.int32),
+    )
+    out = {
+        'train/loss': loss,
+        'train/grad_norm': grad_norm,
+        'train/param_norm': optax.tree.norm(params),
+        'train/update_norm': optax.tree.norm(updates),
+        'train/lr': schedule(step // accumulation_steps),
+        **aux,
+    }
     return new_state, out
 
   return train_step
 
 
-def make_segmentation_eval_step(model: TransUNet, num_classes: int, ignore_label: int = 255,
-                                flip: bool = False):
+def make_segmentation_eval_step(
+    model: TransUNet, num_classes: int, ignore_label: int = 255, flip: bool = False
+):
   """(params, frozen, batch) -> confusion matrix of this (global) batch.
 
   With `flip`, logits are averaged with those of the mirrored image (Sec. 4.3).
   """
+
   def eval_step(params, frozen, batch):
     variables = {'params': optimizer_lib.merge(params, frozen)}
     logits = model.apply(variables, batch['image'])
     if flip:
       mirrored = model.apply(variables, batch['image'][:, :, ::-1])[:, :, ::-1]
       logits = (logits + mirrored) / 2
-    return metrics_lib.confusion_matrix(batch['label'], jnp.argmax(logits, -1), num_classes,
-                                        ignore_label=ignore_label, mask=batch['_mask'])
+    return metrics_lib.confusion_matrix(
+        batch['label'],
+        jnp.argmax(logits, -1),
+        num_classes,
+        ignore_label=ignore_label,
+        mask=batch['_mask'],
+    )
+
   return eval_step

@@ -2,6 +2,7 @@
 
 Nothing here asserts a speed: CPU timings in tests say nothing about an accelerator.
 """
+
 import json
 import os
 import subprocess
@@ -17,40 +18,54 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections')
 
 
-@pytest.mark.parametrize('kind,name,tflops', [
-    ('NVIDIA H100 80GB HBM3', 'H100 SXM', 989.0),
-    ('NVIDIA H100 PCIe', 'H100 PCIe', 756.0),
-    ('NVIDIA H100 NVL', None, None),  # not the SXM part's 989
-    ('NVIDIA H200', 'H200 SXM', 989.0),
-    ('NVIDIA A100-SXM4-80GB', 'A100', 312.0),
-    ('TPU v4', 'TPU v4', 275.0),
-    ('TPU v5 lite', 'TPU v5e', 197.0),
-    ('TPU v5', 'TPU v5p', 459.0),
-    ('TPU v5p', 'TPU v5p', 459.0),
-    ('TPU v6 lite', 'TPU v6e', 918.0),
-    ('cpu', None, None),
-    ('NVIDIA GeForce RTX 4090', None, None),
-])
+@pytest.mark.parametrize(
+    'kind,name,tflops',
+    [
+        ('NVIDIA H100 80GB HBM3', 'H100 SXM', 989.0),
+        ('NVIDIA H100 PCIe', 'H100 PCIe', 756.0),
+        ('NVIDIA H100 NVL', None, None),  # not the SXM part's 989
+        ('NVIDIA H200', 'H200 SXM', 989.0),
+        ('NVIDIA A100-SXM4-80GB', 'A100', 312.0),
+        ('TPU v4', 'TPU v4', 275.0),
+        ('TPU v5 lite', 'TPU v5e', 197.0),
+        ('TPU v5', 'TPU v5p', 459.0),
+        ('TPU v5p', 'TPU v5p', 459.0),
+        ('TPU v6 lite', 'TPU v6e', 918.0),
+        ('cpu', None, None),
+        ('NVIDIA GeForce RTX 4090', None, None),
+    ],
+)
 def test_peak_table(kind, name, tflops):
   assert benchmark.peak_bf16_tflops(kind) == (name, tflops)
 
 
-@pytest.mark.parametrize('kind,rate', [
-    ('NVIDIA H100 80GB HBM3', 3.35e12), ('NVIDIA H100 PCIe', 2.0e12), ('NVIDIA H100 NVL', None),
-    ('NVIDIA H200', 4.8e12), ('NVIDIA A100-SXM4-80GB', 2.039e12),
-    ('NVIDIA A100-SXM4-40GB', 1.555e12), ('TPU v4', None), ('cpu', None),
-])
+@pytest.mark.parametrize(
+    'kind,rate',
+    [
+        ('NVIDIA H100 80GB HBM3', 3.35e12),
+        ('NVIDIA H100 PCIe', 2.0e12),
+        ('NVIDIA H100 NVL', None),
+        ('NVIDIA H200', 4.8e12),
+        ('NVIDIA A100-SXM4-80GB', 2.039e12),
+        ('NVIDIA A100-SXM4-40GB', 1.555e12),
+        ('TPU v4', None),
+        ('cpu', None),
+    ],
+)
 def test_hbm_bandwidth_table(kind, rate):
   assert benchmark.hbm_bytes_per_s(kind) == rate
 
 
-@pytest.mark.parametrize('max_per_device,devices,expected', [
-    (32, 1, (32, 4)),    # the paper's 128 as 4 x 32
-    (48, 1, (32, 4)),    # largest divisor of 128 that fits
-    (256, 1, (128, 1)),  # no accumulation needed
-    (16, 8, (16, 1)),
-    (3, 2, (2, 32)),
-])
+@pytest.mark.parametrize(
+    'max_per_device,devices,expected',
+    [
+        (32, 1, (32, 4)),  # the paper's 128 as 4 x 32
+        (48, 1, (32, 4)),  # largest divisor of 128 that fits
+        (256, 1, (128, 1)),  # no accumulation needed
+        (16, 8, (16, 1)),
+        (3, 2, (2, 32)),
+    ],
+)
 def test_accumulation_plan(max_per_device, devices, expected):
   micro, accum = benchmark.accumulation_plan(max_per_device, 128, devices)
   assert (micro, accum) == expected
@@ -71,8 +86,9 @@ def test_largest_fitting_batch_doubles_until_out_of_memory():
 
 
 def test_is_oom():
-  assert benchmark.is_oom(RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to '
-                                       'allocate 12.3GiB'))
+  assert benchmark.is_oom(
+      RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to ' 'allocate 12.3GiB')
+  )
   assert not benchmark.is_oom(ValueError('INVALID_ARGUMENT: shapes differ'))
 
 
@@ -100,8 +116,9 @@ def test_a_batch_fits_unless_xla_recomputes_much():
 
 def test_time_steps_syncs_once_per_trial():
   calls, blocks = [], []
-  times = benchmark.time_steps(lambda: calls.append(1), warmup=2, steps=5, trials=3,
-                               block=lambda: blocks.append(len(calls)))
+  times = benchmark.time_steps(
+      lambda: calls.append(1), warmup=2, steps=5, trials=3, block=lambda: blocks.append(len(calls))
+  )
   assert len(calls) == 2 + 5 * 3
   # One block after warm-up, then exactly one at the end of each trial.
   assert blocks == [2, 7, 12, 17]
@@ -109,8 +126,18 @@ def test_time_steps_syncs_once_per_trial():
 
 
 def test_parse_args():
-  args = benchmark.parse_args(['--task', 'segment,ddep', '--image_size', '256x512',
-                               '--eval_size', '0', '--remat', 'decoder'])
+  args = benchmark.parse_args(
+      [
+          '--task',
+          'segment,ddep',
+          '--image_size',
+          '256x512',
+          '--eval_size',
+          '0',
+          '--remat',
+          'decoder',
+      ]
+  )
   assert args.task == ('segment', 'ddep') and args.image_size == (256, 512)
   assert args.eval_size is None and args.remat == ('decoder',)
   assert benchmark.phases_of(args) == ['segment', 'ddep']
@@ -140,8 +167,16 @@ def test_per_device_batch_flag_plan_or_config_split():
 
 
 def test_config_sets_the_flags_not_given():
-  args = benchmark.parse_args(['--config', 'configs/finetune_cityscapes.py:method=none',
-                               '--batch_size', '4', '--remat', 'decoder'])
+  args = benchmark.parse_args(
+      [
+          '--config',
+          'configs/finetune_cityscapes.py:method=none',
+          '--batch_size',
+          '4',
+          '--remat',
+          'decoder',
+      ]
+  )
   # From the config: the paper's fine-tuning setting and its eval protocol (two
   # 1024x1024 halves, each with its flip, Sec. 4.3).
   assert (args.preset, args.dtype, args.task) == ('r50_vit_b16', 'bfloat16', ('segment',))
@@ -152,8 +187,9 @@ def test_config_sets_the_flags_not_given():
   assert args.batch_size == 4 and args.remat == ('decoder',)
   assert benchmark.phases_of(args) == ['segment', 'eval', 'input']
 
-  args = benchmark.parse_args(['--config', 'configs/pretrain_cityscapes.py:method=ddep',
-                               '--input_batches', '0'])
+  args = benchmark.parse_args(
+      ['--config', 'configs/pretrain_cityscapes.py:method=ddep', '--input_batches', '0']
+  )
   assert args.task == ('ddep',) and args.frozen == ('encoder/.*',)
   assert args.loss.denoise.sigma == 0.1 and args.image_size == (512, 512)
   # The config's global batch (128), split over the devices when the phase runs.
@@ -161,8 +197,13 @@ def test_config_sets_the_flags_not_given():
   assert benchmark.phases_of(args) == ['ddep']
 
   # --config.key=value overrides, as in ddep.main: the config's batch of 128 becomes 32.
-  args = benchmark.parse_args(['--config=configs/pretrain_cityscapes.py:method=ddep',
-                               '--config.data.batch_size=32', '--input_batches=0'])
+  args = benchmark.parse_args(
+      [
+          '--config=configs/pretrain_cityscapes.py:method=ddep',
+          '--config.data.batch_size=32',
+          '--input_batches=0',
+      ]
+  )
   assert args.global_batch == 32 and args.config_overrides == {'data.batch_size': 32}
   assert args.config == 'configs/pretrain_cityscapes.py:method=ddep'
 
@@ -172,13 +213,29 @@ def test_config_sets_the_flags_not_given():
 
 def test_config_run_times_its_steps_and_input_pipeline(tmp_path):
   out = tmp_path / 'bench.jsonl'
-  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--no_isolate', '--output', str(out),
-         '--config', 'configs/pretrain_cityscapes.py:method=dep,runlocal',
-         '--config.data.batch_size=4',  # An override reaches both phases.
-         '--steps', '2', '--trials', '1', '--warmup', '1', '--input_batches', '2']
+  cmd = [
+      sys.executable,
+      '-m',
+      'ddep.tools.benchmark',
+      '--no_isolate',
+      '--output',
+      str(out),
+      '--config',
+      'configs/pretrain_cityscapes.py:method=dep,runlocal',
+      '--config.data.batch_size=4',  # An override reaches both phases.
+      '--steps',
+      '2',
+      '--trials',
+      '1',
+      '--warmup',
+      '1',
+      '--input_batches',
+      '2',
+  ]
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'tfds'))
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False,
-                        timeout=600)
+  proc = subprocess.run(
+      cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r['phase']: r for r in map(json.loads, out.read_text().splitlines())}
   assert list(rows) == ['denoise', 'input']
@@ -219,12 +276,26 @@ def test_target_implies_compile_only_and_gpu_attention():
 def test_target_without_the_cuda_plugin_says_what_to_install():
   try:
     import jax_plugins.xla_cuda13  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
     pytest.skip('the CUDA plugin is installed here')
   except ImportError:
     pass
   with pytest.raises(SystemExit, match=r'needs the CUDA plugin.*jax\[cuda13\]'):
-    benchmark.main(['--target', 'h100', '--preset', 'tiny', '--image_size', '32', '--task',
-                    'ddep', '--eval_size', '0', '--quiet'])
+    benchmark.main(
+        [
+            '--target',
+            'h100',
+            '--preset',
+            'tiny',
+            '--image_size',
+            '32',
+            '--task',
+            'ddep',
+            '--eval_size',
+            '0',
+            '--quiet',
+        ]
+    )
 
 
 def test_protocol_input_is_one_eval_call():
@@ -264,8 +335,7 @@ def test_a_failed_phase_keeps_the_others_results(tmp_path, monkeypatch):
   monkeypatch.setattr(benchmark, 'run_isolated', fake_isolated)
   out = tmp_path / 'rows.jsonl'
   with pytest.raises(SystemExit, match='phase ddep failed'):
-    benchmark.main(['--task', 'denoise,ddep', '--eval_size', '64', '--output', str(out),
-                    '--quiet'])
+    benchmark.main(['--task', 'denoise,ddep', '--eval_size', '64', '--output', str(out), '--quiet'])
   assert [json.loads(x)['phase'] for x in out.read_text().splitlines()] == ['denoise', 'eval']
 
 
@@ -280,35 +350,66 @@ def blocked_env(tmp_path_factory):
   for name in BLOCKED:
     (root / name).mkdir()
     (root / name / '__init__.py').write_text(
-        f'raise ImportError("{name} is blocked: the benchmark must run without it")\n')
+        f'raise ImportError("{name} is blocked: the benchmark must run without it")\n'
+    )
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), REPO]))
   for name in BLOCKED:  # The block itself works, so the run below proves something.
-    proc = subprocess.run([sys.executable, '-c', f'import {name}'], env=env, cwd=REPO,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, '-c', f'import {name}'],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode != 0 and 'is blocked' in proc.stderr
   return env
 
 
 def test_without_ml_collections_only_config_is_refused(blocked_env):
   """The bare GPU image: the module imports and parses; --config says what it needs."""
-  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--config=configs/pretrain_ade20k.py',
-         '--quiet']
-  proc = subprocess.run(cmd, env=blocked_env, cwd=REPO, capture_output=True, text=True,
-                        check=False, timeout=120)
+  cmd = [
+      sys.executable,
+      '-m',
+      'ddep.tools.benchmark',
+      '--config=configs/pretrain_ade20k.py',
+      '--quiet',
+  ]
+  proc = subprocess.run(
+      cmd, env=blocked_env, cwd=REPO, capture_output=True, text=True, check=False, timeout=120
+  )
   assert proc.returncode == 1 and '--config needs ml_collections' in proc.stderr, proc.stderr
   assert 'Traceback' not in proc.stderr  # A usage error, not a crash.
 
 
 def _run_tool(env, tmp_path, *flags):
   out = tmp_path / 'bench.jsonl'
-  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--preset', 'tiny', '--image_size', '32',
-         '--batch_size', '2', '--steps', '2', '--trials', '2', '--warmup', '1',
-         '--output', str(out), *flags,
-         # One process: one per phase would multiply the start-up (run_isolated is
-         # tested above).
-         '--no_isolate']
-  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False,
-                        timeout=600)
+  cmd = [
+      sys.executable,
+      '-m',
+      'ddep.tools.benchmark',
+      '--preset',
+      'tiny',
+      '--image_size',
+      '32',
+      '--batch_size',
+      '2',
+      '--steps',
+      '2',
+      '--trials',
+      '2',
+      '--warmup',
+      '1',
+      '--output',
+      str(out),
+      *flags,
+      # One process: one per phase would multiply the start-up (run_isolated is
+      # tested above).
+      '--no_isolate',
+  ]
+  proc = subprocess.run(
+      cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   for r in rows:
@@ -348,8 +449,17 @@ def test_dep_and_ddep_steps_without_tensorflow(blocked_env, tmp_path):
 def test_segment_and_eval_steps_without_tensorflow(blocked_env, tmp_path):
   # With the eval's flip (Sec. 4.3), whose second forward the analytic count must see:
   # _run_tool checks XLA's count against it.
-  rows, _ = _run_tool(blocked_env, tmp_path, '--task', 'segment', '--eval_size', '32x64',
-                      '--num_classes', '5', '--eval_flip')
+  rows, _ = _run_tool(
+      blocked_env,
+      tmp_path,
+      '--task',
+      'segment',
+      '--eval_size',
+      '32x64',
+      '--num_classes',
+      '5',
+      '--eval_flip',
+  )
   assert list(rows) == ['segment', 'eval']
   seg, ev = rows['segment'], rows['eval']
   assert seg['num_classes'] == ev['num_classes'] == 5 and seg['loss_finite']
@@ -366,18 +476,42 @@ def test_classify_step_trains_the_encoder_and_head_only(tmp_path):
   from ddep.models import presets  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / 'bench.jsonl'
-  cmd = [sys.executable, '-m', 'ddep.tools.benchmark', '--preset', 'tiny', '--image_size', '32',
-         '--batch_size', '2', '--steps', '1', '--trials', '1', '--warmup', '1', '--task',
-         'classify', '--num_classes', '5', '--eval_size', '0', '--output', str(out)]
+  cmd = [
+      sys.executable,
+      '-m',
+      'ddep.tools.benchmark',
+      '--preset',
+      'tiny',
+      '--image_size',
+      '32',
+      '--batch_size',
+      '2',
+      '--steps',
+      '1',
+      '--trials',
+      '1',
+      '--warmup',
+      '1',
+      '--task',
+      'classify',
+      '--num_classes',
+      '5',
+      '--eval_size',
+      '0',
+      '--output',
+      str(out),
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert row['phase'] == 'classify' and row['num_classes'] == 5 and row['loss_finite']
   assert 0 < row['process_cpu_s_per_step'] and row['step_time_s'] > 0
   model = presets.create_model('tiny', num_image_classes=5)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)),
-                                             method=type(model).classify))['params']
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), method=type(model).classify)
+  )['params']
   assert set(params) == {'encoder', 'classifier'}
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   assert row['params'] == row['trainable_params'] == n and row['frozen_params'] == 0

@@ -11,6 +11,7 @@ Module names are the published BiT-M-R50x1.npz names without its `resnet/` prefi
 Padding is BiT's: symmetric (k - 1) / 2 before each VALID conv, and a zero pad of 1
 before the root's 3x3 max-pool (not -inf: the root conv's outputs may be negative).
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -34,23 +35,33 @@ class StdConv(nn.Conv):
     if name == 'kernel':
       value = value - jnp.mean(value, axis=(0, 1, 2), keepdims=True)
       value = value * jnp.reciprocal(
-          jnp.sqrt(jnp.mean(jnp.square(value), axis=(0, 1, 2), keepdims=True) + STD_CONV_EPS))
+          jnp.sqrt(jnp.mean(jnp.square(value), axis=(0, 1, 2), keepdims=True) + STD_CONV_EPS)
+      )
     return value
 
 
 def _std_conv(features: int, kernel: int, strides: int, dtype: Dtype) -> StdConv:
   pad = (kernel - 1) // 2, kernel - 1 - (kernel - 1) // 2  # BiT's fixed padding.
-  return StdConv(features, (kernel, kernel), strides=(strides, strides), padding=(pad, pad),
-                 use_bias=False, dtype=dtype, name='standardized_conv2d')
+  return StdConv(
+      features,
+      (kernel, kernel),
+      strides=(strides, strides),
+      padding=(pad, pad),
+      use_bias=False,
+      dtype=dtype,
+      name='standardized_conv2d',
+  )
 
 
 def _norm_relu(x, num_groups: int, dtype: Dtype):
-  return nn.relu(nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPS, dtype=dtype,
-                              name='group_norm')(x))
+  return nn.relu(
+      nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPS, dtype=dtype, name='group_norm')(x)
+  )
 
 
 class Proj(nn.Module):
   """`a/proj`: the 1x1 (strided) projection of the shortcut."""
+
   features: int
   strides: int = 1
   dtype: Dtype = jnp.float32
@@ -63,6 +74,7 @@ class Proj(nn.Module):
 class PartA(nn.Module):
   """`a`: norm -> ReLU -> 1x1 conv; the shortcut's projection reads the same
   pre-activated input (BiT's v2 unit). Returns (conv output, projected shortcut or None)."""
+
   features: int
   out_features: int
   strides: int = 1
@@ -81,6 +93,7 @@ class PartA(nn.Module):
 
 class Part(nn.Module):
   """`b` (3x3, carries the stride) or `c` (1x1 to 4x width): norm -> ReLU -> conv."""
+
   features: int
   kernel: int = 1
   strides: int = 1
@@ -96,6 +109,7 @@ class Part(nn.Module):
 class PreActUnit(nn.Module):
   """Bottleneck v2: y = c(b(a(x))) + shortcut, the shortcut x or `a/proj` of a's
   pre-activation when the width or resolution changes. No norm after the sum."""
+
   features: int
   strides: int = 1
   num_groups: int = 32
@@ -114,6 +128,7 @@ class PreActUnit(nn.Module):
 
 class Stage(nn.Module):
   """`block{i}`: `block_size` units `unit01`, `unit02`, ...; only the first one strides."""
+
   block_size: int
   features: int
   first_stride: int
@@ -125,14 +140,20 @@ class Stage(nn.Module):
   def __call__(self, x):
     unit_cls = nn.remat(PreActUnit) if self.remat else PreActUnit
     for j in range(self.block_size):
-      x = unit_cls(self.features, self.first_stride if j == 0 else 1, self.num_groups,
-                   self.dtype, name=f'unit{j + 1:02d}')(x)
+      x = unit_cls(
+          self.features,
+          self.first_stride if j == 0 else 1,
+          self.num_groups,
+          self.dtype,
+          name=f'unit{j + 1:02d}',
+      )(x)
     return x
 
 
 class RootBlock(nn.Module):
   """`root_block`: 7x7/2 conv (no norm in v2), returned before and after BiT's zero-padded
   3x3/2 max-pool: (the 1/2 map, the 1/4 map)."""
+
   width: int
   dtype: Dtype = jnp.float32
 
@@ -152,6 +173,7 @@ class ResNetV2(nn.Module):
   'block3': 1/16}, each the raw (not normalised) output there, as in v2 the next
   layer normalises it first.
   """
+
   layers: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   num_groups: int = 32
@@ -164,8 +186,15 @@ class ResNetV2(nn.Module):
     root, x = RootBlock(self.width, self.dtype, name='root_block')(images.astype(self.dtype))
     skips = {'root': root}
     for i, block_size in enumerate(self.layers):
-      x = Stage(block_size, self.width * 2**i, 1 if i == 0 else 2, self.num_groups, self.dtype,
-                self.remat, name=f'block{i + 1}')(x)
+      x = Stage(
+          block_size,
+          self.width * 2**i,
+          1 if i == 0 else 2,
+          self.num_groups,
+          self.dtype,
+          self.remat,
+          name=f'block{i + 1}',
+      )(x)
       if i + 1 < len(self.layers):
         skips[f'block{i + 1}'] = x
     return _norm_relu(x, self.num_groups, self.dtype), skips

@@ -1,4 +1,5 @@
 """The UNet decoder of the TransUNet (paper Fig. 3, Sec. 4.2), with optional σ conditioning."""
+
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -17,10 +18,14 @@ def _upsample2x_axis(x: jnp.ndarray, axis: int) -> jnp.ndarray:
   # With half-pixel centres, output 2i sits at input i - 1/4 and 2i+1 at i + 1/4:
   # two taps (3/4, 1/4), with edges clamped, as jax.image.resize renormalises them.
   n = x.shape[axis]
-  prev = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
-                          jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
-  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis),
-                         jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+  prev = jnp.concatenate(
+      [jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)],
+      axis=axis,
+  )
+  nxt = jnp.concatenate(
+      [jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)],
+      axis=axis,
+  )
   even = 0.75 * x + 0.25 * prev
   odd = 0.75 * x + 0.25 * nxt
   out = jnp.stack([even, odd], axis=axis + 1)
@@ -45,6 +50,7 @@ class NoiseEmbedding(nn.Module):
   Sinusoidal features of log σ followed by a small MLP, as diffusion models embed
   their noise level.
   """
+
   features: int = 256
   dtype: Dtype = jnp.float32
 
@@ -70,6 +76,7 @@ class ConcatConv(nn.Module):
   its input gradient, which one convolution of the concatenation would
   (47.7 GFLOPs per 512x512 image, see docs/performance.md).
   """
+
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   dtype: Dtype = jnp.float32
@@ -78,14 +85,18 @@ class ConcatConv(nn.Module):
   @nn.compact
   def __call__(self, *inputs: jnp.ndarray) -> jnp.ndarray:
     channels = [x.shape[-1] for x in inputs]
-    kernel = self.param('kernel', self.kernel_init,
-                        (*self.kernel_size, sum(channels), self.features), jnp.float32)
+    kernel = self.param(
+        'kernel', self.kernel_init, (*self.kernel_size, sum(channels), self.features), jnp.float32
+    )
     out, start = None, 0
     for x, c in zip(inputs, channels):
       y = jax.lax.conv_general_dilated(
-          x.astype(self.dtype), kernel[:, :, start:start + c].astype(self.dtype),
-          window_strides=(1, 1), padding='SAME',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+          x.astype(self.dtype),
+          kernel[:, :, start : start + c].astype(self.dtype),
+          window_strides=(1, 1),
+          padding='SAME',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
       out, start = y if out is None else out + y, start + c
     return out
 
@@ -98,14 +109,14 @@ class DecoderBlock(nn.Module):
   With a conditioning vector, each norm's output is scaled and shifted by a
   zero-initialised projection of it, so conditioning starts as the identity.
   """
+
   features: int
   norm: str = 'group'
   num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, skip: Optional[jnp.ndarray] = None,
-               cond: Optional[jnp.ndarray] = None):
+  def __call__(self, x, skip: Optional[jnp.ndarray] = None, cond: Optional[jnp.ndarray] = None):
     for i in (1, 2):
       inputs = (x, skip) if i == 1 and skip is not None else (x,)
       x = ConcatConv(self.features, dtype=self.dtype, name=f'conv{i}')(*inputs)
@@ -116,8 +127,9 @@ class DecoderBlock(nn.Module):
       else:
         raise ValueError(f"decoder norm must be 'group' or 'layer', got {self.norm!r}")
       if cond is not None:
-        film = nn.Dense(2 * self.features, dtype=self.dtype,
-                        kernel_init=nn.initializers.zeros, name=f'film{i}')(cond)
+        film = nn.Dense(
+            2 * self.features, dtype=self.dtype, kernel_init=nn.initializers.zeros, name=f'film{i}'
+        )(cond)
         scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
         x = x * (1 + scale) + shift
       x = nn.relu(x)
@@ -132,6 +144,7 @@ class UNetDecoder(nn.Module):
   TransUNet (features at 1/16, five blocks) this gives: block0 at 1/16, then
   1/8 + `block2`, 1/4 + `block1`, 1/2 + root, and full resolution without skip.
   """
+
   widths: Sequence[int] = DECODER_WIDTHS_1X
   norm: str = 'group'
   num_groups: int = 32
@@ -139,13 +152,20 @@ class UNetDecoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, skips: Sequence[jnp.ndarray], output_hw: tuple[int, int],
-               cond: Optional[jnp.ndarray] = None):
+  def __call__(
+      self,
+      x,
+      skips: Sequence[jnp.ndarray],
+      output_hw: tuple[int, int],
+      cond: Optional[jnp.ndarray] = None,
+  ):
     factor = output_hw[0] // x.shape[1]
     num_up = int(round(math.log2(factor)))
     if 2**num_up != factor or num_up > len(self.widths):
-      raise ValueError(f'cannot decode a {x.shape[1:3]} map to {output_hw} with '
-                       f'{len(self.widths)} blocks that upsample x2')
+      raise ValueError(
+          f'cannot decode a {x.shape[1:3]} map to {output_hw} with '
+          f'{len(self.widths)} blocks that upsample x2'
+      )
     by_hw = {s.shape[1:3]: s for s in skips}
     block_cls = nn.remat(DecoderBlock) if self.remat else DecoderBlock
     for i, width in enumerate(self.widths):
@@ -153,6 +173,7 @@ class UNetDecoder(nn.Module):
       if i >= len(self.widths) - num_up:
         x = upsample2x(x)
         skip = by_hw.get(x.shape[1:3])
-      x = block_cls(width, norm=self.norm, num_groups=self.num_groups,
-                    dtype=self.dtype, name=f'block{i}')(x, skip, cond)
+      x = block_cls(
+          width, norm=self.norm, num_groups=self.num_groups, dtype=self.dtype, name=f'block{i}'
+      )(x, skip, cond)
     return x

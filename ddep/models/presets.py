@@ -1,4 +1,5 @@
 """Named model sizes. Configs pick one by name and may override any field."""
+
 from typing import Any
 
 from ddep.models import decoder as decoder_lib
@@ -13,13 +14,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ImageNet-21k BiT-M-R50x1 weights were trained as (Table 5's supervised and DDeP).
     'bit_r50_unet': dict(backbone='bit_r50', resnet_layers=(3, 4, 6, 3)),
     # Same modules, narrow and shallow: for tests and CPU runs.
-    'tiny': dict(resnet_layers=(1, 1, 1), resnet_width=16, num_groups=8, hidden_size=64,
-                 num_layers=2, num_heads=2, mlp_dim=128,
-                 decoder_widths=(64, 32, 32, 16, 16)),
-    'tiny_r50_unet': dict(backbone='r50', resnet_layers=(1, 1, 1, 1), resnet_width=16,
-                          num_groups=8, decoder_widths=(64, 32, 32, 16, 16)),
-    'tiny_bit_r50_unet': dict(backbone='bit_r50', resnet_layers=(1, 1, 1, 1), resnet_width=16,
-                              num_groups=8, decoder_widths=(64, 32, 32, 16, 16)),
+    'tiny': dict(
+        resnet_layers=(1, 1, 1),
+        resnet_width=16,
+        num_groups=8,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=128,
+        decoder_widths=(64, 32, 32, 16, 16),
+    ),
+    'tiny_r50_unet': dict(
+        backbone='r50',
+        resnet_layers=(1, 1, 1, 1),
+        resnet_width=16,
+        num_groups=8,
+        decoder_widths=(64, 32, 32, 16, 16),
+    ),
+    'tiny_bit_r50_unet': dict(
+        backbone='bit_r50',
+        resnet_layers=(1, 1, 1, 1),
+        resnet_width=16,
+        num_groups=8,
+        decoder_widths=(64, 32, 32, 16, 16),
+    ),
 }
 
 
@@ -29,8 +47,9 @@ def decoder_widths(preset: str, multiplier: int = 1) -> tuple[int, ...]:
   return tuple(multiplier * w for w in base)
 
 
-def create_model(preset: str = 'r50_vit_b16', *, decoder_width_multiplier: int = 1,
-                 **overrides) -> TransUNet:
+def create_model(
+    preset: str = 'r50_vit_b16', *, decoder_width_multiplier: int = 1, **overrides
+) -> TransUNet:
   if preset not in PRESETS:
     raise ValueError(f'unknown model preset {preset!r}; choose from {sorted(PRESETS)}')
   if decoder_width_multiplier < 1:

@@ -17,6 +17,7 @@ BiT-M-R50x1 (the `bit_r50` backbone, `ddep.models.bit`), also from two sources:
   `stages.0.blocks.0.norm1.weight`, `...downsample.conv.weight`, `norm.*`, `head.fc.*`).
 Both are read straight into the model's names (they are BiT's, less `resnet/`).
 """
+
 import os
 import re
 import zipfile
@@ -72,17 +73,22 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
       return {k: np.asarray(f[k]) for k in f.files}
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-    raise CheckpointError(f'{path}: not a readable .npz checkpoint (truncated or corrupt?): '
-                          f'{type(e).__name__}: {e}') from e
+    raise CheckpointError(
+        f'{path}: not a readable .npz checkpoint (truncated or corrupt?): '
+        f'{type(e).__name__}: {e}'
+    ) from e
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+
   try:
     return dict(st_numpy.load_file(path))
   except Exception as e:  # safetensors raises its own error types.
-    raise CheckpointError(f'{path}: not a readable .safetensors checkpoint (truncated or '
-                          f'corrupt?): {type(e).__name__}: {e}') from e
+    raise CheckpointError(
+        f'{path}: not a readable .safetensors checkpoint (truncated or '
+        f'corrupt?): {type(e).__name__}: {e}'
+    ) from e
 
 
 def _conv(w):  # PyTorch OIHW -> Flax HWIO.
@@ -93,8 +99,9 @@ def _gn(w):  # The npz stores GroupNorm params as (1, 1, 1, C).
   return w.reshape(1, 1, 1, -1)
 
 
-def timm_to_vit_layout(tensors: Mapping[str, np.ndarray], *, source: str = 'timm checkpoint',
-                       head_dim: int = 64) -> dict[str, np.ndarray]:
+def timm_to_vit_layout(
+    tensors: Mapping[str, np.ndarray], *, source: str = 'timm checkpoint', head_dim: int = 64
+) -> dict[str, np.ndarray]:
   """Maps timm's R50+ViT hybrid state dict to the original npz layout.
 
   timm does not store the number of heads; ViT-B (like every ViT size) uses
@@ -135,7 +142,8 @@ def timm_to_vit_layout(tensors: Mapping[str, np.ndarray], *, source: str = 'timm
       out[f'Transformer/encoder_norm/{"scale" if name.endswith("weight") else "bias"}'] = w
     elif name in ('head.weight', 'head.bias'):
       out['head/kernel' if name.endswith('weight') else 'head/bias'] = (
-          w.T if name.endswith('weight') else w)
+          w.T if name.endswith('weight') else w
+      )
     elif name.startswith('pre_logits.') or name.startswith('fc_norm.'):
       continue  # Classifier parts; unused by segmentation.
     elif m := block_re.match(name):
@@ -143,19 +151,22 @@ def timm_to_vit_layout(tensors: Mapping[str, np.ndarray], *, source: str = 'timm
     else:
       unknown.append(name)
   if unknown:
-    raise CheckpointError(f'{source}: unexpected keys for a timm R50+ViT hybrid checkpoint: '
-                          f'{sorted(unknown)}')
+    raise CheckpointError(
+        f'{source}: unexpected keys for a timm R50+ViT hybrid checkpoint: ' f'{sorted(unknown)}'
+    )
   return out
 
 
-def _timm_block(i: int, leaf: str, w: np.ndarray, name: str, unknown: list,
-                head_dim: int) -> dict:
+def _timm_block(i: int, leaf: str, w: np.ndarray, name: str, unknown: list, head_dim: int) -> dict:
   p = f'Transformer/encoderblock_{i}'
   attn = f'{p}/MultiHeadDotProductAttention_1'
   simple = {
-      'norm1.weight': f'{p}/LayerNorm_0/scale', 'norm1.bias': f'{p}/LayerNorm_0/bias',
-      'norm2.weight': f'{p}/LayerNorm_2/scale', 'norm2.bias': f'{p}/LayerNorm_2/bias',
-      'mlp.fc1.bias': f'{p}/MlpBlock_3/Dense_0/bias', 'mlp.fc2.bias': f'{p}/MlpBlock_3/Dense_1/bias',
+      'norm1.weight': f'{p}/LayerNorm_0/scale',
+      'norm1.bias': f'{p}/LayerNorm_0/bias',
+      'norm2.weight': f'{p}/LayerNorm_2/scale',
+      'norm2.bias': f'{p}/LayerNorm_2/bias',
+      'mlp.fc1.bias': f'{p}/MlpBlock_3/Dense_0/bias',
+      'mlp.fc2.bias': f'{p}/MlpBlock_3/Dense_1/bias',
       'attn.proj.bias': f'{attn}/out/bias',
   }
   if leaf in simple:
@@ -190,7 +201,8 @@ _BIT_PREFIX = 'resnet/'
 _BIT_NORM = {'gamma': 'scale', 'beta': 'bias'}
 _BIT_PART = {'1': 'a', '2': 'b', '3': 'c'}  # timm's norm{k}/conv{k} are BiT's parts a, b, c.
 _TIMM_BIT_UNIT = re.compile(
-    r'stages\.(\d+)\.blocks\.(\d+)\.(?:(norm|conv)([123])\.(weight|bias)|downsample\.conv\.weight)$')
+    r'stages\.(\d+)\.blocks\.(\d+)\.(?:(norm|conv)([123])\.(weight|bias)|downsample\.conv\.weight)$'
+)
 
 
 def _is_bit_npz(flat: Mapping[str, Any]) -> bool:
@@ -201,8 +213,9 @@ def _is_timm_bit(tensors: Mapping[str, Any]) -> bool:
   return 'stem.conv.weight' in tensors
 
 
-def bit_npz_to_layout(flat: Mapping[str, np.ndarray], *, source: str = 'BiT checkpoint'
-                      ) -> dict[str, np.ndarray]:
+def bit_npz_to_layout(
+    flat: Mapping[str, np.ndarray], *, source: str = 'BiT checkpoint'
+) -> dict[str, np.ndarray]:
   """BiT's npz (`resnet/...`, GroupNorm `gamma`/`beta`) -> the `bit_r50` encoder's names.
 
   The classifier (`resnet/head/...`) is dropped; anything outside `resnet/` is an error.
@@ -212,7 +225,7 @@ def bit_npz_to_layout(flat: Mapping[str, np.ndarray], *, source: str = 'BiT chec
     if not key.startswith(_BIT_PREFIX):
       unknown.append(key)
       continue
-    key = key[len(_BIT_PREFIX):]
+    key = key[len(_BIT_PREFIX) :]
     if key.startswith('head/'):
       continue  # The 21k-class classifier; segmentation has its own head.
     parts = key.split('/')
@@ -221,13 +234,15 @@ def bit_npz_to_layout(flat: Mapping[str, np.ndarray], *, source: str = 'BiT chec
       value = np.asarray(value).reshape(-1)  # TF stores (C,); some exports (1, 1, 1, C).
     out['/'.join(parts)] = np.asarray(value)
   if unknown:
-    raise CheckpointError(f'{source}: keys outside {_BIT_PREFIX!r} in a BiT checkpoint: '
-                          f'{sorted(unknown)}')
+    raise CheckpointError(
+        f'{source}: keys outside {_BIT_PREFIX!r} in a BiT checkpoint: ' f'{sorted(unknown)}'
+    )
   return out
 
 
-def timm_bit_to_layout(tensors: Mapping[str, np.ndarray], *, source: str = 'timm checkpoint'
-                       ) -> dict[str, np.ndarray]:
+def timm_bit_to_layout(
+    tensors: Mapping[str, np.ndarray], *, source: str = 'timm checkpoint'
+) -> dict[str, np.ndarray]:
   """timm's `resnetv2_50x1_bit` state dict -> the `bit_r50` encoder's names (OIHW -> HWIO)."""
   out, unknown = {}, []
   for name, w in tensors.items():
@@ -251,25 +266,31 @@ def timm_bit_to_layout(tensors: Mapping[str, np.ndarray], *, source: str = 'timm
     else:
       unknown.append(name)
   if unknown:
-    raise CheckpointError(f'{source}: unexpected keys for a timm BiT ResNet v2 checkpoint: '
-                          f'{sorted(unknown)}')
+    raise CheckpointError(
+        f'{source}: unexpected keys for a timm BiT ResNet v2 checkpoint: ' f'{sorted(unknown)}'
+    )
   return out
 
 
-def encoder_to_bit_checkpoint(encoder_params: Mapping[str, Any], *, fmt: str = 'npz'
-                              ) -> dict[str, np.ndarray]:
+def encoder_to_bit_checkpoint(
+    encoder_params: Mapping[str, Any], *, fmt: str = 'npz'
+) -> dict[str, np.ndarray]:
   """Our `bit_r50` encoder -> BiT's npz names (`fmt='npz'`) or timm's (`fmt='timm'`).
 
   The inverse of the readers, to write checkpoints of our own encoders in either
   published layout (and for round-trip tests).
   """
-  flat = {'/'.join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params)).items()}
+  flat = {
+      '/'.join(k): np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params)).items()
+  }
   if fmt == 'npz':
     inverse = {v: k for k, v in _BIT_NORM.items()}
-    return {_BIT_PREFIX + re.sub(r'group_norm/(scale|bias)$',
-                                 lambda m: f'group_norm/{inverse[m[1]]}', k): v
-            for k, v in flat.items()}
+    return {
+        _BIT_PREFIX
+        + re.sub(r'group_norm/(scale|bias)$', lambda m: f'group_norm/{inverse[m[1]]}', k): v
+        for k, v in flat.items()
+    }
   if fmt != 'timm':
     raise ValueError(f"fmt must be 'npz' or 'timm', got {fmt!r}")
   part_index = {v: k for k, v in _BIT_PART.items()}
@@ -280,8 +301,11 @@ def encoder_to_bit_checkpoint(encoder_params: Mapping[str, Any], *, fmt: str = '
     elif key.startswith('group_norm/'):
       name = 'norm.weight' if key.endswith('scale') else 'norm.bias'
     else:
-      m = re.fullmatch(r'block(\d+)/unit(\d+)/([abc])/(proj/)?(group_norm|standardized_conv2d)/'
-                       r'(kernel|scale|bias)', key)
+      m = re.fullmatch(
+          r'block(\d+)/unit(\d+)/([abc])/(proj/)?(group_norm|standardized_conv2d)/'
+          r'(kernel|scale|bias)',
+          key,
+      )
       if m is None:
         raise ValueError(f'not a bit_r50 encoder parameter: {key}')
       unit = f'stages.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}'
@@ -291,8 +315,9 @@ def encoder_to_bit_checkpoint(encoder_params: Mapping[str, Any], *, fmt: str = '
         name = f'{unit}.conv{part_index[m[3]]}.weight'
       else:
         name = f'{unit}.norm{part_index[m[3]]}.{"weight" if m[6] == "scale" else "bias"}'
-    out[name] = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1))) if value.ndim == 4 \
-        else value
+    out[name] = (
+        np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1))) if value.ndim == 4 else value
+    )
   return out
 
 
@@ -329,8 +354,9 @@ def _posemb_grid(posemb: np.ndarray, key: str) -> np.ndarray:
     g = int(round(np.sqrt(n - skip)))
     if g * g == n - skip:
       return posemb[:, skip:].reshape(1, g, g, posemb.shape[2])
-  raise CheckpointError(f'{key}: {n} tokens are neither a square grid nor a square grid '
-                        'plus a class token')
+  raise CheckpointError(
+      f'{key}: {n} tokens are neither a square grid nor a square grid ' 'plus a class token'
+  )
 
 
 def _fit_to(key: str, value: np.ndarray, target: Any) -> np.ndarray:
@@ -343,9 +369,12 @@ def _fit_to(key: str, value: np.ndarray, target: Any) -> np.ndarray:
       value = np.asarray(vit.resize_posemb(jnp.asarray(grid, jnp.float32), target.shape[1:3]))
     else:
       value = grid
-  elif (_ATTENTION.search(key) and value.shape != tuple(target.shape)
-        and value.size == np.prod(target.shape)
-        and _heads_refactored(key, value.shape, tuple(target.shape))):
+  elif (
+      _ATTENTION.search(key)
+      and value.shape != tuple(target.shape)
+      and value.size == np.prod(target.shape)
+      and _heads_refactored(key, value.shape, tuple(target.shape))
+  ):
     # timm does not record the head count, so its split into heads is a guess
     # (64-dim heads); re-split to the model's heads.
     value = value.reshape(target.shape)
@@ -377,13 +406,21 @@ def load_pretrained_encoder(params: Mapping[str, Any], path_or_weights) -> dict[
   if 'encoder' not in params:
     raise CheckpointError("params have no 'encoder' subtree; pass model.init(...)['params']")
   source = path_or_weights if isinstance(path_or_weights, str) else 'weights'
-  flat = read_checkpoint(path_or_weights) if isinstance(path_or_weights, str) else dict(
-      path_or_weights)
-  flat = {_rename_linen(k): v for k, v in flat.items()
-          if not any(k == p or k.startswith(p) for p in _UNUSED_PREFIXES)}
+  flat = (
+      read_checkpoint(path_or_weights)
+      if isinstance(path_or_weights, str)
+      else dict(path_or_weights)
+  )
+  flat = {
+      _rename_linen(k): v
+      for k, v in flat.items()
+      if not any(k == p or k.startswith(p) for p in _UNUSED_PREFIXES)
+  }
 
-  target = {'/'.join(k): v for k, v in
-            flax.traverse_util.flatten_dict(flax.core.unfreeze(params['encoder'])).items()}
+  target = {
+      '/'.join(k): v
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(params['encoder'])).items()
+  }
   missing = sorted(set(target) - set(flat))
   unexpected = sorted(set(flat) - set(target))
   loaded, wrong_shape = {}, []
@@ -397,7 +434,7 @@ def load_pretrained_encoder(params: Mapping[str, Any], path_or_weights) -> dict[
     lines = [f'{source}: checkpoint does not fit the model encoder.']
     ours, theirs = _family(target), _family(flat)
     if ours != theirs:
-      lines.append(f'  the checkpoint is a {theirs} encoder; the model\'s is a {ours}')
+      lines.append(f"  the checkpoint is a {theirs} encoder; the model's is a {ours}")
     if missing:
       lines.append(f'  missing from checkpoint ({len(missing)}): {missing}')
     if unexpected:
@@ -408,19 +445,23 @@ def load_pretrained_encoder(params: Mapping[str, Any], path_or_weights) -> dict[
 
   new_params = dict(flax.core.unfreeze(params))
   new_params['encoder'] = flax.traverse_util.unflatten_dict(
-      {tuple(k.split('/')): v for k, v in loaded.items()})
+      {tuple(k.split('/')): v for k, v in loaded.items()}
+  )
   return new_params
 
 
-def encoder_to_vit_layout(encoder_params: Mapping[str, Any], *, class_token: bool = True
-                          ) -> dict[str, np.ndarray]:
+def encoder_to_vit_layout(
+    encoder_params: Mapping[str, Any], *, class_token: bool = True
+) -> dict[str, np.ndarray]:
   """Our `encoder` subtree -> the published npz layout (inverse of the loader).
 
   Used to write checkpoints of our own supervised encoders, and by tests to make
   checkpoints in the published layout.
   """
-  flat = {'/'.join(k): np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params)).items()}
+  flat = {
+      '/'.join(k): np.asarray(v)
+      for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params)).items()
+  }
   out = {}
   for key, value in flat.items():
     if _GROUPNORM.search(key):

@@ -3,6 +3,7 @@
 Module names (`conv1`, `gn1`, `conv_proj`, `gn_proj`, `unit{j}`) follow the published
 checkpoints so that importing them is a key mapping.
 """
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,8 +18,17 @@ def _nhwc_hwio(dimension_numbers, ndim: int) -> bool:
   return dimension_numbers is None or jax.lax.ConvDimensionNumbers(*dimension_numbers) == nhwc
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
   """`jax.lax.conv_general_dilated`, with 1x1 NHWC convolutions as a strided slice and a dot.
 
   The same contraction, but XLA:CPU computes a 1x1 convolution's kernel gradient as a
@@ -28,16 +38,28 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   output i, hence the slice.
   """
   pointwise = (
-      lhs.ndim == 4 and rhs.shape[:2] == (1, 1) and feature_group_count == 1 and
-      (lhs_dilation is None or tuple(lhs_dilation) == (1, 1)) and
-      (padding in ('SAME', 'VALID') or (not isinstance(padding, str) and
-                                        all(tuple(p) == (0, 0) for p in padding))) and
-      _nhwc_hwio(dimension_numbers, lhs.ndim))
+      lhs.ndim == 4
+      and rhs.shape[:2] == (1, 1)
+      and feature_group_count == 1
+      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+      and (
+          padding in ('SAME', 'VALID')
+          or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+      )
+      and _nhwc_hwio(dimension_numbers, lhs.ndim)
+  )
   if not pointwise:
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        precision=precision)
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+    )
   sh, sw = window_strides
   x = lhs if (sh, sw) == (1, 1) else lhs[:, ::sh, ::sw, :]
   return jax.lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
@@ -59,6 +81,7 @@ class GroupNorm(nn.Module):
   multiply-add per element instead of flax's subtract, multiply and add, and a smaller
   backward (~30% less CPU time for GroupNorm + ReLU, docs/performance_cpu.md).
   """
+
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
@@ -76,8 +99,7 @@ class GroupNorm(nn.Module):
     xg = x.astype(jnp.float32).reshape(grouped)
     mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
     # Clipped: the one-pass variance can round below zero for near-constant groups.
-    var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3), keepdims=True) - jnp.square(mean),
-                      0.0)
+    var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
     a = jax.lax.rsqrt(var + self.epsilon) * scale.reshape(grouped[2:])
     b = bias.reshape(grouped[2:]) - mean * a
     return (xg * a + b).reshape(x.shape).astype(self.dtype)
@@ -90,6 +112,7 @@ class StdConv(nn.Conv):
   layout of the published checkpoints. Standardization runs in float32 even
   under a bfloat16 compute dtype, since the kernel is float32 until promoted.
   """
+
   conv_general_dilated: Any = conv_general_dilated
 
   def param(self, name, *args, **kwargs):
@@ -101,6 +124,7 @@ class StdConv(nn.Conv):
 
 class ResidualUnit(nn.Module):
   """Post-activation bottleneck unit; the stride sits on the 3x3 conv (`conv2`)."""
+
   features: int
   strides: tuple[int, int] = (1, 1)
   num_groups: int = 32
@@ -109,9 +133,11 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = lambda f, k, s, name: StdConv(  # noqa: E731
-        f, k, strides=s, use_bias=False, dtype=self.dtype, name=name)
+        f, k, strides=s, use_bias=False, dtype=self.dtype, name=name
+    )
     norm = lambda name, **kw: GroupNorm(  # noqa: E731
-        num_groups=self.num_groups, dtype=self.dtype, name=name, **kw)
+        num_groups=self.num_groups, dtype=self.dtype, name=name, **kw
+    )
     out_features = 4 * self.features
 
     residual = x
@@ -129,6 +155,7 @@ class ResidualUnit(nn.Module):
 
 class ResNetStage(nn.Module):
   """`block_size` units; only the first one strides."""
+
   block_size: int
   features: int
   first_stride: tuple[int, int]
@@ -140,21 +167,34 @@ class ResNetStage(nn.Module):
   def __call__(self, x):
     unit_cls = nn.remat(ResidualUnit) if self.remat else ResidualUnit
     for j in range(self.block_size):
-      x = unit_cls(self.features, strides=self.first_stride if j == 0 else (1, 1),
-                   num_groups=self.num_groups, dtype=self.dtype, name=f'unit{j + 1}')(x)
+      x = unit_cls(
+          self.features,
+          strides=self.first_stride if j == 0 else (1, 1),
+          num_groups=self.num_groups,
+          dtype=self.dtype,
+          name=f'unit{j + 1}',
+      )(x)
     return x
 
 
-def resnet_features(x, *, layers: Sequence[int], width: int, num_groups: int, dtype: Dtype,
-                    remat: bool = False):
+def resnet_features(
+    x, *, layers: Sequence[int], width: int, num_groups: int, dtype: Dtype, remat: bool = False
+):
   """Root block and stages, in the calling module's scope (names `conv_root`, `gn_root`,
   `block{i}`); returns the last stage's map and the earlier maps the decoder may use:
   {'root': 1/2 (before max-pool), 'block1': 1/4, 'block2': 1/8, ...}."""
   root, x = resnet_root(x, width=width, num_groups=num_groups, dtype=dtype)
   skips = {'root': root}
   for i, block_size in enumerate(layers):
-    x = ResNetStage(block_size, width * 2**i, first_stride=(1, 1) if i == 0 else (2, 2),
-                    num_groups=num_groups, dtype=dtype, remat=remat, name=f'block{i + 1}')(x)
+    x = ResNetStage(
+        block_size,
+        width * 2**i,
+        first_stride=(1, 1) if i == 0 else (2, 2),
+        num_groups=num_groups,
+        dtype=dtype,
+        remat=remat,
+        name=f'block{i + 1}',
+    )(x)
     if i + 1 < len(layers):
       skips[f'block{i + 1}'] = x
   return x, skips
@@ -178,7 +218,7 @@ def max_pool_same(x, window: int = 3, stride: int = 2):
   (oh, ow), y = sizes, None
   for i in range(window):
     for j in range(window):
-      tap = x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+      tap = x[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride, :]
       y = tap if y is None else jnp.maximum(y, tap)
   return y
 

@@ -1,4 +1,5 @@
 """TransUNet: hybrid R50+ViT-B/16 encoder + UNet decoder (paper Sec. 3, Fig. 3)."""
+
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ class TransUNet(nn.Module):
 
   Parameters are float32; `dtype` is the computation dtype. Outputs are float32.
   """
+
   num_outputs: int = 3
   backbone: str = 'r50_vit'
   resnet_layers: Sequence[int] = (3, 4, 9)
@@ -49,28 +51,47 @@ class TransUNet(nn.Module):
       raise ValueError(f'unknown remat parts {sorted(unknown)}; choose from {REMAT_PARTS}')
     if self.backbone == 'r50_vit':
       self.encoder = encoders.HybridViTEncoder(
-          resnet_layers=self.resnet_layers, resnet_width=self.resnet_width,
-          num_groups=self.num_groups, hidden_size=self.hidden_size,
-          num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-          dropout_rate=self.dropout_rate, attention_impl=self.attention_impl,
-          dtype=self.dtype, remat_resnet='resnet' in self.remat,
-          remat_transformer='transformer' in self.remat)
+          resnet_layers=self.resnet_layers,
+          resnet_width=self.resnet_width,
+          num_groups=self.num_groups,
+          hidden_size=self.hidden_size,
+          num_layers=self.num_layers,
+          num_heads=self.num_heads,
+          mlp_dim=self.mlp_dim,
+          dropout_rate=self.dropout_rate,
+          attention_impl=self.attention_impl,
+          dtype=self.dtype,
+          remat_resnet='resnet' in self.remat,
+          remat_transformer='transformer' in self.remat,
+      )
     elif self.backbone == 'r50':
       self.encoder = encoders.ResNetEncoder(
-          resnet_layers=self.resnet_layers, resnet_width=self.resnet_width,
-          num_groups=self.num_groups, dtype=self.dtype,
-          remat_resnet='resnet' in self.remat)
+          resnet_layers=self.resnet_layers,
+          resnet_width=self.resnet_width,
+          num_groups=self.num_groups,
+          dtype=self.dtype,
+          remat_resnet='resnet' in self.remat,
+      )
     elif self.backbone == 'bit_r50':
       self.encoder = bit.ResNetV2(
-          layers=self.resnet_layers, width=self.resnet_width, num_groups=self.num_groups,
-          dtype=self.dtype, remat='resnet' in self.remat)
+          layers=self.resnet_layers,
+          width=self.resnet_width,
+          num_groups=self.num_groups,
+          dtype=self.dtype,
+          remat='resnet' in self.remat,
+      )
     else:
       raise ValueError(f'unknown backbone {self.backbone!r}; choose from {BACKBONES}')
     self.decoder = decoder_lib.UNetDecoder(
-        widths=self.decoder_widths, norm=self.decoder_norm, num_groups=self.num_groups,
-        dtype=self.dtype, remat='decoder' in self.remat)
-    self.head = nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype,
-                        conv_general_dilated=resnet.conv_general_dilated)
+        widths=self.decoder_widths,
+        norm=self.decoder_norm,
+        num_groups=self.num_groups,
+        dtype=self.dtype,
+        remat='decoder' in self.remat,
+    )
+    self.head = nn.Conv(
+        self.num_outputs, (1, 1), dtype=self.dtype, conv_general_dilated=resnet.conv_general_dilated
+    )
     if self.noise_conditioning:
       self.noise_embedding = decoder_lib.NoiseEmbedding(dtype=self.dtype)
     if self.num_image_classes:
@@ -78,7 +99,7 @@ class TransUNet(nn.Module):
 
   @property
   def output_stride(self) -> int:
-    return 16 if self.backbone == 'r50_vit' else 2**(len(self.resnet_layers) + 1)
+    return 16 if self.backbone == 'r50_vit' else 2 ** (len(self.resnet_layers) + 1)
 
   def _check_input(self, images):
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -102,8 +123,10 @@ class TransUNet(nn.Module):
     """Dense prediction (N, H, W, num_outputs). `sigma` (N,) is required exactly when
     the model is noise-conditioned."""
     if self.noise_conditioning != (sigma is not None):
-      raise ValueError('pass sigma if and only if noise_conditioning=True '
-                       f'(noise_conditioning={self.noise_conditioning})')
+      raise ValueError(
+          'pass sigma if and only if noise_conditioning=True '
+          f'(noise_conditioning={self.noise_conditioning})'
+      )
     features, skips = self.encode(images, train=train)
     cond = self.noise_embedding(sigma) if sigma is not None else None
     y = self.decoder(features, list(skips.values()), images.shape[1:3], cond)

@@ -4,6 +4,7 @@ Submodule names are those of the published `R50+ViT-B_16.npz` (pre-Linen
 numbering: `LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
 `MlpBlock_3`), so the checkpoint loads by key, without renaming.
 """
+
 from typing import Any, Optional
 
 from absl import logging
@@ -32,6 +33,7 @@ class AddPositionEmbs(nn.Module):
   Stored as (1, h, w, D) rather than the checkpoint's (1, h*w, D) so that a
   non-square grid is unambiguous; inputs of another grid size get a resized copy.
   """
+
   posemb_init: Any = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
@@ -57,8 +59,9 @@ def dot_product_attention(q, k, v, implementation: Optional[str] = None) -> jnp.
   of every head. 'xla' or 'cudnn' force one.
   """
   if implementation is not None and implementation not in ATTENTION_IMPLS:
-    raise ValueError(f'attention implementation {implementation!r}: choose from '
-                     f'{ATTENTION_IMPLS[1:]}')
+    raise ValueError(
+        f'attention implementation {implementation!r}: choose from ' f'{ATTENTION_IMPLS[1:]}'
+    )
   if implementation in (None, '', 'auto'):
     if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
       try:
@@ -76,6 +79,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
   `implementation`: see `dot_product_attention` (None = per backend).
   """
+
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
@@ -86,12 +90,16 @@ class MultiHeadDotProductAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f'hidden_size {d} is not divisible by num_heads {self.num_heads}')
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, d // self.num_heads), dtype=self.dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
+        (self.num_heads, d // self.num_heads),
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        name=name,
+    )
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
     y = dot_product_attention(q, k, v, self.implementation)
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=nn.initializers.xavier_uniform(), name='out')(y)
+    return nn.DenseGeneral(
+        d, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name='out'
+    )(y)
 
 
 class MlpBlock(nn.Module):
@@ -103,8 +111,12 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = lambda f, name: nn.Dense(  # noqa: E731
-        f, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+        f,
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6),
+        name=name,
+    )
     y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
     y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
     y = dense(x.shape[-1], 'Dense_1')(y)
@@ -113,6 +125,7 @@ class MlpBlock(nn.Module):
 
 class Encoder1DBlock(nn.Module):
   """Pre-LayerNorm Transformer block."""
+
   mlp_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -123,14 +136,22 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
-    y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,
-                                     implementation=self.attention_impl,
-                                     name='MultiHeadDotProductAttention_1')(y)
+    y = MultiHeadDotProductAttention(
+        self.num_heads,
+        dtype=self.dtype,
+        implementation=self.attention_impl,
+        name='MultiHeadDotProductAttention_1',
+    )(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
-                 deterministic=self.deterministic, name='MlpBlock_3')(y)
+    y = MlpBlock(
+        self.mlp_dim,
+        dtype=self.dtype,
+        dropout_rate=self.dropout_rate,
+        deterministic=self.deterministic,
+        name='MlpBlock_3',
+    )(y)
     return x + y
 
 
@@ -139,6 +160,7 @@ class Encoder(nn.Module):
 
   Takes and returns the token grid (N, h, w, D); flattening happens inside.
   """
+
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -155,8 +177,14 @@ class Encoder(nn.Module):
     x = x.reshape(n, h * w, d)
     block_cls = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
     for i in range(self.num_layers):
-      x = block_cls(self.mlp_dim, self.num_heads, dtype=self.dtype,
-                    dropout_rate=self.dropout_rate, deterministic=not train,
-                    attention_impl=self.attention_impl, name=f'encoderblock_{i}')(x)
+      x = block_cls(
+          self.mlp_dim,
+          self.num_heads,
+          dtype=self.dtype,
+          dropout_rate=self.dropout_rate,
+          deterministic=not train,
+          attention_impl=self.attention_impl,
+          name=f'encoderblock_{i}',
+      )(x)
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
     return x.reshape(n, h, w, d)

@@ -30,6 +30,7 @@ Without `--config` it needs no TensorFlow, TFDS, clu or ml_collections: it runs 
 a bare JAX + flax + optax + absl install (`ddep.tools.benchmark_input` times the input
 pipelines on a synthetic dataset).
 """
+
 import dataclasses
 import datetime
 import gc
@@ -127,8 +128,7 @@ def largest_fitting_batch(fits: Callable[[int], bool], start: int, limit: int) -
   return best
 
 
-def accumulation_plan(max_per_device: int, global_batch: int,
-                      num_devices: int) -> tuple[int, int]:
+def accumulation_plan(max_per_device: int, global_batch: int, num_devices: int) -> tuple[int, int]:
   """(per-device micro-batch, accumulation steps) reaching `global_batch` exactly,
   with the largest micro-batch not above `max_per_device`."""
   if global_batch % num_devices:
@@ -144,11 +144,13 @@ def loss_config(task: str, *, noise_conditioning: bool = False) -> types.SimpleN
   return ns(
       task=task if task in ('segment', 'classify') else 'denoise',
       # Sec. 3.3: sigma 0.8 for DeP, 0.1 for DDeP; the value does not change the cost.
-      denoise=ns(sigma=0.1 if task == 'ddep' else 0.8, sigma_range=(), form='additive',
-                 target='eps'),
+      denoise=ns(
+          sigma=0.1 if task == 'ddep' else 0.8, sigma_range=(), form='additive', target='eps'
+      ),
       model=ns(noise_conditioning=noise_conditioning),
       # Single-label softmax cross-entropy, as timm's ImageNet training.
-      classify=ns(loss='softmax'))
+      classify=ns(loss='softmax'),
+  )
 
 
 # Cityscapes images: the 'halves' protocol runs HxH windows of HxW = 1024x2048 ones.
@@ -158,6 +160,7 @@ _CITYSCAPES_HW = (1024, 2048)
 def protocol_input(name: str, default: tuple[int, int]) -> tuple[int, int]:
   """The model input of one eval call of a `ddep.inference` protocol."""
   from ddep import inference  # pylint: disable=g-import-not-at-top
+
   protocol = inference.PROTOCOLS.get(name)
   if protocol is None:
     return default
@@ -171,6 +174,7 @@ def protocol_input(name: str, default: tuple[int, int]) -> tuple[int, int]:
 def apply_config(args: types.SimpleNamespace, config, explicit: set[str]) -> list[str]:
   """Sets the flags not given in `explicit` from an experiment config; returns notes."""
   from ddep import config_validation  # pylint: disable=g-import-not-at-top
+
   config_validation.validate(config)
   task, frozen = config.task, tuple(config.frozen)
   if task not in ('denoise', 'segment'):
@@ -181,6 +185,7 @@ def apply_config(args: types.SimpleNamespace, config, explicit: set[str]) -> lis
   if task == 'segment':
     try:
       from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+
       num_classes = specs.get(d.dataset).num_classes
     except ImportError as err:  # The spec's module needs TFDS.
       notes.append(f'dataset {d.dataset!r} unreadable ({err}); --num_classes {num_classes}')
@@ -192,14 +197,21 @@ def apply_config(args: types.SimpleNamespace, config, explicit: set[str]) -> lis
     eval_size = protocol_input(e.protocol, tuple(d.image_size))
     eval_batch = int(e.batch_size) or 1  # windows per call, on one device
   from_config = dict(
-      preset=m.preset, decoder_width=int(m.decoder_width_multiplier), dtype=m.dtype,
-      remat=tuple(m.remat), attention_impl=m.attention_impl or '',
+      preset=m.preset,
+      decoder_width=int(m.decoder_width_multiplier),
+      dtype=m.dtype,
+      remat=tuple(m.remat),
+      attention_impl=m.attention_impl or '',
       noise_conditioning=bool(m.noise_conditioning) and task == 'denoise',
       task=('ddep' if task == 'denoise' and frozen else task,),
-      image_size=tuple(d.image_size), global_batch=int(d.batch_size),
-      accumulation_steps=int(config.optim.accumulation_steps), num_classes=num_classes,
-      eval_size=eval_size if task == 'segment' else None, eval_batch_size=eval_batch,
-      eval_flip=bool(e.flip))
+      image_size=tuple(d.image_size),
+      global_batch=int(d.batch_size),
+      accumulation_steps=int(config.optim.accumulation_steps),
+      num_classes=num_classes,
+      eval_size=eval_size if task == 'segment' else None,
+      eval_batch_size=eval_batch,
+      eval_flip=bool(e.flip),
+  )
   for key, value in from_config.items():
     if key not in explicit:
       setattr(args, key, value)
@@ -210,8 +222,9 @@ def apply_config(args: types.SimpleNamespace, config, explicit: set[str]) -> lis
   return notes
 
 
-def time_steps(run_once: Callable[[], Any], *, warmup: int, steps: int, trials: int,
-               block: Callable[[], None]) -> list[float]:
+def time_steps(
+    run_once: Callable[[], Any], *, warmup: int, steps: int, trials: int, block: Callable[[], None]
+) -> list[float]:
   """Per-step times of `trials` runs of `steps` asynchronously dispatched steps.
 
   Nothing syncs with the host inside a run but the final `block()`.
@@ -247,12 +260,24 @@ def _memory(compiled) -> dict:
     return {}
   if m is None:
     return {}
-  out = {k: int(getattr(m, k)) for k in ('argument_size_in_bytes', 'output_size_in_bytes',
-                                         'temp_size_in_bytes', 'alias_size_in_bytes',
-                                         'generated_code_size_in_bytes') if hasattr(m, k)}
+  out = {
+      k: int(getattr(m, k))
+      for k in (
+          'argument_size_in_bytes',
+          'output_size_in_bytes',
+          'temp_size_in_bytes',
+          'alias_size_in_bytes',
+          'generated_code_size_in_bytes',
+      )
+      if hasattr(m, k)
+  }
   if 'temp_size_in_bytes' in out:
-    out['total_bytes'] = (out['argument_size_in_bytes'] + out['output_size_in_bytes'] +
-                          out['temp_size_in_bytes'] - out['alias_size_in_bytes'])
+    out['total_bytes'] = (
+        out['argument_size_in_bytes']
+        + out['output_size_in_bytes']
+        + out['temp_size_in_bytes']
+        - out['alias_size_in_bytes']
+    )
   return out
 
 
@@ -263,33 +288,42 @@ def _device_memory(device) -> dict:
     stats = None
   if not stats:
     return {'peak_bytes_in_use': None, 'bytes_limit': None}
-  return {'peak_bytes_in_use': stats.get('peak_bytes_in_use'),
-          'bytes_limit': stats.get('bytes_limit')}
+  return {
+      'peak_bytes_in_use': stats.get('peak_bytes_in_use'),
+      'bytes_limit': stats.get('bytes_limit'),
+  }
 
 
 def build_model(args, *, num_outputs: int, num_image_classes: int = 0):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ddep.models import presets  # pylint: disable=g-import-not-at-top
+
   return presets.create_model(
-      args.preset, decoder_width_multiplier=args.decoder_width, num_outputs=num_outputs,
+      args.preset,
+      decoder_width_multiplier=args.decoder_width,
+      num_outputs=num_outputs,
       num_image_classes=num_image_classes,
       dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32,
-      remat=tuple(args.remat), attention_impl=args.attention_impl or None,
-      noise_conditioning=args.noise_conditioning)
+      remat=tuple(args.remat),
+      attention_impl=args.attention_impl or None,
+      noise_conditioning=args.noise_conditioning,
+  )
 
 
 def _synthetic_batch(task: str, hw, batch_size: int, num_classes: int, with_mask: bool):
   """Random images in [-1, 1] (and labels with some ignored pixels), on the host."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(-1, 1, (batch_size, *hw, 3)).astype(np.float32)}
   if task == 'segment':
     labels = rng.integers(0, num_classes, (batch_size, *hw)).astype(np.int32)
-    labels[:, :hw[0] // 8] = 255
+    labels[:, : hw[0] // 8] = 255
     batch['label'] = labels
   if task == 'classify':  # One-hot image labels.
     batch['labels'] = np.eye(num_classes, dtype=np.float32)[
-        rng.integers(0, num_classes, batch_size)]
+        rng.integers(0, num_classes, batch_size)
+    ]
   if with_mask:
     batch['_mask'] = np.ones((batch_size,), bool)
   return batch
@@ -298,6 +332,7 @@ def _synthetic_batch(task: str, hw, batch_size: int, num_classes: int, with_mask
 def _abstract(tree, sharding):
   """Shapes only, for --compile_only."""
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
@@ -309,8 +344,14 @@ def _optimizer_flops(tx, state) -> float:
 
   def update(grads, opt, params):
     updates, opt = tx.update(grads, opt, params)
-    return (optax.apply_updates(params, updates), opt, optax.global_norm(grads),
-            optax.global_norm(updates), optax.global_norm(params))
+    return (
+        optax.apply_updates(params, updates),
+        opt,
+        optax.global_norm(grads),
+        optax.global_norm(updates),
+        optax.global_norm(params),
+    )
+
   # Counted on the host backend: a count of shapes, wherever the step itself runs.
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   p = state['params']
@@ -320,6 +361,7 @@ def _optimizer_flops(tx, state) -> float:
 @dataclasses.dataclass
 class Program:
   """One phase's step, built and ready to compile, and what its row says about it."""
+
   phase: str
   is_eval: bool
   task: str  # 'segment' for the eval phase.
@@ -343,22 +385,27 @@ class Program:
 
 def _phase_mesh(args):
   from ddep import sharding  # pylint: disable=g-import-not-at-top
+
   if args.target:  # Described, not present: compiled for, never run.
     from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
+
     return gpu_targets.mesh(args.target, sharding.DATA)
   return sharding.make_mesh()
 
 
-def _per_device_batch(args, *, is_eval: bool, accum: int, n_dev: int,
-                      per_device_batch: Optional[int]) -> int:
+def _per_device_batch(
+    args, *, is_eval: bool, accum: int, n_dev: int, per_device_batch: Optional[int]
+) -> int:
   """The flag's (or the find_max_batch plan's) batch, else --config's global one split."""
   per_device_batch = per_device_batch or (args.eval_batch_size if is_eval else args.batch_size)
   if per_device_batch is not None:
     return per_device_batch
   global_batch = args.global_eval_batch if is_eval else args.global_batch
   if global_batch % (n_dev * accum):
-    raise SystemExit(f'--config: global batch {global_batch} does not split over {n_dev} '
-                     f'devices x {accum} accumulation steps')
+    raise SystemExit(
+        f'--config: global batch {global_batch} does not split over {n_dev} '
+        f'devices x {accum} accumulation steps'
+    )
   return global_batch // (n_dev * accum)
 
 
@@ -371,6 +418,7 @@ def _init_params(args, model, noise_cond: bool, *, classify: bool = False):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   sample = jnp.zeros((1, *args.image_size, 3), jnp.float32)
   init_args = (sample, jnp.ones((1,))) if noise_cond else (sample,)
   method = {'method': type(model).classify} if classify else {}
@@ -382,6 +430,7 @@ def _init_params(args, model, noise_cond: bool, *, classify: bool = False):
 def _trained_modules(mask) -> dict[str, set[bool]]:
   """Top-level module -> whether its leaves are trained ({True}, {False} or both)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   by_module = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
     by_module.setdefault(path[0].key, set()).add(bool(leaf))
@@ -391,6 +440,7 @@ def _trained_modules(mask) -> dict[str, set[bool]]:
 def _count(tree) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
@@ -398,10 +448,13 @@ def _phase_batch(args, task: str, hw, batch_size: int, mesh, *, is_eval: bool):
   """The synthetic global batch, on the mesh (or its shapes for --compile_only)."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddep import sharding  # pylint: disable=g-import-not-at-top
+
   batch = _synthetic_batch(task, hw, batch_size, args.num_classes, with_mask=is_eval)
   if args.compile_only:
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-            for k, v in batch.items()}
+    return {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+        for k, v in batch.items()
+    }
   return sharding.global_batch(batch, mesh)
 
 
@@ -410,6 +463,7 @@ def _eval_program(args, model, trainable, frozen, batch, mesh):
   import jax  # pylint: disable=g-import-not-at-top
   from ddep import sharding  # pylint: disable=g-import-not-at-top
   from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
+
   replicated = sharding.replicated(mesh)
   eval_step = steps_lib.make_segmentation_eval_step(model, args.num_classes, flip=args.eval_flip)
   jitted = jax.jit(eval_step, out_shardings=replicated)
@@ -417,41 +471,60 @@ def _eval_program(args, model, trainable, frozen, batch, mesh):
   return jitted, (put(trainable, replicated), put(frozen, replicated), batch)
 
 
-def _train_program(args, phase: str, model, trainable, frozen, batch, mesh, *, accum: int,
-                   noise_cond: bool):
+def _train_program(
+    args, phase: str, model, trainable, frozen, batch, mesh, *, accum: int, noise_cond: bool
+):
   """(jitted train step, its arguments, XLA's FLOPs of the optimizer update alone)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from ddep import sharding  # pylint: disable=g-import-not-at-top
   from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
+
   replicated = sharding.replicated(mesh)
   schedule = optimizer_lib.make_schedule(base_lr=1e-4, total_steps=1000)
   tx = optimizer_lib.make_optimizer(name='adam', learning_rate=schedule, accumulation_steps=accum)
   loss_fn = steps_lib.make_loss_fn(
-      model, args.loss or loss_config(phase, noise_conditioning=noise_cond))
+      model, args.loss or loss_config(phase, noise_conditioning=noise_cond)
+  )
   train_step = steps_lib.make_train_step(loss_fn, tx, schedule, accum)
 
   def make_state(trainable, frozen, rng):  # The layout of ddep.steps' train state.
-    return dict(params=trainable, frozen=frozen, opt=tx.init(trainable),
-                step=jnp.zeros((), jnp.int32), rng=rng,
-                first_nonfinite=jnp.full((), -1, jnp.int32))
+    return dict(
+        params=trainable,
+        frozen=frozen,
+        opt=tx.init(trainable),
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+        first_nonfinite=jnp.full((), -1, jnp.int32),
+    )
+
   train_rng = jax.random.key_data(jax.random.key(1))
-  state_shardings = jax.tree.map(lambda _: replicated,
-                                 jax.eval_shape(make_state, trainable, frozen, train_rng))
+  state_shardings = jax.tree.map(
+      lambda _: replicated, jax.eval_shape(make_state, trainable, frozen, train_rng)
+  )
   if args.compile_only:
     state = _abstract(jax.eval_shape(make_state, trainable, frozen, train_rng), replicated)
   else:
     state = jax.jit(make_state, out_shardings=state_shardings)(trainable, frozen, train_rng)
   optimizer_flops = _optimizer_flops(tx, state)
   # Donated state, as in ddep.train: the update happens in place.
-  jitted = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  jitted = jax.jit(
+      train_step,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+  )
   return jitted, (state, batch), optimizer_flops
 
 
-def build_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
-                accumulation_steps: Optional[int] = None) -> Program:
+def build_phase(
+    args,
+    phase: str,
+    *,
+    per_device_batch: Optional[int] = None,
+    accumulation_steps: Optional[int] = None,
+) -> Program:
   """The model, parameters, synthetic batch and jitted step of one phase."""
   from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
@@ -460,19 +533,24 @@ def build_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   task = 'segment' if is_eval else phase
   accum = 1 if is_eval else (accumulation_steps or args.accumulation_steps)
   mesh = _phase_mesh(args)
-  per_device_batch = _per_device_batch(args, is_eval=is_eval, accum=accum,
-                                       n_dev=mesh.devices.size, per_device_batch=per_device_batch)
+  per_device_batch = _per_device_batch(
+      args, is_eval=is_eval, accum=accum, n_dev=mesh.devices.size, per_device_batch=per_device_batch
+  )
   batch_size = per_device_batch * mesh.devices.size
   classify = task == 'classify'
-  model = build_model(args, num_outputs=args.num_classes if task == 'segment' else 3,
-                      num_image_classes=args.num_classes if classify else 0)
+  model = build_model(
+      args,
+      num_outputs=args.num_classes if task == 'segment' else 3,
+      num_image_classes=args.num_classes if classify else 0,
+  )
   noise_cond = args.noise_conditioning and task == 'denoise'
   hw = tuple(args.eval_size) if is_eval else tuple(args.image_size)
   notes = list(args.config_notes)
 
   params = _init_params(args, model, noise_cond, classify=classify)
-  frozen_patterns = (args.frozen if args.frozen is not None else
-                     DDEP_FROZEN if phase == 'ddep' else ())
+  frozen_patterns = (
+      args.frozen if args.frozen is not None else DDEP_FROZEN if phase == 'ddep' else ()
+  )
   mask = optimizer_lib.trainable_mask(params, () if is_eval else frozen_patterns)
   trainable, frozen = optimizer_lib.split_trainable(params, mask)
   # The analytic count knows top-level modules: trained if any of their leaves is.
@@ -490,8 +568,15 @@ def build_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
   if classify:  # The encoder's ops and the linear head on its pooled features.
     features, classes = trainable['classifier']['kernel'].shape
     ops = [op for op in ops if op.module == 'encoder' or op.name.startswith('encoder/')]
-    ops.append(flops_lib.Op('classifier', 'classifier', 2 * per_device_batch * features * classes,
-                            'classifier', ('encoder',)))
+    ops.append(
+        flops_lib.Op(
+            'classifier',
+            'classifier',
+            2 * per_device_batch * features * classes,
+            'classifier',
+            ('encoder',),
+        )
+    )
   trained = tuple(sorted(k for k, v in by_module.items() if True in v and not is_eval))
   analytic = flops_lib.train_step_flops(ops, trained)  # = forward_flops when nothing trains
   optimizer_flops = 0.0
@@ -499,14 +584,30 @@ def build_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
     jitted, call_args = _eval_program(args, model, trainable, frozen, batch, mesh)
   else:
     jitted, call_args, optimizer_flops = _train_program(
-        args, phase, model, trainable, frozen, batch, mesh, accum=accum, noise_cond=noise_cond)
+        args, phase, model, trainable, frozen, batch, mesh, accum=accum, noise_cond=noise_cond
+    )
   # trainable and frozen go out of scope here: the (donated) state holds the only copy.
-  return Program(phase=phase, is_eval=is_eval, task=task, accum=accum, mesh=mesh,
-                 per_device_batch=per_device_batch, batch_size=batch_size, hw=hw,
-                 noise_cond=noise_cond, frozen_patterns=tuple(frozen_patterns),
-                 param_counts=param_counts, ops=ops, trained=trained, analytic=analytic,
-                 optimizer_flops=optimizer_flops, jitted=jitted, call_args=call_args,
-                 batch=batch, notes=notes)
+  return Program(
+      phase=phase,
+      is_eval=is_eval,
+      task=task,
+      accum=accum,
+      mesh=mesh,
+      per_device_batch=per_device_batch,
+      batch_size=batch_size,
+      hw=hw,
+      noise_cond=noise_cond,
+      frozen_patterns=tuple(frozen_patterns),
+      param_counts=param_counts,
+      ops=ops,
+      trained=trained,
+      analytic=analytic,
+      optimizer_flops=optimizer_flops,
+      jitted=jitted,
+      call_args=call_args,
+      batch=batch,
+      notes=notes,
+  )
 
 
 def compile_program(program: Program) -> tuple[Any, float, dict, dict]:
@@ -528,24 +629,35 @@ def hlo_facts(compiled, device) -> dict:
   bandwidth = hbm_bytes_per_s(device.device_kind)
   if device.platform in ('gpu', 'cuda') and peak and bandwidth:
     from ddep.tools import hlo_roofline  # pylint: disable=g-import-not-at-top
-    roofline = hlo_roofline.analyze(hlo_text, peak_flops=peak * 1e12,
-                                    hbm_bytes_per_s=bandwidth, top=None)
+
+    roofline = hlo_roofline.analyze(
+        hlo_text, peak_flops=peak * 1e12, hbm_bytes_per_s=bandwidth, top=None
+    )
   auto_remat = count_auto_remat(hlo_text)
   # The recomputed kernels' share of the bound (None without a roofline).
-  auto_remat_share = roofline and roofline['lower_bound_s'] and sum(
-      k['seconds'] for k in roofline['top_kernels']
-      if re.search(_REMAT_SUFFIX + '$', k['name'])) / roofline['lower_bound_s']
-  return {'fused_attention': fused_attention, 'roofline': roofline, 'auto_remat': auto_remat,
-          'auto_remat_share': auto_remat_share}
+  auto_remat_share = (
+      roofline
+      and roofline['lower_bound_s']
+      and sum(
+          k['seconds'] for k in roofline['top_kernels'] if re.search(_REMAT_SUFFIX + '$', k['name'])
+      )
+      / roofline['lower_bound_s']
+  )
+  return {
+      'fused_attention': fused_attention,
+      'roofline': roofline,
+      'auto_remat': auto_remat,
+      'auto_remat_share': auto_remat_share,
+  }
 
 
-def make_runner(program: Program, compiled) -> tuple[Callable[[], None], Callable[[], None],
-                                                     dict]:
+def make_runner(program: Program, compiled) -> tuple[Callable[[], None], Callable[[], None], dict]:
   """(run one step, block until it is done, the holder of the last args and output).
 
   A train step's donated state is fed back in, as in the training loop.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   holder = {'args': program.call_args, 'out': None}
 
   def run_once():
@@ -561,14 +673,15 @@ def make_runner(program: Program, compiled) -> tuple[Callable[[], None], Callabl
   return run_once, block, holder
 
 
-def time_program(args, program: Program, compiled) -> tuple[Optional[float],
-                                                            Optional[list[float]],
-                                                            Optional[bool], Optional[float]]:
+def time_program(
+    args, program: Program, compiled
+) -> tuple[Optional[float], Optional[list[float]], Optional[bool], Optional[float]]:
   """(median step time, per-trial step times, whether the last loss is finite, this
   process's CPU seconds per timed step); all None for --compile_only (the finite flag
   also for eval steps)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   if args.compile_only:
     return None, None, None, None
   run_once, block, holder = make_runner(program, compiled)
@@ -576,8 +689,7 @@ def time_program(args, program: Program, compiled) -> tuple[Optional[float],
   # CPU time of all threads: on a shared CPU it moves less with others' load than wall
   # time does (docs/performance_cpu.md).
   cpu0 = time.process_time()
-  trial_times = time_steps(run_once, warmup=0, steps=args.steps, trials=args.trials,
-                           block=block)
+  trial_times = time_steps(run_once, warmup=0, steps=args.steps, trials=args.trials, block=block)
   cpu_per_step = (time.process_time() - cpu0) / (args.steps * args.trials)
   finite = None
   if not program.is_eval:
@@ -585,8 +697,9 @@ def time_program(args, program: Program, compiled) -> tuple[Optional[float],
   return statistics.median(trial_times), trial_times, finite, cpu_per_step
 
 
-def xla_flops_against_analytic(program: Program, xla: dict, facts: dict,
-                               notes: list[str]) -> tuple[float, str, float]:
+def xla_flops_against_analytic(
+    program: Program, xla: dict, facts: dict, notes: list[str]
+) -> tuple[float, str, float]:
   """(XLA's FLOPs, where they come from, the analytic count of the same work).
 
   XLA's count, less the optimizer, is compared against the analytic one; `notes`
@@ -599,15 +712,22 @@ def xla_flops_against_analytic(program: Program, xla: dict, facts: dict,
   if not xla_flops and roofline:
     # Deviceless GPU executables have no cost analysis: count the compiled HLO.
     xla_flops, flops_source = float(roofline['flops']), 'hlo_roofline'
-    notes.append('no XLA cost analysis for this executable: XLA FLOPs are counted from '
-                 'its HLO (ddep.tools.hlo_roofline; cuDNN attention backward taken as 2.5x '
-                 'its forward)')
+    notes.append(
+        'no XLA cost analysis for this executable: XLA FLOPs are counted from '
+        'its HLO (ddep.tools.hlo_roofline; cuDNN attention backward taken as 2.5x '
+        'its forward)'
+    )
   elif facts['fused_attention']:
     # A cuDNN attention kernel is a custom call, which XLA counts as 0 FLOPs.
-    comparable -= sum(op.flops + op.backward_flops(program.trained) for op in program.ops
-                      if op.part == 'transformer: attention')
-    notes.append('cuDNN fused attention: XLA counts its calls as 0 FLOPs; '
-                 'xla_over_analytic compares against the count without attention')
+    comparable -= sum(
+        op.flops + op.backward_flops(program.trained)
+        for op in program.ops
+        if op.part == 'transformer: attention'
+    )
+    notes.append(
+        'cuDNN fused attention: XLA counts its calls as 0 FLOPs; '
+        'xla_over_analytic compares against the count without attention'
+    )
   return xla_flops, flops_source, comparable
 
 
@@ -624,15 +744,29 @@ def _note_remat(args, program: Program, facts: dict, notes: list[str]) -> None:
   if facts['auto_remat']:
     share = facts['auto_remat_share']
     share = '' if share is None else f', {share:.1%} of the roofline'
-    notes.append(f'XLA rematerialised {facts["auto_remat"]} instructions to fit the device '
-                 f'memory{share}: a smaller batch may be faster')
+    notes.append(
+        f'XLA rematerialised {facts["auto_remat"]} instructions to fit the device '
+        f'memory{share}: a smaller batch may be faster'
+    )
 
 
-def report_row(args, program: Program, *, device, compiled, compile_s: float, xla: dict,
-               xla_lowered: dict, facts: dict, timing: tuple, notes: list[str]) -> dict:
+def report_row(
+    args,
+    program: Program,
+    *,
+    device,
+    compiled,
+    compile_s: float,
+    xla: dict,
+    xla_lowered: dict,
+    facts: dict,
+    timing: tuple,
+    notes: list[str],
+) -> dict:
   """The JSON row of a timed (or only compiled) phase."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+
   step_time, trial_times, finite, cpu_per_step = timing
   per_s = lambda x: x / step_time if step_time else None  # noqa: E731
   peak_name, peak = peak_bf16_tflops(device.device_kind)
@@ -695,8 +829,9 @@ def report_row(args, program: Program, *, device, compiled, compile_s: float, xl
       'xla_over_analytic': (xla_flops - optimizer_flops) / comparable if xla_flops else None,
       # Before XLA's rewrites (e.g. into cuDNN/cuBLAS calls), in case a backend's
       # compiled count misses some of them.
-      'xla_unoptimized_over_analytic': ((xla_flops_unoptimized - optimizer_flops) / comparable
-                                        if xla_flops_unoptimized else None),
+      'xla_unoptimized_over_analytic': (
+          (xla_flops_unoptimized - optimizer_flops) / comparable if xla_flops_unoptimized else None
+      ),
       'achieved_tflops': model_tflops,
       'xla_tflops': xla_tflops,
       'peak_device': peak_name,
@@ -709,10 +844,13 @@ def report_row(args, program: Program, *, device, compiled, compile_s: float, xl
       'roofline_lower_bound_s': roofline and roofline['lower_bound_s'],
       'roofline_bytes': roofline and roofline['bytes'],
       'roofline_memory_bound_s': roofline and roofline['memory_bound_s'],
-      'roofline_mfu_ceiling': (roofline and roofline['lower_bound_s'] and
-                               analytic / (roofline['lower_bound_s'] * peak * 1e12)),
-      'roofline_by_category': roofline and {
-          k: round(v['seconds'], 6) for k, v in roofline['by_category'].items()},
+      'roofline_mfu_ceiling': (
+          roofline
+          and roofline['lower_bound_s']
+          and analytic / (roofline['lower_bound_s'] * peak * 1e12)
+      ),
+      'roofline_by_category': roofline
+      and {k: round(v['seconds'], 6) for k, v in roofline['by_category'].items()},
       'peak_bytes_in_use': mem['peak_bytes_in_use'],
       'bytes_limit': mem['bytes_limit'],
       'xla_memory': _memory(compiled),
@@ -726,14 +864,21 @@ def report_row(args, program: Program, *, device, compiled, compile_s: float, xl
   return row
 
 
-def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
-              accumulation_steps: Optional[int] = None, probe: bool = False) -> dict:
+def run_phase(
+    args,
+    phase: str,
+    *,
+    per_device_batch: Optional[int] = None,
+    accumulation_steps: Optional[int] = None,
+    probe: bool = False,
+) -> dict:
   """Compiles and times one phase ('denoise', 'ddep', 'segment' or 'eval'); returns its row.
 
   `probe=True` only compiles and runs two steps (for --find_max_batch).
   """
-  program = build_phase(args, phase, per_device_batch=per_device_batch,
-                        accumulation_steps=accumulation_steps)
+  program = build_phase(
+      args, phase, per_device_batch=per_device_batch, accumulation_steps=accumulation_steps
+  )
   compiled, compile_s, xla, xla_lowered = compile_program(program)
   device = program.mesh.devices.flat[0]
   facts = hlo_facts(compiled, device)
@@ -741,12 +886,24 @@ def run_phase(args, phase: str, *, per_device_batch: Optional[int] = None,
     if not args.target:
       run_once, block, _ = make_runner(program, compiled)
       time_steps(run_once, warmup=2, steps=1, trials=0, block=block)
-    return {'fits': True, 'xla_auto_remat': facts['auto_remat'],
-            'xla_auto_remat_share': facts['auto_remat_share']}
+    return {
+        'fits': True,
+        'xla_auto_remat': facts['auto_remat'],
+        'xla_auto_remat_share': facts['auto_remat_share'],
+    }
   timing = time_program(args, program, compiled)
-  return report_row(args, program, device=device, compiled=compiled, compile_s=compile_s,
-                    xla=xla, xla_lowered=xla_lowered, facts=facts, timing=timing,
-                    notes=program.notes)
+  return report_row(
+      args,
+      program,
+      device=device,
+      compiled=compiled,
+      compile_s=compile_s,
+      xla=xla,
+      xla_lowered=xla_lowered,
+      facts=facts,
+      timing=timing,
+      notes=program.notes,
+  )
 
 
 def run_input_phase(args) -> dict:
@@ -755,6 +912,7 @@ def run_input_phase(args) -> dict:
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
   from ddep import train  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+
   config = args.config_dict
   d = config.data
   if d.prepare and specs.get(d.dataset).name.startswith('demo'):
@@ -772,12 +930,21 @@ def run_input_phase(args) -> dict:
   return {
       'tool': 'ddep.tools.benchmark',
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'phase': 'input', 'config': args.config, 'config_overrides': args.config_overrides or None,
-      'dataset': d.dataset, 'task': config.task,
-      'image_size': list(d.image_size), 'per_host_batch': local_batch,
-      'hosts': args.input_hosts, 'batches': args.input_batches, 'seconds': seconds,
-      'images_per_s': rate, 'cpu_cores': cores, 'images_per_s_per_core': rate / cores,
-      'notes': []}
+      'phase': 'input',
+      'config': args.config,
+      'config_overrides': args.config_overrides or None,
+      'dataset': d.dataset,
+      'task': config.task,
+      'image_size': list(d.image_size),
+      'per_host_batch': local_batch,
+      'hosts': args.input_hosts,
+      'batches': args.input_batches,
+      'seconds': seconds,
+      'images_per_s': rate,
+      'cpu_cores': cores,
+      'images_per_s_per_core': rate / cores,
+      'notes': [],
+  }
 
 
 # --target --find_max_batch: the share of the GPU's memory a step's buffers may take.
@@ -808,12 +975,14 @@ def find_max_batch(args, phase: str) -> dict:
     # Fitting means without XLA's own rematerialisation, which trades FLOPs for memory.
     if args.target:  # XLA's buffer assignment against the described memory.
       from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
+
       row = run_phase(args, phase, per_device_batch=b, accumulation_steps=1)
       limit = TARGET_MEMORY_FRACTION * gpu_targets.memory_bytes(args.target)
       return row['xla_memory'].get('total_bytes', float('inf')) <= limit and recomputes_little(row)
     try:
       return recomputes_little(
-          run_phase(args, phase, per_device_batch=b, accumulation_steps=1, probe=True))
+          run_phase(args, phase, per_device_batch=b, accumulation_steps=1, probe=True)
+      )
     except Exception as e:  # pylint: disable=broad-except
       if not is_oom(e):
         raise
@@ -826,10 +995,15 @@ def find_max_batch(args, phase: str) -> dict:
   best = largest_fitting_batch(fits, args.batch_size or 8, args.max_batch)
   if best is None:
     raise SystemExit(f'{phase}: even a per-device batch of {args.batch_size} does not fit')
-  micro, accum = accumulation_plan(best, args.global_batch,
-                                  1 if args.target else jax.device_count())
-  return {'max_per_device_batch': best, 'per_device_batch': micro, 'accumulation_steps': accum,
-          'hit_limit': best * 2 > args.max_batch}
+  micro, accum = accumulation_plan(
+      best, args.global_batch, 1 if args.target else jax.device_count()
+  )
+  return {
+      'max_per_device_batch': best,
+      'per_device_batch': micro,
+      'accumulation_steps': accum,
+      'hit_limit': best * 2 > args.max_batch,
+  }
 
 
 def phases_of(args) -> list[str]:
@@ -841,8 +1015,9 @@ def phases_of(args) -> list[str]:
   return phases
 
 
-def run_isolated(argv: Sequence[str], phases: Sequence[str],
-                 run: Callable[..., Any] = subprocess.run) -> list[dict]:
+def run_isolated(
+    argv: Sequence[str], phases: Sequence[str], run: Callable[..., Any] = subprocess.run
+) -> list[dict]:
   """Runs each phase in a child process (so each peak memory is its own); returns rows.
 
   The child gets the same flags, then overrides (absl keeps the last value of a flag).
@@ -851,8 +1026,17 @@ def run_isolated(argv: Sequence[str], phases: Sequence[str],
   for phase in phases:
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, 'row.jsonl')
-      cmd = [sys.executable, '-m', 'ddep.tools.benchmark', *argv, '--only_phase', phase,
-             '--output', out, '--quiet']
+      cmd = [
+          sys.executable,
+          '-m',
+          'ddep.tools.benchmark',
+          *argv,
+          '--only_phase',
+          phase,
+          '--output',
+          out,
+          '--quiet',
+      ]
       proc = run(cmd, check=False)
       if proc.returncode:
         raise SystemExit(f'phase {phase} failed (exit {proc.returncode}): {" ".join(cmd)}')
@@ -864,53 +1048,90 @@ def run_isolated(argv: Sequence[str], phases: Sequence[str],
 def format_rows(rows: Sequence[dict]) -> str:
   gib = lambda b: f'{b / 2**30:.2f}' if b else '-'  # noqa: E731
   pct = lambda x: f'{100 * x:.1f}%' if x is not None else '-'  # noqa: E731
-  header = ('phase', 'batch', 'accum', 'step ms', 'img/s', 'XLA GFLOP', 'model GFLOP',
-            'XLA/model', 'TFLOP/s', 'MFU', 'HFU', 'roofline ms', 'MFU ceiling', 'peak GiB',
-            'XLA GiB')
+  header = (
+      'phase',
+      'batch',
+      'accum',
+      'step ms',
+      'img/s',
+      'XLA GFLOP',
+      'model GFLOP',
+      'XLA/model',
+      'TFLOP/s',
+      'MFU',
+      'HFU',
+      'roofline ms',
+      'MFU ceiling',
+      'peak GiB',
+      'XLA GiB',
+  )
   lines = [' | '.join(header), ' | '.join('-' * len(h) for h in header)]
   num = lambda x, f='.2f': '-' if x is None else format(x, f)  # noqa: E731
   inputs = [r for r in rows if r['phase'] == 'input']
   rows = [r for r in rows if r['phase'] != 'input']
   for r in rows:
     step_ms = None if r['step_time_s'] is None else 1e3 * r['step_time_s']
-    lines.append(' | '.join([
-        r['phase'], str(r['per_device_batch']), str(r['accumulation_steps']), num(step_ms),
-        num(r['images_per_s']), f'{r["xla_flops"] / 1e9:.2f}',
-        f'{r["analytic_flops"] / 1e9:.2f}', num(r['xla_over_analytic'], '.3f'),
-        num(r['achieved_tflops']), pct(r['mfu']), pct(r['hfu']),
-        num(r.get('roofline_lower_bound_s') and 1e3 * r['roofline_lower_bound_s']),
-        pct(r.get('roofline_mfu_ceiling')),
-        gib(r['peak_bytes_in_use']), gib(r['xla_memory'].get('total_bytes'))]))
+    lines.append(
+        ' | '.join(
+            [
+                r['phase'],
+                str(r['per_device_batch']),
+                str(r['accumulation_steps']),
+                num(step_ms),
+                num(r['images_per_s']),
+                f'{r["xla_flops"] / 1e9:.2f}',
+                f'{r["analytic_flops"] / 1e9:.2f}',
+                num(r['xla_over_analytic'], '.3f'),
+                num(r['achieved_tflops']),
+                pct(r['mfu']),
+                pct(r['hfu']),
+                num(r.get('roofline_lower_bound_s') and 1e3 * r['roofline_lower_bound_s']),
+                pct(r.get('roofline_mfu_ceiling')),
+                gib(r['peak_bytes_in_use']),
+                gib(r['xla_memory'].get('total_bytes')),
+            ]
+        )
+    )
   by_phase = {r['phase']: r for r in rows}
   if 'denoise' in by_phase and 'ddep' in by_phase:
     dep, ddep = by_phase['denoise'], by_phase['ddep']
     # Per image: the two phases may run different batches (--find_max_batch).
     per_image = lambda r, key: r[key] / r['per_device_batch']  # noqa: E731
-    time_ratio = (f'time {per_image(ddep, "step_time_s") / per_image(dep, "step_time_s"):.3f}, '
-                  if dep['step_time_s'] and ddep['step_time_s'] else '')
+    time_ratio = (
+        f'time {per_image(ddep, "step_time_s") / per_image(dep, "step_time_s"):.3f}, '
+        if dep['step_time_s'] and ddep['step_time_s']
+        else ''
+    )
     flops_ratio = per_image(ddep, 'analytic_flops') / per_image(dep, 'analytic_flops')
     lines.append(f'DDeP/DeP per image: {time_ratio}model FLOPs {flops_ratio:.3f}')
   for r in inputs:
-    lines.append(f'input pipeline ({r["dataset"]}, {r["task"]}, '
-                 f'{"x".join(map(str, r["image_size"]))}, batch {r["per_host_batch"]}): '
-                 f'{r["images_per_s"]:.1f} images/s per host, '
-                 f'{r["images_per_s_per_core"]:.1f} per core ({r["cpu_cores"]} cores)')
+    lines.append(
+        f'input pipeline ({r["dataset"]}, {r["task"]}, '
+        f'{"x".join(map(str, r["image_size"]))}, batch {r["per_host_batch"]}): '
+        f'{r["images_per_s"]:.1f} images/s per host, '
+        f'{r["images_per_s_per_core"]:.1f} per core ({r["cpu_cores"]} cores)'
+    )
   notes = sorted({n for r in rows for n in r['notes']})
   lines += [f'note: {n}' for n in notes]
   if rows:
     r = rows[0]
-    lines.append(f'device: {r["device_kind"]} x{r["num_devices"]} ({r["platform"]}), '
-                 f'jax {r["jax_version"]}; per-device numbers')
+    lines.append(
+        f'device: {r["device_kind"]} x{r["num_devices"]} ({r["platform"]}), '
+        f'jax {r["jax_version"]}; per-device numbers'
+    )
   return '\n'.join(lines)
 
 
 def flops_table(args) -> str:
   from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+
   model = build_model(args, num_outputs=args.num_classes if 'segment' in args.task else 3)
   ops = flops_lib.model_ops(model, tuple(args.image_size), 1)
   h, w = args.image_size
-  return (f'{args.preset}, decoder {args.decoder_width}x, {h}x{w}, per image\n' +
-          flops_lib.format_table(ops))
+  return (
+      f'{args.preset}, decoder {args.decoder_width}x, {h}x{w}, per image\n'
+      + flops_lib.format_table(ops)
+  )
 
 
 class SizeParser(flags.ArgumentParser):
@@ -933,76 +1154,134 @@ class SizeParser(flags.ArgumentParser):
 
 # The flags read into the run's `args`, each as the attribute of the same name.
 _FLAG_NAMES = (
-    'preset', 'task', 'batch_size', 'accumulation_steps', 'image_size', 'dtype', 'remat',
-    'attention_impl', 'decoder_width', 'num_classes', 'noise_conditioning', 'eval_size',
-    'eval_batch_size', 'eval_flip', 'input_batches', 'input_hosts', 'steps', 'trials', 'warmup',
-    'find_max_batch', 'max_batch', 'global_batch', 'output', 'target', 'compile_only',
-    'flops_only', 'no_isolate', 'only_phase', 'quiet')
+    'preset',
+    'task',
+    'batch_size',
+    'accumulation_steps',
+    'image_size',
+    'dtype',
+    'remat',
+    'attention_impl',
+    'decoder_width',
+    'num_classes',
+    'noise_conditioning',
+    'eval_size',
+    'eval_batch_size',
+    'eval_flip',
+    'input_batches',
+    'input_hosts',
+    'steps',
+    'trials',
+    'warmup',
+    'find_max_batch',
+    'max_batch',
+    'global_batch',
+    'output',
+    'target',
+    'compile_only',
+    'flops_only',
+    'no_isolate',
+    'only_phase',
+    'quiet',
+)
 _CHILD_ONLY = ' (set by the tool for the process that runs one phase)'
 
 
 def _define_config_flag(flag_values: flags.FlagValues, sys_argv) -> None:
   """`--config` through ml_collections where it is installed; else a flag that says so."""
-  help_ = ('Experiment config, path[:args] as for ddep.main (with --config.key=value '
-           'overrides); sets the other flags that are not given explicitly.')
+  help_ = (
+      'Experiment config, path[:args] as for ddep.main (with --config.key=value '
+      'overrides); sets the other flags that are not given explicitly.'
+  )
   try:
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   except ImportError:  # The bare GPU image: everything but --config still works.
-    flags.DEFINE_string('config', '', help_ + ' Needs ml_collections, not installed here.',
-                        flag_values=flag_values)
+    flags.DEFINE_string(
+        'config', '', help_ + ' Needs ml_collections, not installed here.', flag_values=flag_values
+    )
     return
-  config_flags.DEFINE_config_file('config', None, help_, flag_values=flag_values,
-                                  sys_argv=sys_argv)
+  config_flags.DEFINE_config_file('config', None, help_, flag_values=flag_values, sys_argv=sys_argv)
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: Optional[Sequence[str]] = None) -> None:
+def define_flags(
+    flag_values: flags.FlagValues = flags.FLAGS, sys_argv: Optional[Sequence[str]] = None
+) -> None:
   """The command's flags; `sys_argv` is the command line `--config.key=` overrides are
   read from (ml_collections reads them from sys.argv by default)."""
   fv = {'flag_values': flag_values}
   _define_config_flag(flag_values, None if sys_argv is None else list(sys_argv))
   flags.DEFINE_string('preset', 'r50_vit_b16', 'Model preset (ddep.models.presets).', **fv)
-  flags.DEFINE_list('task', ['denoise', 'ddep'],
-                    f'Comma-separated train steps to time, of {", ".join(TASKS)}.', **fv)
+  flags.DEFINE_list(
+      'task',
+      ['denoise', 'ddep'],
+      f'Comma-separated train steps to time, of {", ".join(TASKS)}.',
+      **fv,
+  )
   flags.DEFINE_integer('batch_size', 8, 'Per device (micro-batch).', **fv)
   flags.DEFINE_integer('accumulation_steps', 1, 'Gradient accumulation steps.', **fv)
   flags.DEFINE(SizeParser(), 'image_size', '512', 'Train crop, N or HxW.', **fv)
   flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.', **fv)
   flags.DEFINE_list('remat', [], 'Comma-separated parts: resnet,transformer,decoder.', **fv)
-  flags.DEFINE_enum('attention_impl', '', ['', 'auto', 'xla', 'cudnn'],
-                    "'' or auto: cuDNN flash attention on GPUs in bf16, else XLA.", **fv)
+  flags.DEFINE_enum(
+      'attention_impl',
+      '',
+      ['', 'auto', 'xla', 'cudnn'],
+      "'' or auto: cuDNN flash attention on GPUs in bf16, else XLA.",
+      **fv,
+  )
   flags.DEFINE_integer('decoder_width', 1, '1x, 2x or 3x decoder.', **fv)
   flags.DEFINE_integer('num_classes', 19, 'For segment, classify and eval.', **fv)
-  flags.DEFINE_bool('noise_conditioning', False, 'Condition the model on the noise level.',
-                    **fv)
-  flags.DEFINE(SizeParser(allow_none=True), 'eval_size', '1024x2048',
-               "Eval step input HxW; '' or 0 skips it.", **fv)
+  flags.DEFINE_bool('noise_conditioning', False, 'Condition the model on the noise level.', **fv)
+  flags.DEFINE(
+      SizeParser(allow_none=True),
+      'eval_size',
+      '1024x2048',
+      "Eval step input HxW; '' or 0 skips it.",
+      **fv,
+  )
   flags.DEFINE_integer('eval_batch_size', 1, 'Per device.', **fv)
-  flags.DEFINE_bool('eval_flip', False,
-                    'Average with the mirrored prediction (doubles the eval forward).', **fv)
-  flags.DEFINE_integer('input_batches', 20,
-                       '--config: batches of its input pipeline to time (0 skips it).', **fv)
-  flags.DEFINE_integer('input_hosts', 1,
-                       '--config: hosts sharing the global batch (per-host input batch).', **fv)
+  flags.DEFINE_bool(
+      'eval_flip', False, 'Average with the mirrored prediction (doubles the eval forward).', **fv
+  )
+  flags.DEFINE_integer(
+      'input_batches', 20, '--config: batches of its input pipeline to time (0 skips it).', **fv
+  )
+  flags.DEFINE_integer(
+      'input_hosts', 1, '--config: hosts sharing the global batch (per-host input batch).', **fv
+  )
   flags.DEFINE_integer('steps', 20, 'Steps per timed trial.', **fv)
   flags.DEFINE_integer('trials', 3, 'Timed trials; the step time is their median.', **fv)
   flags.DEFINE_integer('warmup', 3, 'Steps before timing starts.', **fv)
-  flags.DEFINE_bool('find_max_batch', False,
-                    'Double the per-device batch from --batch_size until out of memory, then '
-                    'time the micro-batch x accumulation giving --global_batch.', **fv)
+  flags.DEFINE_bool(
+      'find_max_batch',
+      False,
+      'Double the per-device batch from --batch_size until out of memory, then '
+      'time the micro-batch x accumulation giving --global_batch.',
+      **fv,
+  )
   flags.DEFINE_integer('max_batch', 256, 'Upper limit for --find_max_batch.', **fv)
   flags.DEFINE_integer('global_batch', 128, 'Paper Sec. 4.3.', **fv)
   flags.DEFINE_string('output', '', 'Append one JSON line per phase here.', **fv)
-  flags.DEFINE_enum('target', '', ['', 'h100', 'h200'],
-                    'Compile for this GPU without one (needs the jax CUDA plugin; implies '
-                    '--compile_only; --find_max_batch then fits by XLA memory).', **fv)
-  flags.DEFINE_bool('compile_only', False,
-                    'Compile and report XLA FLOPs and memory, run nothing (plans GPU runs from '
-                    'a CPU).', **fv)
-  flags.DEFINE_bool('flops_only', False,
-                    'Print the analytic FLOP table and exit (compiles nothing).', **fv)
-  flags.DEFINE_bool('no_isolate', False,
-                    'Run all phases in this process (peak memory is then cumulative).', **fv)
+  flags.DEFINE_enum(
+      'target',
+      '',
+      ['', 'h100', 'h200'],
+      'Compile for this GPU without one (needs the jax CUDA plugin; implies '
+      '--compile_only; --find_max_batch then fits by XLA memory).',
+      **fv,
+  )
+  flags.DEFINE_bool(
+      'compile_only',
+      False,
+      'Compile and report XLA FLOPs and memory, run nothing (plans GPU runs from ' 'a CPU).',
+      **fv,
+  )
+  flags.DEFINE_bool(
+      'flops_only', False, 'Print the analytic FLOP table and exit (compiles nothing).', **fv
+  )
+  flags.DEFINE_bool(
+      'no_isolate', False, 'Run all phases in this process (peak memory is then cumulative).', **fv
+  )
   flags.DEFINE_string('only_phase', '', 'The one phase to run' + _CHILD_ONLY, **fv)
   flags.DEFINE_bool('quiet', False, 'Print no table' + _CHILD_ONLY, **fv)
 
@@ -1013,9 +1292,12 @@ def _config_from_flag(flag_values: flags.FlagValues) -> tuple[str, Any, dict]:
   if not flag.present:
     return '', None, {}
   if isinstance(flag.value, str):  # The plain flag: ml_collections is not installed.
-    raise app.UsageError('--config needs ml_collections (pip install ml_collections); '
-                         'without it, give the model and batch as flags')
+    raise app.UsageError(
+        '--config needs ml_collections (pip install ml_collections); '
+        'without it, give the model and batch as flags'
+    )
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   spec = config_flags.get_config_filename(flag)
   path = spec.partition(':')[0]
   if not os.path.isfile(path):  # ml_collections would fail later, on first use.
@@ -1044,7 +1326,8 @@ def args_from_flags(flag_values: flags.FlagValues) -> types.SimpleNamespace:
       args.attention_impl = 'cudnn'
   elif args.find_max_batch and args.compile_only:
     raise app.UsageError(
-        '--find_max_batch runs steps; it cannot be --compile_only (except with --target)')
+        '--find_max_batch runs steps; it cannot be --compile_only (except with --target)'
+    )
   if min(args.image_size) % 16 or (args.eval_size and min(args.eval_size) % 16):
     raise app.UsageError('image sizes must be divisible by 16 (the encoder output stride)')
   return args
@@ -1094,8 +1377,12 @@ def run(args: types.SimpleNamespace, argv: Sequence[str]) -> list[dict]:
       record([run_input_phase(args)])
       continue
     plan = find_max_batch(args, phase) if args.find_max_batch and phase != 'eval' else {}
-    row = run_phase(args, phase, per_device_batch=plan.get('per_device_batch'),
-                    accumulation_steps=plan.get('accumulation_steps'))
+    row = run_phase(
+        args,
+        phase,
+        per_device_batch=plan.get('per_device_batch'),
+        accumulation_steps=plan.get('accumulation_steps'),
+    )
     record([{**row, **plan}])
     gc.collect()
   if not args.quiet:
