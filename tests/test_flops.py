@@ -131,4 +131,6 @@ def test_ddep_gradient_matches_xla(preset):
 
   xla = _xla_flops(jax.grad(loss), trainable, frozen, x)
   analytic = flops.train_step_flops(flops.model_ops(model, (64, 64), 2), flops.DDEP_TRAINED)
-  assert 1.0 < xla / analytic < 1.05
+  # XLA also counts elementwise work (norms, the root pool's 9-slice maximum) that the
+  # analytic model leaves out: 4.9-5.1% here. Encoder backward work would add ~10% more.
+  assert 1.0 < xla / analytic < 1.07
