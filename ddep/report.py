@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from etils.epath import Path  # noqa: E402
 
 from ddep import metrics as metrics_lib  # noqa: E402
+from ddep import progress  # noqa: E402
 from ddep import storage  # noqa: E402
 
 RESULTS_FILE = 'results.json'
@@ -782,7 +783,7 @@ def build_report(runs: Sequence[Run], output) -> dict[str, list[Path]]:
     written['tables'].append(output / f'table_{suffix}.png')
     written['figures'].append(output / f'miou_vs_fraction_{suffix}.png')
   used: set[str] = set()
-  for run in runs:
+  for run in progress.track(runs, desc='report: training curves', unit='runs'):
     name = _slug(run.name)
     while name in used:  # Two runs of one setting and seed: keep both.
       name += '_'
@@ -948,7 +949,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
       print(f"pretraining validation -> {', '.join(map(str, written))}")
     if not f.workdirs:
       return 0
-    runs = [load_run(w) for w in find_workdirs(list(f.workdirs))]
+    workdirs = find_workdirs(list(f.workdirs))
+    runs = [load_run(w) for w in progress.track(workdirs, desc='report: reading', unit='runs')]
     if f.select == 'best':
       chosen = select_best(
           runs, selection_seeds=seeds(f.selection_seeds), final_seeds=seeds(f.final_seeds)

@@ -27,6 +27,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from ddep import input_pipeline
+from ddep import progress
 from ddep.datasets import demo_scenes, specs
 
 FLAGS = flags.FLAGS
@@ -114,7 +115,7 @@ def _time(iterator, *, batches: int, warmup: int, batch_size: int) -> dict:
   for _ in range(warmup):
     next(iterator)
   wall, cpu = time.perf_counter(), time.process_time()
-  for _ in range(batches):
+  for _ in progress.track(range(batches), desc='benchmark_input', unit='batches'):
     next(iterator)
   images = batches * batch_size
   return {
