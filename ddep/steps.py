@@ -24,6 +24,18 @@ from ddep import optimizer as optimizer_lib
 from ddep.models import TransUNet
 
 
+def init_train_state(tx: optax.GradientTransformation, trainable, frozen, rng) -> dict:
+  """The train state above at step 0 (jit it with out_shardings to place it)."""
+  return dict(
+      params=trainable,
+      frozen=frozen,
+      opt=tx.init(trainable),
+      step=jnp.zeros((), jnp.int32),
+      rng=rng,
+      first_nonfinite=jnp.full((), -1, jnp.int32),
+  )
+
+
 def noise_level(denoise) -> dict:
   """`config.denoise`'s level as `make_denoising_batch` arguments, in the form's own terms:
   σ / σ range for 'additive' (Eq. 1), γ / γ range for 'ddpm' (Eq. 2)."""

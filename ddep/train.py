@@ -6,6 +6,7 @@ validate config -> mesh -> data -> model and params -> optimizer -> state
 
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
 import threading
@@ -340,15 +341,7 @@ def train_and_evaluate(
   )
 
   # Train state with explicit shardings.
-  def make_state(trainable, frozen, rng):
-    return dict(
-        params=trainable,
-        frozen=frozen,
-        opt=tx.init(trainable),
-        step=jnp.zeros((), jnp.int32),
-        rng=rng,
-        first_nonfinite=jnp.full((), -1, jnp.int32),
-    )
+  make_state = functools.partial(steps_lib.init_train_state, tx)
 
   # Raw uint32 key data: checkpointable as a plain array.
   train_rng = jax.random.key_data(train_rng)

@@ -33,6 +33,7 @@ pipelines on a synthetic dataset).
 
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -476,7 +477,6 @@ def _train_program(
 ):
   """(jitted train step, its arguments, XLA's FLOPs of the optimizer update alone)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from ddep import sharding  # pylint: disable=g-import-not-at-top
   from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
@@ -489,15 +489,7 @@ def _train_program(
   )
   train_step = steps_lib.make_train_step(loss_fn, tx, schedule, accum)
 
-  def make_state(trainable, frozen, rng):  # The layout of ddep.steps' train state.
-    return dict(
-        params=trainable,
-        frozen=frozen,
-        opt=tx.init(trainable),
-        step=jnp.zeros((), jnp.int32),
-        rng=rng,
-        first_nonfinite=jnp.full((), -1, jnp.int32),
-    )
+  make_state = functools.partial(steps_lib.init_train_state, tx)
 
   train_rng = jax.random.key_data(jax.random.key(1))
   state_shardings = jax.tree.map(
