@@ -20,6 +20,7 @@ in memory, with one bucket. `GcsEmulator.env` is what a child process needs.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -285,7 +286,6 @@ class GcsEmulator:
 
   def objects(self, prefix: str = '') -> list[str]:
     """Names of the bucket's objects under `prefix`, straight from the emulator."""
-    import json  # pylint: disable=g-import-not-at-top
 
     names, token = [], ''
     while True:

@@ -42,30 +42,32 @@ def _env(emulator):
   )
 
 
-def _cli(emulator, cwd, *args, timeout=300):
-  """Runs `python -m ARGS` to the end; (exit code, output)."""
-  p = subprocess.run(
+def _start(emulator, cwd, args):
+  """`python -m ARGS` started with the emulator's environment, output piped."""
+  return subprocess.Popen(
       [sys.executable, '-m', *args],
       cwd=cwd,
       env=_env(emulator),
       text=True,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
-      timeout=timeout,
   )
-  return p.returncode, p.stdout
+
+
+def _cli(emulator, cwd, *args, timeout=300):
+  """Runs `python -m ARGS` to the end; (exit code, output)."""
+  p = _start(emulator, cwd, args)
+  try:
+    out = p.communicate(timeout=timeout)[0]
+  except subprocess.TimeoutExpired:
+    p.kill()  # As subprocess.run would: no child left behind.
+    raise
+  return p.returncode, out
 
 
 def _train_until_preempted(emulator, cwd, args, *, at_line: str):
   """Starts a training CLI, sends SIGTERM when `at_line` appears; (exit code, output)."""
-  p = subprocess.Popen(
-      [sys.executable, '-m', *args],
-      cwd=cwd,
-      env=_env(emulator),
-      text=True,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-  )
+  p = _start(emulator, cwd, args)
   lines = []
   for line in p.stdout:
     lines.append(line)
