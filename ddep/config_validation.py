@@ -96,6 +96,15 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
       or not 0 < config.data.scale_range[0] <= config.data.scale_range[1]
   ):
     _fail('data.scale_range', f'expected (lo, hi) with 0 < lo <= hi, got {config.data.scale_range}')
+  pretrain_images = config.data.get('pretrain_images', 'original')
+  if pretrain_images not in ('original', 'stored_png'):
+    _fail('data.pretrain_images', f"must be 'original' or 'stored_png', got {pretrain_images!r}")
+  if pretrain_images != 'original' and config.task != 'denoise':
+    _fail(
+        'data.pretrain_images',
+        f"'{pretrain_images}' is the images of denoising pretraining (task='denoise'); "
+        f'this run has task={config.task!r}',
+    )
 
   if config.task == 'denoise':
     d = config.denoise

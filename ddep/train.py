@@ -37,6 +37,7 @@ from ddep import steps as steps_lib
 from ddep import storage
 from ddep import summaries
 from ddep.datasets import specs
+from ddep.datasets import stored_png
 from ddep.models import presets
 
 
@@ -135,13 +136,16 @@ def _num_image_classes(config, spec) -> int:
   return int(info.features[spec.image_labels_key].shape[-1])
 
 
-def prepare_once(dataset: str, data_dir: Optional[str]) -> None:
-  """Builds a generated dataset on process 0 while the others wait, then all read it.
+def prepare_once(dataset: str, data_dir: Optional[str], *, stored_png_copy: bool = False) -> None:
+  """Builds a generated dataset (and its stored-PNG copy) on process 0 while the others
+  wait, then all read it.
 
   Concurrent builds into one data_dir collide in TFDS's rename of its temporaries.
   """
   if jax.process_index() == 0:
     input_pipeline.prepare(dataset, data_dir)
+    if stored_png_copy:
+      stored_png.prepare(dataset, data_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'ddep: {dataset} prepared')
 
@@ -158,7 +162,11 @@ def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = Non
   area_range = tuple(d.area_range)
   if config.task == 'denoise':
     return input_pipeline.pretrain_dataset(
-        d.dataset, image_size=tuple(d.image_size), area_range=area_range, **common
+        d.dataset,
+        image_size=tuple(d.image_size),
+        area_range=area_range,
+        images=d.get('pretrain_images', 'original'),
+        **common,
     )
   if config.task == 'classify':
     return input_pipeline.supervised_dataset(
@@ -280,7 +288,11 @@ def train_and_evaluate(
   mesh = sharding.make_mesh()
   spec = specs.get(config.data.dataset)
   if config.data.prepare and spec.name.startswith('demo'):
-    prepare_once(spec.name, config.data.data_dir or None)
+    prepare_once(
+        spec.name,
+        config.data.data_dir or None,
+        stored_png_copy=config.data.get('pretrain_images', 'original') == 'stored_png',
+    )
 
   # Data.
   global_batch = int(config.data.batch_size)

@@ -12,6 +12,7 @@ per-core rate directly.
 
   python -m ddep.tools.benchmark_input --source_hw=1024,2048 --crop=1024,1024
   python -m ddep.tools.benchmark_input --dataset=demo --crop=64,64 --image_size=64,64
+  python -m ddep.tools.benchmark_input --pipelines=pretrain --pretrain_images=stored_png
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from ddep import input_pipeline
 from ddep import progress
-from ddep.datasets import demo_scenes, specs
+from ddep.datasets import demo_scenes, specs, stored_png
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', None, 'Registered dataset to read instead of the synthetic one.')
@@ -44,6 +45,13 @@ flags.DEFINE_integer('batch_size', 8, 'Per-process batch size.')
 flags.DEFINE_integer('warmup', 3, 'Batches before timing starts.')
 flags.DEFINE_integer('batches', 20, 'Batches timed per pipeline.')
 flags.DEFINE_list('pipelines', ['pretrain', 'finetune'], 'Which pipelines to time.')
+flags.DEFINE_enum(
+    'pretrain_images',
+    'original',
+    ['original', 'stored_png'],
+    "The pretrain pipeline's images: as stored, or their uncompressed-PNG copy "
+    '(ddep.datasets.stored_png; written first, once per data_dir).',
+)
 
 
 @dataclasses.dataclass
@@ -134,12 +142,13 @@ def measure(
     warmup: int,
     image_size=(512, 512),
     crop=(1024, 1024),
+    pretrain_images: str = 'original',
 ) -> dict:
   """Times one pipeline ('pretrain' or 'finetune') on `spec`; the rates and its sizes."""
   common = dict(batch_size=batch_size, seed=0, data_dir=data_dir, process_index=0, process_count=1)
   if which == 'pretrain':
     size = tuple(int(s) for s in image_size)
-    it = input_pipeline.pretrain_dataset(spec, image_size=size, **common)
+    it = input_pipeline.pretrain_dataset(spec, image_size=size, images=pretrain_images, **common)
   elif which == 'finetune':
     size = tuple(int(s) for s in crop)
     it = input_pipeline.finetune_dataset(spec, crop_size=size, **common)
@@ -150,6 +159,7 @@ def measure(
   return dict(
       pipeline=which,
       dataset=spec.name,
+      images=pretrain_images if which == 'pretrain' else 'original',
       size=list(size),
       cores=cores,
       images_per_s_per_core=rates['images_per_s'] / cores,
@@ -165,6 +175,10 @@ def main(argv):
     input_pipeline.prepare(spec.name, data_dir=data_dir)
   else:
     spec = synthetic_spec(data_dir, FLAGS.source_hw, FLAGS.encoding, FLAGS.num_images)
+  if FLAGS.pretrain_images == 'stored_png' and 'pretrain' in FLAGS.pipelines:
+    t = time.time()
+    copy_dir = stored_png.prepare(spec, data_dir)
+    print(f'stored-PNG copy ready ({time.time() - t:.0f} s): {copy_dir}')
   for which in FLAGS.pipelines:
     if which not in ('pretrain', 'finetune'):
       raise app.UsageError(f'unknown pipeline {which!r}')
@@ -177,9 +191,11 @@ def main(argv):
         warmup=FLAGS.warmup,
         image_size=FLAGS.image_size,
         crop=FLAGS.crop,
+        pretrain_images=FLAGS.pretrain_images,
     )
+    images = ' (stored_png)' if r['images'] != 'original' else ''
     print(
-        f"{which:9s} {spec.name} -> {r['size'][0]}x{r['size'][1]}: {r['images_per_s']:7.1f} "
+        f"{which:9s} {spec.name}{images} -> {r['size'][0]}x{r['size'][1]}: {r['images_per_s']:7.1f} "
         f"images/s, {r['images_per_s_per_core']:6.1f} images/s/core ({r['cores']} cores), "
         f"{r['images_per_cpu_s']:6.1f} images/CPU-s"
     )

@@ -1,0 +1,164 @@
+"""The stored-PNG copy of a pretraining set: lossless, bit-identical batches, clear errors."""
+
+import glob
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ddep import config_schema
+from ddep import config_validation
+from ddep import input_pipeline
+from ddep.datasets import specs
+from ddep.datasets import stored_png
+from ddep.tools import benchmark_input
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _records(builder, split):
+  out = []
+  for name in builder.info.splits[split].filenames:
+    path = os.path.join(builder.data_dir, name)
+    out += [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+  return out
+
+
+def _idat_blocks_are_stored(png: bytes) -> bool:
+  """Whether every deflate block of the PNG's image data is a stored (BTYPE 00) block."""
+  pos, idat = 8, b''
+  while pos < len(png):
+    (length,) = struct.unpack('>I', png[pos : pos + 4])
+    if png[pos + 4 : pos + 8] == b'IDAT':
+      idat += png[pos + 8 : pos + 8 + length]
+    pos += 12 + length
+  data, pos = idat[2:], 0  # After the 2-byte zlib header.
+  while True:
+    header = data[pos]
+    if (header >> 1) & 3 != 0:
+      return False
+    (size,) = struct.unpack('<H', data[pos + 1 : pos + 3])
+    pos += 5 + size
+    if header & 1:  # BFINAL
+      return zlib.decompress(idat) is not None
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('tfds'))
+  input_pipeline.prepare('demo_tiny', d)
+  return d
+
+
+def test_copy_is_lossless_and_pretraining_reads_the_same_batches(data_dir):
+  spec = specs.get('demo_tiny').pretrain_view()
+  out_dir = stored_png.prepare('demo_tiny', data_dir)
+  original = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  copy = stored_png.builder(spec, data_dir)
+  assert copy.data_dir == out_dir
+  assert list(copy.info.splits) == list(spec.pretrain_splits)
+  for split in spec.pretrain_splits:
+    assert copy.info.splits[split].shard_lengths == original.info.splits[split].shard_lengths
+    for a, b in zip(_records(original, split), _records(copy, split), strict=True):
+      fa, fb = a.features.feature, b.features.feature
+      assert sorted(fa) == sorted(fb)
+      for key in fa:
+        if key != spec.image_key:
+          assert fa[key] == fb[key], key
+      old, new = fa[spec.image_key].bytes_list.value[0], fb[spec.image_key].bytes_list.value[0]
+      assert _idat_blocks_are_stored(new) and not _idat_blocks_are_stored(old)
+      np.testing.assert_array_equal(
+          tf.io.decode_png(new, channels=3).numpy(), tf.io.decode_png(old, channels=3).numpy()
+      )
+
+  # Written once: a second call leaves it alone.
+  info = os.path.join(out_dir, 'dataset_info.json')
+  mtime = os.stat(info).st_mtime_ns
+  assert stored_png.prepare('demo_tiny', data_dir) == out_dir
+  assert os.stat(info).st_mtime_ns == mtime
+
+  common = dict(batch_size=4, image_size=(16, 16), seed=3, data_dir=data_dir)
+  common.update(process_index=0, process_count=1)
+  a = input_pipeline.pretrain_dataset('demo_tiny', **common)
+  b = input_pipeline.pretrain_dataset('demo_tiny', images='stored_png', **common)
+  for _ in range(3):
+    x, y = next(a), next(b)
+    np.testing.assert_array_equal(x['image'], y['image'])
+  # The same stream, so a run may switch on resume: a state saved on one restores on the other.
+  c = input_pipeline.pretrain_dataset('demo_tiny', images='stored_png', **common)
+  c.set_state(a.get_state())
+  np.testing.assert_array_equal(next(a)['image'], next(c)['image'])
+
+
+def test_a_missing_copy_names_the_command(tmp_path):
+  d = str(tmp_path)
+  input_pipeline.prepare('demo_tiny', d)
+  common = dict(batch_size=2, seed=0, data_dir=d, process_index=0, process_count=1)
+  with pytest.raises(FileNotFoundError, match='--dataset=demo_tiny --stored_png_copy'):
+    input_pipeline.pretrain_dataset('demo_tiny', images='stored_png', **common)
+  with pytest.raises(ValueError, match="images='jpeg'"):
+    input_pipeline.pretrain_dataset('demo_tiny', images='jpeg', **common)
+
+
+def test_a_jpeg_source_is_refused_naming_the_record(tmp_path):
+  d = str(tmp_path)
+  spec = benchmark_input.synthetic_spec(d, (16, 24), 'jpeg', num_images=2)
+  with pytest.raises(ValueError, match=r'record 0 \(image_id bench_00000\).*not a PNG'):
+    stored_png.prepare(spec, d)
+  assert not glob.glob(os.path.join(d, '*_stored_png', '*', '*', 'dataset_info.json'))
+
+
+def test_only_denoising_pretraining_takes_the_copy():
+  c = config_schema.base_config()
+  c.model.preset = 'tiny'
+  c.data.dataset = 'demo_tiny'
+  c.data.image_size = (32, 32)
+  c.data.batch_size = c.data.eval_batch_size = 2
+  c.data.pretrain_images = 'stored_png'
+  with pytest.raises(ValueError, match=r"data.pretrain_images.*task='segment'"):
+    config_validation.validate(c)
+  c.data.pretrain_images = 'stored'
+  with pytest.raises(ValueError, match=r"data.pretrain_images: must be 'original' or 'stored_png'"):
+    config_validation.validate(c)
+
+
+def _cli(*args, cwd):
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  return subprocess.run(
+      [sys.executable, '-m', *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+  )
+
+
+def test_cli_prepares_the_copy_and_a_pretraining_run_reads_only_it(tmp_path):
+  d = str(tmp_path / 'tfds')
+  p = _cli(
+      'ddep.prepare', '--dataset=demo_tiny', '--stored_png_copy', f'--data_dir={d}', cwd=tmp_path
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'stored-PNG copy is ready' in p.stdout and 'pretrain_images=stored_png' in p.stdout
+  # Spoil the original's pretraining shard: a run that read it would fail to decode.
+  spec = specs.get('demo_tiny').pretrain_view()
+  original = tfds.builder(spec.tfds_name, data_dir=d)
+  for split in spec.pretrain_splits:
+    for name in original.info.splits[split].filenames:
+      with open(os.path.join(original.data_dir, name), 'wb') as f:
+        f.write(b'not a tfrecord')
+  workdir = tmp_path / 'run'
+  p = _cli(
+      'ddep.main',
+      f'--config={REPO}/configs/pretrain_cityscapes.py:method=dep,runlocal',
+      f'--workdir={workdir}',
+      '--config.total_steps=2',
+      '--config.eval.denoise_images=0',
+      f'--config.data.data_dir={d}',
+      '--config.data.pretrain_images=stored_png',
+      cwd=tmp_path,
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert os.path.isdir(workdir / 'checkpoints' / '2')
