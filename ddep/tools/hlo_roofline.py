@@ -224,7 +224,8 @@ def _ints(s):
   return [int(v) for v in re.findall(r'\d+', s)]
 
 
-def _called(instr):
+def called_computations(instr):
+  """The computations `instr` calls: fusion bodies, loop bodies and conditions, reducers."""
   names = []
   for group in _CALLED_RE.findall(instr.attrs):
     names += [n.lstrip('%') for n in re.findall(r'%?([\w.\-]+)', group)]
@@ -321,7 +322,7 @@ class _Analyzer:
         conv += _conv_flops(instr, self.shapes)
       elif instr.op not in _MOVE_OPS and instr.op != 'fusion':
         moves = False
-      for callee in _called(instr):
+      for callee in called_computations(instr):
         if callee not in _seen and callee != comp:
           d, c, m = self.inner(callee, _seen + (comp,))
           dot, conv, moves = dot + d, conv + c, moves and m
@@ -349,7 +350,7 @@ class _Analyzer:
     if op == 'fusion':
       dot = conv = 0
       moves = True
-      for callee in _called(instr):
+      for callee in called_computations(instr):
         d, c, m = self.inner(callee)
         dot, conv, moves = dot + d, conv + c, moves and m
       if conv:
@@ -394,12 +395,12 @@ class _Analyzer:
             self.walk(c.group(1), multiplier * trips, out, _depth + 1)
         continue
       if op in ('call', 'async-start'):
-        for callee in _called(instr):
+        for callee in called_computations(instr):
           self.walk(callee, multiplier, out, _depth + 1)
         continue
       if op == 'conditional':  # A lower bound runs the cheapest branch.
         branches = []
-        for callee in _called(instr):
+        for callee in called_computations(instr):
           kernels = []
           self.walk(callee, multiplier, kernels, _depth + 1)
           branches.append(kernels)
