@@ -25,6 +25,12 @@ Arguments:
                file under checkpoints/ (docs/experiments.md)
   init_from    DDeP on the encoder of a supervised run of ours instead
   runlocal     toy size on the generated 'demo_tiny' data, for CPUs and tests
+
+Cityscapes' PNGs are costly to decode (~31 ms of a host core for 1024x2048, nearly all
+zlib). Their lossless uncompressed copy gives bit-identical batches for ~4x less
+decoding (docs/performance.md): write it once with
+  python -m ddep.prepare --dataset=cityscapes --stored_png_copy --manual_dir=DIR
+and add --config.data.pretrain_images=stored_png.
 """
 
 from ddep import recipes

@@ -152,10 +152,10 @@ def prepare(dataset: str, data_dir: str | None) -> str:
         f'{spec.tfds_name} is not prepared under data_dir={data_dir!r}: its stored-PNG copy '
         f'is written from it; prepare it with\n  {manual.prepare_command(spec, data_dir=data_dir)}'
     )
-  return write_copy(spec, data_dir, source)
+  return write_copy(spec, source)
 
 
-def write_copy(spec: specs.DatasetSpec, data_dir: str | None, source) -> str:
+def write_copy(spec: specs.DatasetSpec, source) -> str:
   """Writes the copy of pretraining view `spec` from its prepared `source` builder, once.
 
   Returns the copy's directory. Works on any tf.io.gfile path (gs:// included).
@@ -163,7 +163,10 @@ def write_copy(spec: specs.DatasetSpec, data_dir: str | None, source) -> str:
   info = json.loads(tf.io.gfile.GFile(posixpath.join(source.data_dir, 'dataset_info.json')).read())
   name = copy_tfds_name(spec.tfds_name)
   base, _, config = name.partition(':')[0].partition('/')
-  root = data_dir or os.fspath(tfds.core.constants.DATA_DIR)
+  # Next to the original (<root>/<name>[/<config>]/<version>), where TFDS looks for it.
+  root = os.fspath(source.data_dir)
+  for _ in range(3 if config else 2):
+    root = posixpath.dirname(root.rstrip('/'))
   out_dir = posixpath.join(root, base, *([config] if config else []), info['version'])
   info_path = posixpath.join(out_dir, 'dataset_info.json')
   if tf.io.gfile.exists(info_path):
