@@ -1325,18 +1325,24 @@ def args_from_flags(flag_values: flags.FlagValues) -> types.SimpleNamespace:
   return args
 
 
-def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
-  """`argv` (no program name) parsed as the command line would be, into fresh flags."""
-  command = ['ddep.tools.benchmark', *argv]
+def parse_fresh_flags(program: str, argv: Sequence[str], define: Callable) -> flags.FlagValues:
+  """`argv` (no program name) parsed as `program`'s command line would be, into fresh
+  flags that `define(flag_values, sys_argv=...)` defines; UsageError if bad."""
+  command = [program, *argv]
   flag_values = flags.FlagValues()
-  define_flags(flag_values, sys_argv=command)
+  define(flag_values, sys_argv=command)
   try:
     rest = flag_values(command)
   except flags.Error as e:
     raise app.UsageError(str(e)) from e
   if len(rest) > 1:
     raise app.UsageError(f'unexpected arguments: {rest[1:]}')
-  return args_from_flags(flag_values)
+  return flag_values
+
+
+def parse_args(argv: Sequence[str]) -> types.SimpleNamespace:
+  """`argv` (no program name) parsed as the command line would be, into fresh flags."""
+  return args_from_flags(parse_fresh_flags('ddep.tools.benchmark', argv, define_flags))
 
 
 def run(args: types.SimpleNamespace, argv: Sequence[str]) -> list[dict]:

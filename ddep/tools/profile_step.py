@@ -243,16 +243,7 @@ def run(flag_values: flags.FlagValues) -> dict:
 
 def main(argv: Sequence[str]) -> dict:
   """The tool in-process: `argv` without the program name, parsed into fresh flags."""
-  command = ['ddep.tools.profile_step', *argv]
-  flag_values = flags.FlagValues()
-  define_flags(flag_values, sys_argv=command)
-  try:
-    rest = flag_values(command)
-  except flags.Error as e:
-    raise app.UsageError(str(e)) from e
-  if len(rest) > 1:
-    raise app.UsageError(f'unexpected arguments: {rest[1:]}')
-  return run(flag_values)
+  return run(benchmark.parse_fresh_flags('ddep.tools.profile_step', argv, define_flags))
 
 
 def _app_main(argv: Sequence[str]) -> None:
