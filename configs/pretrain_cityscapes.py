@@ -27,10 +27,10 @@ Arguments:
   runlocal     toy size on the generated 'demo_tiny' data, for CPUs and tests
 
 Cityscapes' PNGs are costly to decode (~31 ms of a host core for 1024x2048, nearly all
-zlib). Their lossless uncompressed copy gives bit-identical batches for ~4x less
+zlib). Their lossless copy stored as pixels gives bit-identical batches without the
 decoding (docs/performance.md): write it once with
-  python -m ddep.prepare --dataset=cityscapes --stored_png_copy --manual_dir=DIR
-and add --config.data.pretrain_images=stored_png.
+  python -m ddep.prepare --dataset=cityscapes --decoded_copy --manual_dir=DIR
+and add --config.data.pretrain_images=decoded.
 """
 
 from ddep import recipes

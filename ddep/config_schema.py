@@ -60,9 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
           eval_split='',  # '' = the dataset's validation split
           eval_pad_to=(),  # pad eval images/labels to this (H, W) when sizes vary
           skip_bad_examples=False,
-          # Denoising pretraining's images: 'original', or 'stored_png', their lossless
-          # uncompressed copy (ddep.datasets.stored_png; bit-identical batches, ~4x cheaper
-          # to decode for PNG sets such as Cityscapes; `ddep.prepare --stored_png_copy`).
+          # Denoising pretraining's images: 'original', or 'decoded', their lossless copy
+          # stored as pixels (ddep.datasets.decoded_copy; bit-identical batches without
+          # PNG decoding, for PNG sets such as Cityscapes; `ddep.prepare --decoded_copy`).
           pretrain_images='original',
           prepare=True,  # build generated datasets (demo) when missing
       )

@@ -97,8 +97,8 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
   ):
     _fail('data.scale_range', f'expected (lo, hi) with 0 < lo <= hi, got {config.data.scale_range}')
   pretrain_images = config.data.get('pretrain_images', 'original')
-  if pretrain_images not in ('original', 'stored_png'):
-    _fail('data.pretrain_images', f"must be 'original' or 'stored_png', got {pretrain_images!r}")
+  if pretrain_images not in ('original', 'decoded'):
+    _fail('data.pretrain_images', f"must be 'original' or 'decoded', got {pretrain_images!r}")
   if pretrain_images != 'original' and config.task != 'denoise':
     _fail(
         'data.pretrain_images',

@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from ddep import preprocess as pp
 from ddep.datasets import manual
 from ddep.datasets import specs
-from ddep.datasets import stored_png
+from ddep.datasets import decoded_copy
 
 try:
   # TF is only a host-side data loader: it must never claim accelerator memory.
@@ -244,7 +244,10 @@ def _read_records(chunks: Sequence[_Chunk]) -> tf.data.Dataset:
 def _deserialize(spec: specs.DatasetSpec, features, record):
   """Record -> feature dict with images still encoded (decoded later, where errors are caught)."""
   decoders = {
-      k: tfds.decode.SkipDecoding() for k in (spec.image_key, spec.label_key) if k in features
+      k: tfds.decode.SkipDecoding()
+      for k in (spec.image_key, spec.label_key)
+      # Not the opaque bytes of a decoded copy (ddep.datasets.decoded_copy): nothing to skip.
+      if k in features and isinstance(features[k], tfds.features.Image)
   }
   return features.deserialize_example(record, decoders=decoders)
 
@@ -522,15 +525,20 @@ class _Plan:
 
 
 def _decode_image(encoded):
-  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  return tf.cond(
+      decoded_copy.is_decoded(encoded),
+      lambda: decoded_copy.decode(encoded),
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+  )
 
 
 def _decode_image_window(encoded, window: Callable):
   """The crop `window(image_shape) -> (begin, size)` of an encoded image, uint8.
 
   A JPEG is decoded only inside the window (decode_and_crop_jpeg skips the
-  IDCT of the blocks outside it); PNGs cannot be, so they are decoded whole
-  and sliced, still in uint8. A JPEG damaged only below the window decodes, so
+  IDCT of the blocks outside it), and of an image stored decoded
+  (ddep.datasets.decoded_copy) only the window's rows are read; PNGs cannot be,
+  so they are decoded whole and sliced, still in uint8. A JPEG damaged only below the window decodes, so
   pretraining fails on such a file only in the epochs whose window reaches the
   damage (ddep.prepare reads every image; fine-tuning and eval decode whole).
   """
@@ -540,11 +548,18 @@ def _decode_image_window(encoded, window: Callable):
     return tf.image.decode_and_crop_jpeg(encoded, tf.concat([begin[:2], size[:2]], 0), channels=3)
 
   def other():
-    image = _decode_image(encoded)
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     begin, size = window(tf.shape(image))
     return tf.slice(image, begin, size)
 
-  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  def not_jpeg():
+    return tf.cond(
+        decoded_copy.is_decoded(encoded),
+        lambda: decoded_copy.decode_window(encoded, window),
+        other,
+    )
+
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, not_jpeg)
 
 
 def _decode_raw_label(encoded):
@@ -1001,16 +1016,16 @@ def pretrain_dataset(
   """Unlabelled images for denoising pretraining: {'image': float32 (B, H, W, 3) in [-1, 1]}.
 
   Reads the spec's `pretrain_splits` (of `pretrain_tfds_name` if set); inception-style crop + left-right flip
-  (paper Sec. 5.1; pretraining at 512x512). `images='stored_png'` reads the same images from
-  their lossless uncompressed copy (ddep.datasets.stored_png), which decodes ~4x faster: the
+  (paper Sec. 5.1; pretraining at 512x512). `images='decoded'` reads the same images from
+  their lossless decoded copy (ddep.datasets.decoded_copy), which costs no PNG decoding: the
   batches are bit-identical, so a run may switch on resume.
   """
   spec = specs.get(dataset).pretrain_view()
-  if images == 'stored_png':
-    stored_png.builder(spec, data_dir)  # Names the command that writes a missing copy.
-    spec = stored_png.copy_view(spec)
+  if images == 'decoded':
+    decoded_copy.builder(spec, data_dir)  # Names the command that writes a missing copy.
+    spec = decoded_copy.copy_view(spec)
   elif images != 'original':
-    raise ValueError(f'images={images!r}: one of {stored_png.IMAGES}')
+    raise ValueError(f'images={images!r}: one of {decoded_copy.IMAGES}')
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):

@@ -2,14 +2,14 @@ r"""Builds a dataset's TFDS files once, from the archives a user downloaded by h
 
   python -m ddep.prepare --dataset=ade20k --manual_dir=DIR [--data_dir=DIR]
   python -m ddep.prepare --dataset=cityscapes --pretrain --manual_dir=DIR
-  python -m ddep.prepare --dataset=cityscapes --stored_png_copy --manual_dir=DIR
+  python -m ddep.prepare --dataset=cityscapes --decoded_copy --manual_dir=DIR
 
 `--dataset` is a run's `config.data.dataset`. `--pretrain` builds the images that
 denoising pretraining reads where they are a builder of their own (Cityscapes' extra
 images, Pascal VOC 2012 for Pascal Context); for ADE20K they are the same builder.
-`--stored_png_copy` builds them too, then writes their lossless copy as uncompressed
-PNGs, which pretraining reads with `--config.data.pretrain_images=stored_png`: ~4x less
-decoding for a PNG set such as Cityscapes, for 1.75x the disk (ddep.datasets.stored_png).
+`--decoded_copy` builds them too, then writes their lossless copy stored as pixels,
+which pretraining reads with `--config.data.pretrain_images=decoded`: no PNG decoding for
+a PNG set such as Cityscapes, for ~3x its disk (ddep.datasets.decoded_copy).
 Which archives each builder needs and where they come from: docs/datasets.md.
 (TFDS's own `tfds build` needs apache_beam, which ddep does not install.)
 
@@ -26,7 +26,7 @@ from absl import flags
 from ddep import progress
 from ddep.datasets import manual
 from ddep.datasets import specs
-from ddep.datasets import stored_png
+from ddep.datasets import decoded_copy
 
 # TFDS's per-example loop (split_builder) wraps its generator in `utils.tqdm(generator,
 # desc='Generating <split> examples...', ...)`; other bars (downloads, shuffling) are silenced.
@@ -60,10 +60,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=flag_values,
   )
   flags.DEFINE_bool(
-      'stored_png_copy',
+      'decoded_copy',
       False,
-      'Build the pretraining images (as --pretrain), then write their copy as uncompressed '
-      'PNGs (ddep.datasets.stored_png), read with --config.data.pretrain_images=stored_png.',
+      'Build the pretraining images (as --pretrain), then write their copy stored as pixels '
+      '(ddep.datasets.decoded_copy), read with --config.data.pretrain_images=decoded.',
       flag_values=flag_values,
   )
   flags.mark_flags_as_required(['dataset'], flag_values=flag_values)
@@ -110,10 +110,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
           f.dataset,
           manual_dir=f.manual_dir,
           data_dir=f.data_dir,
-          pretrain=f.pretrain or f.stored_png_copy,
+          pretrain=f.pretrain or f.decoded_copy,
       )
-      if f.stored_png_copy:
-        copy_dir = stored_png.prepare(f.dataset, f.data_dir)
+      if f.decoded_copy:
+        copy_dir = decoded_copy.prepare(f.dataset, f.data_dir)
   except (manual.PrepareError, FileNotFoundError, ValueError) as e:
     # Missing or bad input, not a bug: the message names the file (and the example).
     print(f'ddep.prepare: error: {e}', file=sys.stderr, flush=True)
@@ -122,10 +122,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   print(
       f'ddep.prepare: {builder.info.full_name} ready in {builder.data_dir} ({splits})', flush=True
   )
-  if f.stored_png_copy:
+  if f.decoded_copy:
     print(
-        f'ddep.prepare: its stored-PNG copy is ready in {copy_dir}; pretraining reads it with '
-        '--config.data.pretrain_images=stored_png',
+        f'ddep.prepare: its decoded copy is ready in {copy_dir}; pretraining reads it with '
+        '--config.data.pretrain_images=decoded',
         flush=True,
     )
   if f.data_dir:

@@ -37,7 +37,7 @@ from ddep import steps as steps_lib
 from ddep import storage
 from ddep import summaries
 from ddep.datasets import specs
-from ddep.datasets import stored_png
+from ddep.datasets import decoded_copy
 from ddep.models import presets
 
 
@@ -136,16 +136,16 @@ def _num_image_classes(config, spec) -> int:
   return int(info.features[spec.image_labels_key].shape[-1])
 
 
-def prepare_once(dataset: str, data_dir: Optional[str], *, stored_png_copy: bool = False) -> None:
-  """Builds a generated dataset (and its stored-PNG copy) on process 0 while the others
+def prepare_once(dataset: str, data_dir: Optional[str], *, decoded: bool = False) -> None:
+  """Builds a generated dataset (and its decoded copy) on process 0 while the others
   wait, then all read it.
 
   Concurrent builds into one data_dir collide in TFDS's rename of its temporaries.
   """
   if jax.process_index() == 0:
     input_pipeline.prepare(dataset, data_dir)
-    if stored_png_copy:
-      stored_png.prepare(dataset, data_dir)
+    if decoded:
+      decoded_copy.prepare(dataset, data_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'ddep: {dataset} prepared')
 
@@ -291,7 +291,7 @@ def train_and_evaluate(
     prepare_once(
         spec.name,
         config.data.data_dir or None,
-        stored_png_copy=config.data.get('pretrain_images', 'original') == 'stored_png',
+        decoded=config.data.get('pretrain_images', 'original') == 'decoded',
     )
 
   # Data.

@@ -12,7 +12,7 @@ per-core rate directly.
 
   python -m ddep.tools.benchmark_input --source_hw=1024,2048 --crop=1024,1024
   python -m ddep.tools.benchmark_input --dataset=demo --crop=64,64 --image_size=64,64
-  python -m ddep.tools.benchmark_input --pipelines=pretrain --pretrain_images=stored_png
+  python -m ddep.tools.benchmark_input --pipelines=pretrain --pretrain_images=decoded
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from ddep import input_pipeline
 from ddep import progress
-from ddep.datasets import demo_scenes, specs, stored_png
+from ddep.datasets import decoded_copy, demo_scenes, specs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', None, 'Registered dataset to read instead of the synthetic one.')
@@ -48,9 +48,9 @@ flags.DEFINE_list('pipelines', ['pretrain', 'finetune'], 'Which pipelines to tim
 flags.DEFINE_enum(
     'pretrain_images',
     'original',
-    ['original', 'stored_png'],
-    "The pretrain pipeline's images: as stored, or their uncompressed-PNG copy "
-    '(ddep.datasets.stored_png; written first, once per data_dir).',
+    ['original', 'decoded'],
+    "The pretrain pipeline's images: as stored, or their copy stored as pixels "
+    '(ddep.datasets.decoded_copy; written first, once per data_dir).',
 )
 
 
@@ -175,10 +175,10 @@ def main(argv):
     input_pipeline.prepare(spec.name, data_dir=data_dir)
   else:
     spec = synthetic_spec(data_dir, FLAGS.source_hw, FLAGS.encoding, FLAGS.num_images)
-  if FLAGS.pretrain_images == 'stored_png' and 'pretrain' in FLAGS.pipelines:
+  if FLAGS.pretrain_images == 'decoded' and 'pretrain' in FLAGS.pipelines:
     t = time.time()
-    copy_dir = stored_png.prepare(spec, data_dir)
-    print(f'stored-PNG copy ready ({time.time() - t:.0f} s): {copy_dir}')
+    copy_dir = decoded_copy.prepare(spec, data_dir)
+    print(f'decoded copy ready ({time.time() - t:.0f} s): {copy_dir}')
   for which in FLAGS.pipelines:
     if which not in ('pretrain', 'finetune'):
       raise app.UsageError(f'unknown pipeline {which!r}')
@@ -193,7 +193,7 @@ def main(argv):
         crop=FLAGS.crop,
         pretrain_images=FLAGS.pretrain_images,
     )
-    images = ' (stored_png)' if r['images'] != 'original' else ''
+    images = ' (decoded copy)' if r['images'] != 'original' else ''
     print(
         f"{which:9s} {spec.name}{images} -> {r['size'][0]}x{r['size'][1]}: {r['images_per_s']:7.1f} "
         f"images/s, {r['images_per_s_per_core']:6.1f} images/s/core ({r['cores']} cores), "

@@ -1,11 +1,9 @@
-"""The stored-PNG copy of a pretraining set: lossless, bit-identical batches, clear errors."""
+"""The decoded copy of a pretraining set: lossless, bit-identical batches, clear errors."""
 
 import glob
 import os
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from ddep import config_schema
 from ddep import config_validation
 from ddep import input_pipeline
 from ddep.datasets import specs
-from ddep.datasets import stored_png
+from ddep.datasets import decoded_copy
 from ddep.tools import benchmark_input
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,25 +28,6 @@ def _records(builder, split):
   return out
 
 
-def _idat_blocks_are_stored(png: bytes) -> bool:
-  """Whether every deflate block of the PNG's image data is a stored (BTYPE 00) block."""
-  pos, idat = 8, b''
-  while pos < len(png):
-    (length,) = struct.unpack('>I', png[pos : pos + 4])
-    if png[pos + 4 : pos + 8] == b'IDAT':
-      idat += png[pos + 8 : pos + 8 + length]
-    pos += 12 + length
-  data, pos = idat[2:], 0  # After the 2-byte zlib header.
-  while True:
-    header = data[pos]
-    if (header >> 1) & 3 != 0:
-      return False
-    (size,) = struct.unpack('<H', data[pos + 1 : pos + 3])
-    pos += 5 + size
-    if header & 1:  # BFINAL
-      return zlib.decompress(idat) is not None
-
-
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('tfds'))
@@ -58,9 +37,9 @@ def data_dir(tmp_path_factory):
 
 def test_copy_is_lossless_and_pretraining_reads_the_same_batches(data_dir):
   spec = specs.get('demo_tiny').pretrain_view()
-  out_dir = stored_png.prepare('demo_tiny', data_dir)
+  out_dir = decoded_copy.prepare('demo_tiny', data_dir)
   original = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  copy = stored_png.builder(spec, data_dir)
+  copy = decoded_copy.builder(spec, data_dir)
   assert copy.data_dir == out_dir
   assert list(copy.info.splits) == list(spec.pretrain_splits)
   for split in spec.pretrain_splits:
@@ -72,26 +51,40 @@ def test_copy_is_lossless_and_pretraining_reads_the_same_batches(data_dir):
         if key != spec.image_key:
           assert fa[key] == fb[key], key
       old, new = fa[spec.image_key].bytes_list.value[0], fb[spec.image_key].bytes_list.value[0]
-      assert _idat_blocks_are_stored(new) and not _idat_blocks_are_stored(old)
-      np.testing.assert_array_equal(
-          tf.io.decode_png(new, channels=3).numpy(), tf.io.decode_png(old, channels=3).numpy()
+      pixels = tf.io.decode_png(old, channels=3).numpy()
+      # The documented layout: magic, (H, W, C) little-endian int32, the pixels row by row.
+      assert new[:8] == decoded_copy.MAGIC
+      assert np.frombuffer(new[8:20], '<i4').tolist() == list(pixels.shape)
+      assert new[20:] == pixels.tobytes()
+      # Any window reads back exactly, as the pipeline reads it.
+      h, w, _ = pixels.shape
+      begin, size = (h // 3, w // 4, 0), (h - h // 3 - 1, w // 2, 3)
+      window = decoded_copy.decode_window(
+          tf.constant(new), lambda shape: (tf.constant(begin), tf.constant(size))
       )
+      np.testing.assert_array_equal(
+          window.numpy(), pixels[begin[0] : begin[0] + size[0], begin[1] : begin[1] + size[1]]
+      )
+  # TFDS itself reads the copy, its image as the opaque bytes features.json declares.
+  (example,) = copy.as_dataset(split=spec.pretrain_splits[0]).take(1)
+  assert example[spec.image_key].dtype == tf.string
+  assert example[spec.image_key].numpy()[:8] == decoded_copy.MAGIC
 
   # Written once: a second call leaves it alone.
   info = os.path.join(out_dir, 'dataset_info.json')
   mtime = os.stat(info).st_mtime_ns
-  assert stored_png.prepare('demo_tiny', data_dir) == out_dir
+  assert decoded_copy.prepare('demo_tiny', data_dir) == out_dir
   assert os.stat(info).st_mtime_ns == mtime
 
   common = dict(batch_size=4, image_size=(16, 16), seed=3, data_dir=data_dir)
   common.update(process_index=0, process_count=1)
   a = input_pipeline.pretrain_dataset('demo_tiny', **common)
-  b = input_pipeline.pretrain_dataset('demo_tiny', images='stored_png', **common)
+  b = input_pipeline.pretrain_dataset('demo_tiny', images='decoded', **common)
   for _ in range(3):
     x, y = next(a), next(b)
     np.testing.assert_array_equal(x['image'], y['image'])
   # The same stream, so a run may switch on resume: a state saved on one restores on the other.
-  c = input_pipeline.pretrain_dataset('demo_tiny', images='stored_png', **common)
+  c = input_pipeline.pretrain_dataset('demo_tiny', images='decoded', **common)
   c.set_state(a.get_state())
   np.testing.assert_array_equal(next(a)['image'], next(c)['image'])
 
@@ -100,8 +93,8 @@ def test_a_missing_copy_names_the_command(tmp_path):
   d = str(tmp_path)
   input_pipeline.prepare('demo_tiny', d)
   common = dict(batch_size=2, seed=0, data_dir=d, process_index=0, process_count=1)
-  with pytest.raises(FileNotFoundError, match='--dataset=demo_tiny --stored_png_copy'):
-    input_pipeline.pretrain_dataset('demo_tiny', images='stored_png', **common)
+  with pytest.raises(FileNotFoundError, match='--dataset=demo_tiny --decoded_copy'):
+    input_pipeline.pretrain_dataset('demo_tiny', images='decoded', **common)
   with pytest.raises(ValueError, match="images='jpeg'"):
     input_pipeline.pretrain_dataset('demo_tiny', images='jpeg', **common)
 
@@ -110,8 +103,8 @@ def test_a_jpeg_source_is_refused_naming_the_record(tmp_path):
   d = str(tmp_path)
   spec = benchmark_input.synthetic_spec(d, (16, 24), 'jpeg', num_images=2)
   with pytest.raises(ValueError, match=r'record 0 \(image_id bench_00000\).*not a PNG'):
-    stored_png.prepare(spec, d)
-  assert not glob.glob(os.path.join(d, '*_stored_png', '*', '*', 'dataset_info.json'))
+    decoded_copy.prepare(spec, d)
+  assert not glob.glob(os.path.join(d, '*_decoded', '*', '*', 'dataset_info.json'))
 
 
 def test_only_denoising_pretraining_takes_the_copy():
@@ -120,11 +113,11 @@ def test_only_denoising_pretraining_takes_the_copy():
   c.data.dataset = 'demo_tiny'
   c.data.image_size = (32, 32)
   c.data.batch_size = c.data.eval_batch_size = 2
-  c.data.pretrain_images = 'stored_png'
+  c.data.pretrain_images = 'decoded'
   with pytest.raises(ValueError, match=r"data.pretrain_images.*task='segment'"):
     config_validation.validate(c)
   c.data.pretrain_images = 'stored'
-  with pytest.raises(ValueError, match=r"data.pretrain_images: must be 'original' or 'stored_png'"):
+  with pytest.raises(ValueError, match=r"data.pretrain_images: must be 'original' or 'decoded'"):
     config_validation.validate(c)
 
 
@@ -137,11 +130,9 @@ def _cli(*args, cwd):
 
 def test_cli_prepares_the_copy_and_a_pretraining_run_reads_only_it(tmp_path):
   d = str(tmp_path / 'tfds')
-  p = _cli(
-      'ddep.prepare', '--dataset=demo_tiny', '--stored_png_copy', f'--data_dir={d}', cwd=tmp_path
-  )
+  p = _cli('ddep.prepare', '--dataset=demo_tiny', '--decoded_copy', f'--data_dir={d}', cwd=tmp_path)
   assert p.returncode == 0, p.stderr[-3000:]
-  assert 'stored-PNG copy is ready' in p.stdout and 'pretrain_images=stored_png' in p.stdout
+  assert 'decoded copy is ready' in p.stdout and 'pretrain_images=decoded' in p.stdout
   # Spoil the original's pretraining shard: a run that read it would fail to decode.
   spec = specs.get('demo_tiny').pretrain_view()
   original = tfds.builder(spec.tfds_name, data_dir=d)
@@ -157,7 +148,7 @@ def test_cli_prepares_the_copy_and_a_pretraining_run_reads_only_it(tmp_path):
       '--config.total_steps=2',
       '--config.eval.denoise_images=0',
       f'--config.data.data_dir={d}',
-      '--config.data.pretrain_images=stored_png',
+      '--config.data.pretrain_images=decoded',
       cwd=tmp_path,
   )
   assert p.returncode == 0, p.stderr[-3000:]
