@@ -5,6 +5,7 @@ numbering: `LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
 `MlpBlock_3`), so the checkpoint loads by key, without renaming.
 """
 
+import math
 from typing import Any, Optional
 
 from absl import logging
@@ -45,6 +46,32 @@ class AddPositionEmbs(nn.Module):
       # Read without flax's shape check: the stored grid may differ from this input's.
       posemb = self.get_variable('params', 'pos_embedding')
     return x + resize_posemb(posemb, (h, w)).astype(x.dtype)
+
+
+def matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+  """`jax.lax.dot_general` with `nn.DenseGeneral`'s contraction as one matrix product.
+
+  DenseGeneral contracts the trailing axes of its input with the leading axes of a
+  kernel of shape (*in, *out), e.g. attention's (768, 12, 64) query kernel. Flattened to
+  (prod(in), prod(out)) it is the product `nn.Dense` computes, with the same result;
+  given the 3-D kernels, XLA:CPU copied each into another layout every step (~80 ms of
+  the f32 encoder step, docs/performance_cpu.md). Anything else goes to lax.dot_general.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  n = len(lhs_contract)
+  trailing = tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
+  if lhs_batch or rhs_batch or not trailing or tuple(rhs_contract) != tuple(range(n)):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+  k = math.prod(rhs.shape[:n])
+  out = rhs.shape[n:]
+  y = jax.lax.dot_general(
+      lhs.reshape(*lhs.shape[: lhs.ndim - n], k),
+      rhs.reshape(k, math.prod(out)),
+      (((lhs.ndim - n,), (0,)), ((), ())),
+      precision=precision,
+      **kwargs,
+  )
+  return y.reshape(*lhs.shape[: lhs.ndim - n], *out)
 
 
 ATTENTION_IMPLS = ('', 'auto', 'xla', 'cudnn')
@@ -93,12 +120,18 @@ class MultiHeadDotProductAttention(nn.Module):
         (self.num_heads, d // self.num_heads),
         dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(),
+        dot_general=matmul_dot_general,
         name=name,
     )
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
     y = dot_product_attention(q, k, v, self.implementation)
     return nn.DenseGeneral(
-        d, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name='out'
+        d,
+        axis=(-2, -1),
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        dot_general=matmul_dot_general,
+        name='out',
     )(y)
 
 
