@@ -42,9 +42,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ddep import preprocess as pp
+from ddep.datasets import decoded_copy
 from ddep.datasets import manual
 from ddep.datasets import specs
-from ddep.datasets import decoded_copy
 
 try:
   # TF is only a host-side data loader: it must never claim accelerator memory.
@@ -538,9 +538,10 @@ def _decode_image_window(encoded, window: Callable):
   A JPEG is decoded only inside the window (decode_and_crop_jpeg skips the
   IDCT of the blocks outside it), and of an image stored decoded
   (ddep.datasets.decoded_copy) only the window's rows are read; PNGs cannot be,
-  so they are decoded whole and sliced, still in uint8. A JPEG damaged only below the window decodes, so
-  pretraining fails on such a file only in the epochs whose window reaches the
-  damage (ddep.prepare reads every image; fine-tuning and eval decode whole).
+  so they are decoded whole and sliced, still in uint8. A JPEG damaged only below
+  the window decodes, so pretraining fails on such a file only in the epochs whose
+  window reaches the damage (ddep.prepare reads every image; fine-tuning and eval
+  decode whole).
   """
 
   def jpeg():

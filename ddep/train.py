@@ -36,8 +36,8 @@ from ddep import sharding
 from ddep import steps as steps_lib
 from ddep import storage
 from ddep import summaries
-from ddep.datasets import specs
 from ddep.datasets import decoded_copy
+from ddep.datasets import specs
 from ddep.models import presets
 
 
