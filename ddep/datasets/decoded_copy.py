@@ -107,15 +107,6 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 # Writing the copy.
 
 
-def prepare_command(spec: specs.DatasetSpec, data_dir: str | None) -> str:
-  parts = ['python -m ddep.prepare', f'--dataset={spec.name}', '--decoded_copy']
-  if not spec.name.startswith('demo'):
-    parts.append('--manual_dir=DIR_WITH_THE_ARCHIVES')
-  if data_dir:
-    parts.append(f'--data_dir={data_dir}')
-  return ' '.join(parts)
-
-
 def builder(spec: specs.DatasetSpec, data_dir: str | None):
   """The copy's read-only builder for pretraining view `spec`, or an error with the command."""
   name = copy_tfds_name(spec.tfds_name)
@@ -128,7 +119,7 @@ def builder(spec: specs.DatasetSpec, data_dir: str | None):
     raise FileNotFoundError(
         f'config.data.pretrain_images=decoded reads {name}, the decoded copy of '
         f'{spec.tfds_name}, which is not prepared under data_dir={data_dir!r}; write it once '
-        f'with\n  {prepare_command(spec, data_dir)}'
+        f'with\n  {manual.prepare_command(spec, data_dir=data_dir, decoded_copy=True)}'
     )
   return b
 

@@ -16,11 +16,14 @@ from ddep.datasets import specs
 DOCS = 'docs/datasets.md'
 
 
-def prepare_command(dataset: str | specs.DatasetSpec, *, data_dir: str | None = None) -> str:
+def prepare_command(
+    dataset: str | specs.DatasetSpec, *, data_dir: str | None = None, decoded_copy: bool = False
+) -> str:
   """The `ddep.prepare` command line that builds `dataset`, for errors that ask for it.
 
   `dataset` may be a spec's pretraining view (`spec.pretrain_view()`), whose builder is
-  prepared with `--pretrain`.
+  prepared with `--pretrain`; `decoded_copy` asks for its decoded copy too
+  (`--decoded_copy`, which implies `--pretrain`).
   """
   spec = specs.get(dataset)
   try:
@@ -28,7 +31,9 @@ def prepare_command(dataset: str | specs.DatasetSpec, *, data_dir: str | None = 
   except ValueError:  # A spec of its own that was never registered (as tests make).
     registered = spec
   parts = ['python -m ddep.prepare', f'--dataset={spec.name}']
-  if spec.tfds_name != registered.tfds_name:
+  if decoded_copy:
+    parts.append('--decoded_copy')
+  elif spec.tfds_name != registered.tfds_name:
     parts.append('--pretrain')
   if not spec.name.startswith('demo'):  # The demo scenes are generated, not read.
     parts.append('--manual_dir=DIR_WITH_THE_ARCHIVES')
