@@ -525,11 +525,8 @@ class _Plan:
 
 
 def _decode_image(encoded):
-  return tf.cond(
-      decoded_copy.is_decoded(encoded),
-      lambda: decoded_copy.decode(encoded),
-      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
-  )
+  # Only pretraining reads a decoded copy, always through its crop window (below).
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
 def _decode_image_window(encoded, window: Callable):
@@ -549,7 +546,7 @@ def _decode_image_window(encoded, window: Callable):
     return tf.image.decode_and_crop_jpeg(encoded, tf.concat([begin[:2], size[:2]], 0), channels=3)
 
   def other():
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = _decode_image(encoded)
     begin, size = window(tf.shape(image))
     return tf.slice(image, begin, size)
 
