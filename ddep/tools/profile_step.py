@@ -70,25 +70,23 @@ def instruction_table(hlo_text: str) -> dict[str, dict]:
       if instr.op == 'fusion':
         called.update(hlo_roofline.called_computations(instr))
 
-  def inner(comp, seen=()):
-    """All instructions of a fused computation, nested fusions included."""
-    out = []
-    for instr in comps.get(comp, ()):
-      out.append(instr)
-      if instr.op == 'fusion' and comp not in seen:
-        for c in hlo_roofline.called_computations(instr):
-          out += inner(c, (*seen, comp))
-    return out
+  def fused(instr):
+    """The instructions a fusion runs, those of nested fusions included (HLO calls no cycles)."""
+    if instr.op != 'fusion':
+      return []
+    return [
+        inner
+        for comp in hlo_roofline.called_computations(instr)
+        for i in comps.get(comp, ())
+        for inner in (i, *fused(i))
+    ]
 
   table = {}
   for comp, instrs in comps.items():
     if comp in called:
       continue  # A fusion's body: its instructions run inside the fusion's event.
     for instr in instrs:
-      body = []
-      if instr.op == 'fusion':
-        for c in hlo_roofline.called_computations(instr):
-          body += inner(c)
+      body = fused(instr)
       ops = {instr.op} | {i.op for i in body}
       if ops & {'convolution'}:
         kind = 'conv'
