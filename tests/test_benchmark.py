@@ -382,7 +382,7 @@ def test_without_ml_collections_only_config_is_refused(blocked_env):
   assert 'Traceback' not in proc.stderr  # A usage error, not a crash.
 
 
-def _run_tool(env, tmp_path, *flags):
+def _run_tool(env, tmp_path, *flags, max_xla_over_analytic=1.15):
   out = tmp_path / 'bench.jsonl'
   cmd = [
       sys.executable,
@@ -423,7 +423,10 @@ def _run_tool(env, tmp_path, *flags):
     # XLA counts what the analytic count leaves out (norms, activations, softmax, the
     # loss, weight standardization), which at 32x32 in a 16-channel model is 5-10%;
     # a missing or doubled backward pass would be off by 30% or more.
-    assert 1.0 < r['xla_over_analytic'] < 1.15, (r['phase'], r['xla_over_analytic'])
+    assert 1.0 < r['xla_over_analytic'] < max_xla_over_analytic, (
+        r['phase'],
+        r['xla_over_analytic'],
+    )
   return {r['phase']: r for r in rows}, proc.stdout
 
 
@@ -477,35 +480,20 @@ def test_classify_step_trains_the_encoder_and_head_only(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  out = tmp_path / 'bench.jsonl'
-  cmd = [
-      sys.executable,
-      '-m',
-      'ddep.tools.benchmark',
-      '--preset',
-      'tiny',
-      '--image_size',
-      '32',
-      '--batch_size',
-      '2',
-      '--steps',
-      '1',
-      '--trials',
-      '1',
-      '--warmup',
-      '1',
+  # The tiny encoder at 32x32 does few FLOPs per element, so the norms XLA also counts
+  # weigh more than in the denoising steps (1.009 for the full-size encoder at 224^2).
+  rows, _ = _run_tool(
+      None,
+      tmp_path,
       '--task',
       'classify',
       '--num_classes',
       '5',
       '--eval_size',
       '0',
-      '--output',
-      str(out),
-  ]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+      max_xla_over_analytic=1.4,
+  )
+  (row,) = rows.values()
   assert row['phase'] == 'classify' and row['num_classes'] == 5 and row['loss_finite']
   assert 0 < row['process_cpu_s_per_step'] and row['step_time_s'] > 0
   model = presets.create_model('tiny', num_image_classes=5)
@@ -517,6 +505,3 @@ def test_classify_step_trains_the_encoder_and_head_only(tmp_path):
   assert row['params'] == row['trainable_params'] == n and row['frozen_params'] == 0
   ops = flops_lib.model_ops(model, (32, 32), 2)
   assert row['analytic_forward_flops'] == flops_lib.encoder_flops(ops) + 2 * 2 * 64 * 5
-  # The tiny encoder at 32x32 does few FLOPs per element, so the norms XLA also counts
-  # weigh more than in the denoising steps (1.009 for the full-size encoder at 224^2).
-  assert 1.0 < row['xla_over_analytic'] < 1.4
