@@ -7,14 +7,20 @@ It mirrors the paper's Table 1 / Figure 2 at toy scale:
   2. DeP:  the whole TransUNet denoises, σ = 0.1 (the paper's 0.8 only smooths here)
   3. DDeP: the supervised encoder is frozen and the decoder denoises, σ = 0.1
   4. fine-tuning of each initialisation (none / supervised / DeP / DDeP) at several
-     label fractions and subset seeds, evaluated by mIoU on the validation split
-  5. a table (mean ± std), the paper's orderings as measured, the mIoU-vs-fraction plot,
-     Figure-4 denoising grids and a segmentation figure.
-Every stage is an ordinary `ddep.train` run in its own workdir; a rerun skips the
-stages whose workdir says DONE.
+     label fractions and subset seeds, evaluated by mIoU on the validation split; for a
+     given subset seed every method fine-tunes on the same labelled images
+  5. a table (mean ± std), the paper's claims as paired differences with 95% t-intervals
+     (ddep.paired_stats), results.json (one entry per fine-tune), the mIoU-vs-fraction
+     plot, Figure-4 denoising grids and a segmentation figure.
+Every stage is an ordinary `ddep.train` run of an ordinary config in its own workdir,
+run by a pool of worker processes (one core each: two 1-thread processes train 1.45x
+the steps of one 2-thread process on this model, docs/demo_study.md); a stage starts once
+the pretraining it needs is done. A rerun skips the stages whose workdir says DONE.
 """
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import time
 
@@ -25,6 +31,7 @@ import jax
 import numpy as np
 
 from ddep import config_schema
+from ddep import paired_stats
 
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
@@ -33,28 +40,43 @@ _BUDGET = flags.DEFINE_enum(
     'budget',
     'default',
     ['default', 'long'],
-    "'default' fits 20 minutes on 2 CPU cores; 'long' is ~10x that.",
+    "'default' fits 20 minutes on 2 CPU cores; 'long' is ~5x that.",
 )
 _PRETRAIN_STEPS = flags.DEFINE_integer(
-    'pretrain_steps', 0, 'Steps of each pretraining stage ' "(0: the budget's)."
+    'pretrain_steps', 0, "Steps of each pretraining stage (0: the budget's)."
 )
 _FINETUNE_STEPS = flags.DEFINE_integer(
-    'finetune_steps', 0, 'Steps of each fine-tuning run ' "(0: the budget's)."
+    'finetune_steps', 0, "Steps of each fine-tuning run (0: the budget's)."
 )
 _FRACTIONS = flags.DEFINE_list('fractions', [], "Label fractions (empty: the budget's).")
 _SEEDS = flags.DEFINE_integer(
     'seeds',
     0,
-    'Subset seeds per label fraction below 1 (the full set has one subset: one '
-    "run); 0: the budget's.",
+    'Runs per method at the lowest fraction and at 100% (subset seeds 0..n-1; at 100% the '
+    "seed varies initialisation and data order only); 0: the budget's.",
+)
+_MIDDLE_SEEDS = flags.DEFINE_integer(
+    'middle_seeds', 0, "Runs per method at the fractions in between (0: the budget's)."
 )
 _FINETUNE_LR = flags.DEFINE_float(
-    'finetune_lr', 0.0, 'Peak fine-tuning learning rate of ' "every method (0: the budget's)."
+    'finetune_lr', 0.0, "Peak fine-tuning learning rate of every method (0: the budget's)."
+)
+_SEED = flags.DEFINE_integer(
+    'seed',
+    0,
+    'Base seed: initialisation and data order of every stage (the labelled subsets are '
+    'drawn by subset seed and stay the same).',
+)
+_WORKERS = flags.DEFINE_integer(
+    'workers',
+    0,
+    'Worker processes, one core each (0: one per core this process may use). 1 runs the '
+    'stages in this process on every core.',
 )
 _METHODS = flags.DEFINE_list(
     'methods',
     [],
-    'Initialisations to fine-tune (empty: all); only ' 'the pretraining stages they need run.',
+    'Initialisations to fine-tune (empty: all); only the pretraining stages they need run.',
 )
 _EVAL_SPLIT = flags.DEFINE_enum(
     'eval_split',
@@ -64,26 +86,38 @@ _EVAL_SPLIT = flags.DEFINE_enum(
     'split) is for choosing hyper-parameters, as docs/demo_study.md did.',
 )
 
-# At least 3 subset seeds where the subset varies, so that a mean comes with a std.
-# Every stage trains on 32x32 crops of the 64x64 scenes (1/6 of a 64x64 step's time on
-# 2 cores, docs/demo_study.md) and fine-tunes are scored on whole validation images.
+# The demo scenes are 32x32 (ddep.datasets.demo_scenes); every stage trains on whole
+# images with left-right flips and fine-tunes are scored on the whole validation images.
+# Settings chosen on the holdout split (docs/demo_study.md).
 BUDGETS = {
     'default': dict(
-        pretrain_steps=4000,
-        finetune_steps=500,
-        finetune_lr=2e-3,
-        fractions=['0.02', '1.0'],
-        seeds=3,
-    ),
-    'long': dict(
-        pretrain_steps=20000,
-        finetune_steps=2000,
-        finetune_lr=2e-3,
+        pretrain_steps=3000,
+        finetune_steps=600,
+        finetune_lr=3e-3,
         fractions=['0.02', '0.1', '1.0'],
         seeds=5,
+        middle_seeds=2,
     ),
-    'quick': dict(pretrain_steps=6, finetune_steps=4, finetune_lr=2e-3, fractions=['1.0'], seeds=1),
+    'long': dict(
+        pretrain_steps=12000,
+        finetune_steps=1200,
+        finetune_lr=3e-3,
+        fractions=['0.02', '0.05', '0.1', '0.25', '1.0'],
+        seeds=10,
+        middle_seeds=5,
+    ),
+    'quick': dict(
+        pretrain_steps=6,
+        finetune_steps=4,
+        finetune_lr=3e-3,
+        fractions=['0.25', '1.0'],
+        seeds=2,
+        middle_seeds=1,
+    ),
 }
+# Supervised pretraining (the ImageNet-21k stand-in) learns its image labels in a fraction
+# of the denoising steps; the rest of its time goes to DDeP, which starts from it.
+SUPERVISED_STEPS_FACTOR = 0.5
 
 METHODS = ('none', 'supervised', 'dep', 'ddep')
 METHOD_TITLES = {'none': 'no pretraining', 'supervised': 'supervised', 'dep': 'DeP', 'ddep': 'DDeP'}
@@ -96,28 +130,31 @@ _NEEDS = {
 }
 
 # Noise levels. DDeP keeps the paper's 0.1 (Sec. 3.3). DeP uses 0.1, not the paper's 0.8,
-# chosen on the holdout split (docs/demo_study.md): a frozen DeP encoder under a trained
-# decoder scored 20.7 (sigma 0.8), 34.1 (0.2) and 35.9 (0.1) mIoU, a random one 20.3.
-# Fig. 7 of the paper also favours a low sigma.
+# chosen on the holdout split (docs/demo_study.md); Fig. 7 of the paper also favours a
+# low sigma.
 DEP_SIGMA = 0.1
 DDEP_SIGMA = 0.1
 
 
-def _base(quick: bool):
+def _base(quick: bool, seed: int):
   c = config_schema.base_config()
+  c.seed = seed
   c.model.preset = 'tiny'
   c.data.dataset = 'demo_tiny' if quick else 'demo'
   c.data.data_dir = ''
   c.data.batch_size = 8 if quick else 16
   c.data.eval_batch_size = 16 if quick else 64
   c.data.image_size = (32, 32)
-  c.data.eval_pad_to = (48, 48) if quick else (64, 64)
+  # Whole images: an inception crop of 5% of a 32x32 scene is a blur of one pattern, and
+  # a crop that misses an object contradicts the image-level labels of `classify`.
+  c.data.area_range = (1.0, 1.0)
+  c.data.eval_pad_to = (48, 48) if quick else (32, 32)
   c.optim.lr = 2e-3  # a small model trained for minutes wants more than the paper's 1e-4
   c.optim.warmup_steps = 2 if quick else 50
-  c.log_every = 2 if quick else 250
+  c.log_every = 2 if quick else 200
   c.eval_every = 0
-  # No TensorBoard pictures: 16 fine-tunes would spend ~1-2 s each drawing them, out of a
-  # 20-minute budget whose margin is under a minute; the demo's own figures show predictions.
+  # No TensorBoard pictures: dozens of fine-tunes would spend ~1-2 s each drawing them; the
+  # demo's own figures show predictions.
   c.eval.summary_images = 0
   c.keep_checkpoints = 1
   return c
@@ -131,12 +168,20 @@ def stage_configs(
     finetune_steps: int,
     fractions,
     seeds: int,
-    finetune_lr: float = 2e-3,
+    middle_seeds: int = 0,
+    finetune_lr: float = 3e-3,
     methods=METHODS,
     eval_split: str = 'validation',
+    base_seed: int = 0,
 ) -> list[tuple[str, str, object]]:
   """[(name, workdir, config)] in run order: the pretraining stages `methods` need, then
-  each method's fine-tunes per fraction and subset seed."""
+  each method's fine-tunes per fraction and seed.
+
+  `seeds` runs per method at the lowest fraction and at 100%, `middle_seeds` (default
+  `seeds`) at the fractions in between. Fine-tune i at a fraction uses subset seed i, the
+  same labelled images for every method (a paired design), and initialisation/data-order
+  seed `1000 * base_seed + i`.
+  """
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise ValueError(f'unknown demo methods {unknown}; choose from {list(METHODS)}')
@@ -149,21 +194,21 @@ def stage_configs(
     runs.append((name, workdirs[name], config))
 
   if 'supervised' in needed:
-    sup = _base(quick)
+    sup = _base(quick, base_seed)
     sup.task, sup.method = 'classify', 'supervised'
     sup.data.train_split = 'unlabelled'  # image-level labels of the large split
-    sup.total_steps = pretrain_steps
+    sup.total_steps = max(1, int(pretrain_steps * SUPERVISED_STEPS_FACTOR))
     add('pretrain_supervised', sup)
 
   if 'dep' in needed:
-    dep = _base(quick)
+    dep = _base(quick, base_seed)
     dep.task, dep.method = 'denoise', 'dep'
     dep.denoise.sigma = DEP_SIGMA
     dep.total_steps = pretrain_steps
     add('pretrain_dep', dep)
 
   if 'ddep' in needed:
-    ddep = _base(quick)
+    ddep = _base(quick, base_seed)
     ddep.task, ddep.method = 'denoise', 'ddep'
     ddep.denoise.sigma = DDEP_SIGMA
     ddep.init_from = workdirs['pretrain_supervised']
@@ -171,23 +216,32 @@ def stage_configs(
     ddep.total_steps = pretrain_steps
     add('pretrain_ddep', ddep)
 
+  values = sorted({float(f) for f in fractions})
   for fraction in fractions:
-    # Like the paper (Sec. 4.3), fewer runs where the subset varies less; at 100% the
-    # subset seed changes nothing.
-    for seed in range(seeds if float(fraction) < 1.0 else 1):
+    ends = float(fraction) in (values[0], 1.0)
+    for seed in range(seeds if ends else (middle_seeds or seeds)):
       for method in [m for m in METHODS if m in methods]:
-        ft = _base(quick)
+        ft = _base(quick, 1000 * base_seed + seed)
         ft.task, ft.method = 'segment', method
         ft.init_from = workdirs.get(f'pretrain_{method}', '')  # 'none': no pretraining
-        ft.seed = seed
         ft.data.label_fraction = float(fraction)
+        # At 100% the subset is the whole split whatever the seed; the seed still names
+        # the run and pairs the methods' runs.
         ft.data.subset_seed = seed
         ft.data.eval_split = '' if eval_split == 'validation' else eval_split
-        ft.data.scale_range = (0.75, 1.25)
         ft.optim.lr = float(finetune_lr)
         ft.total_steps = finetune_steps
         add(f'finetune_{method}_f{fraction}_s{seed}', ft)
   return runs
+
+
+def dependencies(runs) -> dict[str, set[str]]:
+  """{stage: the stages whose workdir it initialises from}."""
+  by_workdir = {workdir: name for name, workdir, _ in runs}
+  return {
+      name: {by_workdir[config.init_from]} if config.init_from in by_workdir else set()
+      for name, _, config in runs
+  }
 
 
 def _done_marker(workdir: str) -> str:
@@ -200,38 +254,140 @@ def stage_cost(config) -> float:
   return float(config.total_steps * config.data.batch_size * h * w)
 
 
-def run_stages(runs, *, log=print) -> dict[str, float]:
-  """Runs each stage not yet DONE; returns {name: seconds} as each run recorded it."""
+def _configure_jax(output: str) -> None:
+  # Identical train steps across runs (same shapes, seeds live in the state) hit this
+  # cache, so only the first run of each kind pays for compilation, in any process.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(output, '.jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def _init_worker(output: str, cores) -> None:
+  """A worker process on one core: XLA and tf.data each run one thread there."""
+  worker = multiprocessing.current_process()._identity[0] - 1  # pylint: disable=protected-access
+  if cores:
+    os.sched_setaffinity(0, {cores[worker % len(cores)]})
+  # Read when JAX's CPU backend starts, which is after this (the worker has run nothing).
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '')
+      + ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+  )
+  logging.set_verbosity(logging.WARNING)
+  _configure_jax(output)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.config.set_visible_devices([], 'GPU')
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def run_stage(name: str, workdir: str, config) -> dict:
+  """One stage, an ordinary `ddep.train` run; writes and returns its DONE summary."""
   from ddep import train  # pylint: disable=g-import-not-at-top
 
+  t = time.time()
+  result = train.train_and_evaluate(config, workdir)
+  summary = {'seconds': round(time.time() - t, 1)}
+  if result.metrics:
+    summary['miou'] = result.metrics['miou']
+  with open(_done_marker(workdir), 'w') as f:
+    json.dump(summary, f)
+  del name
+  return summary
+
+
+def _worker_cores() -> list[int]:
+  try:
+    return sorted(os.sched_getaffinity(0))
+  except AttributeError:  # macOS: no affinity, the OS places the workers.
+    return []
+
+
+def run_stages(runs, *, output: str, workers: int = 1, log=print) -> dict[str, float]:
+  """Runs each stage not yet DONE, each once the stages it initialises from are done;
+  returns {name: seconds} as each run recorded it.
+
+  workers > 1: a pool of that many processes, one core each; 1: in this process.
+  """
   t_start = time.time()
-  costs = [stage_cost(c) for _, _, c in runs]
-  seconds, measured, measured_cost = {}, 0.0, 0.0
-  for i, (name, workdir, config) in enumerate(runs, 1):
-    prefix = f'[demo] ({i}/{len(runs)}) {name}'
+  costs = {name: stage_cost(c) for name, _, c in runs}
+  index = {name: i for i, (name, _, _) in enumerate(runs, 1)}
+  needs = dependencies(runs)
+  seconds, done = {}, set()
+  pending = []
+  for name, workdir, config in runs:
     if os.path.exists(_done_marker(workdir)):
       with open(_done_marker(workdir)) as f:
         seconds[name] = float(json.load(f).get('seconds', 0.0))
-      log(f'{prefix}: already done, reusing {workdir}')
-      continue
-    log(f'{prefix}: {config.task}, {config.total_steps} steps ...')
-    t = time.time()
-    result = train.train_and_evaluate(config, workdir)
-    summary = {'seconds': round(time.time() - t, 1)}
-    if result.metrics:
-      summary['miou'] = result.metrics['miou']
-    with open(_done_marker(workdir), 'w') as f:
-      json.dump(summary, f)
+      log(f'[demo] ({index[name]}/{len(runs)}) {name}: already done, reusing {workdir}')
+      done.add(name)
+    else:
+      pending.append((name, workdir, config))
+  measured = {'seconds': 0.0, 'cost': 0.0}
+
+  def finished(name, summary, started):
     seconds[name] = summary['seconds']
-    measured += time.time() - t
-    measured_cost += costs[i - 1]
-    # Only runs done in this process count: reused stages took no time now.
-    left = measured / measured_cost * sum(costs[i:]) if measured_cost else float('nan')
+    done.add(name)
+    measured['seconds'] += summary['seconds']
+    measured['cost'] += costs[name]
+    left_cost = sum(costs[n] for n, _, _ in pending) + sum(costs[n] for n in running)
+    # Stage-seconds per unit of cost, shared by the workers running at once.
+    left = measured['seconds'] / measured['cost'] * left_cost / max(workers, 1)
     extra = f', val mIoU {100 * summary["miou"]:.2f}' if 'miou' in summary else ''
     log(
-        f'{prefix}: done in {summary["seconds"]:.0f}s{extra} '
+        f'[demo] ({index[name]}/{len(runs)}) {name}: done in {summary["seconds"]:.0f}s{extra} '
         f'(job: elapsed {time.time() - t_start:.0f}s, ETA {left:.0f}s)'
     )
+    del started
+
+  def next_ready():
+    for i, (name, _, _) in enumerate(pending):
+      if needs[name] <= done:
+        return pending.pop(i)
+    return None
+
+  running: dict[str, object] = {}
+  if workers <= 1:
+    while pending:
+      name, workdir, config = next_ready()
+      log(
+          f'[demo] ({index[name]}/{len(runs)}) {name}: {config.task}, {config.total_steps} steps ...'
+      )
+      finished(name, run_stage(name, workdir, config), time.time())
+    return seconds
+
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=workers,
+      mp_context=context,
+      initializer=_init_worker,
+      initargs=(output, _worker_cores()),
+  ) as pool:
+    futures = {}
+    try:
+      while pending or futures:
+        while len(futures) < workers:
+          stage = next_ready()
+          if stage is None:
+            break
+          name, workdir, config = stage
+          log(
+              f'[demo] ({index[name]}/{len(runs)}) {name}: {config.task}, '
+              f'{config.total_steps} steps ...'
+          )
+          futures[pool.submit(run_stage, name, workdir, config)] = (name, time.time())
+          running[name] = True
+        if not futures:
+          raise RuntimeError(f'stages wait on stages that cannot run: {[n for n, _, _ in pending]}')
+        ready, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in ready:
+          name, started = futures.pop(future)
+          running.pop(name)
+          finished(name, future.result(), started)
+    except BaseException:
+      for future in futures:
+        future.cancel()
+      raise
   return seconds
 
 
@@ -364,21 +520,84 @@ def stage_seconds_table(runs, seconds: dict[str, float]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _split_ids(dataset: str, split: str) -> list[str]:
+  """Every image id of a split (the 'subset' of a 100% run), without decoding images."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+
+  spec = specs.get(dataset)
+  builder = tfds.builder(spec.tfds_name)
+  skip = {k: tfds.decode.SkipDecoding() for k in ('image', 'segmentation')}
+  ds = builder.as_dataset(split=split, decoders=skip)
+  return [ex['image_id'].decode() for ex in tfds.as_numpy(ds)]
+
+
+def finetune_entries(runs) -> list[dict]:
+  """One results.json entry per fine-tune: what anyone needs to recompute the statistics."""
+  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep import report  # pylint: disable=g-import-not-at-top
+
+  entries, whole = [], {}
+  for name, workdir, config in runs:
+    if not name.startswith('finetune_'):
+      continue
+    result = report.load_run(workdir).results
+    ids_path = os.path.join(workdir, 'subset_ids.txt')
+    if os.path.exists(ids_path):
+      ids = input_pipeline.read_subset_ids(ids_path)
+    else:  # 100%: the whole split.
+      key = (config.data.dataset, config.data.get('train_split') or 'train')
+      if key not in whole:
+        whole[key] = _split_ids(*key)
+      ids = whole[key]
+    entries.append(
+        dict(
+            method=config.method,
+            fraction=float(config.data.label_fraction),
+            label_count=len(ids),
+            subset_seed=int(config.data.subset_seed),
+            subset_ids_sha1=paired_stats.subset_sha1(ids),
+            miou=round(100 * float(result['miou']), 4),
+            seed=int(config.seed),
+            run=name,
+        )
+    )
+  return entries
+
+
 def write_report(runs, output: str, seconds: dict[str, float]) -> str:
+  """results.md (table, paired claims, seconds), results.json and the report's figures."""
   from ddep import report  # pylint: disable=g-import-not-at-top
 
   finetunes = [report.load_run(wd) for name, wd, _ in runs if name.startswith('finetune_')]
   report.build_report(finetunes, output)
   summary = report.summarize(finetunes)
+  entries = finetune_entries(runs)
+  claims = paired_stats.paper_claims(entries)
   text = (
       report.markdown_summary(summary)
-      + "\n## The paper's orderings, as measured\n\n"
-      + report.markdown_orderings(report.orderings(summary))
+      + "\n## The paper's claims, as measured\n\n"
+      + 'Each difference is paired: for a subset seed every method fine-tuned on the same '
+      'labelled images (at 100%, the same initialisation and data-order seed). A claim '
+      '*holds* when the 95% t-interval of the mean difference excludes zero on its side, '
+      'is *reversed* when it lies wholly on the other side, and is *within noise* '
+      'otherwise.\n\n'
+      + paired_stats.markdown_claims(claims)
       + '\n## Seconds per stage\n\n'
       + stage_seconds_table(runs, seconds)
   )
   with open(os.path.join(output, 'results.md'), 'w') as f:
     f.write(text)
+  with open(os.path.join(output, 'results.json'), 'w') as f:
+    json.dump(
+        dict(
+            finetunes=entries,
+            claims=paired_stats.claims_json(claims),
+            stage_seconds={k: seconds[k] for k in sorted(seconds)},
+        ),
+        f,
+        indent=1,
+    )
   return text
 
 
@@ -388,11 +607,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   output = os.path.abspath(_OUTPUT.value)
   os.makedirs(output, exist_ok=True)
-  # Identical train steps across runs (same shapes, seeds live in the state) hit this
-  # cache, so only the first run of each kind pays for compilation.
-  jax.config.update('jax_compilation_cache_dir', os.path.join(output, '.jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  _configure_jax(output)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], 'GPU')
@@ -405,16 +620,20 @@ def main(argv):
       finetune_steps=_FINETUNE_STEPS.value or budget['finetune_steps'],
       fractions=_FRACTIONS.value or budget['fractions'],
       seeds=_SEEDS.value or budget['seeds'],
+      middle_seeds=_MIDDLE_SEEDS.value or budget['middle_seeds'],
       finetune_lr=_FINETUNE_LR.value or budget['finetune_lr'],
       methods=_METHODS.value or METHODS,
       eval_split=_EVAL_SPLIT.value,
+      base_seed=_SEED.value,
   )
   t0 = time.time()
   from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
 
   print(f'[demo] preparing the {runs[0][2].data.dataset} dataset ...', flush=True)
   input_pipeline.prepare(runs[0][2].data.dataset, None)
-  seconds = run_stages(runs, log=lambda s: print(s, flush=True))
+  workers = _WORKERS.value or len(_worker_cores()) or os.cpu_count() or 1
+  print(f'[demo] {len(runs)} stages on {workers} worker process(es)', flush=True)
+  seconds = run_stages(runs, output=output, workers=workers, log=lambda s: print(s, flush=True))
   summary = write_report(runs, output, seconds)
   # One read of the validation images for both figures.
   images = _validation_images(runs[-1][2], 4)
@@ -423,8 +642,8 @@ def main(argv):
   ]
   print('\n' + summary, flush=True)
   print(
-      f'[demo] wrote {output}/results.md, {output}/miou_vs_fraction_*.png, '
-      f'{", ".join(figures)} in {time.time() - t0:.0f}s',
+      f'[demo] wrote {output}/results.md, {output}/results.json, '
+      f'{output}/miou_vs_fraction_*.png, {", ".join(figures)} in {time.time() - t0:.0f}s',
       flush=True,
   )
 

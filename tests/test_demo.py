@@ -1,11 +1,13 @@
 """The main job, end to end at its quick size: every stage runs, reruns reuse them."""
 
+import json
 import os
 import subprocess
 import sys
 
 from ddep import config_validation
 from ddep import demo
+from ddep import paired_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,12 +18,14 @@ def test_stages_are_valid_configs_wired_to_their_pretraining():
       quick=False,
       pretrain_steps=500,
       finetune_steps=200,
-      fractions=['0.02', '1.0'],
-      seeds=2,
+      fractions=['0.02', '0.1', '1.0'],
+      seeds=3,
+      middle_seeds=2,
   )
   names = [n for n, _, _ in runs]
   assert names[:3] == ['pretrain_supervised', 'pretrain_dep', 'pretrain_ddep']
-  assert len(names) == 3 + (2 + 1) * 4  # one run at 100%: every seed picks the same subset
+  # 3 seeds at the lowest fraction and at 100%, 2 in between.
+  assert len(names) == 3 + (3 + 2 + 3) * 4
   by_name = {n: c for n, _, c in runs}
   for config in by_name.values():
     config_validation.validate(config, num_devices=1)
@@ -38,8 +42,25 @@ def test_stages_are_valid_configs_wired_to_their_pretraining():
       1,
   )
   assert by_name['finetune_none_f1.0_s0'].init_from == ''
-  assert 'finetune_none_f1.0_s1' not in by_name
+  assert 'finetune_none_f0.1_s2' not in by_name and 'finetune_none_f1.0_s2' in by_name
   assert all(c.data.eval_split == '' for n, c in by_name.items() if n.startswith('finetune_'))
+  # Paired: one seed means one subset and one initialisation seed for every method.
+  for seed in range(3):
+    same = [by_name[f'finetune_{m}_f0.02_s{seed}'] for m in demo.METHODS]
+    assert {(c.data.subset_seed, c.seed) for c in same} == {(seed, seed)}
+  assert demo.dependencies(runs)['finetune_ddep_f1.0_s0'] == {'pretrain_ddep'}
+  assert demo.dependencies(runs)['pretrain_ddep'] == {'pretrain_supervised'}
+  assert demo.dependencies(runs)['finetune_none_f1.0_s0'] == set()
+
+
+def test_the_base_seed_moves_initialisation_and_data_order_not_the_subsets():
+  kwargs = dict(quick=False, pretrain_steps=5, finetune_steps=5, fractions=['0.02', '1.0'], seeds=2)
+  a = {n: c for n, _, c in demo.stage_configs('/out', **kwargs)}
+  b = {n: c for n, _, c in demo.stage_configs('/out', base_seed=1, **kwargs)}
+  assert a.keys() == b.keys()
+  for name in a:
+    assert a[name].seed != b[name].seed, name
+    assert a[name].data.subset_seed == b[name].data.subset_seed, name
 
 
 def test_a_method_subset_runs_only_the_pretraining_it_needs_and_can_score_on_holdout():
@@ -79,13 +100,14 @@ def test_a_method_subset_runs_only_the_pretraining_it_needs_and_can_score_on_hol
     raise AssertionError('an unknown method was accepted')
 
 
-def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
+def test_quick_demo_runs_every_stage_on_two_workers_and_reuses_them(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
-  cmd = [sys.executable, '-m', 'ddep.demo', '--quick', f'--output={tmp_path}']
+  cmd = [sys.executable, '-m', 'ddep.demo', '--quick', '--workers=2', f'--output={tmp_path}']
   first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   for name in (
       'results.md',
+      'results.json',
       'denoising.png',
       'denoising_ddep.png',
       'segmentation.png',
@@ -95,14 +117,53 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
   table = (tmp_path / 'results.md').read_text()
   for method in ('No pretraining', 'Supervised', 'DeP', 'DDeP'):
     assert f'| {method} |' in table
-  assert "The paper's orderings" in table and '| all | 7 |' in table
+  assert "The paper's claims" in table and '95% t-interval' in table
+  stages = 3 + 2 * 2 * 4  # 2 seeds at each of 2 fractions
+  assert f'| all | {stages} |' in table
   assert '(job: elapsed' in first.stdout and 'ETA' in first.stdout
+  assert '2 worker process(es)' in first.stdout
+
+  results = json.loads((tmp_path / 'results.json').read_text())
+  entries = results['finetunes']
+  assert len(entries) == 2 * 2 * 4
+  assert set(entries[0]) >= {
+      'method',
+      'fraction',
+      'label_count',
+      'subset_seed',
+      'subset_ids_sha1',
+      'miou',
+  }
+  for e in entries:  # The recorded subset is the one the run trained on.
+    ids = tmp_path / 'runs' / e['run'] / 'subset_ids.txt'
+    if e['fraction'] < 1:
+      lines = ids.read_text().splitlines()
+      assert len(lines) == e['label_count']
+      assert paired_stats.subset_sha1(lines) == e['subset_ids_sha1']
+    else:
+      assert e['label_count'] == 24  # demo_tiny's train split
+  by_seed = {}
+  for e in entries:
+    by_seed.setdefault((e['fraction'], e['subset_seed']), set()).add(e['subset_ids_sha1'])
+  assert all(len(v) == 1 for v in by_seed.values())  # every method, the same images
+  assert len({by_seed[(0.25, s)].pop() for s in (0, 1)}) == 2  # seeds draw other subsets
+  claims = {(c['better'], c['worse']): c for c in results['claims']}
+  assert set(claims) == {
+      ('dep', 'none'),
+      ('ddep', 'none'),
+      ('ddep', 'supervised'),
+      ('supervised', 'dep'),
+  }
+  assert claims[('dep', 'none')]['n'] == 2
+  assert claims[('dep', 'none')]['verdict'] in ('holds', 'reversed', 'within noise')
+
   second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-  assert second.stdout.count('already done') == 3 + 4  # pretraining + one fraction x 4 methods
+  assert second.stdout.count('already done') == stages
+  assert json.loads((tmp_path / 'results.json').read_text())['finetunes'] == entries
 
 
-def test_default_budget_has_three_seeds_at_the_lowest_fraction():
+def test_default_budget_is_a_curve_with_five_paired_seeds_at_its_ends():
   b = demo.BUDGETS['default']
   runs = demo.stage_configs(
       '/out',
@@ -111,21 +172,25 @@ def test_default_budget_has_three_seeds_at_the_lowest_fraction():
       finetune_steps=b['finetune_steps'],
       fractions=b['fractions'],
       seeds=b['seeds'],
+      middle_seeds=b['middle_seeds'],
   )
-  lowest = min(float(f) for f in b['fractions'])
+  fractions = sorted({float(f) for f in b['fractions']})
+  assert len(fractions) >= 3 and fractions[-1] == 1.0
   for method in demo.METHODS:
-    seeds = {
-        c.data.subset_seed
-        for n, _, c in runs
-        if n.startswith(f'finetune_{method}_') and c.data.label_fraction == lowest
-    }
-    assert len(seeds) >= 3, method
+    for fraction in fractions:
+      seeds = {
+          c.data.subset_seed
+          for n, _, c in runs
+          if n.startswith(f'finetune_{method}_') and c.data.label_fraction == fraction
+      }
+      assert len(seeds) >= (5 if fraction in (fractions[0], 1.0) else 1), (method, fraction)
 
 
 def test_stage_cost_and_seconds_table():
   runs = demo.stage_configs(
       '/out', quick=True, pretrain_steps=6, finetune_steps=4, fractions=['1.0'], seeds=1
   )
+  assert demo.SUPERVISED_STEPS_FACTOR == 0.5  # the table's supervised stage: 3 steps
   name, _, config = runs[-1]
   assert demo.stage_cost(config) == 4 * 8 * 32 * 32
   table = demo.stage_seconds_table(runs, {n: 2.0 for n, _, _ in runs})

@@ -1,10 +1,12 @@
 """`ddep_demo_scenes`: generated segmentation scenes for offline demos and tests.
 
-Each image holds a few objects of five classes on a textured background. A
-class is defined by its shape AND its texture (disk/stripes, square/checks,
-triangle/dots, ring/gradient, bar/speckle) while every colour is drawn at
-random, so a model has to look at structure, not colour, as on real data.
-Scenes are a pure function of (config seed, split, index).
+Each image holds one to three objects of five classes on a smooth background. A class is
+its surface pattern (horizontal stripes, vertical stripes, checks, blocks, dots, all with
+a 4-pixel period), drawn as a dark/light shade of a random colour; the outline (disk,
+square, triangle), size, rotation and colour are drawn at random. So the class is never
+in a pixel's colour but always in its neighbourhood, as textures are on real data, and a
+denoiser must recognise the pattern to restore it. Scenes are a pure function of
+(config seed, split, index).
 """
 
 from __future__ import annotations
@@ -16,21 +18,24 @@ import tensorflow_datasets as tfds
 
 from ddep.datasets import specs
 
-CLASS_NAMES = ('background', 'disk', 'square', 'triangle', 'ring', 'bar')
+CLASS_NAMES = ('background', 'hstripes', 'vstripes', 'checks', 'blocks', 'dots')
 NUM_CLASSES = len(CLASS_NAMES)
 PALETTE = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
     np.uint8,
 )
 _SPLIT_IDS = {'unlabelled': 0, 'train': 1, 'validation': 2, 'holdout': 3}
+# Every pattern repeats every 4 pixels: fine enough to need a look at several pixels, coarse
+# enough to survive the 32x32 scale of the demo.
+PERIOD = 4
 
 
 @dataclasses.dataclass
 class DemoScenesConfig(tfds.core.BuilderConfig):
   """Image size range (square sizes drawn per image) and split sizes."""
 
-  min_size: int = 64
-  max_size: int = 64
+  min_size: int = 32
+  max_size: int = 32
   num_unlabelled: int = 4096
   num_train: int = 1024
   num_validation: int = 256
@@ -46,43 +51,45 @@ def _rotated_coords(size_hw, centre, angle):
   return c * dx + s * dy, -s * dx + c * dy
 
 
-def _shape_mask(cls, u, v, r):
-  d = np.hypot(u, v)
-  if cls == 1:
-    return d < r
-  if cls == 2:
-    return (np.abs(u) < 0.8 * r) & (np.abs(v) < 0.8 * r)
-  if cls == 3:
-    # Equilateral triangle as three half-planes at 120 degrees.
-    inside = np.ones_like(u, bool)
-    for k in range(3):
-      a = 2 * np.pi * k / 3
-      inside &= np.cos(a) * u + np.sin(a) * v < 0.55 * r
-    return inside
-  if cls == 4:
-    return (d < r) & (d > 0.55 * r)
-  if cls == 5:
-    return (np.abs(u) < 1.3 * r) & (np.abs(v) < 0.3 * r)
+def _shape_mask(kind, u, v, r):
+  """A disk, square or triangle of radius ~r: the outline says nothing about the class."""
+  if kind == 0:
+    return np.hypot(u, v) < r
+  if kind == 1:
+    return (np.abs(u) < 0.85 * r) & (np.abs(v) < 0.85 * r)
+  inside = np.ones_like(u, bool)  # Equilateral triangle as three half-planes.
+  for k in range(3):
+    a = 2 * np.pi * k / 3
+    inside &= np.cos(a) * u + np.sin(a) * v < 0.6 * r
+  return inside
+
+
+def _pattern(cls, size_hw, phase):
+  """The class's binary pattern (which of the object's two colours each pixel takes),
+  axis-aligned, shifted by `phase` (dy, dx) pixels."""
+  yy, xx = np.mgrid[0 : size_hw[0], 0 : size_hw[1]]
+  y, x, half = yy + phase[0], xx + phase[1], PERIOD // 2
+  if cls == 1:  # horizontal stripes
+    return (y % PERIOD) < half
+  if cls == 2:  # vertical stripes
+    return (x % PERIOD) < half
+  if cls == 3:  # checkerboard of 2x2 cells
+    return ((y // half) + (x // half)) % 2 == 0
+  if cls == 4:  # 2x2 blocks on a 4-pixel grid
+    return ((y % PERIOD) < half) & ((x % PERIOD) < half)
+  if cls == 5:  # single-pixel dots on a 4-pixel grid
+    return ((y % PERIOD) == 0) & ((x % PERIOD) == 0)
   raise ValueError(cls)
 
 
-def _texture(cls, u, v, r, rng):
-  """Blend weight in [0, 1] between the object's two colours."""
-  if cls == 1:  # stripes across the disk
-    period = rng.uniform(0.35, 0.6) * r
-    return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
-  if cls == 2:  # checkerboard
-    p = rng.uniform(0.3, 0.5) * r
-    return ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
-  if cls == 3:  # dot lattice
-    p = max(3.0, rng.uniform(0.25, 0.4) * r)
-    du, dv = (u % p) - p / 2, (v % p) - p / 2
-    return (np.hypot(du, dv) < 0.3 * p).astype(np.float32)
-  if cls == 4:  # smooth gradient along the ring
-    return np.clip(0.5 + u / (2 * r), 0.0, 1.0).astype(np.float32)
-  if cls == 5:  # per-pixel speckle
-    return (rng.random(u.shape) < 0.5).astype(np.float32)
-  raise ValueError(cls)
+def _contrast_colours(rng):
+  """A dark and a light shade of one random colour, in random order: the pattern shows
+  as a luminance contrast, the colour itself says nothing about the class."""
+  base = rng.uniform(0, 255, size=3)
+  dark = base * rng.uniform(0.1, 0.35)
+  light = 255 - (255 - base) * rng.uniform(0.1, 0.35)
+  pair = np.stack([dark, light]).astype(np.float32)
+  return pair if rng.random() < 0.5 else pair[::-1]
 
 
 def _two_colours(rng, min_dist=90.0):
@@ -106,18 +113,19 @@ def _background(size_hw, rng):
 
 
 def draw_scene(rng: np.random.Generator, size_hw: tuple[int, int]):
-  """One (image uint8 HxWx3, segmentation uint8 HxW) pair."""
+  """One (image uint8 HxWx3, segmentation uint8 HxW) pair: 1-3 patterned objects of random
+  outline and colour on a smooth background; later objects occlude earlier ones."""
   image = _background(size_hw, rng)
   seg = np.zeros(size_hw, np.uint8)
   short = min(size_hw)
-  for _ in range(rng.integers(1, 5)):
+  for _ in range(rng.integers(1, 4)):
     cls = int(rng.integers(1, NUM_CLASSES))
-    r = rng.uniform(0.12, 0.26) * short
+    r = rng.uniform(0.25, 0.4) * short
     centre = rng.uniform(0.15, 0.85, size=2) * np.array(size_hw)
     u, v = _rotated_coords(size_hw, centre, rng.uniform(0, 2 * np.pi))
-    mask = _shape_mask(cls, u, v, r)
-    colours = _two_colours(rng)
-    w = _texture(cls, u, v, r, rng)[..., None]
+    mask = _shape_mask(int(rng.integers(0, 3)), u, v, r)
+    colours = _contrast_colours(rng)
+    w = _pattern(cls, size_hw, rng.integers(0, PERIOD, size=2))[..., None].astype(np.float32)
     image = np.where(mask[..., None], (1 - w) * colours[0] + w * colours[1], image)
     seg[mask] = cls
   image = image + rng.normal(0, 6.0, size=image.shape)
@@ -146,13 +154,14 @@ def make_example(config: DemoScenesConfig, split: str, index: int) -> dict:
 class DdepDemoScenes(tfds.core.GeneratorBasedBuilder):
   """Generated scenes with 5 object classes + background."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'A `holdout` split for choosing hyper-parameters without the validation split.',
+      '2.0.0': 'Classes are patterns in luminance contrast (not shape + texture); 32x32 default.',
   }
   BUILDER_CONFIGS = [
-      DemoScenesConfig(name='default', description='64x64 images, 4096/1024/256/256 examples.'),
+      DemoScenesConfig(name='default', description='32x32 images, 4096/1024/256/256 examples.'),
       # Varying sizes on purpose: tests exercise padding and per-image eval shapes.
       DemoScenesConfig(
           name='tiny',
@@ -207,8 +216,8 @@ _COMMON = dict(
     image_labels_key='labels',
 )
 specs.register(
-    specs.DatasetSpec(name='demo', tfds_name='ddep_demo_scenes/default:1.1.0', **_COMMON)
+    specs.DatasetSpec(name='demo', tfds_name='ddep_demo_scenes/default:2.0.0', **_COMMON)
 )
 specs.register(
-    specs.DatasetSpec(name='demo_tiny', tfds_name='ddep_demo_scenes/tiny:1.1.0', **_COMMON)
+    specs.DatasetSpec(name='demo_tiny', tfds_name='ddep_demo_scenes/tiny:2.0.0', **_COMMON)
 )
