@@ -30,6 +30,9 @@ def test_stages_are_valid_configs_wired_to_their_pretraining():
   for config in by_name.values():
     config_validation.validate(config, num_devices=1)
   assert by_name['pretrain_dep'].denoise.sigma == demo.DEP_SIGMA
+  assert by_name['pretrain_dep'].denoise.target == demo.DEP_TARGET
+  assert by_name['finetune_none_f1.0_s0'].optim.lr == demo.FINETUNE_LRS['none']
+  assert by_name['finetune_ddep_f1.0_s0'].optim.lr == demo.FINETUNE_LRS['ddep']
   assert not by_name['pretrain_dep'].frozen
   ddep = by_name['pretrain_ddep']
   assert ddep.denoise.sigma == 0.1 and ddep.frozen == ('encoder/.*',)
