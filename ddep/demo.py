@@ -94,10 +94,10 @@ _EVAL_SPLIT = flags.DEFINE_enum(
 BUDGETS = {
     'default': dict(
         pretrain_steps=3000,
-        finetune_steps=500,
+        finetune_steps=300,
         fractions=['0.02', '0.1', '1.0'],
         seeds=5,
-        middle_seeds=2,
+        middle_seeds=1,
     ),
     'long': dict(
         pretrain_steps=12000,
