@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     'jaxlib==0.10.2',
     'ml-collections==1.1.0',
     'numpy>=1.26',
+    # ddep.paired_stats: Student-t quantiles for the demo's paired intervals.
+    'scipy>=1.11',
     'optax==0.2.8',
     'orbax-checkpoint==0.12.8',
     # ddep.storage: one path layer for local and gs:// workdirs (orbax and TFDS use it too).

@@ -148,12 +148,8 @@ def test_quick_demo_runs_every_stage_on_two_workers_and_reuses_them(tmp_path):
   assert all(len(v) == 1 for v in by_seed.values())  # every method, the same images
   assert len({by_seed[(0.5, s)].pop() for s in (0, 1)}) == 2  # seeds draw other subsets
   claims = {(c['better'], c['worse']): c for c in results['claims']}
-  assert set(claims) == {
-      ('dep', 'none'),
-      ('ddep', 'none'),
-      ('ddep', 'supervised'),
-      ('supervised', 'dep'),
-  }
+  # The quick budget has no 100% runs, so the all-label claim (supervised - DeP) is left out.
+  assert set(claims) == {('dep', 'none'), ('ddep', 'none'), ('ddep', 'supervised')}
   assert claims[('dep', 'none')]['n'] == 2
   assert claims[('dep', 'none')]['verdict'] in ('holds', 'reversed', 'within noise')
 
