@@ -12,11 +12,11 @@ INSTALL_REQUIRES = [
     'jaxlib==0.10.2',
     'ml-collections==1.1.0',
     'numpy>=1.26',
-    # ddep.paired_stats: Student-t quantiles for the demo's paired intervals.
+    # ddep.reporting.paired_stats: Student-t quantiles for the demo's paired intervals.
     'scipy>=1.11',
     'optax==0.2.8',
     'orbax-checkpoint==0.12.8',
-    # ddep.storage: one path layer for local and gs:// workdirs (orbax and TFDS use it too).
+    # ddep.runs.storage: one path layer for local and gs:// workdirs (orbax and TFDS use it too).
     'etils[epath]>=1.7',
     # orbax asks the GCS API whether a gs:// bucket has a hierarchical namespace
     # before it lists checkpoint steps, and imports this client to do so.

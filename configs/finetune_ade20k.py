@@ -1,7 +1,7 @@
 r"""Fine-tuning on ADE20K (paper Tables 4 and 7, Figures 6 and 7).
 
 150 classes, 512x512 random crops + flips; evaluated on VALIDATION with the short
-side resized to 512 and 512x512 sliding windows ('ade20k_sliding', ddep/inference.py).
+side resized to 512 and 512x512 sliding windows ('ade20k_sliding', ddep/evaluators/inference.py).
 
   python -m ddep.main --workdir=$W --config=configs/finetune_ade20k.py:\
 method=ddep,width=3,fraction=0.05,seed=7,init_from=$PRETRAIN_WORKDIR
@@ -23,8 +23,8 @@ Arguments:
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
 
-from ddep import config_schema
-from ddep import recipes
+from ddep.config import schema as config_schema
+from ddep.config import recipes
 
 
 def get_config(arg=None):

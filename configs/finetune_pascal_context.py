@@ -2,7 +2,7 @@ r"""Fine-tuning on Pascal Context (paper Tables 3, 5, 6, 7, Figures 5, 7, 8).
 
 60 classes (59 + background, Sec. 4.1; `classes=59` ignores background instead),
 512x512 random crops + flips; evaluated on VALIDATION with the long side resized to
-520 and 480x480 sliding windows ('pascal_context_sliding', ddep/inference.py).
+520 and 480x480 sliding windows ('pascal_context_sliding', ddep/evaluators/inference.py).
 Table 5 is `model=bit_r50_unet` (BiT's ResNet-50 v2 UNet).
 
   python -m ddep.main --workdir=$W --config=configs/finetune_pascal_context.py:\
@@ -26,8 +26,8 @@ Arguments:
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
 
-from ddep import config_schema
-from ddep import recipes
+from ddep.config import schema as config_schema
+from ddep.config import recipes
 
 
 def get_config(arg=None):

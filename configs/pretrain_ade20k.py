@@ -2,7 +2,7 @@ r"""Denoising pretraining for ADE20K (paper Sec. 4.3; Tables 4, 7, Figures 6, 7)
 
 DeP (sigma 0.8, whole network from scratch) or DDeP (sigma 0.1, decoder only on the
 frozen ImageNet-21k encoder) on the images of the TRAIN set (20,210), 512x512 crops,
-Adam lr 1e-4, batch 128, 6000 epochs (ddep/recipes.py).
+Adam lr 1e-4, batch 128, 6000 epochs (ddep/config/recipes.py).
 
   python -m ddep.main --workdir=$W \
     --config=configs/pretrain_ade20k.py:method=ddep,width=3
@@ -27,7 +27,7 @@ Arguments:
   runlocal     toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
 
-from ddep import recipes
+from ddep.config import recipes
 
 
 def get_config(arg=None):

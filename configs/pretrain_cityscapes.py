@@ -2,7 +2,7 @@ r"""Denoising pretraining for Cityscapes (paper Sec. 4.3; Table 1, Figures 2 and
 
 DeP (sigma 0.8, whole network from scratch) or DDeP (sigma 0.1, decoder only on the
 frozen ImageNet-21k encoder) on the TRAIN_FINE + TRAIN_COARSE images, 512x512
-crops, Adam lr 1e-4, batch 128, 6000 epochs (ddep/recipes.py).
+crops, Adam lr 1e-4, batch 128, 6000 epochs (ddep/config/recipes.py).
 
   python -m ddep.main --workdir=$W \
     --config=configs/pretrain_cityscapes.py:method=ddep,width=2
@@ -33,7 +33,7 @@ decoding (docs/performance.md): write it once with
 and add --config.data.pretrain_images=decoded.
 """
 
-from ddep import recipes
+from ddep.config import recipes
 
 
 def get_config(arg=None):

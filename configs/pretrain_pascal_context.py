@@ -3,7 +3,7 @@ r"""Denoising pretraining for Pascal Context (paper Sec. 4.3; Tables 3, 5, 6, 7,
 DeP (sigma 0.8, whole network from scratch) or DDeP (sigma 0.1, decoder only on the
 frozen ImageNet-21k encoder) on all Pascal VOC 2012 images (Sec. 4.3: Pascal Context
 is a subset of VOC, and pretraining on all of VOC helps), 512x512 crops, Adam lr 1e-4,
-batch 128, 6000 epochs (ddep/recipes.py).
+batch 128, 6000 epochs (ddep/config/recipes.py).
 
   python -m ddep.main --workdir=$W \
     --config=configs/pretrain_pascal_context.py:method=ddep,width=3
@@ -28,7 +28,7 @@ Arguments:
   runlocal     toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
 
-from ddep import recipes
+from ddep.config import recipes
 
 
 def get_config(arg=None):

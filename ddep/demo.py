@@ -10,9 +10,9 @@ It mirrors the paper's Table 1 / Figure 2 at toy scale:
      label fractions and subset seeds, evaluated by mIoU on the validation split; for a
      given subset seed every method fine-tunes on the same labelled images
   5. a table (mean ± std), the paper's claims as paired differences with 95% t-intervals
-     (ddep.paired_stats), results.json (one entry per fine-tune), the mIoU-vs-fraction
+     (ddep.reporting.paired_stats), results.json (one entry per fine-tune), the mIoU-vs-fraction
      plot, Figure-4 denoising grids and a segmentation figure.
-Every stage is an ordinary `ddep.train` run of an ordinary config in its own workdir,
+Every stage is an ordinary `ddep.training.trainer` run of an ordinary config in its own workdir,
 run by a pool of worker processes (one core each: two 1-thread processes train 1.45x
 the steps of one 2-thread process on this model, docs/demo_study.md); a stage starts once
 the pretraining it needs is done. A rerun skips the stages whose workdir says DONE.
@@ -30,8 +30,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddep import config_schema
-from ddep import paired_stats
+from ddep.config import schema as config_schema
+from ddep.reporting import paired_stats
 
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
@@ -289,8 +289,8 @@ def _init_worker(output: str, cores) -> None:
 
 
 def run_stage(name: str, workdir: str, config) -> dict:
-  """One stage, an ordinary `ddep.train` run; writes and returns its DONE summary."""
-  from ddep import train  # pylint: disable=g-import-not-at-top
+  """One stage, an ordinary `ddep.training.trainer` run; writes and returns its DONE summary."""
+  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
 
   t = time.time()
   result = train.train_and_evaluate(config, workdir)
@@ -400,7 +400,7 @@ def run_stages(runs, *, output: str, workers: int = 1, log=print) -> dict[str, f
 
 def _validation_images(config, count: int):
   """The first `count` validation images and labels, cropped to their own size."""
-  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
 
   batch = next(
       iter(
@@ -429,7 +429,9 @@ def _pad_for(model, image):
 def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
   """Figure 4 from each denoising model, at the σ it was trained for:
   clean / noisy / predicted ε / denoised, for the image `clean`."""
-  from ddep import checkpointing, report, train  # pylint: disable=g-import-not-at-top
+  from ddep import report  # pylint: disable=g-import-not-at-top
+  from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
 
   paths = []
   for name, filename, label in (
@@ -467,7 +469,9 @@ def segmentation_figure(runs, output: str, images) -> str:
   """Image, ground truth and each method's prediction for `images` ((image, label) pairs),
   from the seed-0 fine-tunes at the lowest label fraction."""
   # report selects matplotlib's headless backend before pyplot is imported.
-  from ddep import checkpointing, report, train  # pylint: disable=g-import-not-at-top
+  from ddep import report  # pylint: disable=g-import-not-at-top
+  from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
@@ -543,7 +547,7 @@ def _split_ids(dataset: str, split: str) -> list[str]:
 
 def finetune_entries(runs) -> list[dict]:
   """One results.json entry per fine-tune: what anyone needs to recompute the statistics."""
-  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
   from ddep import report  # pylint: disable=g-import-not-at-top
 
   entries, whole = [], {}
@@ -637,7 +641,7 @@ def main(argv):
       base_seed=_SEED.value,
   )
   t0 = time.time()
-  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
 
   print(f'[demo] preparing the {runs[0][2].data.dataset} dataset ...', flush=True)
   input_pipeline.prepare(runs[0][2].data.dataset, None)

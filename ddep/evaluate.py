@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from ddep import checkpointing
-from ddep import config_validation
-from ddep import input_pipeline
-from ddep import metrics as metrics_lib
-from ddep import sharding
-from ddep import storage
-from ddep import train
+from ddep.runs import checkpointing
+from ddep.config import validation as config_validation
+from ddep.data import pipelines as input_pipeline
+from ddep.evaluators import metrics as metrics_lib
+from ddep.training import sharding
+from ddep.runs import storage
+from ddep.training import trainer as train
 from ddep.datasets import specs
 
 CHECKPOINT_HELP = (

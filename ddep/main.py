@@ -25,7 +25,7 @@ _DRY_RUN = flags.DEFINE_bool(
 def dry_run(config, workdir: str) -> int:
   """The config as training would see it; checked for this machine's device count."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddep import config_validation  # pylint: disable=g-import-not-at-top
+  from ddep.config import validation as config_validation  # pylint: disable=g-import-not-at-top
 
   print(config, flush=True)
   try:
@@ -47,15 +47,15 @@ def main(argv):
   if _DRY_RUN.value:
     return dry_run(_CONFIG.value, _WORKDIR.value)
   # Import after flag parsing so `--help` stays fast and TF never sees the accelerator.
-  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  from ddep.training import sharding  # pylint: disable=g-import-not-at-top
 
   sharding.maybe_initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], 'GPU')
-  from ddep import checkpointing  # pylint: disable=g-import-not-at-top
-  from ddep import config_validation  # pylint: disable=g-import-not-at-top
-  from ddep import train  # pylint: disable=g-import-not-at-top
+  from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddep.config import validation as config_validation  # pylint: disable=g-import-not-at-top
+  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
 
   logging.info('config:\n%s', _CONFIG.value)
   try:

@@ -41,10 +41,10 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from ddep import config_validation
+from ddep.config import validation as config_validation
 from ddep import evaluate
-from ddep import inference
-from ddep import progress
+from ddep.evaluators import inference
+from ddep.runs import progress
 from ddep.datasets import specs
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')

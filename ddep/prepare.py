@@ -9,7 +9,7 @@ denoising pretraining reads where they are a builder of their own (Cityscapes' e
 images, Pascal VOC 2012 for Pascal Context); for ADE20K they are the same builder.
 `--decoded_copy` builds them too, then writes their lossless copy stored as pixels,
 which pretraining reads with `--config.data.pretrain_images=decoded`: no PNG decoding for
-a PNG set such as Cityscapes, for ~3x its disk (ddep.datasets.decoded_copy).
+a PNG set such as Cityscapes, for ~3x its disk (ddep.data.decoded_copy).
 Which archives each builder needs and where they come from: docs/datasets.md.
 (TFDS's own `tfds build` needs apache_beam, which ddep does not install.)
 
@@ -23,10 +23,10 @@ import sys
 from absl import app
 from absl import flags
 
-from ddep import progress
-from ddep.datasets import manual
+from ddep.runs import progress
+from ddep.datasets import archives as manual
 from ddep.datasets import specs
-from ddep.datasets import decoded_copy
+from ddep.data import decoded_copy
 
 # TFDS's per-example loop (split_builder) wraps its generator in `utils.tqdm(generator,
 # desc='Generating <split> examples...', ...)`; other bars (downloads, shuffling) are silenced.
@@ -63,14 +63,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       'decoded_copy',
       False,
       'Build the pretraining images (as --pretrain), then write their copy stored as pixels '
-      '(ddep.datasets.decoded_copy), read with --config.data.pretrain_images=decoded.',
+      '(ddep.data.decoded_copy), read with --config.data.pretrain_images=decoded.',
       flag_values=flag_values,
   )
   flags.mark_flags_as_required(['dataset'], flag_values=flag_values)
 
 
 def _progress_bar(name: str, empty_bar):
-  """A stand-in for TFDS's `utils.tqdm`: ddep.progress lines for the example loop."""
+  """A stand-in for TFDS's `utils.tqdm`: ddep.runs.progress lines for the example loop."""
 
   def bar(iterable=None, *args, desc: str = '', total=None, **kwargs):
     start, end = _TFDS_EXAMPLES_DESC
@@ -84,7 +84,7 @@ def _progress_bar(name: str, empty_bar):
 
 @contextlib.contextmanager
 def plain_progress(name: str):
-  """Within it, TFDS builds report through ddep.progress (log-file friendly lines)."""
+  """Within it, TFDS builds report through ddep.runs.progress (log-file friendly lines)."""
   from tensorflow_datasets.core import utils as tfds_utils  # pylint: disable=g-import-not-at-top
 
   original = getattr(tfds_utils, 'tqdm', None)

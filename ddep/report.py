@@ -13,7 +13,7 @@ The results contract, one fine-tuning workdir per run:
                   "pixel_accuracy": 0.78, ...}
                  Scores are fractions in [0, 1] (tables show x100); a class
                  absent from the evaluation set has IoU null. `write_results`
-                 writes this file from `ddep.metrics.segmentation_metrics`.
+                 writes this file from `ddep.evaluators.metrics.segmentation_metrics`.
                  A `data.label_count=N` run records N as "label_count" and
                  N / split size as "label_fraction"; the report groups such
                  runs by N, in columns of their own ("N labels").
@@ -28,7 +28,7 @@ curves/<run>.png. `denoising_grid` draws Figure 4.
   python -m ddep.report --pretraining=PRETRAIN_RUNS/* --output=DIR
 
 reads denoising pretraining workdirs (config.json with task 'denoise' and a
-metrics.jsonl) and draws their held-out validation (`ddep.denoise_eval`: val/psnr,
+metrics.jsonl) and draws their held-out validation (`ddep.evaluators.denoise`: val/psnr,
 val/eps_mse) against step, one line per run, in pretraining_validation.png; the
 numbers are in pretraining_validation.json. It is the curve to watch for Figure 8
 (longer pretraining is better) while the runs train.
@@ -53,9 +53,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils.epath import Path  # noqa: E402
 
-from ddep import metrics as metrics_lib  # noqa: E402
-from ddep import progress  # noqa: E402
-from ddep import storage  # noqa: E402
+from ddep.evaluators import metrics as metrics_lib  # noqa: E402
+from ddep.runs import progress  # noqa: E402
+from ddep.runs import storage  # noqa: E402
 
 RESULTS_FILE = 'results.json'
 CURVES_FILE = 'metrics.jsonl'
@@ -797,7 +797,7 @@ def build_report(runs: Sequence[Run], output, *, curves: bool = True) -> dict[st
   return written
 
 
-# The held-out denoising metric of `ddep.denoise_eval`: (key, panel title).
+# The held-out denoising metric of `ddep.evaluators.denoise`: (key, panel title).
 DENOISE_VALIDATION = (('val/psnr', 'held-out PSNR (dB)'), ('val/eps_mse', 'held-out ε-MSE'))
 
 

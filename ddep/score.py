@@ -42,8 +42,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ddep import metrics
-from ddep import progress
+from ddep.evaluators import metrics
+from ddep.runs import progress
 from ddep.datasets import specs
 
 IGNORE = specs.IGNORE_LABEL

@@ -15,14 +15,14 @@
 # Workers keep the code in ~/ddep, its .venv and the encoders in ~/ddep/checkpoints.
 # Multi-host slices need a workdir every worker sees (gs://...): orbax writes one
 # checkpoint from all hosts. jax.distributed finds the other workers by itself
-# (ddep/sharding.py). A run resumes from its workdir's last checkpoint, so after a
+# (ddep/training/sharding.py). A run resumes from its workdir's last checkpoint, so after a
 # preemption (--spot) re-create, set up and re-run the same command.
 set -euo pipefail
 
 # Keep equal to setup.py's pin: jax[tpu] adds libtpu to that same jax.
 JAX_VERSION=0.10.2
 LIBTPU_INDEX=https://storage.googleapis.com/jax-releases/libtpu_releases.html
-# The ImageNet-21k encoders that ddep/recipes.py expects under checkpoints/.
+# The ImageNet-21k encoders that ddep/config/recipes.py expects under checkpoints/.
 ENCODER_URLS=(gs://vit_models/imagenet21k/R50+ViT-B_16.npz)
 # Relative to the home directory, where every ssh command starts.
 REMOTE_DIR=ddep

@@ -11,9 +11,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ddep import inference
-from ddep import protocol_eval
-from ddep import sharding
+from ddep.evaluators import inference
+from ddep.evaluators import protocol as protocol_eval
+from ddep.training import sharding
 
 NUM_CLASSES = 3
 PROTOCOL = inference.Protocol(

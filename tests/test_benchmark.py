@@ -475,7 +475,7 @@ def test_segment_and_eval_steps_without_tensorflow(blocked_env, tmp_path):
 def test_classify_step_trains_the_encoder_and_head_only(tmp_path):
   # The encoder train step timm's vit_base_r50_s16_224 is compared with
   # (docs/performance_cpu.md): no decoder parameters, so Adam updates none.
-  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from ddep.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from ddep.models import presets  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

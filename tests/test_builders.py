@@ -11,8 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import archives
-from ddep import input_pipeline
-from ddep.datasets import manual as manual_lib
+from ddep.data import pipelines as input_pipeline
+from ddep.datasets import archives as manual_lib
 from ddep.datasets import specs
 
 

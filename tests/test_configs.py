@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from ddep import checkpointing
-from ddep import config_validation
-from ddep import optimizer as optimizer_lib
-from ddep import recipes
-from ddep import steps
+from ddep.runs import checkpointing
+from ddep.config import validation as config_validation
+from ddep.training import optimizer as optimizer_lib
+from ddep.config import recipes
+from ddep.training import steps
 from ddep.models import presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ CITYSCAPES_COUNTS = {'1': 2975, '1/4': 744, '1/8': 372, '1/30': 100}  # Table 1'
 
 @pytest.mark.parametrize('method', sorted(METHOD_INIT))
 def test_finetune_cityscapes_per_method_and_fraction(method):
-  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: import late)
+  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top  (TF: import late)
 
   for fraction, count in CITYSCAPES_COUNTS.items():
     init = ',init_from=/runs/pretrain' if method in ('dep', 'ddep') else ''
@@ -125,7 +125,7 @@ def test_finetune_cityscapes_per_method_and_fraction(method):
 
 
 def test_finetune_datasets_crops_and_protocols():
-  expect = {  # Sec. 4.1 crops; protocols of ddep/inference.py
+  expect = {  # Sec. 4.1 crops; protocols of ddep/evaluators/inference.py
       'finetune_ade20k': ('ade20k', (512, 512), 'ade20k_sliding', False),
       'finetune_pascal_context': ('pascal_context_60', (512, 512), 'pascal_context_sliding', False),
   }
@@ -305,7 +305,7 @@ def test_runlocal_args_cover_every_config():
 @pytest.fixture(scope='module')
 def one_step_run(tmp_path_factory):
   """name -> (config, workdir) of that config's one-step runlocal run, made on first use."""
-  from ddep import train  # pylint: disable=g-import-not-at-top  (TF: import late)
+  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top  (TF: import late)
 
   root = tmp_path_factory.mktemp('runs')
   data_dir = str(tmp_path_factory.mktemp('tfds'))

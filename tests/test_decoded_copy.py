@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddep import config_schema
-from ddep import config_validation
-from ddep import input_pipeline
-from ddep.datasets import decoded_copy
+from ddep.config import schema as config_schema
+from ddep.config import validation as config_validation
+from ddep.data import pipelines as input_pipeline
+from ddep.data import decoded_copy
 from ddep.datasets import specs
 from ddep.tools import benchmark_input
 
@@ -128,7 +128,7 @@ def _cli(*args, cwd):
 
 
 def test_cli_prepares_the_copy_and_a_pretraining_config_reads_only_it(tmp_path):
-  from ddep import train  # pylint: disable=g-import-not-at-top  (jax: import late)
+  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top  (jax: import late)
 
   d = str(tmp_path / 'tfds')
   p = _cli('ddep.prepare', '--dataset=demo_tiny', '--decoded_copy', f'--data_dir={d}', cwd=tmp_path)

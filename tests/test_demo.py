@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-from ddep import config_validation
+from ddep.config import validation as config_validation
 from ddep import demo
-from ddep import paired_stats
+from ddep.reporting import paired_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddep import config_schema
-from ddep import denoise_eval
-from ddep import input_pipeline
-from ddep import objectives
-from ddep import sharding
-from ddep import train
+from ddep.config import schema as config_schema
+from ddep.evaluators import denoise as denoise_eval
+from ddep.data import pipelines as input_pipeline
+from ddep.training import objectives
+from ddep.training import sharding
+from ddep.training import trainer as train
 from ddep.models import create_model
 
 

@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddep import checkpointing
-from ddep import config_schema
-from ddep import config_validation
+from ddep.runs import checkpointing
+from ddep.config import schema as config_schema
+from ddep.config import validation as config_validation
 from ddep import evaluate
-from ddep import inference
+from ddep.evaluators import inference
 from ddep import predict
 from ddep import report
 from ddep import score
-from ddep import train
+from ddep.training import trainer as train
 from ddep.datasets import demo_scenes
 from ddep.datasets import specs
 
@@ -268,7 +268,7 @@ def test_cityscapes_predictions_score_in_the_official_layout(tmp_path, capsys):
       lambda image: next(calls).astype(np.uint8), files, str(tmp_path / 'out'), spec
   )
   assert errors == []
-  assert '[ddep] predict 2/2 images in ' in capsys.readouterr().out  # ddep.progress's summary.
+  assert '[ddep] predict 2/2 images in ' in capsys.readouterr().out  # ddep.runs.progress's summary.
   result = score.score('cityscapes', tmp_path / 'out' / 'labels', tmp_path / 'gt')
   miou, _ = numpy_miou(zip(gt_train, pred_train), 19)
   assert result['num_images'] == 2

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddep import flops
-from ddep import optimizer
+from ddep.models import flops
+from ddep.training import optimizer
 from ddep.models import TransUNet, create_model
 
 

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from ddep import train
+from ddep.training import trainer as train
 import gcs_emulator
 from test_multihost import _finetune_config
 

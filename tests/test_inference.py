@@ -1,4 +1,4 @@
-"""Tests for ddep.inference with fake predict_fns whose exact output is known.
+"""Tests for ddep.evaluators.inference with fake predict_fns whose exact output is known.
 
 Two kinds of fake model:
   * per-pixel functions of the input: any correct tiling, flipping and
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddep import inference
+from ddep.evaluators import inference
 
 
 @jax.jit  # As a real predict_fn would be; also keeps the tests' compiles few.
@@ -248,7 +248,7 @@ def test_metrics_and_inference_import_without_tensorflow():
   import sys
 
   code = (
-      'import sys, ddep.metrics, ddep.inference; '
+      'import sys, ddep.evaluators.metrics, ddep.evaluators.inference; '
       "assert not any(m.startswith('tensorflow') for m in sys.modules), 'TF imported'"
   )
   done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)

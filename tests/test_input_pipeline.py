@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddep import input_pipeline as ip
+from ddep.data import pipelines as ip
 from ddep.datasets import specs
 
 SINGLE = dict(process_index=0, process_count=1)
@@ -568,7 +568,7 @@ def test_tf_sees_no_accelerator():
 
 @pytest.mark.parametrize('task', ['denoise', 'classify'])
 def test_a_configs_area_range_reaches_the_pretraining_pipeline(data_dir, task):
-  from ddep import config_schema, train
+  from ddep.config import schema as config_schema, train
 
   config = config_schema.base_config()
   config.task = task

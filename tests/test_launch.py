@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 import pytest
 
-from ddep import config_validation
+from ddep.config import validation as config_validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU = str(REPO / 'launch' / 'tpu.sh')

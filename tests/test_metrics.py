@@ -1,4 +1,4 @@
-"""Tests for ddep.metrics: each benchmark rule by hand, then a random check
+"""Tests for ddep.evaluators.metrics: each benchmark rule by hand, then a random check
 against a plain Python loop."""
 
 import json
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddep import metrics
+from ddep.evaluators import metrics
 
 
 def _loop_confusion(labels, predictions, num_classes, ignore_label=255):

@@ -16,8 +16,8 @@ import flax
 import numpy as np
 import pytest
 
-from ddep import checkpointing
-from ddep import train
+from ddep.runs import checkpointing
+from ddep.training import trainer as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

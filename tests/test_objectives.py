@@ -1,11 +1,11 @@
-"""Tests for ddep.objectives against numpy references and hand-computed cases."""
+"""Tests for ddep.training.objectives against numpy references and hand-computed cases."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddep import objectives
+from ddep.training import objectives
 
 
 def _log_softmax_np(z):

@@ -1,4 +1,4 @@
-"""Tests for ddep.optimizer: schedules, Adam(W) against a numpy Adam, freezing."""
+"""Tests for ddep.training.optimizer: schedules, Adam(W) against a numpy Adam, freezing."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddep import optimizer
+from ddep.training import optimizer
 
 # ---------------------------------------------------------------- schedules
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from ddep import paired_stats
+from ddep.reporting import paired_stats
 
 
 def _entry(method, fraction, seed, miou, sha='s'):

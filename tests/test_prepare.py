@@ -1,4 +1,4 @@
-"""ddep.prepare's command: flags parsed by absl, TFDS's bars replaced by ddep.progress lines."""
+"""ddep.prepare's command: flags parsed by absl, TFDS's bars replaced by ddep.runs.progress lines."""
 
 from absl import flags
 from tensorflow_datasets.core import utils as tfds_utils
@@ -17,7 +17,7 @@ def test_demo_build_prints_plain_progress_lines(tmp_path, capsys):
   assert run('--dataset=demo_tiny', '--data_dir', str(tmp_path)) == 0
   out = capsys.readouterr().out
   assert tfds_utils.tqdm is original  # Restored after the build.
-  # One summary line per split from ddep.progress, no carriage-return bar.
+  # One summary line per split from ddep.runs.progress, no carriage-return bar.
   assert '[ddep] prepare demo_tiny train ' in out and ' examples in ' in out, out
   assert '[ddep] prepare demo_tiny validation ' in out and '\r' not in out
   assert 'ddep.prepare: ' in out and f'--config.data.data_dir={tmp_path}' in out

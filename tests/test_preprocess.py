@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ddep import preprocess as pp
+from ddep.data import preprocess as pp
 
 # Distinct colours per class so a pixel's class can be read back off the image.
 _COLOURS = np.array(

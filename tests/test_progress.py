@@ -1,11 +1,11 @@
-"""ddep.progress: ETA formatting and rate-limited lines, with a fake clock."""
+"""ddep.runs.progress: ETA formatting and rate-limited lines, with a fake clock."""
 
 import sys
 import types
 
 import pytest
 
-from ddep import progress
+from ddep.runs import progress
 
 
 class FakeClock:

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from ddep import inference
-from ddep import metrics as metrics_lib
-from ddep import protocol_eval
-from ddep import sharding
+from ddep.evaluators import inference
+from ddep.evaluators import metrics as metrics_lib
+from ddep.evaluators import protocol as protocol_eval
+from ddep.training import sharding
 import protocol_eval_worker as worker
 from test_multihost import _free_port
 

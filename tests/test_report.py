@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddep import metrics, report
+from ddep import report
+from ddep.evaluators import metrics
 
 METHODS = ('ddep', 'supervised')
 FRACTIONS = (1.0, 0.1, 0.01)

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from ddep import checkpointing
+from ddep.runs import checkpointing
 from ddep import report
-from ddep import storage
+from ddep.runs import storage
 
 
 def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddep import config_schema
-from ddep import flops
+from ddep.config import schema as config_schema
+from ddep.models import flops
 from ddep import predict
 from ddep import report
-from ddep import summaries
+from ddep.runs import summaries
 from ddep.datasets import specs
 from ddep.models import create_model
 

@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common
-from ddep import checkpointing
-from ddep import config_validation
-from ddep import initialization
-from ddep import train
+from ddep.runs import checkpointing
+from ddep.config import validation as config_validation
+from ddep.models import initialization
+from ddep.training import trainer as train
 from ddep.models import create_model
 from ddep.models import pretrained
 
@@ -144,7 +144,7 @@ def test_fsdp_shards_params_and_matches_data_parallel(tmp_path):
     np.testing.assert_allclose(a[k], b[k], rtol=0, atol=5e-5, err_msg=k)
     assert np.mean(np.abs(a[k] - b[k])) < 1e-6, k
   # The large kernels really were split across the two devices.
-  from ddep import sharding
+  from ddep.training import sharding
 
   spec = sharding.fsdp_spec(a['decoder/block0/conv1/kernel'].shape, 2)
   assert 'data' in tuple(spec)

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ddep.datasets import manual
+from ddep.datasets import archives
 from ddep.datasets import specs
 
 ARCHIVE = 'ADEChallengeData2016.zip'
@@ -370,7 +370,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    archive = manual.require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    archive = archives.require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     return {
         split: self._generate_examples(archive, subdir) for split, subdir in _SPLIT_DIRS.items()
     }
@@ -392,7 +392,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
           raise ValueError(f'{archive}: {image_name} has no label {label_name}')
         image_bytes = zf.read(image_name)
         label_bytes = zf.read(label_name)
-        manual.check_label(
+        archives.check_label(
             label_bytes,
             image_bytes,
             label_name=f'{archive} member {label_name}',

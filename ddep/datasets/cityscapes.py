@@ -22,7 +22,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ddep.datasets import manual
+from ddep.datasets import archives
 from ddep.datasets import specs
 
 TFDS_NAME = 'cityscapes/semantic_segmentation'
@@ -145,7 +145,7 @@ def check_manual_files(config: str, manual_dir: os.PathLike | str):
         f"Cityscapes config {config!r} is missing manual file(s) {', '.join(missing)}: "
         f'download them from https://www.cityscapes-dataset.com/downloads/ (login required) '
         f'and put them, unextracted, in the manual directory {os.fspath(manual_dir)} '
-        f'(see {manual.DOCS}).'
+        f'(see {archives.DOCS}).'
     )
 
 

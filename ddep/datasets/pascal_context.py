@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ddep.datasets import manual
+from ddep.datasets import archives
 from ddep.datasets import pascal_voc  # also registers the builder pretraining reads
 from ddep.datasets import specs
 
@@ -154,14 +154,14 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     instructions = self.MANUAL_DOWNLOAD_INSTRUCTIONS
-    archive = manual.require_manual_file(dl_manager, ARCHIVE, instructions)
-    label_dir = manual.require_manual_file(dl_manager, LABEL_DIR, instructions)
+    archive = archives.require_manual_file(dl_manager, ARCHIVE, instructions)
+    label_dir = archives.require_manual_file(dl_manager, LABEL_DIR, instructions)
     return {
         split: self._generate_examples(
             dl_manager,
             archive,
             label_dir,
-            manual.require_manual_file(dl_manager, ids, instructions),
+            archives.require_manual_file(dl_manager, ids, instructions),
         )
         for split, ids in SPLIT_LISTS.items()
     }
@@ -176,7 +176,7 @@ class PascalContext(tfds.core.GeneratorBasedBuilder):
       if not label_path.exists():
         raise ValueError(f'{id_list} lists {image_id} but {label_path} does not exist')
       label = label_path.read_bytes()
-      manual.check_label(
+      archives.check_label(
           label,
           image,
           label_name=str(label_path),

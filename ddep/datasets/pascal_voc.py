@@ -14,7 +14,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from ddep.datasets import manual
+from ddep.datasets import archives
 
 ARCHIVE = 'VOCtrainval_11-May-2012.tar'
 _IMAGE_DIR = 'VOCdevkit/VOC2012/JPEGImages/'
@@ -54,14 +54,14 @@ class PascalVoc(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    archive = manual.require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    archive = archives.require_manual_file(dl_manager, ARCHIVE, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     return {'train': self._generate_examples(dl_manager, archive)}
 
   def _generate_examples(self, dl_manager, archive):
     found = False
     for image_id, image in iter_jpegs(dl_manager, archive, _IMAGE_DIR):
       found = True
-      manual.check_image(
+      archives.check_image(
           image, name=f'{archive} member {_IMAGE_DIR}{image_id}.jpg', image_id=image_id
       )
       yield image_id, {'image': image, 'image_id': image_id}

@@ -15,7 +15,7 @@ Each phase (a train step per `--task`, then the eval step at `--eval_size`) is
 compiled, warmed up and timed: `--trials` runs of `--steps` back-to-back steps,
 each run ending in a single `block_until_ready`, and the step time is the median
 over runs of run time / steps. FLOPs come from XLA (`cost_analysis()`) and from
-`ddep.flops`; MFU uses the analytic (model) count, HFU XLA's (which includes
+`ddep.models.flops`; MFU uses the analytic (model) count, HFU XLA's (which includes
 remat's recomputation). With several phases, each runs in its own process so
 that `peak_bytes_in_use` is that phase's own peak.
 
@@ -159,8 +159,8 @@ _CITYSCAPES_HW = (1024, 2048)
 
 
 def protocol_input(name: str, default: tuple[int, int]) -> tuple[int, int]:
-  """The model input of one eval call of a `ddep.inference` protocol."""
-  from ddep import inference  # pylint: disable=g-import-not-at-top
+  """The model input of one eval call of a `ddep.evaluators.inference` protocol."""
+  from ddep.evaluators import inference  # pylint: disable=g-import-not-at-top
 
   protocol = inference.PROTOCOLS.get(name)
   if protocol is None:
@@ -174,7 +174,7 @@ def protocol_input(name: str, default: tuple[int, int]) -> tuple[int, int]:
 
 def apply_config(args: types.SimpleNamespace, config, explicit: set[str]) -> list[str]:
   """Sets the flags not given in `explicit` from an experiment config; returns notes."""
-  from ddep import config_validation  # pylint: disable=g-import-not-at-top
+  from ddep.config import validation as config_validation  # pylint: disable=g-import-not-at-top
 
   config_validation.validate(config)
   task, frozen = config.task, tuple(config.frozen)
@@ -374,7 +374,7 @@ class Program:
   noise_cond: bool
   frozen_patterns: tuple[str, ...]
   param_counts: tuple[int, int, int]  # (all, trainable, frozen)
-  ops: list  # ddep.flops' per-device ops of one call.
+  ops: list  # ddep.models.flops' per-device ops of one call.
   trained: tuple[str, ...]  # Top-level modules the analytic count trains.
   analytic: float
   optimizer_flops: float
@@ -385,7 +385,7 @@ class Program:
 
 
 def _phase_mesh(args):
-  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  from ddep.training import sharding  # pylint: disable=g-import-not-at-top
 
   if args.target:  # Described, not present: compiled for, never run.
     from ddep.tools import gpu_targets  # pylint: disable=g-import-not-at-top
@@ -448,7 +448,7 @@ def _count(tree) -> int:
 def _phase_batch(args, task: str, hw, batch_size: int, mesh, *, is_eval: bool):
   """The synthetic global batch, on the mesh (or its shapes for --compile_only)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddep import sharding  # pylint: disable=g-import-not-at-top
+  from ddep.training import sharding  # pylint: disable=g-import-not-at-top
 
   batch = _synthetic_batch(task, hw, batch_size, args.num_classes, with_mask=is_eval)
   if args.compile_only:
@@ -462,8 +462,8 @@ def _phase_batch(args, task: str, hw, batch_size: int, mesh, *, is_eval: bool):
 def _eval_program(args, model, trainable, frozen, batch, mesh):
   """(jitted eval step, its arguments)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddep import sharding  # pylint: disable=g-import-not-at-top
-  from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from ddep.training import sharding  # pylint: disable=g-import-not-at-top
+  from ddep.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   replicated = sharding.replicated(mesh)
   eval_step = steps_lib.make_segmentation_eval_step(model, args.num_classes, flip=args.eval_flip)
@@ -477,9 +477,9 @@ def _train_program(
 ):
   """(jitted train step, its arguments, XLA's FLOPs of the optimizer update alone)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from ddep import sharding  # pylint: disable=g-import-not-at-top
-  from ddep import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from ddep.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from ddep.training import sharding  # pylint: disable=g-import-not-at-top
+  from ddep.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   replicated = sharding.replicated(mesh)
   schedule = optimizer_lib.make_schedule(base_lr=1e-4, total_steps=1000)
@@ -500,7 +500,7 @@ def _train_program(
   else:
     state = jax.jit(make_state, out_shardings=state_shardings)(trainable, frozen, train_rng)
   optimizer_flops = _optimizer_flops(tx, state)
-  # Donated state, as in ddep.train: the update happens in place.
+  # Donated state, as in ddep.training.trainer: the update happens in place.
   jitted = jax.jit(
       train_step,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -518,8 +518,8 @@ def build_phase(
     accumulation_steps: Optional[int] = None,
 ) -> Program:
   """The model, parameters, synthetic batch and jitted step of one phase."""
-  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from ddep import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from ddep.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from ddep.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
 
   is_eval = phase == 'eval'
   task = 'segment' if is_eval else phase
@@ -757,7 +757,7 @@ def report_row(
 ) -> dict:
   """The JSON row of a timed (or only compiled) phase."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from ddep.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   step_time, trial_times, finite, cpu_per_step = timing
   per_s = lambda x: x / step_time if step_time else None  # noqa: E731
@@ -900,9 +900,9 @@ def run_phase(
 
 def run_input_phase(args) -> dict:
   """Images/s of the config's own train input pipeline on this host (tf.data, CPU),
-  built as `ddep.train` builds it, one host's share of the global batch."""
-  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
-  from ddep import train  # pylint: disable=g-import-not-at-top
+  built as `ddep.training.trainer` builds it, one host's share of the global batch."""
+  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
   config = args.config_dict
@@ -1115,7 +1115,7 @@ def format_rows(rows: Sequence[dict]) -> str:
 
 
 def flops_table(args) -> str:
-  from ddep import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from ddep.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   model = build_model(args, num_outputs=args.num_classes if 'segment' in args.task else 3)
   ops = flops_lib.model_ops(model, tuple(args.image_size), 1)

@@ -27,9 +27,10 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from ddep import input_pipeline
-from ddep import progress
-from ddep.datasets import decoded_copy, demo_scenes, specs
+from ddep.data import pipelines as input_pipeline
+from ddep.runs import progress
+from ddep.data import decoded_copy
+from ddep.datasets import demo_scenes, specs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', None, 'Registered dataset to read instead of the synthetic one.')
@@ -50,7 +51,7 @@ flags.DEFINE_enum(
     'original',
     ['original', 'decoded'],
     "The pretrain pipeline's images: as stored, or their copy stored as pixels "
-    '(ddep.datasets.decoded_copy; written first, once per data_dir).',
+    '(ddep.data.decoded_copy; written first, once per data_dir).',
 )
 
 

@@ -1,6 +1,6 @@
 """A tiny denoising run on the generated demo data, for process-level tests."""
 
-from ddep import config_schema
+from ddep.config import schema as config_schema
 
 
 def get_config():

@@ -3,7 +3,7 @@
 11 examples do not split evenly over 2 processes; 2 epochs at global batch 4 are 6 steps.
 """
 
-from ddep import config_schema
+from ddep.config import schema as config_schema
 
 
 def get_config():

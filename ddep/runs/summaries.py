@@ -18,7 +18,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddep import flops as flops_lib
+from ddep.models import flops as flops_lib
 from ddep import report
 
 # ±3 standard deviations of ε ~ N(0, I) fill the display range (as Figure 4 does).
@@ -50,7 +50,7 @@ def flat_hparams(config) -> dict[str, Any]:
 
 
 def model_scalars(model, image_hw, *, num_trainable: int, num_frozen: int) -> dict[str, float]:
-  """Parameter counts and analytic GFLOPs of one image's forward pass (ddep.flops)."""
+  """Parameter counts and analytic GFLOPs of one image's forward pass (ddep.models.flops)."""
   out = {'model/params_trainable': float(num_trainable), 'model/params_frozen': float(num_frozen)}
   try:
     out['model/gflops_per_image'] = (
@@ -212,7 +212,7 @@ def preview_panels(config, model, params, spec, previews) -> Optional[list[np.nd
   """The previews predicted by host `params` under the config's eval protocol, as panels."""
   if previews is None or not _is_main():
     return None
-  from ddep import inference  # pylint: disable=g-import-not-at-top
+  from ddep.evaluators import inference  # pylint: disable=g-import-not-at-top
   from ddep import predict  # pylint: disable=g-import-not-at-top  (predict imports train)
 
   apply = _jitted_apply(model)

@@ -17,7 +17,7 @@ agree between them:
 
 import fractions
 
-from ddep import config_schema
+from ddep.config import schema as config_schema
 
 # The published ImageNet-21k encoders (paper Sec. 3: "supervised model checkpoints
 # pretrained on the ImageNet-21K dataset"); the loader reads local files only, so
@@ -154,7 +154,7 @@ def denoising_pretraining(arg, *, dataset: str):
   c.optim.decay = 'cosine'  # Sec. 4.3 states cosine decay for fine-tuning; we use it here too
   c.total_epochs = a.epochs
   c.log_every = 100
-  # The held-out denoising metric (ddep.denoise_eval), the curve to watch for Figure 8;
+  # The held-out denoising metric (ddep.evaluators.denoise), the curve to watch for Figure 8;
   # best/ keeps the step with the highest held-out PSNR.
   c.eval_every = 5000
   c.eval.denoise_images = 64

@@ -12,7 +12,7 @@ from absl import logging
 import flax
 import numpy as np
 
-from ddep import checkpointing
+from ddep.runs import checkpointing
 from ddep.models import load_pretrained_encoder
 from ddep.models import vit
 

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddep import metrics as metrics_lib
-from ddep import objectives
-from ddep import optimizer as optimizer_lib
+from ddep.evaluators import metrics as metrics_lib
+from ddep.training import objectives
+from ddep.training import optimizer as optimizer_lib
 from ddep.models import TransUNet
 
 

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddep import objectives
-from ddep import optimizer as optimizer_lib
-from ddep import sharding
-from ddep import steps as steps_lib
+from ddep.training import objectives
+from ddep.training import optimizer as optimizer_lib
+from ddep.training import sharding
+from ddep.training import steps as steps_lib
 
 # Independent of the run's seed: runs with different seeds are scored on the same noise.
 _NOISE_SEED = 20240
@@ -81,7 +81,7 @@ def load_heldout(
 
   Every process reads the same images: the set is small and must be identical.
   """
-  from ddep import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
   spec = specs.get(dataset)

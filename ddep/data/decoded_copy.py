@@ -31,8 +31,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddep import progress
-from ddep.datasets import manual
+from ddep.runs import progress
+from ddep.datasets import archives as manual
 from ddep.datasets import specs
 
 SUFFIX = '_decoded'
@@ -257,7 +257,7 @@ def write_copy(spec: specs.DatasetSpec, source) -> str:
   info.pop('moduleName', None)  # Read by TFDS's read-only builder, not by a module.
   info['description'] = (
       f'The images of {spec.tfds_name} ({", ".join(splits)}) stored decoded (uint8 pixels '
-      f'behind a header, see ddep.datasets.decoded_copy); every other byte as in the '
+      f'behind a header, see ddep.data.decoded_copy); every other byte as in the '
       f'original.\n\n' + info.get('description', '')
   )
   with tf.io.gfile.GFile(info_path + '.tmp', 'w') as f:

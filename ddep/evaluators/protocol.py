@@ -1,6 +1,6 @@
 """Evaluation protocols (halves, sliding windows) on sharded parameters, over every device.
 
-`ddep/inference.py` cuts each image into fixed-shape windows and stitches their
+`ddep/evaluators/inference.py` cuts each image into fixed-shape windows and stitches their
 logits back; here every window batch is one global batch over all devices of
 all processes, predicted with the training state's own (replicated or FSDP)
 parameters. Such a call is a collective: every process must make the same
@@ -22,11 +22,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from ddep import inference
-from ddep import metrics as metrics_lib
-from ddep import optimizer as optimizer_lib
-from ddep import progress
-from ddep import sharding
+from ddep.evaluators import inference
+from ddep.evaluators import metrics as metrics_lib
+from ddep.training import optimizer as optimizer_lib
+from ddep.runs import progress
+from ddep.training import sharding
 
 
 def num_calls(protocol: inference.Protocol, height: int, width: int, batch_size: int) -> int:
@@ -95,7 +95,7 @@ def confusion_matrix(
 ) -> np.ndarray:
   """The dataset's confusion matrix under `protocol`, summed over all processes.
 
-  `eval_batches` yields this process's batches (`ddep.input_pipeline.EvalDataset`:
+  `eval_batches` yields this process's batches (`ddep.data.pipelines.EvalDataset`:
   the same number on every process, padding rows with `_mask` False, and with
   `orig_hw` when images were padded to one size).
   """

@@ -2,8 +2,8 @@
 
 from typing import Any
 
-from ddep import inference
-from ddep import optimizer
+from ddep.evaluators import inference
+from ddep.training import optimizer
 from ddep.datasets import specs
 from ddep.models import presets
 from ddep.models import transunet

@@ -22,21 +22,21 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from ddep import checkpointing
-from ddep import config_validation
-from ddep import denoise_eval
-from ddep import initialization
-from ddep import input_pipeline
-from ddep import metrics as metrics_lib
-from ddep import optimizer as optimizer_lib
-from ddep import progress
-from ddep import protocol_eval
+from ddep.runs import checkpointing
+from ddep.config import validation as config_validation
+from ddep.evaluators import denoise as denoise_eval
+from ddep.models import initialization
+from ddep.data import pipelines as input_pipeline
+from ddep.evaluators import metrics as metrics_lib
+from ddep.training import optimizer as optimizer_lib
+from ddep.runs import progress
+from ddep.evaluators import protocol as protocol_eval
 from ddep import report
-from ddep import sharding
-from ddep import steps as steps_lib
-from ddep import storage
-from ddep import summaries
-from ddep.datasets import decoded_copy
+from ddep.training import sharding
+from ddep.training import steps as steps_lib
+from ddep.runs import storage
+from ddep.runs import summaries
+from ddep.data import decoded_copy
 from ddep.datasets import specs
 from ddep.models import presets
 

@@ -41,9 +41,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddep import preprocess as pp
-from ddep.datasets import decoded_copy
-from ddep.datasets import manual
+from ddep.data import preprocess as pp
+from ddep.data import decoded_copy
+from ddep.datasets import archives as manual
 from ddep.datasets import specs
 
 try:
@@ -246,7 +246,7 @@ def _deserialize(spec: specs.DatasetSpec, features, record):
   decoders = {
       k: tfds.decode.SkipDecoding()
       for k in (spec.image_key, spec.label_key)
-      # Not the opaque bytes of a decoded copy (ddep.datasets.decoded_copy): nothing to skip.
+      # Not the opaque bytes of a decoded copy (ddep.data.decoded_copy): nothing to skip.
       if k in features and isinstance(features[k], tfds.features.Image)
   }
   return features.deserialize_example(record, decoders=decoders)
@@ -534,7 +534,7 @@ def _decode_image_window(encoded, window: Callable):
 
   A JPEG is decoded only inside the window (decode_and_crop_jpeg skips the
   IDCT of the blocks outside it), and of an image stored decoded
-  (ddep.datasets.decoded_copy) only the window's rows are read; PNGs cannot be,
+  (ddep.data.decoded_copy) only the window's rows are read; PNGs cannot be,
   so they are decoded whole and sliced, still in uint8. A JPEG damaged only below
   the window decodes, so pretraining fails on such a file only in the epochs whose
   window reaches the damage (ddep.prepare reads every image; fine-tuning and eval
@@ -1015,7 +1015,7 @@ def pretrain_dataset(
 
   Reads the spec's `pretrain_splits` (of `pretrain_tfds_name` if set); inception-style crop + left-right flip
   (paper Sec. 5.1; pretraining at 512x512). `images='decoded'` reads the same images from
-  their lossless decoded copy (ddep.datasets.decoded_copy), which costs no PNG decoding: the
+  their lossless decoded copy (ddep.data.decoded_copy), which costs no PNG decoding: the
   batches are bit-identical, so a run may switch on resume.
   """
   spec = specs.get(dataset).pretrain_view()

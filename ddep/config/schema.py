@@ -1,6 +1,6 @@
 """The base config every experiment starts from, and the string-argument parser.
 
-Configs are data: an experiment file in configs/ sets values; `ddep.config_validation`
+Configs are data: an experiment file in configs/ sets values; `ddep.config.validation`
 checks them before anything is compiled. The schema lives in the package, so that a
 config file imports only `ddep` and loads from any path.
 """
@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
           eval_pad_to=(),  # pad eval images/labels to this (H, W) when sizes vary
           skip_bad_examples=False,
           # Denoising pretraining's images: 'original', or 'decoded', their lossless copy
-          # stored as pixels (ddep.datasets.decoded_copy; bit-identical batches without
+          # stored as pixels (ddep.data.decoded_copy; bit-identical batches without
           # PNG decoding, for PNG sets such as Cityscapes; `ddep.prepare --decoded_copy`).
           pretrain_images='original',
           prepare=True,  # build generated datasets (demo) when missing
@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
           flip=False,
           batch_size=0,
           # Denoise runs: ε-MSE and PSNR on this many held-out images at every eval, with
-          # fixed noise at the training level (ddep.denoise_eval); 0 = none. Read from
+          # fixed noise at the training level (ddep.evaluators.denoise); 0 = none. Read from
           # denoise_split ('' = the dataset's eval split) at the training crop size.
           denoise_images=0,
           denoise_split='',
