@@ -32,6 +32,7 @@ import numpy as np
 
 from ddep.config import schema as config_schema
 from ddep.reporting import paired_stats
+from ddep.reporting import visualisation
 
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
@@ -499,7 +500,7 @@ def segmentation_figure(runs, output: str, images) -> str:
       len(images), len(titles), figsize=(1.6 * len(titles), 1.6 * len(images)), squeeze=False
   )
   for row, (image, label) in enumerate(images):
-    shown = [report.to_display(image), palette[np.where(label == spec.ignore_label, 0, label)]]
+    shown = [visualisation.to_display(image), palette[np.where(label == spec.ignore_label, 0, label)]]
     shown += [palette[predictions[m][row]] for m in methods]
     for col, picture in enumerate(shown):
       ax = axes[row, col]
@@ -641,10 +642,10 @@ def main(argv):
       base_seed=_SEED.value,
   )
   t0 = time.time()
-  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import preparation  # pylint: disable=g-import-not-at-top
 
   print(f'[demo] preparing the {runs[0][2].data.dataset} dataset ...', flush=True)
-  input_pipeline.prepare(runs[0][2].data.dataset, None)
+  preparation.prepare_generated(runs[0][2].data.dataset, None)
   workers = _WORKERS.value or len(_worker_cores()) or os.cpu_count() or 1
   print(f'[demo] {len(runs)} stages on {workers} worker process(es)', flush=True)
   seconds = run_stages(runs, output=output, workers=workers, log=lambda s: print(s, flush=True))

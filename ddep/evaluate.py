@@ -37,6 +37,7 @@ from ddep.training import sharding
 from ddep.runs import storage
 from ddep.training import trainer as train
 from ddep.datasets import specs
+from ddep.data import preparation
 
 CHECKPOINT_HELP = (
     'A step dir (<workdir>/best/<step>), a checkpoints/ or best/ dir (its latest step) or '
@@ -161,7 +162,7 @@ def evaluate(config, workdir: str, *, checkpoint: Optional[str] = None) -> dict:
   )
 
   if config.data.prepare and spec.name.startswith('demo'):
-    train.prepare_once(spec.name, config.data.data_dir or None)
+    preparation.prepare_once(spec.name, config.data.data_dir or None)
   split = config.data.eval_split or spec.eval_split
   eval_iter = input_pipeline.eval_dataset(
       spec.name,

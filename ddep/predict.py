@@ -46,9 +46,9 @@ from ddep import evaluate
 from ddep.evaluators import inference
 from ddep.runs import progress
 from ddep.datasets import specs
+from ddep.reporting import visualisation
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-OVERLAY_ALPHA = 0.5
 
 
 class ImageError(Exception):
@@ -76,13 +76,6 @@ def label_id_table(spec: specs.DatasetSpec) -> np.ndarray:
       raise ValueError(f'{spec.name}: no raw id maps to train id {train_id}')
     table[train_id] = raw[0]
   return table
-
-
-def palette(spec: specs.DatasetSpec) -> np.ndarray:
-  if spec.palette is not None:
-    return np.asarray(spec.palette, np.uint8)
-  # Fixed colours for datasets without a palette: the same on every run.
-  return np.random.default_rng(0).integers(0, 256, (spec.num_classes, 3)).astype(np.uint8)
 
 
 def find_images(images: str, *, exclude: Optional[str] = None) -> list[ImageFile]:
@@ -126,14 +119,6 @@ def read_image(path: str) -> np.ndarray:
       return np.asarray(image.convert('RGB'))
   except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable data.
     raise ImageError(f'cannot read image {path}: {e}') from e
-
-
-def overlay(
-    image: np.ndarray, train_ids: np.ndarray, colours: np.ndarray, alpha: float = OVERLAY_ALPHA
-) -> np.ndarray:
-  """The image with each pixel blended towards its class colour."""
-  blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[train_ids].astype(np.float32)
-  return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
 def padded_size(
@@ -203,7 +188,7 @@ def predict_files(
     spec: specs.DatasetSpec,
 ) -> list[str]:
   """Writes labels/ and overlays/ for each file; returns one message per failed file."""
-  ids, colours = label_id_table(spec), palette(spec)
+  ids, colours = label_id_table(spec), visualisation.palette(spec)
   errors = []
   for file in progress.track(files, desc='predict', unit='images'):
     try:
@@ -220,7 +205,7 @@ def predict_files(
       continue
     _save_png(ids[train_ids], os.path.join(output, 'labels', file.stem + '.png'))
     _save_png(
-        overlay(image, train_ids, colours), os.path.join(output, 'overlays', file.stem + '.png')
+        visualisation.overlay(image, train_ids, colours), os.path.join(output, 'overlays', file.stem + '.png')
     )
   return errors
 

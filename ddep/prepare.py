@@ -27,6 +27,7 @@ from ddep.runs import progress
 from ddep.datasets import archives as manual
 from ddep.datasets import specs
 from ddep.data import decoded_copy
+from ddep.data import preparation
 
 # TFDS's per-example loop (split_builder) wraps its generator in `utils.tqdm(generator,
 # desc='Generating <split> examples...', ...)`; other bars (downloads, shuffling) are silenced.
@@ -106,15 +107,15 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   try:
     with plain_progress(f.dataset):
-      builder = manual.prepare(
+      builder = preparation.prepare_archives(
           f.dataset,
           manual_dir=f.manual_dir,
           data_dir=f.data_dir,
           pretrain=f.pretrain or f.decoded_copy,
       )
       if f.decoded_copy:
-        copy_dir = decoded_copy.prepare(f.dataset, f.data_dir)
-  except (manual.PrepareError, FileNotFoundError, ValueError) as e:
+        copy_dir = preparation.prepare_decoded_copy(f.dataset, f.data_dir)
+  except (preparation.PrepareError, FileNotFoundError, ValueError) as e:
     # Missing or bad input, not a bug: the message names the file (and the example).
     print(f'ddep.prepare: error: {e}', file=sys.stderr, flush=True)
     return 1

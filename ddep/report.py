@@ -56,6 +56,7 @@ from etils.epath import Path  # noqa: E402
 from ddep.evaluators import metrics as metrics_lib  # noqa: E402
 from ddep.runs import progress  # noqa: E402
 from ddep.runs import storage  # noqa: E402
+from ddep.reporting import visualisation
 
 RESULTS_FILE = 'results.json'
 CURVES_FILE = 'metrics.jsonl'
@@ -611,11 +612,6 @@ def plot_training_curves(run: Run, path) -> bool:
   return True
 
 
-def to_display(image, scale: float = 1.0) -> np.ndarray:
-  """[-scale, scale] -> [0, 1], clipped (Figure 4 clips noisy pixels too)."""
-  return np.clip((np.asarray(image, np.float32) / scale + 1) / 2, 0, 1)
-
-
 def denoising_grid(
     clean,
     noisy_by_sigma: Mapping[float, Any],
@@ -644,10 +640,10 @@ def denoising_grid(
   fig, axes = plt.subplots(len(sigmas), 4, figsize=(8, 2.1 * len(sigmas)), squeeze=False)
   for row, sigma in enumerate(sigmas):
     images = (
-        to_display(clean),
-        to_display(noisy_by_sigma[sigma]),
-        to_display(predicted_noise_by_sigma[sigma], noise_scale),
-        to_display(denoised_by_sigma[sigma]),
+        visualisation.to_display(clean),
+        visualisation.to_display(noisy_by_sigma[sigma]),
+        visualisation.to_display(predicted_noise_by_sigma[sigma], noise_scale),
+        visualisation.to_display(denoised_by_sigma[sigma]),
     )
     for col, image in enumerate(images):
       ax = axes[row, col]

@@ -14,6 +14,7 @@ import archives
 from ddep.data import pipelines as input_pipeline
 from ddep.datasets import archives as manual_lib
 from ddep.datasets import specs
+from ddep.data import preparation
 
 
 def _build(tfds_name: str, data_dir, manual_dir):
@@ -48,7 +49,7 @@ def data_dir(tmp_path_factory):
 
 def _prepare(dataset, data_dir, manual_dir, pretrain=False):
   """What `python -m ddep.prepare` does, in this process."""
-  return manual_lib.prepare(
+  return preparation.prepare_archives(
       dataset, manual_dir=os.fspath(manual_dir), data_dir=os.fspath(data_dir), pretrain=pretrain
   )
 
@@ -138,11 +139,11 @@ def test_prepare_names_the_missing_archive_and_the_docs(
 
 
 def test_prepare_needs_a_manual_dir_and_a_known_dataset(tmp_path):
-  with pytest.raises(manual_lib.PrepareError, match=r'--manual_dir=DIR .*docs/datasets\.md'):
-    manual_lib.prepare('ade20k', data_dir=os.fspath(tmp_path))
-  with pytest.raises(manual_lib.PrepareError, match=r'--manual_dir=.*nowhere is not a directory'):
+  with pytest.raises(preparation.PrepareError, match=r'--manual_dir=DIR .*docs/datasets\.md'):
+    preparation.prepare_archives('ade20k', data_dir=os.fspath(tmp_path))
+  with pytest.raises(preparation.PrepareError, match=r'--manual_dir=.*nowhere is not a directory'):
     _prepare('ade20k', tmp_path, tmp_path / 'nowhere')
-  with pytest.raises(manual_lib.PrepareError, match=r"Unknown dataset 'ade20'"):
+  with pytest.raises(preparation.PrepareError, match=r"Unknown dataset 'ade20'"):
     _prepare('ade20', tmp_path, tmp_path)
 
 

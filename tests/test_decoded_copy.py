@@ -17,6 +17,7 @@ from ddep.data import pipelines as input_pipeline
 from ddep.data import decoded_copy
 from ddep.datasets import specs
 from ddep.tools import benchmark_input
+from ddep.data import preparation
 
 
 def _records(builder, split):
@@ -30,13 +31,13 @@ def _records(builder, split):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.prepare('demo_tiny', d)
+  preparation.prepare_generated('demo_tiny', d)
   return d
 
 
 def test_copy_is_lossless_and_pretraining_reads_the_same_batches(data_dir):
   spec = specs.get('demo_tiny').pretrain_view()
-  out_dir = decoded_copy.prepare('demo_tiny', data_dir)
+  out_dir = preparation.prepare_decoded_copy('demo_tiny', data_dir)
   original = tfds.builder(spec.tfds_name, data_dir=data_dir)
   copy = decoded_copy.builder(spec, data_dir)
   assert copy.data_dir == out_dir
@@ -72,7 +73,7 @@ def test_copy_is_lossless_and_pretraining_reads_the_same_batches(data_dir):
   # Written once: a second call leaves it alone.
   info = os.path.join(out_dir, 'dataset_info.json')
   mtime = os.stat(info).st_mtime_ns
-  assert decoded_copy.prepare('demo_tiny', data_dir) == out_dir
+  assert preparation.prepare_decoded_copy('demo_tiny', data_dir) == out_dir
   assert os.stat(info).st_mtime_ns == mtime
 
   common = dict(batch_size=4, image_size=(16, 16), seed=3, data_dir=data_dir)
@@ -90,7 +91,7 @@ def test_copy_is_lossless_and_pretraining_reads_the_same_batches(data_dir):
 
 def test_a_missing_copy_names_the_command(tmp_path):
   d = str(tmp_path)
-  input_pipeline.prepare('demo_tiny', d)
+  preparation.prepare_generated('demo_tiny', d)
   common = dict(batch_size=2, seed=0, data_dir=d, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match='--dataset=demo_tiny --decoded_copy'):
     input_pipeline.pretrain_dataset('demo_tiny', images='decoded', **common)
@@ -102,7 +103,7 @@ def test_a_jpeg_source_is_refused_naming_the_record(tmp_path):
   d = str(tmp_path)
   spec = benchmark_input.synthetic_spec(d, (16, 24), 'jpeg', num_images=2)
   with pytest.raises(ValueError, match=r'record 0 \(image_id bench_00000\).*not a PNG'):
-    decoded_copy.prepare(spec, d)
+    preparation.prepare_decoded_copy(spec, d)
   assert not glob.glob(os.path.join(d, '*_decoded', '*', '*', 'dataset_info.json'))
 
 
@@ -147,6 +148,6 @@ def test_cli_prepares_the_copy_and_a_pretraining_config_reads_only_it(tmp_path):
   c.data.data_dir = d
   c.data.pretrain_images = 'decoded'
   config_validation.validate(c)
-  train.prepare_once(c.data.dataset, d, decoded=True)  # Both exist: nothing is rebuilt.
+  preparation.prepare_once(c.data.dataset, d, decoded=True)  # Both exist: nothing is rebuilt.
   batch = next(train.make_train_iterator(c, local_batch=2))
   assert batch['image'].shape == (2, *c.data.image_size, 3)

@@ -15,6 +15,7 @@ from ddep.training import objectives
 from ddep.training import sharding
 from ddep.training import trainer as train
 from ddep.models import create_model
+from ddep.data import preparation
 
 
 def _denoise(**kw):
@@ -114,7 +115,7 @@ def test_two_devices_equal_one_device_and_an_independent_computation(tiny):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.prepare('demo_tiny', data_dir=path)
+  preparation.prepare_generated('demo_tiny', data_dir=path)
   return path
 
 

@@ -31,6 +31,7 @@ from ddep import score
 from ddep.training import trainer as train
 from ddep.datasets import demo_scenes
 from ddep.datasets import specs
+from ddep.reporting import visualisation
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = demo_scenes.NUM_CLASSES
@@ -281,7 +282,7 @@ def test_padded_size_and_overlay():
   assert predict.padded_size(60, 33, stride=16, min_hw=(48, 48)) == (64, 48)
   image = np.full((2, 2, 3), 100, np.uint8)
   colours = np.array([[0, 0, 0], [255, 255, 255]], np.uint8)
-  out = predict.overlay(image, np.array([[0, 1], [1, 0]]), colours, alpha=0.5)
+  out = visualisation.overlay(image, np.array([[0, 1], [1, 0]]), colours, alpha=0.5)
   np.testing.assert_array_equal(out[..., 0], [[50, 178], [178, 50]])  # 177.5 rounds to even 178.
 
 

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from ddep.data import pipelines as ip
 from ddep.datasets import specs
+from ddep.data import preparation
 
 SINGLE = dict(process_index=0, process_count=1)
 
@@ -17,7 +18,7 @@ SINGLE = dict(process_index=0, process_count=1)
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
-  ip.prepare('demo_tiny', data_dir=path)
+  preparation.prepare_generated('demo_tiny', data_dir=path)
   for kind in _BAD_KINDS:
     tfds.builder(f'ddep_test_bad_scenes/{kind}', data_dir=path).download_and_prepare()
   return path

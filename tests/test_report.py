@@ -10,6 +10,7 @@ from PIL import Image
 
 from ddep import report
 from ddep.evaluators import metrics
+from ddep.reporting import visualisation
 
 METHODS = ('ddep', 'supervised')
 FRACTIONS = (1.0, 0.1, 0.01)
@@ -273,8 +274,8 @@ def test_missing_workdir_is_an_error(tmp_path, capsys):
 
 
 def test_to_display_maps_and_clips():
-  np.testing.assert_allclose(report.to_display([-1.5, -1, 0, 1, 2]), [0, 0, 0.5, 1, 1])
-  np.testing.assert_allclose(report.to_display([-3, 1.5], scale=3), [0, 0.75])
+  np.testing.assert_allclose(visualisation.to_display([-1.5, -1, 0, 1, 2]), [0, 0, 0.5, 1, 1])
+  np.testing.assert_allclose(visualisation.to_display([-3, 1.5], scale=3), [0, 0.75])
 
 
 def test_denoising_grid(tmp_path):

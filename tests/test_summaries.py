@@ -14,6 +14,7 @@ from ddep import report
 from ddep.runs import summaries
 from ddep.datasets import specs
 from ddep.models import create_model
+from ddep.reporting import visualisation
 
 
 class RecordingWriter:
@@ -76,11 +77,11 @@ def test_denoising_grid_puts_the_four_panels_side_by_side():
   noisy = np.full_like(clean, 1.0)
   eps = np.full_like(clean, 1.5)  # Half of the ±3 display range: 0.75.
   x_hat = np.zeros_like(clean)
-  grid = summaries.denoising_grid(clean, noisy, eps, x_hat)
+  grid = visualisation.denoising_grid(clean, noisy, eps, x_hat)
   assert grid.shape == (2, 4, 20, 3) and grid.dtype == np.uint8
   np.testing.assert_array_equal(grid[0, 0, [0, 5, 10, 15], 0], [0, 255, 191, 128])
   # Large images are subsampled to the panel size: every 2nd pixel of 5 -> 3.
-  assert summaries.denoising_grid(clean, noisy, eps, x_hat, max_side=3).shape == (2, 2, 12, 3)
+  assert visualisation.denoising_grid(clean, noisy, eps, x_hat, max_side=3).shape == (2, 2, 12, 3)
 
 
 def test_segmentation_panels_overlay_truth_and_prediction_and_leave_ignored_pixels_plain():
@@ -88,16 +89,16 @@ def test_segmentation_panels_overlay_truth_and_prediction_and_leave_ignored_pixe
   image = np.zeros((2, 3, 3), np.float32)  # Grey 128 once displayed.
   label = np.array([[0, 1, 255], [1, 1, 0]], np.int32)
   pred = np.ones((2, 3), np.int32)
-  [panel] = summaries.segmentation_panels([image], [label], [pred], colours, ignore_label=255)
+  [panel] = visualisation.segmentation_panels([image], [label], [pred], colours, ignore_label=255)
   assert panel.shape == (2, 9, 3)
   rgb, truth, guess = panel[:, :3], panel[:, 3:6], panel[:, 6:]
   np.testing.assert_array_equal(rgb, np.full((2, 3, 3), 128))
   np.testing.assert_array_equal(truth[0, 2], [128, 128, 128])  # Ignored: the plain image.
   np.testing.assert_array_equal(
-      truth[0, 0], predict.overlay(rgb[:1, :1], np.zeros((1, 1), int), colours)[0, 0]
+      truth[0, 0], visualisation.overlay(rgb[:1, :1], np.zeros((1, 1), int), colours)[0, 0]
   )
-  np.testing.assert_array_equal(guess, predict.overlay(rgb, pred, colours))
-  [small] = summaries.segmentation_panels(
+  np.testing.assert_array_equal(guess, visualisation.overlay(rgb, pred, colours))
+  [small] = visualisation.segmentation_panels(
       [image], [label], [pred], colours, ignore_label=255, max_side=2
   )
   np.testing.assert_array_equal(small, panel[::2, [0, 2, 3, 5, 6, 8]])
@@ -131,12 +132,12 @@ def test_previews_are_predicted_under_the_eval_protocol_at_their_own_size():
   assert [p.shape for p in panels] == [(32, 96, 3), (20, 84, 3)]
   # The prediction panel is the padded image's argmax, cropped (what evaluation scores).
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, previews['image'][1:])
-  want = predict.overlay(
-      panels[1][:, :28], np.asarray(jnp.argmax(logits, -1))[0, :20, :28], predict.palette(spec)
+  want = visualisation.overlay(
+      panels[1][:, :28], np.asarray(jnp.argmax(logits, -1))[0, :20, :28], visualisation.palette(spec)
   )
   np.testing.assert_array_equal(panels[1][:, 56:], want)
   np.testing.assert_array_equal(
-      panels[1][:, :28], np.round(report.to_display(previews['image'][1, :20, :28]) * 255)
+      panels[1][:, :28], np.round(visualisation.to_display(previews['image'][1, :20, :28]) * 255)
   )
 
 

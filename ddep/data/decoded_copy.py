@@ -186,21 +186,6 @@ def _copy_shard(src: str, dst: str, *, image_key: str, channels: int, expected: 
   return tf.io.gfile.stat(dst).length
 
 
-def prepare(dataset, data_dir: str | None) -> str:
-  """Writes the copy of `dataset`'s pretraining images, once; their TFDS files must exist.
-
-  Returns the copy's directory. Works on any tf.io.gfile path (gs:// included).
-  """
-  spec = specs.get(dataset).pretrain_view()
-  source = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  if not source.is_prepared():
-    raise FileNotFoundError(
-        f'{spec.tfds_name} is not prepared under data_dir={data_dir!r}: its decoded copy '
-        f'is written from it; prepare it with\n  {manual.prepare_command(spec, data_dir=data_dir)}'
-    )
-  return write_copy(spec, source)
-
-
 def write_copy(spec: specs.DatasetSpec, source) -> str:
   """Writes the copy of pretraining view `spec` from its prepared `source` builder, once."""
   info = json.loads(tf.io.gfile.GFile(posixpath.join(source.data_dir, 'dataset_info.json')).read())

@@ -173,14 +173,6 @@ def _builder(spec: specs.DatasetSpec, data_dir: str | None):
   return builder
 
 
-def prepare(dataset: str, data_dir: str | None = None, **download_and_prepare_kwargs):
-  """Builds the dataset's TFDS files: generates the demo data; see ddep.prepare for the rest."""
-  spec = specs.get(dataset)
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  builder.download_and_prepare(**download_and_prepare_kwargs)
-  return builder
-
-
 def _process_defaults(process_index, process_count):
   if process_index is None or process_count is None:
     import jax  # Only when the caller did not say; this initialises the backend.

@@ -1,6 +1,6 @@
-"""Building datasets from manually downloaded archives: `prepare` (what
-`python -m ddep.prepare` runs), the command line errors point to, and the checks
-the builders share."""
+"""What the builders of downloaded archives share: the checks of their images and labels,
+the error for a missing archive, and the `ddep.prepare` command line errors point to.
+(The build itself is `ddep.data.preparation.prepare_archives`.)"""
 
 from __future__ import annotations
 
@@ -40,56 +40,6 @@ def prepare_command(
   if data_dir:
     parts.append(f'--data_dir={data_dir}')
   return ' '.join(parts)
-
-
-class PrepareError(Exception):
-  """What the user has to fix before a builder can run, named in one message."""
-
-
-def prepare(
-    dataset: str,
-    *,
-    manual_dir: str | None = None,
-    data_dir: str | None = None,
-    pretrain: bool = False,
-):
-  """Builds, once, the TFDS builder of `dataset` (or of its pretraining images); returns it.
-
-  What `python -m ddep.prepare` runs. `manual_dir` holds the downloaded archives;
-  the generated demo datasets need none.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  try:
-    spec = specs.get(dataset)
-  except ValueError as e:
-    raise PrepareError(str(e)) from None
-  name = spec.pretrain_view().tfds_name if pretrain else spec.tfds_name
-  if name == 'pascal_voc':
-    # Importing it registers the builder; no spec is named after it.
-    from ddep.datasets import pascal_voc  # pylint: disable=g-import-not-at-top,unused-import
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:  # Generated (the demo scenes): nothing to read.
-    builder.download_and_prepare()
-    return builder
-  if not manual_dir:
-    raise PrepareError(
-        f'{name} is built from archives you download yourself: pass --manual_dir=DIR '
-        f'with them in it; {DOCS} lists them.'
-    )
-  if not os.path.isdir(manual_dir):
-    raise PrepareError(
-        f'--manual_dir={manual_dir} is not a directory; put the archives of {name} there ({DOCS}).'
-    )
-  if name.startswith('cityscapes/'):
-    # TFDS's own Cityscapes builder names no file when one is missing.
-    from ddep.datasets import cityscapes  # pylint: disable=g-import-not-at-top
-
-    cityscapes.check_manual_files(name.split('/', 1)[1], manual_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-  )
-  return builder
 
 
 def require_manual_file(dl_manager, filename: str, instructions: str):

@@ -19,13 +19,7 @@ import jax
 import numpy as np
 
 from ddep.models import flops as flops_lib
-from ddep import report
-
-# ±3 standard deviations of ε ~ N(0, I) fill the display range (as Figure 4 does).
-NOISE_DISPLAY_SCALE = 3.0
-# Pictures are subsampled to at most this many pixels a side per panel: a 512x512 noise
-# grid or a 1024x2048 Cityscapes overlay at full size would be megabytes per evaluation.
-MAX_PANEL_SIDE = 256
+from ddep.reporting import visualisation
 
 
 def _is_main() -> bool:
@@ -74,37 +68,6 @@ def write_start(writer, config, model, *, num_trainable: int, num_frozen: int) -
   )
 
 
-def _to_uint8(image01: np.ndarray) -> np.ndarray:
-  return np.round(np.clip(image01, 0, 1) * 255).astype(np.uint8)
-
-
-def _stride(height: int, width: int, max_side: int) -> int:
-  """The integer subsampling that brings the longer side to at most `max_side`."""
-  return max(1, -(-max(height, width) // max_side))
-
-
-def denoising_grid(
-    clean,
-    noisy,
-    eps_hat,
-    x_hat,
-    noise_scale: float = NOISE_DISPLAY_SCALE,
-    max_side: int = MAX_PANEL_SIDE,
-) -> np.ndarray:
-  """(N, H, 4W, 3) uint8: clean | noisy | predicted ε | denoised, side by side per image.
-
-  Subsampled (every k-th pixel, no smoothing: the noise stays noise) to `max_side`.
-  """
-  s = _stride(*np.shape(clean)[1:3], max_side)
-  panels = [
-      report.to_display(clean),
-      report.to_display(noisy),
-      report.to_display(eps_hat, noise_scale),
-      report.to_display(x_hat),
-  ]
-  return _to_uint8(np.concatenate([p[:, ::s, ::s] for p in panels], axis=2))
-
-
 def write_denoising(writer, step: int, examples: Mapping[str, np.ndarray]) -> None:
   """The grid of the pictures of `denoise_eval.Evaluator.run`."""
   if not _is_main() or not len(examples['clean']):
@@ -112,34 +75,11 @@ def write_denoising(writer, step: int, examples: Mapping[str, np.ndarray]) -> No
   writer.write_images(
       step,
       {
-          'val/denoising': denoising_grid(
+          'val/denoising': visualisation.denoising_grid(
               examples['clean'], examples['noisy'], examples['eps_hat'], examples['x_hat']
           )
       },
   )
-
-
-def segmentation_panels(
-    images, labels, predictions, colours, *, ignore_label: int, max_side: int = MAX_PANEL_SIDE
-) -> list[np.ndarray]:
-  """Per image, (H, 3W, 3) uint8: image | ground truth | prediction, as colour overlays.
-
-  `images` are in [-1, 1]; ignored ground-truth pixels show the plain image. Each is
-  subsampled (every k-th pixel, so labels stay labels) to `max_side`.
-  """
-  from ddep import predict  # pylint: disable=g-import-not-at-top  (predict imports train)
-
-  rows = []
-  for image, label, pred in zip(images, labels, predictions):
-    s = _stride(*label.shape, max_side)
-    image, label, pred = image[::s, ::s], label[::s, ::s], pred[::s, ::s]
-    rgb = _to_uint8(report.to_display(image))
-    valid = label != ignore_label
-    truth = np.where(
-        valid[..., None], predict.overlay(rgb, np.where(valid, label, 0), colours), rgb
-    )
-    rows.append(np.concatenate([rgb, truth, predict.overlay(rgb, pred, colours)], axis=1))
-  return rows
 
 
 def per_class_iou(result: Mapping[str, Any]) -> dict[str, float]:
@@ -213,7 +153,6 @@ def preview_panels(config, model, params, spec, previews) -> Optional[list[np.nd
   if previews is None or not _is_main():
     return None
   from ddep.evaluators import inference  # pylint: disable=g-import-not-at-top
-  from ddep import predict  # pylint: disable=g-import-not-at-top  (predict imports train)
 
   apply = _jitted_apply(model)
   protocol = inference.make_protocol(
@@ -227,6 +166,6 @@ def preview_panels(config, model, params, spec, previews) -> Optional[list[np.nd
       previews,
       whole=config.eval.protocol == 'whole',
   )
-  return segmentation_panels(
-      images, labels, preds, predict.palette(spec), ignore_label=spec.ignore_label
+  return visualisation.segmentation_panels(
+      images, labels, preds, visualisation.palette(spec), ignore_label=spec.ignore_label
   )

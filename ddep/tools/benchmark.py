@@ -901,14 +901,14 @@ def run_phase(
 def run_input_phase(args) -> dict:
   """Images/s of the config's own train input pipeline on this host (tf.data, CPU),
   built as `ddep.training.trainer` builds it, one host's share of the global batch."""
-  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import preparation  # pylint: disable=g-import-not-at-top
   from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
   config = args.config_dict
   d = config.data
   if d.prepare and specs.get(d.dataset).name.startswith('demo'):
-    input_pipeline.prepare(d.dataset, d.data_dir or None)
+    preparation.prepare_generated(d.dataset, d.data_dir or None)
   local_batch = int(d.batch_size) // args.input_hosts
   iterator = train.make_train_iterator(config, local_batch=local_batch)
   for _ in range(args.warmup):

@@ -31,6 +31,7 @@ from ddep.data import pipelines as input_pipeline
 from ddep.runs import progress
 from ddep.data import decoded_copy
 from ddep.datasets import demo_scenes, specs
+from ddep.data import preparation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', None, 'Registered dataset to read instead of the synthetic one.')
@@ -173,12 +174,12 @@ def main(argv):
   data_dir = FLAGS.data_dir or tempfile.mkdtemp(prefix='ddep_bench_')
   if FLAGS.dataset:
     spec = specs.get(FLAGS.dataset)
-    input_pipeline.prepare(spec.name, data_dir=data_dir)
+    preparation.prepare_generated(spec.name, data_dir=data_dir)
   else:
     spec = synthetic_spec(data_dir, FLAGS.source_hw, FLAGS.encoding, FLAGS.num_images)
   if FLAGS.pretrain_images == 'decoded' and 'pretrain' in FLAGS.pipelines:
     t = time.time()
-    copy_dir = decoded_copy.prepare(spec, data_dir)
+    copy_dir = preparation.prepare_decoded_copy(spec, data_dir)
     print(f'decoded copy ready ({time.time() - t:.0f} s): {copy_dir}')
   for which in FLAGS.pipelines:
     if which not in ('pretrain', 'finetune'):

@@ -36,9 +36,9 @@ from ddep.training import sharding
 from ddep.training import steps as steps_lib
 from ddep.runs import storage
 from ddep.runs import summaries
-from ddep.data import decoded_copy
 from ddep.datasets import specs
 from ddep.models import presets
+from ddep.data import preparation
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -134,20 +134,6 @@ def _num_image_classes(config, spec) -> int:
   if not spec.image_labels_key:
     raise ValueError(f'config.task=classify: dataset {spec.name!r} has no image-level labels')
   return int(info.features[spec.image_labels_key].shape[-1])
-
-
-def prepare_once(dataset: str, data_dir: Optional[str], *, decoded: bool = False) -> None:
-  """Builds a generated dataset (and its decoded copy) on process 0 while the others
-  wait, then all read it.
-
-  Concurrent builds into one data_dir collide in TFDS's rename of its temporaries.
-  """
-  if jax.process_index() == 0:
-    input_pipeline.prepare(dataset, data_dir)
-    if decoded:
-      decoded_copy.prepare(dataset, data_dir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'ddep: {dataset} prepared')
 
 
 def make_train_iterator(config, *, local_batch: int, state: Optional[dict] = None):
@@ -288,7 +274,7 @@ def train_and_evaluate(
   mesh = sharding.make_mesh()
   spec = specs.get(config.data.dataset)
   if config.data.prepare and spec.name.startswith('demo'):
-    prepare_once(
+    preparation.prepare_once(
         spec.name,
         config.data.data_dir or None,
         decoded=config.data.get('pretrain_images', 'original') == 'decoded',
