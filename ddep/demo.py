@@ -33,6 +33,8 @@ import numpy as np
 from ddep.config import schema as config_schema
 from ddep.reporting import paired_stats
 from ddep.reporting import visualisation
+from ddep.reporting import records
+from ddep.reporting import tables
 
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
@@ -401,12 +403,13 @@ def run_stages(runs, *, output: str, workers: int = 1, log=print) -> dict[str, f
 
 def _validation_images(config, count: int):
   """The first `count` validation images and labels, cropped to their own size."""
-  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import eval_data  # pylint: disable=g-import-not-at-top
+  from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
   batch = next(
       iter(
-          input_pipeline.eval_dataset(
-              config.data.dataset,
+          eval_data.eval_dataset(
+              specs.get(config.data.dataset),
               batch_size=count,
               pad_to=tuple(config.data.eval_pad_to),
               process_index=0,
@@ -430,9 +433,10 @@ def _pad_for(model, image):
 def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
   """Figure 4 from each denoising model, at the σ it was trained for:
   clean / noisy / predicted ε / denoised, for the image `clean`."""
-  from ddep import report  # pylint: disable=g-import-not-at-top
+  from ddep.reporting import plots  # pylint: disable=g-import-not-at-top
   from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
-  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
+  from ddep.training import tasks  # pylint: disable=g-import-not-at-top
 
   paths = []
   for name, filename, label in (
@@ -443,7 +447,7 @@ def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
     if not found:  # --methods left this pretraining out.
       continue
     _, workdir, config = found[0]
-    model = train.build_model(config, num_outputs=3)
+    model = tasks.get(config.task).build_model(config, specs.get(config.data.dataset))
     params = checkpointing.load_params(workdir)
     sigma = float(config.denoise.sigma)
     h, w = clean.shape[:2]
@@ -453,7 +457,7 @@ def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
     # The network predicts eps (Eq. 4) or, for Table 7's x target, the clean image.
     e = (x - pred) / sigma if config.denoise.target == 'x' else pred
     path = os.path.join(output, filename)
-    report.denoising_grid(
+    plots.denoising_grid(
         clean,
         {sigma: x},
         {sigma: e},
@@ -470,9 +474,9 @@ def segmentation_figure(runs, output: str, images) -> str:
   """Image, ground truth and each method's prediction for `images` ((image, label) pairs),
   from the seed-0 fine-tunes at the lowest label fraction."""
   # report selects matplotlib's headless backend before pyplot is imported.
-  from ddep import report  # pylint: disable=g-import-not-at-top
+  from ddep.reporting import plots  # pylint: disable=g-import-not-at-top
   from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
-  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from ddep.training import tasks  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
@@ -488,7 +492,7 @@ def segmentation_figure(runs, output: str, images) -> str:
   predictions = {}
   for method in methods:
     workdir, config = chosen[method]
-    model = train.build_model(config, num_outputs=spec.num_classes)
+    model = tasks.get(config.task).build_model(config, spec)
     params = checkpointing.load_params(workdir)
     predictions[method] = []
     for image, label in images:
@@ -500,7 +504,10 @@ def segmentation_figure(runs, output: str, images) -> str:
       len(images), len(titles), figsize=(1.6 * len(titles), 1.6 * len(images)), squeeze=False
   )
   for row, (image, label) in enumerate(images):
-    shown = [visualisation.to_display(image), palette[np.where(label == spec.ignore_label, 0, label)]]
+    shown = [
+        visualisation.to_display(image),
+        palette[np.where(label == spec.ignore_label, 0, label)],
+    ]
     shown += [palette[predictions[m][row]] for m in methods]
     for col, picture in enumerate(shown):
       ax = axes[row, col]
@@ -514,7 +521,7 @@ def segmentation_figure(runs, output: str, images) -> str:
   )
   fig.tight_layout()
   path = os.path.join(output, 'segmentation.png')
-  report._save_figure(fig, path, dpi=100)  # pylint: disable=protected-access
+  plots.save_figure(fig, path, dpi=100)
   return path
 
 
@@ -548,17 +555,16 @@ def _split_ids(dataset: str, split: str) -> list[str]:
 
 def finetune_entries(runs) -> list[dict]:
   """One results.json entry per fine-tune: what anyone needs to recompute the statistics."""
-  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
-  from ddep import report  # pylint: disable=g-import-not-at-top
+  from ddep.data import subsets  # pylint: disable=g-import-not-at-top
 
   entries, whole = [], {}
   for name, workdir, config in runs:
     if not name.startswith('finetune_'):
       continue
-    result = report.load_run(workdir).results
+    result = records.load_run(workdir).results
     ids_path = os.path.join(workdir, 'subset_ids.txt')
     if os.path.exists(ids_path):
-      ids = input_pipeline.read_subset_ids(ids_path)
+      ids = subsets.read_subset_ids(ids_path)
     else:  # 100%: the whole split.
       key = (config.data.dataset, config.data.get('train_split') or 'train')
       if key not in whole:
@@ -583,14 +589,14 @@ def write_report(runs, output: str, seconds: dict[str, float]) -> str:
   """results.md (table, paired claims, seconds), results.json and the report's figures."""
   from ddep import report  # pylint: disable=g-import-not-at-top
 
-  finetunes = [report.load_run(wd) for name, wd, _ in runs if name.startswith('finetune_')]
+  finetunes = [records.load_run(wd) for name, wd, _ in runs if name.startswith('finetune_')]
   # No per-run training curves: dozens of figures nobody reads here (ddep.report draws them).
   report.build_report(finetunes, output, curves=False)
-  summary = report.summarize(finetunes)
+  summary = tables.summarize(finetunes)
   entries = finetune_entries(runs)
   claims = paired_stats.paper_claims(entries)
   text = (
-      report.markdown_summary(summary)
+      tables.markdown_summary(summary)
       + "\n## The paper's claims, as measured\n\n"
       + 'Each difference is paired: for a subset seed every method fine-tuned on the same '
       'labelled images (at 100%, the same initialisation and data-order seed). A claim '

@@ -47,6 +47,7 @@ from ddep.evaluators import inference
 from ddep.runs import progress
 from ddep.datasets import specs
 from ddep.reporting import visualisation
+from ddep.runs import workdir as workdir_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
@@ -205,7 +206,8 @@ def predict_files(
       continue
     _save_png(ids[train_ids], os.path.join(output, 'labels', file.stem + '.png'))
     _save_png(
-        visualisation.overlay(image, train_ids, colours), os.path.join(output, 'overlays', file.stem + '.png')
+        visualisation.overlay(image, train_ids, colours),
+        os.path.join(output, 'overlays', file.stem + '.png'),
     )
   return errors
 
@@ -220,12 +222,12 @@ def predict(
     protocol: Optional[str] = None,
 ) -> list[str]:
   """Predicts every image; returns the messages of the files that failed."""
-  config = evaluate.load_config(workdir, config)
+  config = workdir_lib.load_config(workdir, config)
   evaluate.check_segmentation_config(config)
   spec = specs.get(config.data.dataset)
   files = find_images(images, exclude=output)
-  checkpoint_dir = evaluate.find_checkpoint(workdir, checkpoint)
-  model, params = evaluate.load_params(config, checkpoint_dir, spec)
+  checkpoint_dir = workdir_lib.find_checkpoint(workdir, checkpoint)
+  model, params = workdir_lib.load_params(config, checkpoint_dir, spec)
   errors = predict_files(
       make_predictor(config, model, params, protocol=protocol), files, output, spec
   )
@@ -247,7 +249,7 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'The trained segmentation run.')
   flags.DEFINE_string('images', None, 'A directory (searched recursively) or a glob.')
   flags.DEFINE_string('output', None, 'Where labels/ and overlays/ are written.')
-  flags.DEFINE_string('checkpoint', None, evaluate.CHECKPOINT_HELP)
+  flags.DEFINE_string('checkpoint', None, workdir_lib.CHECKPOINT_HELP)
   flags.DEFINE_string('protocol', '', "Overrides eval.protocol, e.g. 'whole'.")
   flags.mark_flags_as_required(['workdir', 'images', 'output'])
 
@@ -266,7 +268,7 @@ def main(argv):
         protocol=f.protocol or None,
     )
   except (
-      evaluate.CheckpointError,
+      workdir_lib.CheckpointError,
       ImageError,
       FileNotFoundError,
       config_validation.ConfigError,

@@ -26,7 +26,6 @@ from absl import flags
 from ddep.runs import progress
 from ddep.datasets import archives as manual
 from ddep.datasets import specs
-from ddep.data import decoded_copy
 from ddep.data import preparation
 
 # TFDS's per-example loop (split_builder) wraps its generator in `utils.tqdm(generator,

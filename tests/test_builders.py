@@ -11,7 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import archives
-from ddep.data import pipelines as input_pipeline
+from ddep.data import eval_data
+from ddep.data import pipelines
 from ddep.datasets import archives as manual_lib
 from ddep.datasets import specs
 from ddep.data import preparation
@@ -150,15 +151,19 @@ def test_prepare_needs_a_manual_dir_and_a_known_dataset(tmp_path):
 def test_an_unprepared_dataset_prints_the_prepare_command(tmp_path):
   empty = os.fspath(tmp_path / 'nothing')
   with pytest.raises(FileNotFoundError) as err:
-    input_pipeline.eval_dataset('ade20k', batch_size=2, **_pipeline_kwargs(empty))
+    eval_data.eval_dataset(specs.get('ade20k'), batch_size=2, **_pipeline_kwargs(empty))
   assert (
       'python -m ddep.prepare --dataset=ade20k --manual_dir=DIR_WITH_THE_ARCHIVES '
       f'--data_dir={empty}\n' in str(err.value)
   )
   # Pascal Context's pretraining images are a builder of their own.
   with pytest.raises(FileNotFoundError) as err:
-    input_pipeline.pretrain_dataset(
-        'pascal_context_60', batch_size=2, image_size=(16, 16), seed=0, **_pipeline_kwargs(empty)
+    pipelines.pretrain_dataset(
+        specs.get('pascal_context_60'),
+        batch_size=2,
+        image_size=(16, 16),
+        seed=0,
+        **_pipeline_kwargs(empty),
     )
   assert '(pascal_voc) is not prepared' in str(err.value)
   assert 'python -m ddep.prepare --dataset=pascal_context_60 --pretrain --manual_dir=' in str(
@@ -377,8 +382,8 @@ def _check_eval(dataset, data_dir, written, pad_to, image_tolerance):
   """Every eval row: the spec-mapped raw label and the image, padding ignored."""
   spec = specs.get(dataset)
   seen = set()
-  for batch in input_pipeline.eval_dataset(
-      dataset, batch_size=2, pad_to=pad_to, **_pipeline_kwargs(data_dir)
+  for batch in eval_data.eval_dataset(
+      spec, batch_size=2, pad_to=pad_to, **_pipeline_kwargs(data_dir)
   ):
     for row in np.flatnonzero(batch['_mask']):
       image_id = batch['image_id'][row].decode()
@@ -396,15 +401,15 @@ def _check_eval(dataset, data_dir, written, pad_to, image_tolerance):
 def test_ade20k_through_pipelines(ade20k, data_dir):
   _, written, spec = ade20k
   _check_eval('ade20k', data_dir, written['validation'], pad_to=(48, 48), image_tolerance=3 / 127.5)
-  it = input_pipeline.finetune_dataset(
-      'ade20k', batch_size=2, crop_size=(16, 24), seed=0, **_pipeline_kwargs(data_dir)
+  it = pipelines.finetune_dataset(
+      specs.get('ade20k'), batch_size=2, crop_size=(16, 24), seed=0, **_pipeline_kwargs(data_dir)
   )
   batch = next(it)
   assert batch['image'].shape == (2, 16, 24, 3) and batch['label'].shape == (2, 16, 24)
   # Raw ids 0, 1, 150, 75, 12 arrive as train ids; raw 150 itself never does.
   assert set(np.unique(batch['label'])) <= {255, 0, 149, 74, 11}
-  pretrain = input_pipeline.pretrain_dataset(
-      'ade20k', batch_size=2, image_size=(16, 16), seed=0, **_pipeline_kwargs(data_dir)
+  pretrain = pipelines.pretrain_dataset(
+      specs.get('ade20k'), batch_size=2, image_size=(16, 16), seed=0, **_pipeline_kwargs(data_dir)
   )
   assert pretrain.num_examples == 3 and next(pretrain)['image'].shape == (2, 16, 16, 3)
 
@@ -426,8 +431,12 @@ def test_pascal_context_through_pipelines(pascal_context, pascal_voc, data_dir):
       image_tolerance=3 / 127.5,
   )
   # Pretraining reads the Pascal VOC images, not Pascal Context's train split.
-  pretrain = input_pipeline.pretrain_dataset(
-      'pascal_context_60', batch_size=3, image_size=(16, 16), seed=0, **_pipeline_kwargs(data_dir)
+  pretrain = pipelines.pretrain_dataset(
+      specs.get('pascal_context_60'),
+      batch_size=3,
+      image_size=(16, 16),
+      seed=0,
+      **_pipeline_kwargs(data_dir),
   )
   assert pretrain.num_examples == len(voc_written['train']) == 3
   assert next(pretrain)['image'].shape == (3, 16, 16, 3)
@@ -436,15 +445,23 @@ def test_pascal_context_through_pipelines(pascal_context, pascal_voc, data_dir):
 def test_cityscapes_through_pipelines(cityscapes_fine, cityscapes_extra, data_dir):
   written = cityscapes_fine[1]
   _check_eval('cityscapes', data_dir, written['validation'], pad_to=None, image_tolerance=1e-6)
-  it = input_pipeline.finetune_dataset(
-      'cityscapes', batch_size=2, crop_size=(64, 128), seed=0, **_pipeline_kwargs(data_dir)
+  it = pipelines.finetune_dataset(
+      specs.get('cityscapes'),
+      batch_size=2,
+      crop_size=(64, 128),
+      seed=0,
+      **_pipeline_kwargs(data_dir),
   )
   batch = next(it)
   assert batch['label'].shape == (2, 64, 128)
   assert set(np.unique(batch['label'])) <= {255, 0, 18, 13, 11, 2, 10}
   # Paper Sec. 5.2: TRAIN_FINE + TRAIN_COARSE images, from the extra config.
-  pretrain = input_pipeline.pretrain_dataset(
-      'cityscapes', batch_size=2, image_size=(32, 32), seed=0, **_pipeline_kwargs(data_dir)
+  pretrain = pipelines.pretrain_dataset(
+      specs.get('cityscapes'),
+      batch_size=2,
+      image_size=(32, 32),
+      seed=0,
+      **_pipeline_kwargs(data_dir),
   )
   assert pretrain.num_examples == len(written['train']) + len(written['train_extra']) == 4
   assert next(pretrain)['image'].shape == (2, 32, 32, 3)

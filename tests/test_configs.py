@@ -17,7 +17,7 @@ from ddep.runs import checkpointing
 from ddep.config import validation as config_validation
 from ddep.training import optimizer as optimizer_lib
 from ddep.config import recipes
-from ddep.training import steps
+from ddep.training import objectives
 from ddep.models import presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ CITYSCAPES_COUNTS = {'1': 2975, '1/4': 744, '1/8': 372, '1/30': 100}  # Table 1'
 
 @pytest.mark.parametrize('method', sorted(METHOD_INIT))
 def test_finetune_cityscapes_per_method_and_fraction(method):
-  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top  (TF: import late)
+  from ddep.data import subsets  # pylint: disable=g-import-not-at-top  (TF: import late)
 
   for fraction, count in CITYSCAPES_COUNTS.items():
     init = ',init_from=/runs/pretrain' if method in ('dep', 'ddep') else ''
@@ -119,7 +119,7 @@ def test_finetune_cityscapes_per_method_and_fraction(method):
     assert tuple(c.data.eval_pad_to) == (1024, 2048)
     assert (c.seed, c.data.subset_seed) == (4, 4)
     # '1/30' must reach the paper's exact count, which a rounded 0.0333 would miss.
-    assert input_pipeline.subset_size(2975, c.data.label_fraction, 'cityscapes') == count
+    assert subsets.subset_size(2975, c.data.label_fraction, 'cityscapes') == count
     assert (c.optim.name, c.optim.decay) == ('adam', 'cosine')
     config_validation.validate(c, num_devices=8)
 
@@ -399,10 +399,12 @@ def test_ddpm_form_takes_gamma_by_default_at_the_methods_sigma():
   additive = _denoise('method=ddep')
   assert (additive.denoise.sigma, additive.denoise.gamma) == (0.1, 0.0)
   # What the train step hands to objectives.make_denoising_batch: the form's own level.
-  assert steps.noise_level(ddpm.denoise) == {'gamma': ddpm.denoise.gamma}
-  assert steps.noise_level(ranged.denoise) == {'gamma_range': (0.5, 0.6)}
-  assert steps.noise_level(additive.denoise) == {'sigma': 0.1}
-  assert steps.noise_level(_denoise('sigma_range=0.2:0.3').denoise) == {'sigma_range': (0.2, 0.3)}
+  assert objectives.noise_level(ddpm.denoise) == {'gamma': ddpm.denoise.gamma}
+  assert objectives.noise_level(ranged.denoise) == {'gamma_range': (0.5, 0.6)}
+  assert objectives.noise_level(additive.denoise) == {'sigma': 0.1}
+  assert objectives.noise_level(_denoise('sigma_range=0.2:0.3').denoise) == {
+      'sigma_range': (0.2, 0.3)
+  }
 
 
 @pytest.mark.parametrize(

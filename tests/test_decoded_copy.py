@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from ddep.config import schema as config_schema
 from ddep.config import validation as config_validation
-from ddep.data import pipelines as input_pipeline
+from ddep.data import pipelines
 from ddep.data import decoded_copy
 from ddep.datasets import specs
 from ddep.tools import benchmark_input
@@ -78,13 +78,13 @@ def test_copy_is_lossless_and_pretraining_reads_the_same_batches(data_dir):
 
   common = dict(batch_size=4, image_size=(16, 16), seed=3, data_dir=data_dir)
   common.update(process_index=0, process_count=1)
-  a = input_pipeline.pretrain_dataset('demo_tiny', **common)
-  b = input_pipeline.pretrain_dataset('demo_tiny', images='decoded', **common)
+  a = pipelines.pretrain_dataset(specs.get('demo_tiny'), **common)
+  b = pipelines.pretrain_dataset(specs.get('demo_tiny'), images='decoded', **common)
   for _ in range(3):
     x, y = next(a), next(b)
     np.testing.assert_array_equal(x['image'], y['image'])
   # The same stream, so a run may switch on resume: a state saved on one restores on the other.
-  c = input_pipeline.pretrain_dataset('demo_tiny', images='decoded', **common)
+  c = pipelines.pretrain_dataset(specs.get('demo_tiny'), images='decoded', **common)
   c.set_state(a.get_state())
   np.testing.assert_array_equal(next(a)['image'], next(c)['image'])
 
@@ -94,9 +94,9 @@ def test_a_missing_copy_names_the_command(tmp_path):
   preparation.prepare_generated('demo_tiny', d)
   common = dict(batch_size=2, seed=0, data_dir=d, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match='--dataset=demo_tiny --decoded_copy'):
-    input_pipeline.pretrain_dataset('demo_tiny', images='decoded', **common)
+    pipelines.pretrain_dataset(specs.get('demo_tiny'), images='decoded', **common)
   with pytest.raises(ValueError, match="images='jpeg'"):
-    input_pipeline.pretrain_dataset('demo_tiny', images='jpeg', **common)
+    pipelines.pretrain_dataset(specs.get('demo_tiny'), images='jpeg', **common)
 
 
 def test_a_jpeg_source_is_refused_naming_the_record(tmp_path):
@@ -129,7 +129,7 @@ def _cli(*args, cwd):
 
 
 def test_cli_prepares_the_copy_and_a_pretraining_config_reads_only_it(tmp_path):
-  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top  (jax: import late)
+  from ddep.training import tasks  # pylint: disable=g-import-not-at-top  (jax: import late)
 
   d = str(tmp_path / 'tfds')
   p = _cli('ddep.prepare', '--dataset=demo_tiny', '--decoded_copy', f'--data_dir={d}', cwd=tmp_path)
@@ -149,5 +149,5 @@ def test_cli_prepares_the_copy_and_a_pretraining_config_reads_only_it(tmp_path):
   c.data.pretrain_images = 'decoded'
   config_validation.validate(c)
   preparation.prepare_once(c.data.dataset, d, decoded=True)  # Both exist: nothing is rebuilt.
-  batch = next(train.make_train_iterator(c, local_batch=2))
+  batch = next(tasks.get(c.task).train_data(c, specs.get(c.data.dataset), local_batch=2))
   assert batch['image'].shape == (2, *c.data.image_size, 3)

@@ -10,7 +10,6 @@ import pytest
 
 from ddep.config import schema as config_schema
 from ddep.evaluators import denoise as denoise_eval
-from ddep.data import pipelines as input_pipeline
 from ddep.training import objectives
 from ddep.training import sharding
 from ddep.training import trainer as train

@@ -26,12 +26,13 @@ from ddep.config import validation as config_validation
 from ddep import evaluate
 from ddep.evaluators import inference
 from ddep import predict
-from ddep import report
 from ddep import score
+from ddep.models import build
 from ddep.training import trainer as train
 from ddep.datasets import demo_scenes
 from ddep.datasets import specs
 from ddep.reporting import visualisation
+from ddep.runs import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = demo_scenes.NUM_CLASSES
@@ -109,14 +110,14 @@ def test_evaluate_writes_json_next_to_best_checkpoint(run, evaluation):
   assert saved['miou'] == pytest.approx(evaluation['miou'], abs=1e-12)
   assert set(saved['per_class_iou']) == set(demo_scenes.CLASS_NAMES)
   # The standalone evaluation of the best checkpoint repeats the run's final one.
-  with open(os.path.join(workdir, report.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.RESULTS_FILE)) as f:
     assert json.load(f)['miou'] == pytest.approx(evaluation['miou'], abs=1e-12)
 
 
 def test_evaluate_miou_equals_independent_recomputation(run, evaluation):
   config, workdir = run
   params = checkpointing.load_params(os.path.join(workdir, 'best', '2'))
-  model = train.build_model(config, num_outputs=NUM_CLASSES)
+  model = build.build_model(config, num_outputs=NUM_CLASSES)
   scenes = validation_scenes()
   # As the eval pipeline: scale to [-1, 1], pad bottom/right with 0 to 48x48.
   batch = np.zeros((len(scenes),) + PAD_TO + (3,), np.float32)
@@ -144,7 +145,7 @@ def test_evaluate_under_a_window_protocol_equals_the_host_computation(run, monke
   config.eval.protocol, config.eval.flip = 'ade20k_sliding', True
   got = evaluate.evaluate(config, workdir)
   params = checkpointing.load_params(os.path.join(workdir, 'best', '2'))
-  model = train.build_model(config, num_outputs=NUM_CLASSES)
+  model = build.build_model(config, num_outputs=NUM_CLASSES)
   apply = jax.jit(lambda x: model.apply({'params': params}, x))
   fn = inference.make_protocol('ade20k_sliding', apply, batch_size=2, flip=True)
   pairs = []
@@ -167,45 +168,47 @@ def _fake_run(root, best=(), periodic=()):
 
 def test_find_checkpoint_prefers_best_then_latest(tmp_path):
   both = _fake_run(tmp_path / 'both', best=(5,), periodic=(3, 7))
-  assert evaluate.find_checkpoint(both) == os.path.join(both, 'best', '5')
-  assert evaluate.find_checkpoint(both, os.path.join(both, 'checkpoints')) == os.path.join(
+  assert workdir_lib.find_checkpoint(both) == os.path.join(both, 'best', '5')
+  assert workdir_lib.find_checkpoint(both, os.path.join(both, 'checkpoints')) == os.path.join(
       both, 'checkpoints', '7'
   )
-  assert evaluate.find_checkpoint(both, os.path.join(both, 'checkpoints', '3')) == os.path.join(
+  assert workdir_lib.find_checkpoint(both, os.path.join(both, 'checkpoints', '3')) == os.path.join(
       both, 'checkpoints', '3'
   )
   periodic = _fake_run(tmp_path / 'periodic', periodic=(3, 7))
-  assert evaluate.find_checkpoint(periodic) == os.path.join(periodic, 'checkpoints', '7')
+  assert workdir_lib.find_checkpoint(periodic) == os.path.join(periodic, 'checkpoints', '7')
 
 
 def test_missing_checkpoint_errors_name_the_path(tmp_path):
   empty = _fake_run(tmp_path / 'empty')
-  with pytest.raises(evaluate.CheckpointError, match=r'no finished checkpoint in workdir .*empty'):
-    evaluate.find_checkpoint(empty)
-  with pytest.raises(evaluate.CheckpointError, match=r'nowhere/7 does not exist'):
-    evaluate.find_checkpoint(empty, str(tmp_path / 'nowhere' / '7'))
-  with pytest.raises(evaluate.CheckpointError, match=r'no finished checkpoint under .*empty'):
-    evaluate.find_checkpoint(empty, os.path.join(empty, 'checkpoints'))
+  with pytest.raises(
+      workdir_lib.CheckpointError, match=r'no finished checkpoint in workdir .*empty'
+  ):
+    workdir_lib.find_checkpoint(empty)
+  with pytest.raises(workdir_lib.CheckpointError, match=r'nowhere/7 does not exist'):
+    workdir_lib.find_checkpoint(empty, str(tmp_path / 'nowhere' / '7'))
+  with pytest.raises(workdir_lib.CheckpointError, match=r'no finished checkpoint under .*empty'):
+    workdir_lib.find_checkpoint(empty, os.path.join(empty, 'checkpoints'))
   with pytest.raises(FileNotFoundError, match=r'config\.json does not exist'):
-    evaluate.load_config(empty)
+    workdir_lib.load_config(empty)
 
 
 def _abstract_params(**model_overrides):
   config = tiny_config('')
   config.model.update(model_overrides)
-  model = train.build_model(config, num_outputs=NUM_CLASSES)
+  model = build.build_model(config, num_outputs=NUM_CLASSES)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params'])
 
 
 def test_check_params_fit_lists_every_mismatch():
   params = _abstract_params()
-  evaluate.check_params_fit(params, params, where='ckpt')  # Fits: no error.
+  workdir_lib.check_params_fit(params, params, where='ckpt')  # Fits: no error.
   flat = flax.traverse_util.flatten_dict(params)
   del flat[('head', 'bias')]
   flat[('extra', 'kernel')] = jax.ShapeDtypeStruct((2,), jnp.float32)
   flat[('head', 'kernel')] = jax.ShapeDtypeStruct((1, 1, 16, 19), jnp.float32)
-  with pytest.raises(evaluate.CheckpointError) as e:
-    evaluate.check_params_fit(flax.traverse_util.unflatten_dict(flat), params, where='ckpt')
+  with pytest.raises(workdir_lib.CheckpointError) as e:
+    workdir_lib.check_params_fit(flax.traverse_util.unflatten_dict(flat), params, where='ckpt')
   message = str(e.value)
   assert 'missing from the checkpoint (1): head/bias' in message
   assert 'not in the model (1): extra/kernel' in message
@@ -217,7 +220,7 @@ def test_evaluate_checkpoint_that_does_not_fit_names_keys(run):
   wider = config.copy_and_resolve_references()
   wider.model.decoder_width_multiplier = 2
   with pytest.raises(
-      evaluate.CheckpointError,
+      workdir_lib.CheckpointError,
       match=r'checkpoints/1 does not fit.*decoder/block0/conv1/kernel: checkpoint '
       r'\(3, 3, 64, 64\) vs model \(3, 3, 64, 128\)',
   ):

@@ -35,7 +35,9 @@ def import_graph() -> dict[str, set[str]]:
           parts = package.split('.')
           base = '.'.join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
         # `from ddep.x import y`: y is a module of x, or a name defined in x.
-        targets = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base for a in node.names]
+        targets = [
+            f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base for a in node.names
+        ]
       for t in targets:
         # Importing ddep.a.b runs ddep/a/__init__.py first, unless the importer is inside a.
         parents = [t.rsplit('.', k)[0] for k in range(1, t.count('.'))]

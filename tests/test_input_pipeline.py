@@ -8,11 +8,17 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddep.data import pipelines as ip
+from ddep.data import eval_data
+from ddep.data import examples
+from ddep.data import pipelines
+from ddep.data import stream
+from ddep.data import subsets
 from ddep.datasets import specs
 from ddep.data import preparation
+from ddep.runs import workdir as workdir_lib
 
 SINGLE = dict(process_index=0, process_count=1)
+TINY = specs.get('demo_tiny')
 
 
 @pytest.fixture(scope='module')
@@ -41,39 +47,39 @@ def test_paper_subset_counts():
   }
   for (name, n), counts in expected.items():
     for fraction, count in counts.items():
-      assert ip.subset_size(n, fraction, name) == count
-      assert len(ip.select_subset(n, fraction=fraction, seed=0, dataset=name)) == count
+      assert subsets.subset_size(n, fraction, name) == count
+      assert len(subsets.select_subset(n, fraction=fraction, seed=0, dataset=name)) == count
   # Away from the paper's tables: round half up, at least one.
   assert (
-      ip.subset_size(1024, 0.25) == 256
-      and ip.subset_size(10, 0.01) == 1
-      and ip.subset_size(10, 0.25) == 3
+      subsets.subset_size(1024, 0.25) == 256
+      and subsets.subset_size(10, 0.01) == 1
+      and subsets.subset_size(10, 0.25) == 3
   )
 
 
 def test_select_subset_is_seeded_and_nested():
   ids = [f'img_{i:04d}' for i in range(500)]
-  a = ip.select_subset(ids, fraction=0.1, seed=1)
-  assert a == ip.select_subset(
+  a = subsets.select_subset(ids, fraction=0.1, seed=1)
+  assert a == subsets.select_subset(
       list(reversed(ids)), fraction=0.1, seed=1
   )  # Storage order is irrelevant.
-  assert a != ip.select_subset(ids, fraction=0.1, seed=2)
-  assert set(ip.select_subset(ids, fraction=0.05, seed=1)) < set(a)
+  assert a != subsets.select_subset(ids, fraction=0.1, seed=2)
+  assert set(subsets.select_subset(ids, fraction=0.05, seed=1)) < set(a)
   assert len(a) == 50 and a == sorted(a) and set(a) <= set(ids)
-  idx = ip.select_subset(500, count=7, seed=3)
+  idx = subsets.select_subset(500, count=7, seed=3)
   assert idx.dtype.kind == 'i' and len(set(idx.tolist())) == 7 and idx.max() < 500
 
 
 @pytest.mark.parametrize('fraction', [0.0, -0.1, 1.5])
 def test_select_subset_rejects_bad_fractions(fraction):
   with pytest.raises(ValueError, match='fraction'):
-    ip.select_subset(100, fraction=fraction, seed=0)
+    subsets.select_subset(100, fraction=fraction, seed=0)
 
 
 def test_subset_ids_round_trip(tmp_path):
   path = str(tmp_path / 'subset_ids.txt')
-  ip.write_subset_ids(path, ['b', 'a_1', 'c'])
-  assert ip.read_subset_ids(path) == ['b', 'a_1', 'c']
+  workdir_lib.write_subset_ids(path, ['b', 'a_1', 'c'])
+  assert subsets.read_subset_ids(path) == ['b', 'a_1', 'c']
 
 
 # ---------------------------------------------------------------------------
@@ -82,22 +88,22 @@ def test_subset_ids_round_trip(tmp_path):
 
 @pytest.mark.parametrize('chunk_sizes', [[11], [4, 4, 3]])
 def test_every_epoch_is_a_fresh_permutation(chunk_sizes):
-  plan = ip._Plan(chunk_sizes, seed=5, stream=0, shuffle=True, repeat=True)
+  plan = stream.Plan(chunk_sizes, seed=5, stream=0, shuffle=True, repeat=True)
   n = sum(chunk_sizes)
   epochs = [[plan.locate(e * n + i) for i in range(n)] for e in range(3)]
   everything = {(c, i) for c, size in enumerate(chunk_sizes) for i in range(size)}
   for order in epochs:
     assert set(order) == everything and len(order) == n
   assert epochs[0] != epochs[1] != epochs[2]
-  other_seed = ip._Plan(chunk_sizes, seed=6, stream=0, shuffle=True, repeat=True)
+  other_seed = stream.Plan(chunk_sizes, seed=6, stream=0, shuffle=True, repeat=True)
   assert [other_seed.locate(i) for i in range(n)] != epochs[0]
-  ordered = ip._Plan(chunk_sizes, seed=5, stream=0, shuffle=False, repeat=False)
+  ordered = stream.Plan(chunk_sizes, seed=5, stream=0, shuffle=False, repeat=False)
   assert [ordered.locate(i) for i in range(n)] == sorted(everything)
 
 
 def test_process_ranges_are_disjoint_and_cover():
   for n, count in [(10, 3), (7, 8), (4096, 16)]:
-    ranges = [ip.process_range(n, i, count) for i in range(count)]
+    ranges = [stream.process_range(n, i, count) for i in range(count)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
@@ -110,7 +116,7 @@ def test_process_shards_of_the_data_are_disjoint(data_dir):
   def shards(layout, count):
     out = []
     for i in range(count):
-      source = ip._Source(
+      source = stream.Source(
           spec,
           builder,
           ('train',),
@@ -139,8 +145,8 @@ def test_process_shards_of_the_data_are_disjoint(data_dir):
 
 
 def test_pretrain_batches(data_dir):
-  it = ip.pretrain_dataset(
-      'demo_tiny', batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
+  it = pipelines.pretrain_dataset(
+      TINY, batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
   )
   a = [next(it) for _ in range(2)]
   assert set(a[0]) == {'image'}
@@ -148,11 +154,11 @@ def test_pretrain_batches(data_dir):
   assert img.shape == (6, 20, 24, 3) and img.dtype == np.float32
   assert img.min() >= -1 and img.max() <= 1 and img.std() > 0.1
   assert it.num_examples == 48
-  again = ip.pretrain_dataset(
-      'demo_tiny', batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
+  again = pipelines.pretrain_dataset(
+      TINY, batch_size=6, image_size=(20, 24), seed=0, data_dir=data_dir, **SINGLE
   )
-  other = ip.pretrain_dataset(
-      'demo_tiny', batch_size=6, image_size=(20, 24), seed=1, data_dir=data_dir, **SINGLE
+  other = pipelines.pretrain_dataset(
+      TINY, batch_size=6, image_size=(20, 24), seed=1, data_dir=data_dir, **SINGLE
   )
   assert all(_all_equal(x, next(again)) for x in a)
   assert not np.array_equal(a[0]['image'], next(other)['image'])
@@ -161,8 +167,8 @@ def test_pretrain_batches(data_dir):
 
 def test_finetune_batches_share_crop_and_flip(data_dir):
   # Crops larger than the 24-40 px images force padding: label 255 exactly where the image is 0 (grey).
-  it = ip.finetune_dataset(
-      'demo_tiny', batch_size=8, crop_size=(44, 44), seed=0, data_dir=data_dir, **SINGLE
+  it = pipelines.finetune_dataset(
+      TINY, batch_size=8, crop_size=(44, 44), seed=0, data_dir=data_dir, **SINGLE
   )
   for _ in range(3):
     batch = next(it)
@@ -179,8 +185,8 @@ def test_finetune_batches_share_crop_and_flip(data_dir):
 
 
 def test_finetune_with_scale_range(data_dir):
-  it = ip.finetune_dataset(
-      'demo_tiny',
+  it = pipelines.finetune_dataset(
+      TINY,
       batch_size=4,
       crop_size=(24, 24),
       scale_range=(0.5, 2.0),
@@ -208,19 +214,19 @@ def test_resume_is_exact(data_dir, in_memory):
       in_memory=in_memory,
       shuffle_chunk=5,
   )
-  reference = ip.finetune_dataset('demo_tiny', **kw)
+  reference = pipelines.finetune_dataset(TINY, **kw)
   expected = [next(reference) for _ in range(8)]
-  interrupted = ip.finetune_dataset('demo_tiny', **kw)
+  interrupted = pipelines.finetune_dataset(TINY, **kw)
   for _ in range(3):
     next(interrupted)
   state = json.loads(json.dumps(interrupted.get_state()))  # As a checkpoint would store it.
   # In memory, positions are global: process 1 reads [3*10 + 5, 3*10 + 10) next.
   assert state['position'] == (35 if in_memory else 15) and state['step'] == 3
-  resumed = ip.finetune_dataset('demo_tiny', state=state, **kw)
+  resumed = pipelines.finetune_dataset(TINY, state=state, **kw)
   for k in range(3, 8):
     assert _all_equal(next(resumed), expected[k]), k
   if in_memory:
-    by_step = ip.finetune_dataset('demo_tiny', start_step=3, **kw)
+    by_step = pipelines.finetune_dataset(TINY, start_step=3, **kw)
     assert all(_all_equal(next(by_step), expected[k]) for k in range(3, 8))
   else:
     interrupted.set_state(state)
@@ -238,35 +244,35 @@ def test_pretraining_resumes_exactly(data_dir):
       shuffle_chunk=7,
       **SINGLE,
   )
-  it = ip.pretrain_dataset('demo_tiny', **kw)
+  it = pipelines.pretrain_dataset(TINY, **kw)
   next(it)
   state = json.loads(json.dumps(it.get_state()))
   expected = [next(it) for _ in range(2)]
-  resumed = ip.pretrain_dataset('demo_tiny', state=state, **kw)
+  resumed = pipelines.pretrain_dataset(TINY, state=state, **kw)
   assert all(_all_equal(next(resumed), e) for e in expected)
 
 
 def test_state_from_other_settings_is_rejected(data_dir):
   kw = dict(batch_size=4, image_size=(16, 16), data_dir=data_dir, **SINGLE)
-  state = ip.pretrain_dataset('demo_tiny', seed=0, **kw).get_state()
+  state = pipelines.pretrain_dataset(TINY, seed=0, **kw).get_state()
   with pytest.raises(ValueError, match='seed'):
-    ip.pretrain_dataset('demo_tiny', seed=1, state=state, **kw)
+    pipelines.pretrain_dataset(TINY, seed=1, state=state, **kw)
 
 
 def test_finetune_subset(data_dir):
   kw = dict(batch_size=2, crop_size=(16, 16), seed=0, data_dir=data_dir)
-  it = ip.finetune_dataset('demo_tiny', subset=0.25, subset_seed=1, **kw, **SINGLE)
+  it = pipelines.finetune_dataset(TINY, subset=0.25, subset_seed=1, **kw, **SINGLE)
   assert len(it.subset_ids) == 6 and it.num_examples == 6
-  assert it.subset_ids == ip.select_subset(
+  assert it.subset_ids == subsets.select_subset(
       [f'train_{i:06d}' for i in range(24)], fraction=0.25, seed=1
   )
   assert (
-      ip.finetune_dataset('demo_tiny', subset=0.25, subset_seed=2, **kw, **SINGLE).subset_ids
+      pipelines.finetune_dataset(TINY, subset=0.25, subset_seed=2, **kw, **SINGLE).subset_ids
       != it.subset_ids
   )
   assert it.split_num_examples == 24
   with pytest.raises(ValueError, match='not in'):
-    ip.finetune_dataset('demo_tiny', subset=['train_000001', 'nope'], **kw, **SINGLE)
+    pipelines.finetune_dataset(TINY, subset=['train_000001', 'nope'], **kw, **SINGLE)
 
 
 def _global_plan_kw(data_dir, **kw):
@@ -275,10 +281,10 @@ def _global_plan_kw(data_dir, **kw):
 
 def test_processes_read_slices_of_one_global_stream(data_dir):
   # 11 labelled examples do not split evenly over 2 processes; batches cross epochs.
-  one = ip.finetune_dataset('demo_tiny', batch_size=4, **_global_plan_kw(data_dir), **SINGLE)
+  one = pipelines.finetune_dataset(TINY, batch_size=4, **_global_plan_kw(data_dir), **SINGLE)
   two = [
-      ip.finetune_dataset(
-          'demo_tiny', batch_size=2, **_global_plan_kw(data_dir), process_index=i, process_count=2
+      pipelines.finetune_dataset(
+          TINY, batch_size=2, **_global_plan_kw(data_dir), process_index=i, process_count=2
       )
       for i in range(2)
   ]
@@ -293,14 +299,14 @@ def test_processes_read_slices_of_one_global_stream(data_dir):
   assert [s['position'] for s in states] == [24, 26]
   # Either process's state resumes the global stream on one process, and one on two.
   for state in states:
-    resumed = ip.finetune_dataset(
-        'demo_tiny', batch_size=4, state=state, **_global_plan_kw(data_dir), **SINGLE
+    resumed = pipelines.finetune_dataset(
+        TINY, batch_size=4, state=state, **_global_plan_kw(data_dir), **SINGLE
     )
     assert _all_equal(
         next(resumed),
         next(
-            ip.finetune_dataset(
-                'demo_tiny', batch_size=4, start_step=6, **_global_plan_kw(data_dir), **SINGLE
+            pipelines.finetune_dataset(
+                TINY, batch_size=4, start_step=6, **_global_plan_kw(data_dir), **SINGLE
             )
         ),
     )
@@ -308,8 +314,8 @@ def test_processes_read_slices_of_one_global_stream(data_dir):
   want = next(one)
   halves = [
       next(
-          ip.finetune_dataset(
-              'demo_tiny',
+          pipelines.finetune_dataset(
+              TINY,
               batch_size=2,
               state=single_state,
               **_global_plan_kw(data_dir),
@@ -324,14 +330,14 @@ def test_processes_read_slices_of_one_global_stream(data_dir):
 
 def test_streamed_state_refuses_another_process_count(data_dir):
   kw = dict(batch_size=2, image_size=(16, 16), seed=0, data_dir=data_dir, in_memory=False)
-  state = ip.pretrain_dataset('demo_tiny', **kw, process_index=0, process_count=2).get_state()
+  state = pipelines.pretrain_dataset(TINY, **kw, process_index=0, process_count=2).get_state()
   with pytest.raises(ValueError, match='saved by 2 processes and cannot resume on 1'):
-    ip.pretrain_dataset('demo_tiny', state=state, **kw, **SINGLE)
+    pipelines.pretrain_dataset(TINY, state=state, **kw, **SINGLE)
 
 
 def test_supervised_batches(data_dir):
-  it = ip.supervised_dataset(
-      'demo_tiny', batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
+  it = pipelines.supervised_dataset(
+      TINY, batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
   )
   batch = next(it)
   assert batch['image'].shape == (4, 16, 16, 3)
@@ -345,7 +351,7 @@ def test_supervised_batches(data_dir):
       )
   )
   with pytest.raises(ValueError, match='no image-level labels'):
-    ip.supervised_dataset(
+    pipelines.supervised_dataset(
         no_labels, batch_size=4, image_size=(16, 16), seed=0, data_dir=data_dir, **SINGLE
     )
 
@@ -365,8 +371,8 @@ def test_eval_covers_every_example_once_at_original_resolution(data_dir):
   seen = []
   per_process = []
   for i in range(3):
-    ev = ip.eval_dataset(
-        'demo_tiny',
+    ev = eval_data.eval_dataset(
+        TINY,
         batch_size=2,
         pad_to=(40, 44),
         data_dir=data_dir,
@@ -393,13 +399,13 @@ def test_eval_covers_every_example_once_at_original_resolution(data_dir):
 
 
 def test_eval_without_pad_to(data_dir):
-  batches = list(ip.eval_dataset('demo_tiny', batch_size=1, data_dir=data_dir, **SINGLE))
+  batches = list(eval_data.eval_dataset(TINY, batch_size=1, data_dir=data_dir, **SINGLE))
   assert len(batches) == 10 and 'orig_hw' not in batches[0]
   assert batches[0]['label'].shape[1:] == batches[0]['image'].shape[1:3]
   with pytest.raises(ValueError, match='pad_to'):
-    list(ip.eval_dataset('demo_tiny', batch_size=4, data_dir=data_dir, **SINGLE))
+    list(eval_data.eval_dataset(TINY, batch_size=4, data_dir=data_dir, **SINGLE))
   with pytest.raises(ValueError, match=r'larger than pad_to=\(30, 30\): image_id.*validation_0000'):
-    list(ip.eval_dataset('demo_tiny', batch_size=4, pad_to=(30, 30), data_dir=data_dir, **SINGLE))
+    list(eval_data.eval_dataset(TINY, batch_size=4, pad_to=(30, 30), data_dir=data_dir, **SINGLE))
 
 
 # ---------------------------------------------------------------------------
@@ -463,16 +469,18 @@ def _bad_spec(kind):
     [('corrupt', 'undecodable'), ('size', 'size'), ('range', r'raw label values \[7\]')],
 )
 def test_bad_examples_fail_naming_the_example(data_dir, kind, message):
-  it = ip.finetune_dataset(
+  it = pipelines.finetune_dataset(
       _bad_spec(kind), batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
   )
-  with pytest.raises(ip.BadExampleError, match=message) as err:
+  with pytest.raises(examples.BadExampleError, match=message) as err:
     for _ in range(2):  # One epoch.
       next(it)
   assert _BAD_ID in str(err.value)
-  with pytest.raises(ip.BadExampleError, match=_BAD_ID):
+  with pytest.raises(examples.BadExampleError, match=_BAD_ID):
     list(
-        ip.eval_dataset(_bad_spec(kind), batch_size=4, pad_to=(12, 12), data_dir=data_dir, **SINGLE)
+        eval_data.eval_dataset(
+            _bad_spec(kind), batch_size=4, pad_to=(12, 12), data_dir=data_dir, **SINGLE
+        )
     )
 
 
@@ -481,18 +489,18 @@ def test_bad_examples_can_be_skipped_and_counted(data_dir, kind, caplog):
   kw = dict(
       batch_size=4, crop_size=(8, 8), seed=0, data_dir=data_dir, skip_bad_examples=True, **SINGLE
   )
-  it = ip.finetune_dataset(_bad_spec(kind), **kw)
+  it = pipelines.finetune_dataset(_bad_spec(kind), **kw)
   batches = [next(it) for _ in range(7)]  # 28 good examples = 4 epochs of 7.
   assert it.get_state()['position'] == 32 and it.num_bad_examples == 4
   assert it.bad_example_ids == [_BAD_ID]  # Listed once, though dropped in every epoch.
   assert f'training skipped 1 bad example(s) of bad_{kind}' in caplog.text
   assert f'image_id={_BAD_ID}' in caplog.text
   if kind == 'range':
-    resumed = ip.finetune_dataset(_bad_spec(kind), state=it.get_state(), **kw)
+    resumed = pipelines.finetune_dataset(_bad_spec(kind), state=it.get_state(), **kw)
     assert _all_equal(next(resumed), next(it)) and resumed.num_bad_examples == it.num_bad_examples
     assert resumed.bad_example_ids == [_BAD_ID]
   assert all(set(np.unique(b['label']).tolist()) <= {0, 1, 2, 255} for b in batches)
-  ev = ip.eval_dataset(
+  ev = eval_data.eval_dataset(
       _bad_spec(kind),
       batch_size=4,
       pad_to=(12, 12),
@@ -512,7 +520,7 @@ def test_bad_examples_can_be_skipped_and_counted(data_dir, kind, caplog):
 
 
 def test_ignored_raw_ids_are_not_bad(data_dir):
-  ev = ip.eval_dataset(
+  ev = eval_data.eval_dataset(
       _bad_spec('ignored'), batch_size=8, pad_to=(12, 12), data_dir=data_dir, **SINGLE
   )
   (batch,) = list(ev)
@@ -521,17 +529,17 @@ def test_ignored_raw_ids_are_not_bad(data_dir):
 
 
 def test_pretraining_also_rejects_undecodable_images(data_dir):
-  it = ip.pretrain_dataset(
+  it = pipelines.pretrain_dataset(
       _bad_spec('corrupt'), batch_size=8, image_size=(8, 8), seed=0, data_dir=data_dir, **SINGLE
   )
-  with pytest.raises(ip.BadExampleError, match=_BAD_ID):
+  with pytest.raises(examples.BadExampleError, match=_BAD_ID):
     next(it)
 
 
 def test_unprepared_dataset_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match='prepare'):
-    ip.pretrain_dataset(
-        'demo_tiny', batch_size=2, image_size=(8, 8), seed=0, data_dir=str(tmp_path), **SINGLE
+    pipelines.pretrain_dataset(
+        TINY, batch_size=2, image_size=(8, 8), seed=0, data_dir=str(tmp_path), **SINGLE
     )
 
 
@@ -546,14 +554,14 @@ def _scene(h, w):
 def test_decoding_only_the_crop_window_gives_the_crop(encode):
   # 45 x 61: neither side a multiple of the 16 px JPEG MCU, so partial blocks at the edges occur.
   encoded = encode(_scene(45, 61))
-  full = ip._decode_image(encoded)
-  window = ip._inception_window((0.05, 1.0))
+  full = examples._decode_image(encoded)
+  window = pipelines._inception_window((0.05, 1.0))
   sizes = set()
   for s in range(6):
     seed = tf.constant([s, 0], tf.int64)
     begin, size = window(tf.shape(full), seed)
     expected = tf.slice(full, begin, size).numpy().astype(np.float32)
-    got = ip._decode_image_window(encoded, lambda shape: window(shape, seed)).numpy()
+    got = examples._decode_image_window(encoded, lambda shape: window(shape, seed)).numpy()
     assert got.shape == expected.shape
     sizes.add(got.shape)
     # The same IDCT: only the last column may differ, where the 4:2:0 chroma is upsampled
@@ -569,7 +577,8 @@ def test_tf_sees_no_accelerator():
 
 @pytest.mark.parametrize('task', ['denoise', 'classify'])
 def test_a_configs_area_range_reaches_the_pretraining_pipeline(data_dir, task):
-  from ddep.config import schema as config_schema, train
+  from ddep.config import schema as config_schema
+  from ddep.training import tasks
 
   config = config_schema.base_config()
   config.task = task
@@ -577,6 +586,6 @@ def test_a_configs_area_range_reaches_the_pretraining_pipeline(data_dir, task):
   config.data.data_dir = data_dir
   config.data.image_size = (16, 16)
   config.data.area_range = (0.5, 0.75)
-  it = train.make_train_iterator(config, local_batch=2)
+  it = tasks.get(config.task).train_data(config, specs.get(config.data.dataset), local_batch=2)
   assert it.get_state()['config']['area_range'] == [0.5, 0.75]
   assert next(it)['image'].shape == (2, 16, 16, 3)

@@ -11,6 +11,10 @@ from PIL import Image
 from ddep import report
 from ddep.evaluators import metrics
 from ddep.reporting import visualisation
+from ddep.runs import workdir as workdir_lib
+from ddep.reporting import records
+from ddep.reporting import tables
+from ddep.reporting import plots
 
 METHODS = ('ddep', 'supervised')
 FRACTIONS = (1.0, 0.1, 0.01)
@@ -38,7 +42,7 @@ def make_runs(root):
         cm = rng.integers(0, 50, size=(3, 3))
         m = metrics.segmentation_metrics(cm, ['background', 'aeroplane', 'bag'])
         m['miou'] = miou  # the value the table must reproduce.
-        report.write_results(
+        workdir_lib.write_results(
             workdir,
             method=method,
             dataset='pascal_context_60',
@@ -47,7 +51,7 @@ def make_runs(root):
             decoder_width=1,
             metrics=m,
         )
-        with open(workdir / report.CURVES_FILE, 'w') as f:
+        with open(workdir / workdir_lib.CURVES_FILE, 'w') as f:
           for step in range(0, 500, 50):
             f.write(
                 json.dumps(
@@ -115,14 +119,14 @@ def test_single_run_has_no_std_and_fractions_are_merged(tmp_path):
         'decoder_width': 2,
         'miou': 0.5 + 0.1 * seed,
     }
-    runs.append(report.Run(tmp_path, results, []))
-  runs.append(report.Run(tmp_path, dict(runs[0].results, label_fraction=0.25), []))
-  summary = report.summarize(runs)
+    runs.append(records.Run(tmp_path, results, []))
+  runs.append(records.Run(tmp_path, dict(runs[0].results, label_fraction=0.25), []))
+  summary = tables.summarize(runs)
   assert summary[('cityscapes', 2, 'dep', 0.0333)].values == (0.5, 0.6)
   single = summary[('cityscapes', 2, 'dep', 0.25)]
   assert single.n == 1 and np.isnan(single.std)
-  assert '| DeP | 50.00 (n=1) | 55.00 ± 7.07 (n=2) |' in report.markdown_summary(summary)
-  report.plot_miou_vs_fraction(summary, 'cityscapes', 2, tmp_path / 'fig.png')
+  assert '| DeP | 50.00 (n=1) | 55.00 ± 7.07 (n=2) |' in tables.markdown_summary(summary)
+  plots.plot_miou_vs_fraction(summary, 'cityscapes', 2, tmp_path / 'fig.png')
   assert_png(tmp_path / 'fig.png')
 
 
@@ -150,18 +154,18 @@ def test_ablations_of_one_method_are_separate_rows(tmp_path):
               'target': target,
           },
       }
-      runs.append(report.Run(tmp_path, results, []))
+      runs.append(records.Run(tmp_path, results, []))
   plain = dict(runs[0].results, method='supervised', pretraining=None, miou=0.35)
-  runs.append(report.Run(tmp_path, plain, []))
-  summary = report.summarize(runs)
+  runs.append(records.Run(tmp_path, plain, []))
+  summary = tables.summarize(runs)
   # Only what differs names a variant; where the run was does not.
   assert summary[('ade20k', 1, 'ddep [sigma=0.2, target=eps]', 1.0)].values == (0.40, 0.42)
   assert summary[('ade20k', 1, 'ddep [sigma=0.2, target=x]', 1.0)].values == (0.30,)
   assert summary[('ade20k', 1, 'ddep [sigma=0.25, target=eps]', 1.0)].values == (0.50,)
   assert summary[('ade20k', 1, 'supervised', 1.0)].values == (0.35,)
-  table = report.markdown_summary(summary)
+  table = tables.markdown_summary(summary)
   assert table.index('| Supervised |') < table.index('| DDeP [sigma=0.2, target=eps] |')
-  report.plot_table(summary, 'ade20k', 1, tmp_path / 'table.png')
+  plots.plot_table(summary, 'ade20k', 1, tmp_path / 'table.png')
   assert_png(tmp_path / 'table.png')
 
 
@@ -178,15 +182,15 @@ def test_pretraining_record_reads_the_run_config(tmp_path):
   }
   (workdir / 'config.json').write_text(json.dumps(config))
   for init_from in (workdir, workdir / 'checkpoints' / '40'):
-    record = report.pretraining_record(str(init_from))
+    record = workdir_lib.pretraining_record(str(init_from))
     assert record['workdir'] == str(workdir.resolve())
     assert (record['sigma_range'], record['decoder_width'], record['total_steps']) == (
         [0.2, 0.3],
         3,
         40,
     )
-  assert report.pretraining_record('') is None
-  assert report.pretraining_record(str(tmp_path / 'elsewhere')) is None
+  assert workdir_lib.pretraining_record('') is None
+  assert workdir_lib.pretraining_record(str(tmp_path / 'elsewhere')) is None
 
 
 @pytest.mark.parametrize(
@@ -230,8 +234,8 @@ def test_bad_results_name_the_file(tmp_path, capsys, content, message):
 
 def test_malformed_curve_line_is_reported(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 1.0}\n{"train/loss": 2}\n')
-  with pytest.raises(report.ReportError, match='metrics.jsonl:2'):
-    report.read_curves(tmp_path / 'metrics.jsonl')
+  with pytest.raises(records.ReportError, match='metrics.jsonl:2'):
+    records.read_curves(tmp_path / 'metrics.jsonl')
 
 
 def test_curves_of_a_resumed_run_keep_the_last_attempts_rows(tmp_path):
@@ -251,7 +255,7 @@ def test_curves_of_a_resumed_run_keep_the_last_attempts_rows(tmp_path):
   )
   got = [
       (r['step'], *[(k, v) for k, v in r.items() if k != 'step'][0])
-      for r in report.read_curves(tmp_path / 'metrics.jsonl')
+      for r in records.read_curves(tmp_path / 'metrics.jsonl')
   ]
   assert got == [
       (1, 'train/loss', 9),
@@ -265,7 +269,7 @@ def test_curves_of_a_resumed_run_keep_the_last_attempts_rows(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text(
       ''.join(json.dumps({'step': s, 'train/loss': s}) + '\n' for s in (1, 2, 3, 4, 2, 3))
   )
-  assert [r['step'] for r in report.read_curves(tmp_path / 'metrics.jsonl')] == [1, 2, 3]
+  assert [r['step'] for r in records.read_curves(tmp_path / 'metrics.jsonl')] == [1, 2, 3]
 
 
 def test_missing_workdir_is_an_error(tmp_path, capsys):
@@ -285,24 +289,24 @@ def test_denoising_grid(tmp_path):
   noise = {s: rng.normal(size=clean.shape) for s in sigmas}
   noisy = {s: clean + s * noise[s] for s in sigmas}
   denoised = {s: noisy[s] - s * noise[s] for s in sigmas}
-  data = report.denoising_grid(clean, noisy, noise, denoised, path=tmp_path / 'grid.png')
+  data = plots.denoising_grid(clean, noisy, noise, denoised, path=tmp_path / 'grid.png')
   assert data[:8] == b'\x89PNG\r\n\x1a\n'
   width, height = assert_png(tmp_path / 'grid.png', 600, 450)
   assert width > height  # 4 columns, 3 rows.
   with pytest.raises(ValueError, match='denoised_by_sigma'):
-    report.denoising_grid(clean, noisy, noise, {0.1: clean})
+    plots.denoising_grid(clean, noisy, noise, {0.1: clean})
 
 
 def _summary(cells):
   """{(method, fraction): mIoUs} as summarize() would return them for one table."""
-  return {('demo', 1.0, m, f): report.Cell(tuple(v)) for (m, f), v in cells.items()}
+  return {('demo', 1.0, m, f): tables.Cell(tuple(v)) for (m, f), v in cells.items()}
 
 
 def test_cell_mean_and_sample_std():
-  cell = report.Cell((0.2, 0.3, 0.4))
+  cell = tables.Cell((0.2, 0.3, 0.4))
   assert cell.n == 3 and cell.mean == pytest.approx(0.3)
   assert cell.std == pytest.approx(0.1)  # ddof=1: sqrt((0.01 + 0 + 0.01) / 2)
-  assert '30.00 ± 10.00 (n=3)' == report.format_cell(cell)
+  assert '30.00 ± 10.00 (n=3)' == tables.format_cell(cell)
 
 
 def test_orderings_need_twice_the_larger_std():
@@ -319,7 +323,7 @@ def test_orderings_need_twice_the_larger_std():
           ('ddep', 1.0): (0.52,),
       }
   )
-  rows = {(r['better'], r['worse']): r for r in report.orderings(summary)}
+  rows = {(r['better'], r['worse']): r for r in tables.orderings(summary)}
   assert rows[('dep', 'none')]['verdict'] == 'holds'
   assert rows[('dep', 'none')]['label_fraction'] == 0.02
   assert rows[('dep', 'none')]['difference'] == pytest.approx(0.06)
@@ -329,7 +333,7 @@ def test_orderings_need_twice_the_larger_std():
   # All labels: one run each, so no std; the sign is reported as such.
   assert rows[('supervised', 'dep')]['label_fraction'] == 1.0
   assert rows[('supervised', 'dep')]['verdict'] == 'reversed (n=1, no std)'
-  table = report.markdown_orderings(report.orderings(summary))
+  table = tables.markdown_orderings(tables.orderings(summary))
   assert (
       '| DeP beats random initialisation with few labels (Fig. 2, Table 1) | 2% | +6.00 | 2.00 | holds |'
       in table
@@ -339,11 +343,11 @@ def test_orderings_need_twice_the_larger_std():
 
 def test_orderings_skip_missing_methods():
   summary = _summary({('none', 0.1): (0.2, 0.3), ('dep', 0.1): (0.4, 0.5)})
-  rows = report.orderings(summary)
+  rows = tables.orderings(summary)
   assert [(r['better'], r['worse']) for r in rows] == [('dep', 'none')]
   # Only 100%: no claim about few labels; only 10%: none about all labels.
   only_full = _summary({('supervised', 1.0): (0.5,), ('dep', 1.0): (0.4,), ('none', 1.0): (0.3,)})
-  assert [(r['better'], r['worse']) for r in report.orderings(only_full)] == [('supervised', 'dep')]
+  assert [(r['better'], r['worse']) for r in tables.orderings(only_full)] == [('supervised', 'dep')]
 
 
 def test_label_count_runs_are_grouped_by_count_apart_from_fractions(tmp_path):
@@ -358,7 +362,7 @@ def test_label_count_runs_are_grouped_by_count_apart_from_fractions(tmp_path):
         count = labels if isinstance(labels, int) else None
         workdir = tmp_path / f'{method}_{labels}_{seed}'
         workdir.mkdir()
-        report.write_results(
+        workdir_lib.write_results(
             workdir,
             method=method,
             dataset='ade20k',
@@ -368,25 +372,25 @@ def test_label_count_runs_are_grouped_by_count_apart_from_fractions(tmp_path):
             decoder_width=1,
             metrics={'miou': miou},
         )
-  runs = [report.load_run(w) for w in report.find_workdirs([str(tmp_path / '*')])]
-  assert json.loads((runs[0].workdir / report.RESULTS_FILE).read_text()).keys() >= {
+  runs = [records.load_run(w) for w in records.find_workdirs([str(tmp_path / '*')])]
+  assert json.loads((runs[0].workdir / workdir_lib.RESULTS_FILE).read_text()).keys() >= {
       'label_count',
       'label_fraction',
   }
-  summary = report.summarize(runs)
-  counted = summary[('ade20k', 1, 'ddep', report.LabelCount(20, 0.005))]
+  summary = tables.summarize(runs)
+  counted = summary[('ade20k', 1, 'ddep', records.LabelCount(20, 0.005))]
   assert sorted(counted.values) == sorted(mious[('ddep', 20)])
   assert sorted(summary[('ade20k', 1, 'ddep', 0.005)].values) == sorted(mious[('ddep', 0.005)])
   assert len(summary) == 6
-  header = report.markdown_summary(summary).splitlines()[2]
+  header = tables.markdown_summary(summary).splitlines()[2]
   assert header == '| Method | 100% | 0.5% | 20 labels |'
   # The lowest column is the count's (same fraction, the count sorts after it).
-  rows = report.orderings(summary)
+  rows = tables.orderings(summary)
   assert [(r['better'], r['worse'], r['labels']) for r in rows] == [('ddep', 'none', '20 labels')]
   assert rows[0]['difference'] == pytest.approx(
       np.mean(mious[('ddep', 20)]) - np.mean(mious[('none', 20)])
   )
-  assert '| 20 labels |' in report.markdown_orderings(rows)
+  assert '| 20 labels |' in tables.markdown_orderings(rows)
   report.build_report(runs, tmp_path / 'out')
   entries = json.loads((tmp_path / 'out' / 'summary.json').read_text())
   entry = next(e for e in entries if e['method'] == 'ddep' and e['label_count'] == 20)
@@ -404,14 +408,14 @@ def test_results_with_a_bad_label_count_are_refused(tmp_path):
       'miou': 0.3,
       'label_count': 2.5,
   }
-  with pytest.raises(report.ReportError, match=r'label_count 2\.5 is not a count'):
-    report.validate_results(results, tmp_path / 'results.json')
+  with pytest.raises(records.ReportError, match=r'label_count 2\.5 is not a count'):
+    records.validate_results(results, tmp_path / 'results.json')
 
 
 def test_pretraining_record_has_the_noise_form_and_level_in_its_own_terms(tmp_path):
   def record(denoise):
     (tmp_path / 'config.json').write_text(json.dumps({'method': 'ddep', 'denoise': denoise}))
-    return report.pretraining_record(str(tmp_path / 'checkpoints' / '100'))
+    return workdir_lib.pretraining_record(str(tmp_path / 'checkpoints' / '100'))
 
   ddpm = record(
       {
@@ -449,7 +453,7 @@ def test_select_best_picks_lr_wd_on_selection_seeds_and_reports_final_seeds(tmp_
       workdir = tmp_path / 'runs' / f'lr{lr}_wd{wd}_s{seed}'
       workdir.mkdir(parents=True)
       (workdir / 'config.json').write_text(json.dumps({'optim': {'lr': lr, 'weight_decay': wd}}))
-      report.write_results(
+      workdir_lib.write_results(
           workdir,
           method='ddep',
           dataset='ade20k',
@@ -458,8 +462,8 @@ def test_select_best_picks_lr_wd_on_selection_seeds_and_reports_final_seeds(tmp_
           decoder_width=1,
           metrics={'miou': miou},
       )
-  runs = [report.load_run(w) for w in report.find_workdirs([str(tmp_path / 'runs')])]
-  chosen = report.select_best(runs, selection_seeds=[0, 1], final_seeds=[2, 3])
+  runs = [records.load_run(w) for w in records.find_workdirs([str(tmp_path / 'runs')])]
+  chosen = tables.select_best(runs, selection_seeds=[0, 1], final_seeds=[2, 3])
   best = chosen[('ade20k', 1, 'ddep', 0.1)]
   assert (best['lr'], best['weight_decay']) == (3e-4, 1e-4)
   assert best['selection'].values == pytest.approx((0.40, 0.42))
@@ -467,7 +471,7 @@ def test_select_best_picks_lr_wd_on_selection_seeds_and_reports_final_seeds(tmp_
   assert len(best['candidates']) == 4
   assert (
       '| ade20k | 1x | DDeP | 10% | 0.0003 | 0.0001 | 41.00 ± 1.41 (n=2) | 26.00 ± 1.41 (n=2) |'
-      in report.markdown_selection(chosen)
+      in tables.markdown_selection(chosen)
   )
 
   out = tmp_path / 'out'
@@ -488,8 +492,8 @@ def test_select_best_picks_lr_wd_on_selection_seeds_and_reports_final_seeds(tmp_
   assert '0.0003' in (out / 'selection.md').read_text()
   # A run without its config.json cannot be placed in the grid: said, with the path.
   (tmp_path / 'runs' / 'lr1e-05_wd0.0001_s0' / 'config.json').unlink()
-  with pytest.raises(report.ReportError, match=r'config\.json: no optim\.lr'):
-    report.select_best(runs)
+  with pytest.raises(records.ReportError, match=r'config\.json: no optim\.lr'):
+    tables.select_best(runs)
 
 
 def _pretraining_run(workdir, *, task='denoise', method='dep', lr=1e-4, rows=()):
@@ -503,7 +507,7 @@ def _pretraining_run(workdir, *, task='denoise', method='dep', lr=1e-4, rows=())
       'denoise': {'form': 'additive', 'sigma': 0.8, 'sigma_range': []},
   }
   (workdir / 'config.json').write_text(json.dumps(config))
-  (workdir / report.CURVES_FILE).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (workdir / workdir_lib.CURVES_FILE).write_text(''.join(json.dumps(r) + '\n' for r in rows))
 
 
 def test_pretraining_validation_against_step_per_run(tmp_path, capsys):
@@ -534,8 +538,8 @@ def test_pretraining_validation_against_step_per_run(tmp_path, capsys):
   assert data['short']['val/eps_mse'] == [[100, 0.3], [200, 0.24]]
   assert data['long']['label'] == 'dep σ=0.8 lr=0.0003 300 steps (long)'
   assert Image.open(out / 'pretraining_validation.png').size[0] > 500
-  with pytest.raises(report.ReportError, match='no config.json found for --pretraining'):
-    report.find_pretraining_runs([str(tmp_path / 'nothing_here')])
+  with pytest.raises(records.ReportError, match='no config.json found for --pretraining'):
+    records.find_pretraining_runs([str(tmp_path / 'nothing_here')])
 
 
 def test_the_cli_needs_runs_to_report(tmp_path):

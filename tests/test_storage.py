@@ -5,8 +5,9 @@ import os
 import pytest
 
 from ddep.runs import checkpointing
-from ddep import report
 from ddep.runs import storage
+from ddep.runs import workdir as workdir_lib
+from ddep.reporting import records
 
 
 def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
@@ -43,7 +44,7 @@ def test_a_gs_workdir_never_becomes_a_local_directory(tmp_path, monkeypatch):
   layers = [
       lambda: checkpointing.Checkpointer(workdir, keep=1, async_save=False),
       lambda: checkpointing.resolve_checkpoint(workdir),
-      lambda: report.write_results(
+      lambda: workdir_lib.write_results(
           workdir,
           method='dep',
           dataset='demo',
@@ -52,7 +53,7 @@ def test_a_gs_workdir_never_becomes_a_local_directory(tmp_path, monkeypatch):
           decoder_width=1,
           metrics={'miou': 0.5},
       ),
-      lambda: report.load_run(workdir),
+      lambda: records.load_run(workdir),
       lambda: storage.write_text_atomic(workdir + '/config.json', '{}'),
   ]
   for layer in layers:

@@ -9,8 +9,6 @@ import numpy as np
 
 from ddep.config import schema as config_schema
 from ddep.models import flops
-from ddep import predict
-from ddep import report
 from ddep.runs import summaries
 from ddep.datasets import specs
 from ddep.models import create_model
@@ -133,7 +131,9 @@ def test_previews_are_predicted_under_the_eval_protocol_at_their_own_size():
   # The prediction panel is the padded image's argmax, cropped (what evaluation scores).
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, previews['image'][1:])
   want = visualisation.overlay(
-      panels[1][:, :28], np.asarray(jnp.argmax(logits, -1))[0, :20, :28], visualisation.palette(spec)
+      panels[1][:, :28],
+      np.asarray(jnp.argmax(logits, -1))[0, :20, :28],
+      visualisation.palette(spec),
   )
   np.testing.assert_array_equal(panels[1][:, 56:], want)
   np.testing.assert_array_equal(

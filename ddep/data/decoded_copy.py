@@ -134,7 +134,7 @@ def _decode_png(image_key: str, channels: int):
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
     message = 'the image is not a PNG (JPEGs are decoded in their crop window already)'
     with tf.control_dependencies([tf.debugging.Assert(is_png, [message])]):
-      # input_pipeline._decode_image's call, so 16-bit or palette PNGs are stored as
+      # ddep.data.examples._decode_image's call, so 16-bit or palette PNGs are stored as
       # the pipeline sees them.
       return record, tf.io.decode_image(encoded, channels=channels, expand_animations=False)
 

@@ -14,6 +14,7 @@ from ddep.datasets import archives
 from ddep.datasets import cityscapes
 from ddep.datasets import specs
 
+
 class PrepareError(Exception):
   """What the user has to fix before a builder can run, named in one message."""
 
@@ -95,5 +96,3 @@ def prepare_once(dataset: str, data_dir: Optional[str], *, decoded: bool = False
       prepare_decoded_copy(dataset, data_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'ddep: {dataset} prepared')
-
-

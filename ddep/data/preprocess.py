@@ -12,20 +12,20 @@ from typing import Sequence
 
 import tensorflow as tf
 
-# TF runs only on the host CPU here (input_pipeline hides accelerators), where
+# TF runs only on the host CPU here (ddep.data.stream hides accelerators), where
 # 'auto_select' is Philox; it builds half the graph ops of naming 'philox'.
-_ALG = 'auto_select'
+ALG = 'auto_select'
 
 
 def split_seed(seed, num: int):
   """`num` independent [2] seeds derived from `seed`."""
   seed = tf.cast(seed, tf.int64)
-  return tf.unstack(tf.random.experimental.stateless_split(seed, num=num, alg=_ALG))
+  return tf.unstack(tf.random.experimental.stateless_split(seed, num=num, alg=ALG))
 
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0, dtype=tf.float32):
   return tf.random.stateless_uniform(
-      shape, seed=seed, minval=minval, maxval=maxval, dtype=dtype, alg=_ALG
+      shape, seed=seed, minval=minval, maxval=maxval, dtype=dtype, alg=ALG
   )
 
 

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddep.runs import summaries
 from ddep.training import objectives
 from ddep.training import optimizer as optimizer_lib
 from ddep.training import sharding
-from ddep.training import steps as steps_lib
 
 # Independent of the run's seed: runs with different seeds are scored on the same noise.
 _NOISE_SEED = 20240
@@ -81,7 +81,7 @@ def load_heldout(
 
   Every process reads the same images: the set is small and must be identical.
   """
-  from ddep.data import pipelines as input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep.data import eval_data  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
   spec = specs.get(dataset)
@@ -89,8 +89,8 @@ def load_heldout(
   # One process's view of the whole split, in storage order; one image per batch, as
   # the images differ in size.
   try:
-    examples = input_pipeline.eval_dataset(
-        dataset, batch_size=1, split=split, data_dir=data_dir, process_index=0, process_count=1
+    examples = eval_data.eval_dataset(
+        spec, batch_size=1, split=split, data_dir=data_dir, process_index=0, process_count=1
     )
   except ValueError as e:  # An unknown split, say: name the config keys that chose it.
     raise ValueError(
@@ -141,7 +141,7 @@ def fixed_noise(index, shape: Sequence[int]):
 
 def fixed_levels(index, denoise):
   """Each image's noise level in the form's terms: the fixed one, or drawn from the range."""
-  level = steps_lib.noise_level(denoise)
+  level = objectives.noise_level(denoise)
   fixed = [v for k, v in level.items() if not k.endswith('_range')]
   if fixed:
     return jnp.full(index.shape, fixed[0], jnp.float32)
@@ -253,3 +253,38 @@ def evaluate_once(
   evaluator = Evaluator(model, denoise, heldout, mesh, batch_size or len(heldout.images))
   replicated = functools.partial(_global, s=sharding.replicated(mesh))
   return evaluator.run(jax.tree.map(lambda x: replicated(np.asarray(x)), params), {})[0]
+
+
+class DenoisingValidation:
+  """The loop's evaluator of a denoise run: held-out ε-MSE and PSNR; best/ follows PSNR."""
+
+  best_key = 'val/psnr'
+
+  def __init__(self, config, model, spec, mesh, writer):
+    h, w = config.data.image_size
+    heldout = load_heldout(
+        spec,
+        num_images=int(config.eval.denoise_images),
+        image_size=(h, w),
+        split=config.eval.get('denoise_split', ''),
+        data_dir=config.data.data_dir or None,
+    )
+    self._evaluator = Evaluator(
+        model, config.denoise, heldout, mesh, batch_size=int(config.data.eval_batch_size)
+    )
+    self._writer = writer
+    self._pictures = int(config.eval.get('summary_images', 0))
+
+  def run(self, state, step: int) -> dict[str, float]:
+    scalars, pictures = self._evaluator.run(
+        state['params'], state['frozen'], pictures=self._pictures
+    )
+    if pictures:
+      summaries.write_denoising(self._writer, step, pictures)
+    if jax.process_index() == 0:
+      print(
+          f'[ddep] step {step}: held-out eps-MSE {scalars["val/eps_mse"]:.4f} '
+          f'PSNR {scalars["val/psnr"]:.2f} dB',
+          flush=True,
+      )
+    return scalars

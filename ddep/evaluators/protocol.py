@@ -95,7 +95,7 @@ def confusion_matrix(
 ) -> np.ndarray:
   """The dataset's confusion matrix under `protocol`, summed over all processes.
 
-  `eval_batches` yields this process's batches (`ddep.data.pipelines.EvalDataset`:
+  `eval_batches` yields this process's batches (`ddep.data.eval_data.EvalDataset`:
   the same number on every process, padding rows with `_mask` False, and with
   `orig_hw` when images were padded to one size).
   """

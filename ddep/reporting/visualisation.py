@@ -82,10 +82,6 @@ def segmentation_panels(
     image, label, pred = image[::s, ::s], label[::s, ::s], pred[::s, ::s]
     rgb = _to_uint8(to_display(image))
     valid = label != ignore_label
-    truth = np.where(
-        valid[..., None], overlay(rgb, np.where(valid, label, 0), colours), rgb
-    )
+    truth = np.where(valid[..., None], overlay(rgb, np.where(valid, label, 0), colours), rgb)
     rows.append(np.concatenate([rgb, truth, overlay(rgb, pred, colours)], axis=1))
   return rows
-
-

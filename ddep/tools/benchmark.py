@@ -140,7 +140,7 @@ def accumulation_plan(max_per_device: int, global_batch: int, num_devices: int) 
 
 
 def loss_config(task: str, *, noise_conditioning: bool = False) -> types.SimpleNamespace:
-  """The fields of a ddep config that `steps.make_loss_fn` reads, without ml_collections."""
+  """The fields of a ddep config that a task's `loss_fn` reads, without ml_collections."""
   ns = types.SimpleNamespace
   return ns(
       task=task if task in ('segment', 'classify') else 'denoise',
@@ -295,19 +295,21 @@ def _device_memory(device) -> dict:
   }
 
 
-def build_model(args, *, num_outputs: int, num_image_classes: int = 0):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddep.models import presets  # pylint: disable=g-import-not-at-top
+def build_model(args, *, num_outputs: int, num_image_classes: int = 0, noise_conditioning=None):
+  """The trainer's model builder (ddep.models.build) on the benchmark's flags."""
+  from ddep.models import build  # pylint: disable=g-import-not-at-top
 
-  return presets.create_model(
+  return build.create(
       args.preset,
-      decoder_width_multiplier=args.decoder_width,
+      decoder_width=args.decoder_width,
+      dtype=args.dtype,
+      remat=args.remat,
+      attention_impl=args.attention_impl,
+      noise_conditioning=(
+          args.noise_conditioning if noise_conditioning is None else noise_conditioning
+      ),
       num_outputs=num_outputs,
       num_image_classes=num_image_classes,
-      dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32,
-      remat=tuple(args.remat),
-      attention_impl=args.attention_impl or None,
-      noise_conditioning=args.noise_conditioning,
   )
 
 
@@ -410,7 +412,7 @@ def _per_device_batch(
   return global_batch // (n_dev * accum)
 
 
-def _init_params(args, model, noise_cond: bool, *, classify: bool = False):
+def _init_params(args, model, *, classify: bool = False):
   """Parameters initialised at the train size, as in training (shapes only if compile_only).
 
   The eval step then resizes the position embeddings as a real evaluation at another
@@ -418,14 +420,12 @@ def _init_params(args, model, noise_cond: bool, *, classify: bool = False):
   encoder and classifier only (no decoder parameters for Adam to update).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddep.models import build  # pylint: disable=g-import-not-at-top
 
-  sample = jnp.zeros((1, *args.image_size, 3), jnp.float32)
-  init_args = (sample, jnp.ones((1,))) if noise_cond else (sample,)
-  method = {'method': type(model).classify} if classify else {}
-  init = lambda k: model.init(k, *init_args, **method)['params']  # noqa: E731
-  key = jax.random.key(0)
-  return jax.eval_shape(init, key) if args.compile_only else jax.jit(init)(key)
+  hw = tuple(args.image_size)
+  if args.compile_only:
+    return build.abstract_params(model, hw, classify=classify)
+  return jax.jit(lambda k: build.init_params(model, k, hw, classify=classify))(jax.random.key(0))
 
 
 def _trained_modules(mask) -> dict[str, set[bool]]:
@@ -480,13 +480,13 @@ def _train_program(
   from ddep.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from ddep.training import sharding  # pylint: disable=g-import-not-at-top
   from ddep.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from ddep.training import tasks  # pylint: disable=g-import-not-at-top
 
   replicated = sharding.replicated(mesh)
   schedule = optimizer_lib.make_schedule(base_lr=1e-4, total_steps=1000)
   tx = optimizer_lib.make_optimizer(name='adam', learning_rate=schedule, accumulation_steps=accum)
-  loss_fn = steps_lib.make_loss_fn(
-      model, args.loss or loss_config(phase, noise_conditioning=noise_cond)
-  )
+  config = args.loss or loss_config(phase, noise_conditioning=noise_cond)
+  loss_fn = tasks.get(config.task).loss_fn(model, config)
   train_step = steps_lib.make_train_step(loss_fn, tx, schedule, accum)
 
   make_state = functools.partial(steps_lib.init_train_state, tx)
@@ -530,16 +530,17 @@ def build_phase(
   )
   batch_size = per_device_batch * mesh.devices.size
   classify = task == 'classify'
+  noise_cond = args.noise_conditioning and task == 'denoise'
   model = build_model(
       args,
       num_outputs=args.num_classes if task == 'segment' else 3,
       num_image_classes=args.num_classes if classify else 0,
+      noise_conditioning=noise_cond,
   )
-  noise_cond = args.noise_conditioning and task == 'denoise'
   hw = tuple(args.eval_size) if is_eval else tuple(args.image_size)
   notes = list(args.config_notes)
 
-  params = _init_params(args, model, noise_cond, classify=classify)
+  params = _init_params(args, model, classify=classify)
   frozen_patterns = (
       args.frozen if args.frozen is not None else DDEP_FROZEN if phase == 'ddep' else ()
   )
@@ -902,7 +903,7 @@ def run_input_phase(args) -> dict:
   """Images/s of the config's own train input pipeline on this host (tf.data, CPU),
   built as `ddep.training.trainer` builds it, one host's share of the global batch."""
   from ddep.data import preparation  # pylint: disable=g-import-not-at-top
-  from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from ddep.training import tasks  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
   config = args.config_dict
@@ -910,7 +911,9 @@ def run_input_phase(args) -> dict:
   if d.prepare and specs.get(d.dataset).name.startswith('demo'):
     preparation.prepare_generated(d.dataset, d.data_dir or None)
   local_batch = int(d.batch_size) // args.input_hosts
-  iterator = train.make_train_iterator(config, local_batch=local_batch)
+  iterator = tasks.get(config.task).train_data(
+      config, specs.get(d.dataset), local_batch=local_batch
+  )
   for _ in range(args.warmup):
     next(iterator)
   t0 = time.perf_counter()

@@ -27,9 +27,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from ddep.data import pipelines as input_pipeline
+from ddep.data import pipelines
 from ddep.runs import progress
-from ddep.data import decoded_copy
 from ddep.datasets import demo_scenes, specs
 from ddep.data import preparation
 
@@ -150,10 +149,10 @@ def measure(
   common = dict(batch_size=batch_size, seed=0, data_dir=data_dir, process_index=0, process_count=1)
   if which == 'pretrain':
     size = tuple(int(s) for s in image_size)
-    it = input_pipeline.pretrain_dataset(spec, image_size=size, images=pretrain_images, **common)
+    it = pipelines.pretrain_dataset(spec, image_size=size, images=pretrain_images, **common)
   elif which == 'finetune':
     size = tuple(int(s) for s in crop)
-    it = input_pipeline.finetune_dataset(spec, crop_size=size, **common)
+    it = pipelines.finetune_dataset(spec, crop_size=size, **common)
   else:
     raise ValueError(f'unknown pipeline {which!r}')
   cores = len(os.sched_getaffinity(0))

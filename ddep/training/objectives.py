@@ -356,3 +356,14 @@ def image_classification_loss(logits: Array, labels: Array, *, kind: str = 'sigm
     count = jnp.sum(has_label)
     return jnp.sum(jnp.where(has_label, ce, 0.0)) / jnp.maximum(count, 1)
   raise ValueError(f"`kind` must be 'sigmoid' or 'softmax', got {kind!r}.")
+
+
+def noise_level(denoise) -> dict:
+  """`config.denoise`'s level as `make_denoising_batch` arguments, in the form's own terms:
+  σ / σ range for 'additive' (Eq. 1), γ / γ range for 'ddpm' (Eq. 2)."""
+  name = 'gamma' if denoise.form == 'ddpm' else 'sigma'
+  # getattr: plain namespaces (ddep.tools.benchmark) stand in for configs too.
+  level_range = tuple(getattr(denoise, f'{name}_range', ()))
+  if level_range:
+    return {f'{name}_range': level_range}
+  return {name: float(getattr(denoise, name, 0.0))}

@@ -1,4 +1,4 @@
-"""Loss functions of each task and the jit-able train and eval steps.
+"""The jit-able train and eval steps (each task's loss is in ddep.training.tasks).
 
 The train state is a plain dict (big_vision style):
   params           trainable parameters (the optimizer sees only these)
@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
 import optax
 
 from ddep.evaluators import metrics as metrics_lib
-from ddep.training import objectives
 from ddep.training import optimizer as optimizer_lib
 from ddep.models import TransUNet
 
@@ -36,55 +37,15 @@ def init_train_state(tx: optax.GradientTransformation, trainable, frozen, rng) -
   )
 
 
-def noise_level(denoise) -> dict:
-  """`config.denoise`'s level as `make_denoising_batch` arguments, in the form's own terms:
-  σ / σ range for 'additive' (Eq. 1), γ / γ range for 'ddpm' (Eq. 2)."""
-  name = 'gamma' if denoise.form == 'ddpm' else 'sigma'
-  # getattr: plain namespaces (ddep.tools.benchmark) stand in for configs too.
-  level_range = tuple(getattr(denoise, f'{name}_range', ()))
-  if level_range:
-    return {f'{name}_range': level_range}
-  return {name: float(getattr(denoise, name, 0.0))}
+def host_params(state) -> dict:
+  """The full parameters as numpy on every process, whatever their sharding."""
 
+  def one(x):
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-def make_loss_fn(model: TransUNet, config) -> Callable:
-  """(params, batch, rng) -> (loss, aux metrics) for `config.task`."""
-  task = config.task
-  d = config.denoise
-
-  def denoise(params, batch, rng):
-    noise_rng, dropout_rng = jax.random.split(rng)
-    noisy, target, sigma = objectives.make_denoising_batch(
-        noise_rng, batch['image'], form=d.form, target=d.target, **noise_level(d)
-    )
-    pred = model.apply(
-        {'params': params},
-        noisy,
-        sigma if model.noise_conditioning else None,
-        train=True,
-        rngs={'dropout': dropout_rng},
-    )
-    return objectives.mean_squared_error(pred, target), {}
-
-  def segment(params, batch, rng):
-    logits = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
-    loss, n = objectives.softmax_cross_entropy_with_ignore(logits, batch['label'])
-    return loss, {'train/valid_pixels': n}
-
-  def classify(params, batch, rng):
-    logits = model.apply(
-        {'params': params},
-        batch['image'],
-        train=True,
-        rngs={'dropout': rng},
-        method=TransUNet.classify,
-    )
-    return (
-        objectives.image_classification_loss(logits, batch['labels'], kind=config.classify.loss),
-        {},
-    )
-
-  return {'denoise': denoise, 'segment': segment, 'classify': classify}[task]
+  return jax.tree.map(one, optimizer_lib.merge(state['params'], state['frozen']))
 
 
 def make_train_step(
