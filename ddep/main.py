@@ -22,6 +22,12 @@ _DRY_RUN = flags.DEFINE_bool(
 )
 
 
+# Exit codes: bad input the user can fix (config, checkpoint, data), as absl's usage errors;
+# a run that failed (non-finite loss); a preempted run to restart (EX_TEMPFAIL).
+BAD_INPUT_EXIT_CODE = 2
+FAILED_EXIT_CODE = 1
+
+
 def dry_run(config, workdir: str) -> int:
   """The config as training would see it; checked for this machine's device count."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -32,7 +38,7 @@ def dry_run(config, workdir: str) -> int:
     config_validation.validate(config, num_devices=jax.device_count())
   except config_validation.ConfigError as e:
     print(f'ddep.main: error: {e}', file=sys.stderr, flush=True)
-    return 1
+    return BAD_INPUT_EXIT_CODE
   print(
       f'ddep.main: config valid for {jax.device_count()} {jax.default_backend()} devices; '
       f'--dry_run, so nothing was written to {workdir}',
@@ -53,17 +59,31 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], 'GPU')
-  from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
   from ddep.config import validation as config_validation  # pylint: disable=g-import-not-at-top
+  from ddep.data import examples  # pylint: disable=g-import-not-at-top
+  from ddep.models import pretrained  # pylint: disable=g-import-not-at-top
+  from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
   from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
+
+  bad_input = (
+      checkpointing.CheckpointError,
+      config_validation.ConfigError,
+      pretrained.CheckpointError,
+      examples.BadExampleError,
+      train.ResumeError,
+  )
 
   logging.info('config:\n%s', _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (checkpointing.CheckpointError, config_validation.ConfigError) as e:
+  except bad_input as e:
     # Bad input, not a bug: one line naming what is wrong.
     print(f'ddep.main: error: {e}', file=sys.stderr, flush=True)
-    return 1
+    return BAD_INPUT_EXIT_CODE
+  except train.NonFiniteLossError as e:
+    # The run diverged: what is kept is the last finite checkpoint, named in the message.
+    print(f'ddep.main: error: {e}', file=sys.stderr, flush=True)
+    return FAILED_EXIT_CODE
   except train.Preempted as e:
     # Expected, not a bug: one line, no traceback, and a status that asks for a rerun.
     print(f'ddep.main: {e}', file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ files of `predict` are checked by scoring them with ddep.score.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -384,3 +385,27 @@ def test_predict_cli_reports_bad_file_and_exits_1(run, tmp_path):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert f'cannot read image {images / "bad.jpg"}' in proc.stderr
   assert '0/1 images from ' + os.path.join(os.path.abspath(workdir), 'best', '2') in proc.stdout
+
+
+def test_evaluate_refuses_a_checkpoint_with_non_finite_parameters(run, tmp_path):
+  config, workdir = run
+  copy = str(tmp_path / 'diverged')
+  shutil.copytree(workdir, copy)
+  params = checkpointing.load_params(os.path.join(workdir, 'best', '2'))
+  leaves, treedef = jax.tree.flatten(params)
+  leaves[0] = np.full_like(leaves[0], np.nan)  # As a run that diverged would have saved.
+  ckpt = checkpointing.Checkpointer(copy, keep=1, async_save=False)
+  ckpt.save_best(3, {'params': jax.tree.unflatten(treedef, leaves), 'frozen': {}}, 1.0)
+  ckpt.close()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ddep.evaluate', f'--workdir={copy}'],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  best3 = os.path.join(copy, 'best', '3')
+  assert f'checkpoint {best3} has non-finite parameters (1: ' in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr

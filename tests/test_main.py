@@ -48,8 +48,9 @@ def test_dry_run_of_a_config_by_absolute_path_from_another_directory(tmp_path):
       f'--workdir={workdir}',
       '--config.eval.protocol=sliding',
   )
-  assert p.returncode == 1
+  assert p.returncode == 2
   assert "ddep.main: error: config.eval.protocol: unknown protocol 'sliding'" in p.stderr, p.stderr[
       -3000:
   ]
+  assert p.stderr.count("'whole'") == 1  # Each choice listed once.
   assert not workdir.exists()

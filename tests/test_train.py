@@ -184,6 +184,21 @@ def test_handoff_errors_are_clear(ddep_run, tmp_path):
     initialization.initial_params(_config(task='segment', init_from=workdir), fresh)
 
 
+def test_nan_between_a_log_step_and_an_eval_step_is_never_evaluated_nor_kept(tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = _config(total_steps=8, log_every=10, checkpoint_every=10, eval_every=4)
+  config.eval.denoise_images = 2
+  config.data.prepare, config.data.data_dir = True, str(tmp_path / 'data')
+  with pytest.raises(train.NonFiniteLossError, match='at step 3;'):
+    train.train_and_evaluate(config, workdir, train_iter=Batches(nan_at_step=3))
+  best = os.path.join(workdir, 'best')
+  assert not os.path.exists(best) or not os.listdir(best)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '4'))
+  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      assert not [line for line in f if 'val/' in line]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
   config = _config(total_steps=5)
@@ -220,7 +235,7 @@ def test_invalid_configs_fail_before_compiling(key, value, match):
     config_validation.validate(_config(**{key: value}), num_devices=2)
 
 
-def _main(workdir, data_dir, **popen_kw):
+def _main(workdir, data_dir, extra=(), **popen_kw):
   cmd = [
       sys.executable,
       '-m',
@@ -228,6 +243,7 @@ def _main(workdir, data_dir, **popen_kw):
       '--config=tests/configs/tiny_denoise.py',
       f'--workdir={workdir}',
       f'--config.data.data_dir={data_dir}',
+      *extra,
   ]
   env = dict(
       os.environ,
@@ -286,6 +302,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     rows = [json.loads(line) for line in f]
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert rows == expected
+
+  # Lowering total_steps below the saved step: one line naming the key, exit 2, nothing changed.
+  before = sorted(os.listdir(os.path.join(straight, 'checkpoints')))
+  p = _main(straight, data_dir, extra=['--config.total_steps=4'])
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 2, out[-3000:]
+  assert 'holds step 6, past config.total_steps=4' in out and 'Traceback' not in out, out[-3000:]
+  assert sorted(os.listdir(os.path.join(straight, 'checkpoints'))) == before
 
 
 def test_a_typo_in_eval_protocol_stops_the_run_before_any_data_is_read(tmp_path):

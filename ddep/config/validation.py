@@ -61,7 +61,7 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
   if config.data.dataset not in specs.names():
     _fail('data.dataset', f'unknown dataset {config.data.dataset!r}; choose from {specs.names()}')
   # Checked now, not when the first evaluation runs after the whole training.
-  protocols = ('whole', *inference.PROTOCOLS)
+  protocols = tuple(dict.fromkeys(('whole', *inference.PROTOCOLS)))  # 'whole' is one of them
   if config.eval.protocol not in protocols:
     _fail('eval.protocol', f'unknown protocol {config.eval.protocol!r}; choose from {protocols}')
   if int(config.eval.batch_size) < 0:

@@ -19,6 +19,7 @@ from absl import logging
 import flax
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 import tensorflow as tf
 
@@ -265,6 +266,20 @@ def check_params_fit(params, expected, *, where: str) -> None:
     )
 
 
+def check_params_finite(params, *, where: str) -> None:
+  """Raises CheckpointError naming the parameters that hold NaN or infinity."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  bad = sorted('/'.join(k) for k, v in flat.items() if not np.all(np.isfinite(np.asarray(v))))
+  if bad:
+    shown = ', '.join(bad[:_MAX_KEYS]) + (
+        f', ... ({len(bad) - _MAX_KEYS} more)' if len(bad) > _MAX_KEYS else ''
+    )
+    raise CheckpointError(
+        f'checkpoint {where} has non-finite parameters ({len(bad)}: {shown}); '
+        'it comes from a diverged run: evaluate another checkpoint'
+    )
+
+
 def load_params(config, checkpoint_dir: str, spec):
   """(model, host params) of a run's checkpoint, checked against the config's model."""
   task = tasks.get(config.task)
@@ -274,6 +289,7 @@ def load_params(config, checkpoint_dir: str, spec):
   )
   params = checkpointing.load_params(checkpoint_dir)  # Its errors name the step dir and file.
   check_params_fit(params, expected, where=checkpoint_dir)
+  check_params_finite(params, where=checkpoint_dir)
   return model, jax.device_get(params)
 
 

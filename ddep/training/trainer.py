@@ -40,6 +40,10 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+class ResumeError(ValueError):
+  """The workdir's saved run does not fit this config (e.g. it is past total_steps)."""
+
+
 class Preempted(RuntimeError):
   """SIGTERM: every process saved the same step and stopped; rerunning resumes it."""
 
@@ -149,6 +153,11 @@ def train_and_evaluate(
       best_metric=task.best_metric,
   )
   state, start_step = restore(ckpt, state, shardings, train_iter)
+  if start_step > total_steps:
+    raise ResumeError(
+        f'{ckpt.directory} holds step {start_step}, past config.total_steps={total_steps} '
+        '(or total_epochs): raise it to at least the saved step, or use a new workdir'
+    )
   if start_step and is_main:
     print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
   log.keep_until(start_step)  # Rows a killed run logged after its last checkpoint.
@@ -191,6 +200,7 @@ def train_and_evaluate(
         stop_preempted(state, ckpt, train_iter, step, total_steps, saved=saved)
       if evaluators and config.eval_every and step % int(config.eval_every) == 0:
         if step != total_steps:
+          check_finite(state, ckpt)  # Never evaluate, nor keep as best/, NaN weights.
           evaluate(step)
 
   check_finite(state, ckpt)
