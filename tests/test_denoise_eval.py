@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ddep.config import schema as config_schema
+from ddep.datasets import specs
 from ddep.evaluators import denoise as denoise_eval
 from ddep.training import objectives
 from ddep.training import sharding
@@ -119,18 +120,24 @@ def data_dir(tmp_path_factory):
 
 
 def test_heldout_images_are_the_eval_split_at_the_crop_size_and_too_many_is_an_error(data_dir):
-  a = denoise_eval.load_heldout('demo_tiny', num_images=3, image_size=(32, 32), data_dir=data_dir)
-  b = denoise_eval.load_heldout('demo_tiny', num_images=3, image_size=(32, 32), data_dir=data_dir)
+  a = denoise_eval.load_heldout(
+      specs.get('demo_tiny'), num_images=3, image_size=(32, 32), data_dir=data_dir
+  )
+  b = denoise_eval.load_heldout(
+      specs.get('demo_tiny'), num_images=3, image_size=(32, 32), data_dir=data_dir
+  )
   assert a.images.shape == (3, 32, 32, 3) and a.split == 'validation'
   assert a.image_ids == b.image_ids and np.array_equal(a.images, b.images)
   assert a.images.min() >= -1 and a.images.max() <= 1 and a.images.std() > 0.05
   with pytest.raises(
       ValueError, match=r'eval.denoise_images=10000: demo_tiny/validation has ' r'only \d+ images'
   ):
-    denoise_eval.load_heldout('demo_tiny', num_images=10000, image_size=(32, 32), data_dir=data_dir)
+    denoise_eval.load_heldout(
+        specs.get('demo_tiny'), num_images=10000, image_size=(32, 32), data_dir=data_dir
+    )
   with pytest.raises(ValueError, match=r"eval.denoise_split='valid'\): Unknown split"):
     denoise_eval.load_heldout(
-        'demo_tiny', num_images=1, image_size=(32, 32), split='valid', data_dir=data_dir
+        specs.get('demo_tiny'), num_images=1, image_size=(32, 32), split='valid', data_dir=data_dir
     )
 
 

@@ -70,21 +70,19 @@ def centre_crop_resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def load_heldout(
-    dataset: str,
+    spec,
     *,
     num_images: int,
     image_size: Sequence[int],
     split: str = '',
     data_dir: Optional[str] = None,
 ) -> HeldoutSet:
-  """The first `num_images` images of `split` (default: the dataset's eval split).
+  """The first `num_images` images of `split` (default: the eval split of dataset `spec`).
 
   Every process reads the same images: the set is small and must be identical.
   """
   from ddep.data import eval_data  # pylint: disable=g-import-not-at-top
-  from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
 
-  spec = specs.get(dataset)
   split = split or spec.eval_split
   # One process's view of the whole split, in storage order; one image per batch, as
   # the images differ in size.
@@ -94,18 +92,18 @@ def load_heldout(
     )
   except ValueError as e:  # An unknown split, say: name the config keys that chose it.
     raise ValueError(
-        f'held-out denoising set of {dataset} (eval.denoise_split={split!r}): ' f'{e}'
+        f'held-out denoising set of {spec.name} (eval.denoise_split={split!r}): ' f'{e}'
     ) from e
   if examples.num_examples < num_images:
     raise ValueError(
-        f'eval.denoise_images={num_images}: {dataset}/{split} has only '
+        f'eval.denoise_images={num_images}: {spec.name}/{split} has only '
         f'{examples.num_examples} images'
     )
   images, ids = [], []
   for batch in itertools.islice(iter(examples), num_images):
     images.append(centre_crop_resize(batch['image'][0], image_size))
     ids.append(batch['image_id'][0].decode())
-  return HeldoutSet(np.stack(images), tuple(ids), dataset, split)
+  return HeldoutSet(np.stack(images), tuple(ids), spec.name, split)
 
 
 def reconstruct(noisy, prediction, level, *, form: str, target: str):
