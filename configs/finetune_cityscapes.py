@@ -26,8 +26,8 @@ Arguments:
   runlocal   toy size on the generated 'demo_tiny' data, for CPUs and tests
 """
 
-from ddep.config import schema as config_schema
 from ddep.config import recipes
+from ddep.config import schema as config_schema
 
 
 def get_config(arg=None):

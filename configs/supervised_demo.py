@@ -15,8 +15,8 @@ Arguments:
   runlocal  'demo_tiny', a few steps, for CPUs and tests
 """
 
-from ddep.config import schema as config_schema
 from ddep.config import recipes
+from ddep.config import schema as config_schema
 
 
 def get_config(arg=None):

@@ -32,9 +32,9 @@ import numpy as np
 
 from ddep.config import schema as config_schema
 from ddep.reporting import paired_stats
-from ddep.reporting import visualisation
 from ddep.reporting import records
 from ddep.reporting import tables
+from ddep.reporting import visualisation
 
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')

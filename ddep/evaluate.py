@@ -28,13 +28,13 @@ from ml_collections import config_flags
 
 from ddep.config import validation as config_validation
 from ddep.data import eval_data
-from ddep.evaluators import metrics as metrics_lib
-from ddep.training import sharding
-from ddep.runs import storage
-from ddep.evaluators import segmentation
-from ddep.datasets import specs
 from ddep.data import preparation
+from ddep.datasets import specs
+from ddep.evaluators import metrics as metrics_lib
+from ddep.evaluators import segmentation
+from ddep.runs import storage
 from ddep.runs import workdir as workdir_lib
+from ddep.training import sharding
 
 
 def check_segmentation_config(config) -> None:

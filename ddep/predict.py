@@ -41,12 +41,12 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from ddep.config import validation as config_validation
 from ddep import evaluate
-from ddep.evaluators import inference
-from ddep.runs import progress
+from ddep.config import validation as config_validation
 from ddep.datasets import specs
+from ddep.evaluators import inference
 from ddep.reporting import visualisation
+from ddep.runs import progress
 from ddep.runs import workdir as workdir_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')

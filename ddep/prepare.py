@@ -23,10 +23,10 @@ import sys
 from absl import app
 from absl import flags
 
-from ddep.runs import progress
+from ddep.data import preparation
 from ddep.datasets import archives as manual
 from ddep.datasets import specs
-from ddep.data import preparation
+from ddep.runs import progress
 
 # TFDS's per-example loop (split_builder) wraps its generator in `utils.tqdm(generator,
 # desc='Generating <split> examples...', ...)`; other bars (downloads, shuffling) are silenced.

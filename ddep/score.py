@@ -42,9 +42,9 @@ import jax
 import numpy as np
 from PIL import Image
 
+from ddep.datasets import specs
 from ddep.evaluators import metrics
 from ddep.runs import progress
-from ddep.datasets import specs
 
 IGNORE = specs.IGNORE_LABEL
 INVALID = -1

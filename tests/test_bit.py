@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
-from ddep.models import TransUNet, create_model, load_pretrained_encoder
 from ddep.models import pretrained
+from ddep.models import TransUNet, create_model, load_pretrained_encoder
 
 PRESET = 'tiny_bit_r50_unet'  # 1 unit per stage, width 16, 8 groups
 LAYERS, WIDTH, GROUPS = (1, 1, 1, 1), 16, 8

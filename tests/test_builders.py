@@ -13,9 +13,9 @@ import tensorflow_datasets as tfds
 import archives
 from ddep.data import eval_data
 from ddep.data import pipelines
+from ddep.data import preparation
 from ddep.datasets import archives as manual_lib
 from ddep.datasets import specs
-from ddep.data import preparation
 
 
 def _build(tfds_name: str, data_dir, manual_dir):

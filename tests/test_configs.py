@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from ddep.runs import checkpointing
-from ddep.config import validation as config_validation
-from ddep.training import optimizer as optimizer_lib
 from ddep.config import recipes
-from ddep.training import objectives
+from ddep.config import validation as config_validation
 from ddep.models import presets
+from ddep.runs import checkpointing
+from ddep.training import objectives
+from ddep.training import optimizer as optimizer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HELPERS = {'__init__', 'common', 'recipes'}  # modules of configs/ that are not experiments

@@ -13,11 +13,11 @@ import tensorflow_datasets as tfds
 
 from ddep.config import schema as config_schema
 from ddep.config import validation as config_validation
-from ddep.data import pipelines
 from ddep.data import decoded_copy
+from ddep.data import pipelines
+from ddep.data import preparation
 from ddep.datasets import specs
 from ddep.tools import benchmark_input
-from ddep.data import preparation
 
 
 def _records(builder, split):

@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from ddep.config import validation as config_validation
 from ddep import demo
+from ddep.config import validation as config_validation
 from ddep.reporting import paired_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from ddep.config import schema as config_schema
+from ddep.data import preparation
 from ddep.datasets import specs
 from ddep.evaluators import denoise as denoise_eval
+from ddep.models import create_model
 from ddep.training import objectives
 from ddep.training import sharding
 from ddep.training import trainer as train
-from ddep.models import create_model
-from ddep.data import preparation
 
 
 def _denoise(**kw):

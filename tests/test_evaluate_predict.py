@@ -21,19 +21,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddep.runs import checkpointing
-from ddep.config import schema as config_schema
-from ddep.config import validation as config_validation
 from ddep import evaluate
-from ddep.evaluators import inference
 from ddep import predict
 from ddep import score
-from ddep.models import build
-from ddep.training import trainer as train
+from ddep.config import schema as config_schema
+from ddep.config import validation as config_validation
 from ddep.datasets import demo_scenes
 from ddep.datasets import specs
+from ddep.evaluators import inference
+from ddep.models import build
 from ddep.reporting import visualisation
+from ddep.runs import checkpointing
 from ddep.runs import workdir as workdir_lib
+from ddep.training import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = demo_scenes.NUM_CLASSES

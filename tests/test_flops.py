@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import pytest
 
 from ddep.models import flops
-from ddep.training import optimizer
 from ddep.models import TransUNet, create_model
+from ddep.training import optimizer
 
 
 def _xla_flops(fn, *args) -> float:

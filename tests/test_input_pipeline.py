@@ -11,10 +11,10 @@ import tensorflow_datasets as tfds
 from ddep.data import eval_data
 from ddep.data import examples
 from ddep.data import pipelines
+from ddep.data import preparation
 from ddep.data import stream
 from ddep.data import subsets
 from ddep.datasets import specs
-from ddep.data import preparation
 from ddep.runs import workdir as workdir_lib
 
 SINGLE = dict(process_index=0, process_count=1)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddep.models import TransUNet, create_model
 from ddep.models import resnet
+from ddep.models import TransUNet, create_model
 from ddep.models import vit
 
 # R50+ViT-B_16 as a 1000-class classifier without pre-logits has 98,659,112 params

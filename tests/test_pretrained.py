@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import save_file
 import tensorflow as tf
 
-from ddep.models import TransUNet, create_model, load_pretrained_encoder
 from ddep.models import pretrained
+from ddep.models import TransUNet, create_model, load_pretrained_encoder
 
 
 def _flat(tree):

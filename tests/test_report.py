@@ -10,11 +10,11 @@ from PIL import Image
 
 from ddep import report
 from ddep.evaluators import metrics
-from ddep.reporting import visualisation
-from ddep.runs import workdir as workdir_lib
+from ddep.reporting import plots
 from ddep.reporting import records
 from ddep.reporting import tables
-from ddep.reporting import plots
+from ddep.reporting import visualisation
+from ddep.runs import workdir as workdir_lib
 
 METHODS = ('ddep', 'supervised')
 FRACTIONS = (1.0, 0.1, 0.01)

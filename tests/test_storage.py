@@ -4,10 +4,10 @@ import os
 
 import pytest
 
+from ddep.reporting import records
 from ddep.runs import checkpointing
 from ddep.runs import storage
 from ddep.runs import workdir as workdir_lib
-from ddep.reporting import records
 
 
 def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):

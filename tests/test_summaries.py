@@ -8,11 +8,11 @@ import ml_collections
 import numpy as np
 
 from ddep.config import schema as config_schema
-from ddep.models import flops
-from ddep.runs import summaries
 from ddep.datasets import specs
 from ddep.models import create_model
+from ddep.models import flops
 from ddep.reporting import visualisation
+from ddep.runs import summaries
 
 
 class RecordingWriter:

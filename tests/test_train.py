@@ -16,12 +16,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common
-from ddep.runs import checkpointing
 from ddep.config import validation as config_validation
-from ddep.models import initialization
-from ddep.training import trainer as train
 from ddep.models import create_model
+from ddep.models import initialization
 from ddep.models import pretrained
+from ddep.runs import checkpointing
+from ddep.training import trainer as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,12 +2,12 @@
 
 from typing import Any
 
-from ddep.evaluators import inference
-from ddep.training import optimizer
 from ddep.datasets import specs
+from ddep.evaluators import inference
 from ddep.models import presets
 from ddep.models import transunet
 from ddep.models import vit
+from ddep.training import optimizer
 
 TASKS = ('denoise', 'segment', 'classify')
 METHODS = ('none', 'supervised', 'dep', 'ddep')

@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddep.runs import progress
 from ddep.datasets import archives as manual
 from ddep.datasets import specs
+from ddep.runs import progress
 
 SUFFIX = '_decoded'
 # How `config.data.pretrain_images` names the two sources.

@@ -24,8 +24,8 @@ import numpy as np
 
 from ddep.evaluators import inference
 from ddep.evaluators import metrics as metrics_lib
-from ddep.training import optimizer as optimizer_lib
 from ddep.runs import progress
+from ddep.training import optimizer as optimizer_lib
 from ddep.training import sharding
 
 

@@ -12,9 +12,9 @@ from absl import logging
 import flax
 import numpy as np
 
-from ddep.runs import checkpointing
 from ddep.models import load_pretrained_encoder
 from ddep.models import vit
+from ddep.runs import checkpointing
 
 _POSEMB = 'posembed_input/pos_embedding'
 

@@ -17,8 +17,9 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from ddep.training import sharding
 from ddep.runs import storage
+from ddep.training import optimizer
+from ddep.training import sharding
 
 
 class CheckpointError(ValueError):
@@ -236,6 +237,4 @@ def load_params(path: str) -> dict:
     state = _restore_on_one_device(storage.path(ckpt) / 'state')
   except Exception as e:  # Orbax raises many kinds for unreadable data.
     raise CheckpointError(f'cannot read checkpoint {ckpt}: {describe_damage(ckpt, e)}') from e
-  from ddep.training import optimizer  # pylint: disable=g-import-not-at-top
-
   return optimizer.merge(state.get('params') or {}, state.get('frozen') or {})

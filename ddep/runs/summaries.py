@@ -18,6 +18,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from ddep.evaluators import inference
 from ddep.models import flops as flops_lib
 from ddep.reporting import visualisation
 
@@ -152,8 +153,6 @@ def preview_panels(config, model, params, spec, previews) -> Optional[list[np.nd
   """The previews predicted by host `params` under the config's eval protocol, as panels."""
   if previews is None or not _is_main():
     return None
-  from ddep.evaluators import inference  # pylint: disable=g-import-not-at-top
-
   apply = _jitted_apply(model)
   protocol = inference.make_protocol(
       config.eval.protocol,

@@ -28,9 +28,9 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from ddep.data import pipelines
-from ddep.runs import progress
-from ddep.datasets import demo_scenes, specs
 from ddep.data import preparation
+from ddep.datasets import demo_scenes, specs
+from ddep.runs import progress
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', None, 'Registered dataset to read instead of the synthetic one.')

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from ddep.evaluators import metrics as metrics_lib
-from ddep.training import optimizer as optimizer_lib
 from ddep.models import TransUNet
+from ddep.training import optimizer as optimizer_lib
 
 
 def init_train_state(tx: optax.GradientTransformation, trainable, frozen, rng) -> dict:

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import jax
 
 from ddep.datasets import specs
-from ddep.models import TransUNet
 from ddep.models import build
+from ddep.models import TransUNet
 from ddep.training import objectives
 
 
