@@ -224,7 +224,8 @@ def predict(
   """Predicts every image; returns the messages of the files that failed."""
   config = workdir_lib.load_config(workdir, config)
   evaluate.check_segmentation_config(config)
-  spec = specs.get(config.data.dataset)
+  # data_dir: a folder dataset's spec (its classes) is read from its prepared files.
+  spec = specs.get(config.data.dataset, data_dir=config.data.data_dir or None)
   files = find_images(images, exclude=output)
   checkpoint_dir = workdir_lib.find_checkpoint(workdir, checkpoint)
   model, params = workdir_lib.load_params(config, checkpoint_dir, spec)

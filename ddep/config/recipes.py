@@ -55,6 +55,28 @@ def parse_fraction(text: str) -> float:
   return value
 
 
+def folder_dataset(name: str) -> str:
+  """configs/*_folder.py's `name=NAME` -> 'folder:NAME', the dataset ddep.prepare built."""
+  if not name:
+    raise ValueError(
+        'name=NAME is required: the folder dataset prepared by '
+        'python -m ddep.prepare --dataset=folder:NAME (docs/datasets.md, "Your own data")'
+    )
+  return f'folder:{name}'
+
+
+def parse_size(text: str, name: str = 'crop') -> tuple[int, int]:
+  """'512' -> (512, 512), '512x1024' -> (512, 1024): (height, width)."""
+  height, sep, width = text.partition('x')
+  try:
+    size = (int(height), int(width if sep else height))
+  except ValueError:
+    raise ValueError(f'{name}={text!r}: expected H or HxW, e.g. 512 or 512x1024') from None
+  if min(size) <= 0:
+    raise ValueError(f'{name}={text!r} must be positive')
+  return size
+
+
 def parse_range(text: str, name: str = 'sigma_range') -> tuple[float, float]:
   """'0.2:0.3' -> (0.2, 0.3); a colon because commas separate config arguments."""
   lo, sep, hi = text.partition(':')
@@ -126,7 +148,12 @@ PRETRAIN_ARGS = dict(
 def denoising_pretraining(arg, *, dataset: str):
   """Sec. 4.3: Adam, lr 1e-4, batch 128, 6000 epochs, 512x512 crops, on `dataset`'s
   pretraining images; arguments as documented in configs/pretrain_*.py."""
-  a = config_schema.parse_arg(arg, **PRETRAIN_ARGS)
+  return pretraining(config_schema.parse_arg(arg, **PRETRAIN_ARGS), dataset=dataset)
+
+
+def pretraining(a, *, dataset: str, runlocal_dataset: str = 'demo_tiny'):
+  """`denoising_pretraining` from parsed PRETRAIN_ARGS (plus any the experiment adds);
+  `runlocal_dataset` is what runlocal trains on."""
   c = config_schema.base_config()
   pretrain_method(
       c,
@@ -162,7 +189,7 @@ def denoising_pretraining(arg, *, dataset: str):
   c.keep_checkpoints = 2
 
   if a.runlocal:
-    shrink_for_runlocal(c, model=a.model)
+    shrink_for_runlocal(c, model=a.model, dataset=runlocal_dataset)
     c.eval.denoise_images = 2
   return c
 
@@ -218,9 +245,11 @@ def finetuning(
     eval_pad_to: tuple[int, int],
     protocol_batch: int,
     steps: int,
+    runlocal_dataset: str = 'demo_tiny',
 ):
   """Fine-tuning on `dataset` with pixelwise cross-entropy, Adam and cosine decay
-  (Sec. 4.3); `a` are the parsed FINETUNE_ARGS (plus any the experiment adds)."""
+  (Sec. 4.3); `a` are the parsed FINETUNE_ARGS (plus any the experiment adds);
+  `runlocal_dataset` is what runlocal trains on."""
   c = config_schema.base_config()
   finetune_method(c, method=a.method, encoder=a.encoder or ENCODERS[a.model], init_from=a.init_from)
   c.model.preset = a.model
@@ -255,12 +284,13 @@ def finetuning(
   c.keep_checkpoints = 2
 
   if a.runlocal:
-    shrink_for_runlocal(c, model=a.model)
+    shrink_for_runlocal(c, model=a.model, dataset=runlocal_dataset)
   return c
 
 
-def shrink_for_runlocal(c, *, model: str) -> None:
-  """The same experiment at toy size on 'demo_tiny': a few steps on CPU in seconds.
+def shrink_for_runlocal(c, *, model: str, dataset: str = 'demo_tiny') -> None:
+  """The same experiment at toy size on `dataset` (the generated 'demo_tiny' unless a
+  config names its own, as the folder configs do): a few steps on CPU in seconds.
 
   Published encoders are not available offline, so a run that needs one must be
   given `init_from=<workdir of configs/supervised_demo.py:runlocal>` instead.
@@ -272,8 +302,8 @@ def shrink_for_runlocal(c, *, model: str) -> None:
     )
   c.model.preset = TINY_PRESETS.get(model, model)
   c.model.dtype = 'float32'  # bfloat16 is emulated, hence slow, on CPU.
-  c.data.dataset = 'demo_tiny'
-  c.data.prepare = True  # generated offline on first use
+  c.data.dataset = dataset
+  c.data.prepare = True  # demo_tiny is generated offline on first use
   c.data.batch_size = 2
   c.data.eval_batch_size = 2
   c.data.image_size = (32, 32)

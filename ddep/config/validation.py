@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from ddep.datasets import folder
 from ddep.datasets import specs
 from ddep.evaluators import inference
 from ddep.models import presets
@@ -57,9 +58,21 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
   unknown = sorted(set(config.model.remat) - set(transunet.REMAT_PARTS))
   if unknown:
     _fail('model.remat', f'unknown parts {unknown}; choose from {transunet.REMAT_PARTS}')
-  # Names only: nothing of the dataset is read here.
-  if config.data.dataset not in specs.names():
-    _fail('data.dataset', f'unknown dataset {config.data.dataset!r}; choose from {specs.names()}')
+  if folder.is_folder(config.data.dataset):
+    # A folder's spec (its classes) lives with its prepared files: read it now, under the
+    # run's data_dir, so that a missing preparation is one line before anything is built,
+    # and so that the rest of the run's specs.get(name) finds this spec.
+    try:
+      specs.get(config.data.dataset, data_dir=config.data.data_dir or folder.default_data_dir())
+    except (ValueError, FileNotFoundError) as e:
+      _fail('data.dataset', str(e))
+  # Other datasets by name only: nothing of the dataset is read here.
+  elif config.data.dataset not in specs.names():
+    _fail(
+        'data.dataset',
+        f'unknown dataset {config.data.dataset!r}; choose from {specs.names()} or '
+        'folder:NAME (your own images, prepared by ddep.prepare)',
+    )
   # Checked now, not when the first evaluation runs after the whole training.
   protocols = tuple(dict.fromkeys(('whole', *inference.PROTOCOLS)))  # 'whole' is one of them
   if config.eval.protocol not in protocols:

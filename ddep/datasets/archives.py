@@ -10,6 +10,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from ddep.datasets import folder
 from ddep.datasets import specs
 
 # Where each builder's archives come from and where they go.
@@ -26,6 +27,8 @@ def prepare_command(
   (`--decoded_copy`, which implies `--pretrain`).
   """
   spec = specs.get(dataset)
+  if folder.is_folder(spec.name):  # Built from the user's folders, both its builders at once.
+    return folder.prepare_command(spec.name, data_dir=data_dir, decoded_copy=decoded_copy)
   try:
     registered = specs.get(spec.name)
   except ValueError:  # A spec of its own that was never registered (as tests make).

@@ -28,6 +28,10 @@ _MODULES = {
     'pascal_context_60': 'ddep.datasets.pascal_context',
     'pascal_context_59': 'ddep.datasets.pascal_context',
 }
+# Families of datasets named 'prefix:NAME' whose specs live with their prepared files
+# (a user's folders: 'folder:NAME'); the module registers the family's loader.
+_FAMILY_MODULES = {'folder:': 'ddep.datasets.folder'}
+_FAMILIES: dict[str, Callable[[str, str | None], 'DatasetSpec']] = {}
 
 _REGISTRY: dict[str, 'DatasetSpec'] = {}
 
@@ -157,17 +161,41 @@ def register(spec: DatasetSpec) -> DatasetSpec:
   return spec
 
 
+def register_family(prefix: str, load: Callable[[str, str | None], DatasetSpec]) -> None:
+  """`load(name, data_dir)` makes the spec of every dataset named `prefix` + NAME."""
+  _FAMILIES[prefix] = load
+
+
 def names() -> list[str]:
-  """Every dataset name `get` can resolve."""
-  return sorted(set(_MODULES) | set(_REGISTRY))
+  """Every dataset name `get` can resolve, except families' ('folder:NAME')."""
+  return sorted(set(_MODULES) | {n for n in _REGISTRY if family(n) is None})
 
 
-def get(name: str | DatasetSpec) -> DatasetSpec:
-  """The spec called `name`, importing the module that registers it if needed."""
+def family(name: str) -> str | None:
+  """The family prefix of `name` ('folder:' for 'folder:NAME'), or None."""
+  prefix = name.partition(':')[0] + ':'
+  return prefix if ':' in name and prefix in _FAMILY_MODULES else None
+
+
+def get(name: str | DatasetSpec, *, data_dir: str | None = None) -> DatasetSpec:
+  """The spec called `name`, importing the module that registers it if needed.
+
+  A family's dataset ('folder:NAME') is read from its prepared files under `data_dir`
+  (None: TFDS's default) and registered; without `data_dir`, the spec registered
+  last is reused, so that the spec config validation read (under the run's
+  config.data.data_dir) is the one the rest of the run gets.
+  """
   if isinstance(name, DatasetSpec):
     return name
+  prefix = family(name)
+  if prefix is not None and (data_dir is not None or name not in _REGISTRY):
+    importlib.import_module(_FAMILY_MODULES[prefix])
+    return register(_FAMILIES[prefix](name, data_dir))
   if name not in _REGISTRY and name in _MODULES:
     importlib.import_module(_MODULES[name])
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(names())}")
+    raise ValueError(
+        f"Unknown dataset {name!r}; known datasets: {', '.join(names())}, or folder:NAME "
+        '(your own images, prepared by ddep.prepare)'
+    )
   return _REGISTRY[name]
