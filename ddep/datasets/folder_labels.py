@@ -148,7 +148,7 @@ def _colour_ids(rgb: np.ndarray, classes: Classes, mode: str) -> np.ndarray:
   unknown = known[where] != codes
   if unknown.any():
     bad = np.unique(codes[unknown])
-    listed = ', '.join(str((c >> 16, (c >> 8) & 255, c & 255)) for c in bad[:5])
+    listed = ', '.join(str((c >> 16, (c >> 8) & 255, c & 255)) for c in bad[:5].tolist())
     more = f' and {bad.size - 5} more' if bad.size > 5 else ''
     raise LabelError(
         f'colour(s) {listed}{more} ({int(unknown.sum())} pixels) are not in the classes file '
@@ -167,7 +167,7 @@ def _id_ids(values: np.ndarray, num_classes: int, reduce_zero_label: bool) -> np
     raw = np.unique(values[bad])
     valid = f'1..{num_classes}, 0 and 255 ignored' if reduce_zero_label else f'0..{num_classes - 1}'
     valid += '' if reduce_zero_label else ', 255 ignored'
-    listed = ', '.join(str(v) for v in raw[:10]) + (
+    listed = ', '.join(str(v) for v in raw[:10].tolist()) + (
         f' and {raw.size - 10} more' if raw.size > 10 else ''
     )
     raise LabelError(
