@@ -362,6 +362,8 @@ def test_bad_classes_file_is_named(tmp_path, capfd, text, message):
 def test_empty_folders_and_flags_that_go_together(tmp_path, capfd):
   make_folder(tmp_path, num_labelled=4, num_unlabelled=0, seed=4)
   (tmp_path / 'empty').mkdir()
+  for suffix in ('.jpg', '.png'):  # one image id, twice
+    save_image(tmp_path / 'twice' / f'a{suffix}', np.zeros((4, 4, 3), np.uint8))
   data_dir = tmp_path / 'tfds'
   cases = [
       (
@@ -374,6 +376,10 @@ def test_empty_folders_and_flags_that_go_together(tmp_path, capfd):
           f'--images={tmp_path / "empty"} holds no .jpg/.jpeg/.png file',
       ),
       (folder_args(tmp_path, data_dir, f'--val_images={tmp_path}'), 'go together'),
+      (
+          folder_args(tmp_path, data_dir, '--val_fraction=0.5', f'--unlabelled={tmp_path}/twice'),
+          'rename one',
+      ),
       (folder_args(tmp_path, data_dir, '--nopretrain_on_labelled'), 'pass --unlabelled=DIR'),
       ((f'--dataset={DATASET}', f'--images={tmp_path}'), 'needs --masks, --classes'),
       (('--dataset=folder:a/b', '--images=x', '--masks=y', '--classes=z'), 'NAME of letters'),

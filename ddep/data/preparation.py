@@ -88,7 +88,7 @@ def _classes_text(path: str) -> str:
     raise PrepareError(f'--classes={path} cannot be read: {e}') from None
 
 
-def _folder_options(dataset, val_images, val_masks, val_fraction, unlabelled) -> float | None:
+def _folder_options(dataset, val_images, val_masks, val_fraction) -> float | None:
   """The validation fraction, after the checks of flags that go (or never go) together."""
   folder.short_name(dataset)
   if bool(val_images) != bool(val_masks):
@@ -129,7 +129,7 @@ def prepare_folder(
   included, and the metadata is written last, so a failed build leaves no dataset.
   """
   try:
-    fraction = _folder_options(dataset, val_images, val_masks, val_fraction, unlabelled)
+    fraction = _folder_options(dataset, val_images, val_masks, val_fraction)
   except ValueError as e:
     raise PrepareError(str(e)) from None
   if not unlabelled and not pretrain_on_labelled:
