@@ -63,6 +63,7 @@ def main(argv):
   from ddep.data import examples  # pylint: disable=g-import-not-at-top
   from ddep.models import pretrained  # pylint: disable=g-import-not-at-top
   from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddep.runs import lock  # pylint: disable=g-import-not-at-top
   from ddep.training import trainer as train  # pylint: disable=g-import-not-at-top
 
   bad_input = (
@@ -71,6 +72,7 @@ def main(argv):
       pretrained.CheckpointError,
       examples.BadExampleError,
       train.ResumeError,
+      lock.WorkdirLockedError,
   )
 
   logging.info('config:\n%s', _CONFIG.value)

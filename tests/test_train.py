@@ -21,6 +21,7 @@ from ddep.models import create_model
 from ddep.models import initialization
 from ddep.models import pretrained
 from ddep.runs import checkpointing
+from ddep.runs import lock as lock_lib
 from ddep.training import trainer as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,6 +291,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 0, out[-3000:]
   assert 'resumed' in out and 'at step 2/6' in out
+  assert 'took over the stale lock' in out and 'is gone' in out, out[-3000:]
   a, b = _flat(checkpointing.load_params(straight)), _flat(checkpointing.load_params(killed))
   assert a.keys() == b.keys()
   for k in a:
@@ -310,6 +312,23 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
   assert p.returncode == 2, out[-3000:]
   assert 'holds step 6, past config.total_steps=4' in out and 'Traceback' not in out, out[-3000:]
   assert sorted(os.listdir(os.path.join(straight, 'checkpoints'))) == before
+
+  # A double start: the workdir's lock is held by a live process (this one). One line that
+  # names it, exit 2, and not a byte of the workdir changed.
+  files = lambda: {  # noqa: E731
+      os.path.join(r, n): os.stat(os.path.join(r, n)).st_mtime_ns
+      for r, _, names in os.walk(straight)
+      for n in names
+  }
+  before = files()
+  held = lock_lib.WorkdirLock(straight).acquire()
+  p = _main(straight, data_dir, extra=['--config.total_steps=8'])
+  out = p.communicate(timeout=300)[0]
+  held.release()
+  assert p.returncode == 2, out[-3000:]
+  assert f'pid {os.getpid()}, started {held.record["started"]}' in out, out[-3000:]
+  assert 'one run per workdir' in out and 'Traceback' not in out, out[-3000:]
+  assert files() == before
 
 
 def test_a_typo_in_eval_protocol_stops_the_run_before_any_data_is_read(tmp_path):
@@ -444,3 +463,108 @@ def test_skipped_examples_for_results_json_count_every_drop_and_name_each_id_onc
       'num_eval': 0,
       'eval_ids': [],
   }
+
+
+class _Killed(BaseException):
+  """Stands for a SIGKILL: nothing after it runs (not even `except Exception`)."""
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _best_step(workdir):
+  return [int(s) for s in os.listdir(os.path.join(workdir, 'best')) if s.isdigit()]
+
+
+@pytest.fixture(scope='module')
+def evaluated_run(tmp_path_factory):
+  """An uninterrupted denoise run that evaluates (and saves best/) every 2 steps."""
+  root = tmp_path_factory.mktemp('evaluated')
+  config = _config(total_steps=6, checkpoint_every=2, eval_every=2)
+  config.eval.denoise_images = 2
+  config.data.prepare, config.data.data_dir = True, str(root / 'data')
+  workdir = str(root / 'straight')
+  train.train_and_evaluate(config, workdir, train_iter=Batches())
+  return config, workdir
+
+
+@pytest.mark.parametrize('kill_at', [4, 6])  # An in-loop evaluation, and the final one.
+def test_a_kill_during_a_best_save_loses_no_best_and_duplicates_no_row(
+    evaluated_run, tmp_path, monkeypatch, kill_at
+):
+  config, straight = evaluated_run
+  workdir = str(tmp_path / 'killed')
+  save_best = checkpointing.Checkpointer.save_best
+
+  def killed_mid_save(self, step, state, value):
+    if step != kill_at:
+      return save_best(self, step, state, value)
+    self.wait()  # The issue's case: checkpoints/<step> is complete, best/<step> is not.
+    os.makedirs(os.path.join(workdir, 'best', f'{step}.orbax-checkpoint-tmp', 'state'))
+    raise _Killed()
+
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save_best', killed_mid_save)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(config, workdir, train_iter=Batches())
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save_best', save_best)
+  assert checkpointing.Checkpointer(workdir, keep=3).latest_step() == kill_at
+
+  train.train_and_evaluate(config, workdir, train_iter=Batches())
+  assert not [n for n in os.listdir(os.path.join(workdir, 'best')) if 'tmp' in n]
+  assert _best_step(workdir) == _best_step(straight)
+  a = _flat(checkpointing.load_params(os.path.join(straight, 'best')))
+  b = _flat(checkpointing.load_params(os.path.join(workdir, 'best')))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # One row per (step, kind), with the uninterrupted run's values, in its order.
+  assert _rows(workdir) == _rows(straight)
+
+
+def _edit_data_state(workdir, edit):
+  path = os.path.join(workdir, 'checkpoints', '2', 'data', 'metadata')
+  with open(path) as f:
+    states = json.load(f)
+  states['process_0'] = edit(states['process_0'])
+  with open(path, 'w') as f:
+    json.dump(states, f)
+  return path
+
+
+@pytest.mark.parametrize(
+    'damage,what',
+    [
+        ('a list', 'a JSON list, not an object'),
+        ('another step', "its step 7 is not the checkpoint's 2"),
+        ('no data item', 'missing (the input pipeline position'),
+    ],
+)
+def test_a_bad_saved_input_position_names_the_file_and_the_step_to_fall_back_to(
+    saved_run, tmp_path, damage, what
+):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(saved_run, workdir)
+  if damage == 'a list':
+    path = _edit_data_state(workdir, lambda s: [s])
+  elif damage == 'another step':
+    path = _edit_data_state(workdir, lambda s: {**s, 'step': 7})
+  else:
+    path = os.path.join(workdir, 'checkpoints', '2', 'data')
+    shutil.rmtree(path)
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    train.train_and_evaluate(_config(total_steps=3), workdir, train_iter=Batches())
+  message = str(e.value)
+  assert os.path.dirname(path.rstrip('/')) in message and what in message, message
+  assert 'move' in message and 'aside to resume from it' in message, message
+
+
+def test_a_missing_pretrained_file_is_named_before_the_workdir_is_created(tmp_path):
+  workdir = tmp_path / 'run'
+  config = _config(init_encoder_from=str(tmp_path / 'nope.npz'))
+  with pytest.raises(pretrained.CheckpointError, match='nope.npz: checkpoint file does not exist'):
+    train.train_and_evaluate(config, str(workdir), train_iter=Batches())
+  config = _config(init_from=str(tmp_path / 'no_run'))
+  with pytest.raises(checkpointing.CheckpointError, match=r'config\.init_from: .*no_run does not'):
+    train.train_and_evaluate(config, str(workdir), train_iter=Batches())
+  assert not workdir.exists()

@@ -103,6 +103,7 @@ class TrainIterator:
     )
 
   def set_state(self, state: Mapping) -> None:
+    _check_state_fields(state)
     saved = _upgrade_legacy_config(dict(state.get('config', self._config)), self._config)
     if saved != self._config:
       diff = sorted(
@@ -119,8 +120,18 @@ class TrainIterator:
       )
     position, step = int(state['position']), int(state['step'])
     layout = (int(state.get('process_index', 0)), int(state.get('process_count', 1)))
+    num_bad = int(state.get('num_bad_examples', 0))
     if layout == (self._slots.index, self._slots.count):
       self._slot = int(self._slots.to_slot(position))
+      # Each step reads one batch, plus the bad examples it skipped: any other position is
+      # not where this run stopped, and resuming there would silently read other data.
+      expected = step * self._batch_size + num_bad
+      if self._slot != expected or int(self._slots.to_global(self._slot)) != position:
+        raise StateError(
+            f'position {position} does not fit step {step}: after {step} batches of '
+            f'{self._batch_size} and {num_bad} skipped examples, process '
+            f'{self._slots.index} reads from position {int(self._slots.to_global(expected))}'
+        )
     else:
       # Another process count: the saved process must sit exactly at the start of its
       # slice of global batch `step`, then this process starts its own slice of it.
@@ -133,7 +144,7 @@ class TrainIterator:
         )
       self._slot = step * self._batch_size
     self._step = step
-    self._num_bad = int(state.get('num_bad_examples', 0))
+    self._num_bad = num_bad
     self._bad_ids = list(state.get('bad_example_ids', []))
     ds = self._examples.dataset(
         int(self._slots.to_global(self._slot)),
@@ -165,6 +176,25 @@ class TrainIterator:
     self._slot = int(got[-1]) + 1
     self._step += 1
     return batch
+
+
+class StateError(ValueError):
+  """A saved input position that is damaged: not what get_state() wrote at its step."""
+
+
+def _check_state_fields(state) -> None:
+  """A saved position has the fields and types get_state() writes (it may be hand-edited)."""
+  if not isinstance(state, Mapping):
+    raise StateError(f'the input-pipeline state is a JSON {type(state).__name__}, not an object')
+  missing = [k for k in ('position', 'step') if k not in state]
+  if missing:
+    raise StateError(f'the input-pipeline state lacks {missing} (it has {sorted(state)})')
+  for key in ('position', 'step', 'num_bad_examples', 'process_index', 'process_count'):
+    value = state.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise StateError(f'the input-pipeline state has {key}={value!r}, not a count')
+  if not isinstance(state.get('config', {}), Mapping):
+    raise StateError('the input-pipeline state has a config that is not a JSON object')
 
 
 def _upgrade_legacy_config(saved: dict, current: dict) -> dict:

@@ -13,6 +13,7 @@ import flax
 import numpy as np
 
 from ddep.models import load_pretrained_encoder
+from ddep.models import pretrained
 from ddep.models import vit
 from ddep.runs import checkpointing
 
@@ -75,6 +76,21 @@ def merge_from_run(params, source, *, reinit: Sequence[str] = (), source_name: s
       len(unused),
   )
   return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in out.items()})
+
+
+def check_sources(config) -> None:
+  """Fails, naming the file, if `init_encoder_from` or `init_from` cannot be read.
+
+  Called before a run creates or touches its workdir; what is checked is the file and its
+  index of arrays, not yet whether they fit the model (initial_params says that).
+  """
+  if config.init_encoder_from:
+    pretrained.check_file(str(config.init_encoder_from))
+  if config.init_from:
+    try:
+      checkpointing.resolve_checkpoint(config.init_from)
+    except FileNotFoundError as e:
+      raise checkpointing.CheckpointError(f'config.{e}') from e
 
 
 def initial_params(config, params):

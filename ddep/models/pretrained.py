@@ -68,10 +68,39 @@ def read_checkpoint(path: str, *, head_dim: int = 64) -> dict[str, np.ndarray]:
   raise CheckpointError(f'{path}: unknown checkpoint format; expected .npz or .safetensors')
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+def check_file(path: str) -> None:
+  """Raises CheckpointError unless `path` opens as a checkpoint and lists its arrays.
+
+  Cheap (the array index, not the arrays), so that a run can refuse a bad file before it
+  creates or touches its workdir.
+  """
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: checkpoint file does not exist')
+  if path.endswith('.npz'):
+    _read_npz(path, keys_only=True)
+  elif path.endswith('.safetensors'):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+    try:
+      with safe_open(path, framework='numpy') as f:
+        f.keys()
+    except Exception as e:  # safetensors raises its own error types.
+      raise CheckpointError(
+          f'{path}: not a readable .safetensors checkpoint (truncated or '
+          f'corrupt?): {type(e).__name__}: {e}'
+      ) from e
+  else:
+    raise CheckpointError(f'{path}: unknown checkpoint format; expected .npz or .safetensors')
+
+
+def _read_npz(path: str, *, keys_only: bool = False) -> dict[str, np.ndarray]:
   try:
-    with np.load(path, allow_pickle=False) as f:
-      return {k: np.asarray(f[k]) for k in f.files}
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+      # np.load reads a lone array (.npy) whatever the file's name.
+      raise ValueError(f'holds one {type(f).__name__}, not an archive of named arrays')
+    with f:
+      return {k: None for k in f.files} if keys_only else {k: np.asarray(f[k]) for k in f.files}
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
     raise CheckpointError(
         f'{path}: not a readable .npz checkpoint (truncated or corrupt?): '

@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -74,6 +75,7 @@ class Checkpointer:
   ):
     workdir = storage.path(workdir)
     self.directory = workdir / 'checkpoints'
+    _remove_leftover_temporaries(self.directory, workdir / 'best')
     self._data_dir = self.directory / 'data_state'
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=opts)
@@ -96,6 +98,10 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Optional[dict] = None) -> None:
     """Saves `state` and, as a second item of the same step, every process's `data_state`."""
+    # A periodic checkpoint must never be newer than an unfinished best/ save: a resume
+    # from it would not repeat that evaluation (run_evaluators waits too; this also
+    # covers callers that save best asynchronously).
+    self._best.wait_until_finished()
     items = dict(state=ocp.args.StandardSave(state))
     if data_state is not None:
       items['data'] = ocp.args.JsonSave(_gather_data_states(data_state))
@@ -103,11 +109,20 @@ class Checkpointer:
     self._prune_data_states()
 
   def save_best(self, step: int, state: Any, value: float) -> None:
-    self._best.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-        metrics={self._best_metric: float(value)},
-    )
+    """Offers `state` as best/ and returns once that save is complete on storage.
+
+    Synchronous on purpose: the evaluation's metrics rows are written after it, so a
+    resume that finds no rows for an evaluation step knows its best/ save may not have
+    finished, and evaluates again. A step already in best/ (an evaluation repeated after
+    a kill) is complete and is kept as it is.
+    """
+    if step not in self._best.all_steps():
+      self._best.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+          metrics={self._best_metric: float(value)},
+      )
+    self._best.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Optional[dict]]:
     """The train state and this process's input-pipeline state of `step`.
@@ -151,6 +166,10 @@ class Checkpointer:
         ) from e
     return data_state
 
+  def resume_error(self, step: int, what: str) -> CheckpointError:
+    """The error for a step that cannot be resumed from: `what`, and which step to fall back to."""
+    return CheckpointError(self._damaged(step, what))
+
   def _damaged(self, step: int, what: str) -> str:
     older = [s for s in self._manager.all_steps() if s < step]
     hint = (
@@ -182,6 +201,24 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
     self._best.close()
+
+
+def _remove_leftover_temporaries(*directories) -> None:
+  """Deletes the temporaries of saves that a kill interrupted, with a log line each.
+
+  They are never read (a step without its final name does not exist for orbax), but
+  they hold a full state's bytes and confuse a person looking at the workdir. Only one
+  run uses a workdir at a time (ddep.runs.lock), so none of them is being written.
+  """
+  if jax.process_index() != 0:
+    return
+  for directory in directories:
+    if not directory.is_dir():
+      continue
+    for child in directory.iterdir():
+      if '.orbax-checkpoint-tmp' in child.name:
+        logging.warning('removing %s, left by a save that was interrupted', child)
+        child.rmtree(missing_ok=True)
 
 
 def _gather_data_states(data_state: dict) -> dict:

@@ -164,6 +164,38 @@ class MetricsLog:
       row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
       storage.append_text(self._path, json.dumps(row) + '\n')
 
+  def _rows(self) -> list[tuple[Optional[float], str]]:
+    """(step or None for a torn or foreign line, line) of every line."""
+    rows = []
+    for line in self._path.read_text().splitlines():
+      try:
+        row = json.loads(line)
+        row_step = row['step'] if isinstance(row, dict) else None
+      except (json.JSONDecodeError, KeyError, TypeError):
+        row_step = None
+      rows.append((row_step if isinstance(row_step, (int, float)) else None, line))
+    return rows
+
+  @staticmethod
+  def _is_evaluation(line: str) -> bool:
+    return any(k != 'step' and not k.startswith('train/') for k in json.loads(line))
+
+  def evaluated(self, step: int) -> bool:
+    """Whether an evaluation of `step` was logged. Its rows are written only once its best/
+    save is complete, so False after a kill means: evaluate `step` again."""
+    if not self._path.exists():
+      return False
+    return any(s == step and self._is_evaluation(line) for s, line in self._rows())
+
+  def drop_evaluations(self, step: int) -> None:
+    """Drops the evaluation rows of `step`, which is about to be evaluated again."""
+    if not self._on or not self._path.exists():
+      return
+    rows = self._rows()
+    kept = [line for s, line in rows if not (s == step and self._is_evaluation(line))]
+    if len(kept) != len(rows):
+      storage.write_text_atomic(self._path, ''.join(line + '\n' for line in kept))
+
   def keep_until(self, step: int) -> None:
     """Drops the rows after `step`, the restored checkpoint, so a resumed run's curves
     do not double back; a line torn by a kill mid-write is dropped too."""

@@ -22,11 +22,13 @@ import ml_collections
 import numpy as np
 
 from ddep.config import validation as config_validation
+from ddep.data import pipelines
 from ddep.data import preparation
 from ddep.datasets import specs
 from ddep.evaluators import metrics as metrics_lib
 from ddep.models import initialization
 from ddep.runs import checkpointing
+from ddep.runs import lock as lock_lib
 from ddep.runs import storage
 from ddep.runs import summaries
 from ddep.runs import workdir as workdir_lib
@@ -119,8 +121,14 @@ def train_and_evaluate(
   """
   config_validation.validate(config, num_devices=jax.device_count())
   task, spec = tasks.get(config.task), specs.get(config.data.dataset)
+  initialization.check_sources(config)  # Before the workdir is created or touched.
   workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  with hold_workdir(workdir):
+    return _train_and_evaluate(config, task, spec, workdir, train_iter)
+
+
+def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
   log = workdir_lib.MetricsLog(workdir)
@@ -170,6 +178,11 @@ def train_and_evaluate(
   def evaluate(step):
     run_evaluators(evaluators, state, step, writer=writer, log=log, ckpt=ckpt)
 
+  if evaluators and evaluation_interrupted(config, log, start_step, total_steps):
+    print(f'[ddep] evaluating step {start_step} again: its best/ save did not finish', flush=True)
+    log.drop_evaluations(start_step)
+    evaluate(start_step)
+
   hooks = [
       periodic_actions.ReportProgress(
           num_train_steps=total_steps, writer=writer, every_steps=int(config.log_every)
@@ -216,6 +229,41 @@ def train_and_evaluate(
       'process %d/%d finished at step %d', jax.process_index(), jax.process_count(), total_steps
   )
   return TrainResult(metrics=result or {}, params=steps_lib.host_params(state), step=total_steps)
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir):
+  """One run per workdir (ddep.runs.lock) while the block runs.
+
+  Process 0 takes the lock; every process learns its outcome, so that a second start
+  stops on all of its processes with the same one-line error, having changed nothing.
+  """
+  lock = lock_lib.WorkdirLock(workdir)
+  refused = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except lock_lib.WorkdirLockedError as e:
+      refused = str(e)
+  refused = sharding.allgather_json(refused)[0]
+  if refused:
+    raise lock_lib.WorkdirLockedError(refused)
+  if lock.took_over:
+    print(f'[ddep] {lock.took_over}', flush=True)
+  try:
+    yield
+  finally:
+    if jax.process_index() == 0:
+      lock.release()
+
+
+def evaluation_interrupted(config, log, step: int, total_steps: int) -> bool:
+  """Whether the evaluation due at the resumed `step` has no logged result (a kill came
+  before its best/ save finished); process 0's metrics log decides for every process."""
+  if not step or step == total_steps:  # finish() owns the final evaluation.
+    return False
+  due = bool(config.eval_every) and step % int(config.eval_every) == 0
+  return bool(sharding.allgather_json(due and not log.evaluated(step))[0])
 
 
 def prepare_data(config, spec: specs.DatasetSpec) -> None:
@@ -301,15 +349,23 @@ def restore(ckpt, state, shardings, train_iter) -> tuple[dict, int]:
   )
   state, data_state = ckpt.restore(latest, abstract)
   step = int(_fetch(state['step']))
+  where = ckpt.directory / str(latest) / 'data'
   if data_state is None:
-    raise FileNotFoundError(
-        f'checkpoint step {step} in {ckpt.directory} has no input '
-        f'pipeline state for process {jax.process_index()}'
+    raise ckpt.resume_error(
+        latest, f'{where}: missing (the input pipeline position of process {jax.process_index()})'
     )
   try:
+    if not isinstance(data_state, dict):
+      raise pipelines.StateError(f'a JSON {type(data_state).__name__}, not an object')
+    if data_state.get('step', step) != step:
+      raise pipelines.StateError(
+          f"its step {data_state.get('step')!r} is not the checkpoint's {step}"
+      )
     train_iter.set_state(data_state)
-  except ValueError as e:
-    raise ValueError(f'cannot resume from checkpoint step {step} in {ckpt.directory}: {e}') from e
+  except pipelines.StateError as e:
+    raise ckpt.resume_error(latest, f'{where}: bad input pipeline position: {e}') from e
+  except ValueError as e:  # Another batch size, dataset or process count than the run's.
+    raise ResumeError(f'cannot resume from {ckpt.directory}/{latest}: {e}') from e
   logging.info('resumed from step %d', step)
   return state, step
 
@@ -362,13 +418,17 @@ def log_train_metrics(config, pending, step, total_steps, rate, *, writer, log) 
 
 
 def run_evaluators(evaluators, state, step: int, *, writer, log, ckpt) -> None:
-  """Each evaluator's scalars to TensorBoard and metrics.jsonl; best/ follows its metric."""
+  """Each evaluator's scalars to TensorBoard and metrics.jsonl; best/ follows its metric.
+
+  The rows are written after the best/ save has finished: their presence tells a resumed
+  run that this evaluation is complete (evaluation_interrupted).
+  """
   for evaluator in evaluators:
     scalars = evaluator.run(state, step)
-    writer.write_scalars(step, scalars)
-    log.write(step, scalars)
     if evaluator.best_key:
       ckpt.save_best(step, state, scalars[evaluator.best_key])
+    writer.write_scalars(step, scalars)
+    log.write(step, scalars)
 
 
 def stop_preempted(state, ckpt, train_iter, step: int, total_steps: int, *, saved: bool):
@@ -390,8 +450,14 @@ def finish(config, task, spec, workdir, evaluate, evaluators, train_iter, start_
   A run restarted after it finished evaluates again only if its results are missing.
   """
   done = workdir / workdir_lib.RESULTS_FILE
-  if not evaluators or (start_step == total_steps and (not task.writes_results or done.exists())):
-    return workdir_lib.read_results(done) if task.writes_results and done.exists() else {}
+  if not evaluators:
+    return {}
+  if start_step == total_steps:
+    evaluated = sharding.allgather_json(workdir_lib.MetricsLog(workdir).evaluated(total_steps))[0]
+    if evaluated and (not task.writes_results or done.exists()):
+      return workdir_lib.read_results(done) if task.writes_results else {}
+    # Killed during the final evaluation, its best/ save or results.json: do it again.
+    workdir_lib.MetricsLog(workdir).drop_evaluations(total_steps)
   evaluate(total_steps)
   if not task.writes_results:
     return {}
