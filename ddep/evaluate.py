@@ -118,7 +118,7 @@ def main(argv):
   except (workdir_lib.CheckpointError, FileNotFoundError, config_validation.ConfigError) as e:
     # Bad input, not a bug: one line naming what is wrong, no traceback.
     print(f'ddep.evaluate: error: {e}', file=sys.stderr, flush=True)
-    return 1
+    return 2  # As ddep.main: bad input the user can fix.
   return 0
 
 

@@ -275,8 +275,8 @@ def main(argv):
       config_validation.ConfigError,
   ) as e:
     print(f'ddep.predict: error: {e}', file=sys.stderr, flush=True)
-    return 1
-  if errors:
+    return 2  # As ddep.main: bad input the user can fix.
+  if errors:  # Some images failed, the others were written.
     print(f'ddep.predict: {len(errors)} image(s) failed; see above', file=sys.stderr, flush=True)
     return 1
   return 0

@@ -254,11 +254,21 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flag_values
+  if f.json and f.json != '-':
+    target = Path(os.path.abspath(f.json))
+    if target.is_dir() or not target.parent.is_dir():
+      # Found before scoring, which can take minutes.
+      why = 'is a directory' if target.is_dir() else f'its directory {target.parent} does not exist'
+      print(f'ddep.score: error: --json={f.json}: {why}', file=sys.stderr)
+      return 2
   try:
     result = score(f.dataset, f.predictions, f.ground_truth)
   except ScoreError as e:
     print(f'ddep.score: error: {e}', file=sys.stderr)
     return 1
+  except (NotADirectoryError, FileNotFoundError, IsADirectoryError) as e:
+    print(f'ddep.score: error: {e.filename}: {e.strerror}', file=sys.stderr)
+    return 2
   if f.json == '-':
     print(json.dumps(metrics.json_safe(result), indent=1))
     return 0

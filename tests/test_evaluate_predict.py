@@ -405,7 +405,7 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_parameters(run, tmp_path)
       text=True,
       timeout=120,
   )
-  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.returncode == 2, proc.stderr[-2000:]
   best3 = os.path.join(copy, 'best', '3')
   assert f'checkpoint {best3} has non-finite parameters (1: ' in proc.stderr, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr

@@ -274,3 +274,20 @@ def test_command_line_entry_point(tmp_path):
       timeout=120,
   )
   assert bad.returncode != 0 and 'nowhere' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+@pytest.mark.parametrize('where', ['missing directory', 'a directory'])
+def test_a_bad_json_path_is_one_line_before_any_scoring(tmp_path, capsys, where):
+  pred_dir, gt_dir = write_cityscapes(tmp_path, {('aachen', 0, 19): ([[7, 8]], [[7, 8]])})
+  target = tmp_path / 'nope' / 'out.json' if where == 'missing directory' else tmp_path
+  code, out, err = run(
+      capsys,
+      '--dataset=cityscapes',
+      f'--predictions={pred_dir}',
+      f'--ground_truth={gt_dir}',
+      f'--json={target}',
+  )
+  assert code == 2 and out == ''
+  assert err.strip().startswith(f'ddep.score: error: --json={target}: '), err
+  assert 'does not exist' in err if where == 'missing directory' else 'is a directory' in err
+  assert '[ddep] score' not in err  # Nothing was scored.

@@ -85,8 +85,8 @@ class EvalDataset:
             or 'different shapes' in e.message
         ):
           raise ValueError(
-              f'Images in {self._examples.source.spec.name} differ in size; pass pad_to=(H, W) '
-              'to eval_dataset to pad them.'
+              f'Images in {self._examples.source.spec.name} differ in size: set '
+              "config.data.eval_pad_to=(H, W) (eval_dataset's pad_to) to pad them to one size"
           ) from e
         if 'larger than pad_to' in e.message:
           start = e.message.index('Image larger')

@@ -77,7 +77,11 @@ def select_subset(
     raise ValueError(f'example ids are not unique ({len(examples) - len(ids)} duplicates)')
   k = subset_size(n, fraction, dataset) if fraction is not None else int(count)
   if not 0 < k <= n:
-    raise ValueError(f'count must lie in [1, {n}], got count={k}')
+    what = 'count' if count is not None else f'fraction {fraction} gives {k} examples; the count'
+    raise ValueError(
+        f'{what} must lie in [1, {n}] (the examples in the split), got count={k}: '
+        'check config.data.label_count or config.data.label_fraction'
+    )
   if seed < 0:
     raise ValueError(f'seed must be non-negative, got {seed}')
   chosen = np.sort(np.random.default_rng([seed, 0x5B5E7]).permutation(n)[:k])
