@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddep.config import validation as config_validation
 from ddep.runs import summaries
 from ddep.training import objectives
 from ddep.training import optimizer as optimizer_lib
@@ -91,11 +92,12 @@ def load_heldout(
         spec, batch_size=1, split=split, data_dir=data_dir, process_index=0, process_count=1
     )
   except ValueError as e:  # An unknown split, say: name the config keys that chose it.
-    raise ValueError(
+    raise config_validation.ConfigError(
         f'held-out denoising set of {spec.name} (eval.denoise_split={split!r}): ' f'{e}'
     ) from e
   if examples.num_examples < num_images:
-    raise ValueError(
+    # A config error the user fixes (ddep.main: one line, exit 2), not a bug.
+    raise config_validation.ConfigError(
         f'eval.denoise_images={num_images}: {spec.name}/{split} has only '
         f'{examples.num_examples} images'
     )
