@@ -163,3 +163,52 @@ def test_evaluate_and_report_read_and_write_gs(gcs_run):
   assert any(n.endswith('.md') for n in reports) and any(
       n.endswith('.png') for n in reports
   ), reports
+
+
+# Copies a local folder to gs:// (run in a child that has the emulator's environment).
+_UPLOAD = """
+import sys
+import tensorflow as tf
+src, dst = sys.argv[1:]
+for root, _, files in tf.io.gfile.walk(src):
+  rel = root[len(src):].strip('/')
+  for name in files:
+    tf.io.gfile.copy(f'{root}/{name}', '/'.join(p for p in (dst, rel, name) if p))
+"""
+
+
+def test_a_folder_dataset_on_gs_is_prepared_onto_the_bucket(bucket, tmp_path):
+  """Issue 23: images, masks and the classes file read from gs://."""
+  import test_folder_dataset as folder_test  # pylint: disable=g-import-not-at-top
+
+  local = tmp_path / 'folder'
+  folder_test.make_folder(local, num_labelled=6, num_unlabelled=2)
+  src = f'gs://{bucket.bucket}/user_folder'
+  upload = subprocess.run(
+      [sys.executable, '-c', _UPLOAD, str(local), src],
+      env=_env(bucket),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert upload.returncode == 0, upload.stderr[-3000:]
+  code, out = _cli(
+      bucket,
+      str(tmp_path),
+      'ddep.prepare',
+      f'--dataset={folder_test.DATASET}',
+      f'--images={src}/images',
+      f'--masks={src}/masks',
+      f'--classes={src}/classes.txt',
+      f'--unlabelled={src}/unlabelled',
+      '--val_fraction=0.4',
+      # Local: TFDS finishes a build by renaming its directory, and the emulator lacks the
+      # storageLayout call that TF's GCS filesystem makes for that (real GCS has it).
+      f'--data_dir={tmp_path / "tfds"}',
+  )
+  assert code == 0, out[-3000:]
+  assert 'train 3' in out and 'validation 3' in out, out[-2000:]
+  meta = json.loads(
+      (tmp_path / 'tfds' / 'ddep_folder' / 'mine' / '1.0.0' / 'ddep_folder.json').read_text()
+  )
+  assert meta['class_names'] == list(folder_test.CLASSES), meta
