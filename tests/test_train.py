@@ -390,7 +390,9 @@ def _truncate_largest_array_file(step_dir):
   return largest
 
 
-@pytest.mark.parametrize('damage', ['truncated array file', 'no _METADATA', 'bad data state'])
+@pytest.mark.parametrize(
+    'damage', ['truncated array file', 'no _METADATA', 'no manifest.ocdbt', 'bad data state']
+)
 def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(
     saved_run, tmp_path, damage
 ):
@@ -401,6 +403,9 @@ def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(
     bad, what = _truncate_largest_array_file(step_dir), 'truncated to 100 bytes'
   elif damage == 'no _METADATA':
     bad, what = os.path.join(step_dir, 'state', '_METADATA'), 'missing'
+    os.remove(bad)
+  elif damage == 'no manifest.ocdbt':
+    bad, what = os.path.join(step_dir, 'state', 'manifest.ocdbt'), 'missing (the index'
     os.remove(bad)
   else:
     bad = os.path.join(step_dir, 'data', 'metadata')

@@ -49,6 +49,10 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
     json.loads(metadata.read_text())
   except (OSError, ValueError) as e:
     return f'{metadata}: unreadable ({type(e).__name__}: {e})'
+  manifest = state / 'manifest.ocdbt'
+  if (state / 'd').is_dir() and not manifest.exists():
+    # OCDBT's index of the array files; TensorStore reports it as its whole spec.
+    return f'{manifest}: missing (the index of the array files in {state / "d"})'
   data = storage.path(step_dir) / 'data' / 'metadata'  # orbax's JsonSave file.
   if data.exists():
     try:
