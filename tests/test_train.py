@@ -413,8 +413,12 @@ def test_damaged_checkpoint_names_the_step_and_file_and_deletes_nothing(
     with open(bad, 'w') as f:
       f.write('{"position": 8, garbage')
   before = sorted(os.path.join(r, n) for r, _, names in os.walk(workdir) for n in names)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config_before = f.read()
   with pytest.raises(checkpointing.CheckpointError) as e:
     train.train_and_evaluate(_config(total_steps=3), workdir, train_iter=Batches())
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == config_before  # The failed resume's config (total_steps=3) is not kept.
   message = str(e.value)
   assert message.startswith(f'cannot resume from checkpoint {step_dir}: {bad}: {what}'), message
   assert 'Nothing was deleted; the previous complete step is 1' in message

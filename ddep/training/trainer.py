@@ -132,7 +132,6 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
   log = workdir_lib.MetricsLog(workdir)
-  workdir_lib.write_config(workdir, config)
   mesh = sharding.make_mesh()
   prepare_data(config, spec)
 
@@ -166,6 +165,7 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
         f'{ckpt.directory} holds step {start_step}, past config.total_steps={total_steps} '
         '(or total_epochs): raise it to at least the saved step, or use a new workdir'
     )
+  workdir_lib.write_config(workdir, config)  # Only once the saved run is known to fit it.
   if start_step and is_main:
     print(f'[ddep] resumed {workdir} at step {start_step}/{total_steps}', flush=True)
   log.keep_until(start_step)  # Rows a killed run logged after its last checkpoint.
