@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from ddep.config import validation as config_validation
 from ddep.data import examples as examples_lib
 from ddep.data import preprocess as pp
 from ddep.data import stream as stream_lib
@@ -84,7 +85,7 @@ class EvalDataset:
             or 'Cannot batch' in e.message
             or 'different shapes' in e.message
         ):
-          raise ValueError(
+          raise config_validation.ConfigError(
               f'Images in {self._examples.source.spec.name} differ in size: set '
               "config.data.eval_pad_to=(H, W) (eval_dataset's pad_to) to pad them to one size"
           ) from e

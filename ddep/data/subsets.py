@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from ddep.config import validation as config_validation
+
 # Paper Sec. 5: labelled-subset sizes used in the label-efficiency tables.
 # Keyed by fraction; the totals are the full train splits.
 PAPER_SUBSET_COUNTS: dict[str, tuple[int, dict[float, int]]] = {
@@ -78,7 +80,7 @@ def select_subset(
   k = subset_size(n, fraction, dataset) if fraction is not None else int(count)
   if not 0 < k <= n:
     what = 'count' if count is not None else f'fraction {fraction} gives {k} examples; the count'
-    raise ValueError(
+    raise config_validation.ConfigError(
         f'{what} must lie in [1, {n}] (the examples in the split), got count={k}: '
         'check config.data.label_count or config.data.label_fraction'
     )
