@@ -220,6 +220,14 @@ _ADE_MEMBER = 'ADEChallengeData2016/{}/validation/ADE_val_00000002.{}'
             r'member ADEChallengeData2016/images/validation/ADE_val_00000002\.jpg '
             r'\(image_id ADE_val_00000002\): the image is not a file PIL can read',
         ),
+        (  # Cut short, as by an interrupted download: its header still reads.
+            _ADE_MEMBER.format('images', 'jpg'),
+            archives.encode(
+                np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8), 'JPEG'
+            )[:1500],
+            r'member ADEChallengeData2016/images/validation/ADE_val_00000002\.jpg '
+            r'\(image_id ADE_val_00000002\): the image is truncated \(no JPEG end marker',
+        ),
         (
             _ADE_MEMBER.format('annotations', 'png'),
             archives.encode(np.array([[0, 151], [150, 254]] * 24, np.uint8).repeat(16, 1), 'PNG'),
