@@ -61,6 +61,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   from ddep.config import validation as config_validation  # pylint: disable=g-import-not-at-top
   from ddep.data import examples  # pylint: disable=g-import-not-at-top
+  from ddep.data import stream  # pylint: disable=g-import-not-at-top
   from ddep.models import pretrained  # pylint: disable=g-import-not-at-top
   from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
   from ddep.runs import lock  # pylint: disable=g-import-not-at-top
@@ -71,6 +72,7 @@ def main(argv):
       config_validation.ConfigError,
       pretrained.CheckpointError,
       examples.BadExampleError,
+      stream.DamagedFileError,
       train.ResumeError,
       lock.WorkdirLockedError,
   )

@@ -76,7 +76,7 @@ class EvalDataset:
     self.num_bad_examples, self.bad_example_ids = 0, []
     for _ in range(self.num_batches):
       try:
-        batch = examples_lib.next_numpy(iterator)
+        batch = examples_lib.next_numpy(iterator, self._examples.source)
       except StopIteration:
         batch = None
       except tf.errors.InvalidArgumentError as e:

@@ -201,9 +201,14 @@ class Examples:
     return self.source.parse_ids([self.source.record(chunk_id, index)])[0]
 
 
-def next_numpy(iterator):
+def next_numpy(iterator, source: stream_lib.Source | None = None):
+  """The next batch as numpy; a bad example or a damaged file (of `source`) is named."""
   try:
     return {k: v.numpy() for k, v in next(iterator).items()}
+  except tf.errors.DataLossError as e:
+    if source is None:
+      raise
+    raise stream_lib.damaged_file_error(source.spec.name, source.filenames, e) from None
   except tf.errors.InvalidArgumentError as e:
     if 'Bad example' in e.message:
       start = e.message.index('Bad example')

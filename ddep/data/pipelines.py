@@ -159,7 +159,7 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = examples_lib.next_numpy(self._iterator)
+    batch = examples_lib.next_numpy(self._iterator, self._examples.source)
     got = self._slots.to_slot(batch.pop('_pos'))
     expected = self._slot + np.arange(self._batch_size)
     if not np.array_equal(got, expected):

@@ -118,6 +118,30 @@ def _file_chunks(builder, split: str, start: int, end: int, max_take: int) -> li
   return chunks
 
 
+class DamagedFileError(ValueError):
+  """A record file whose bytes fail their checksum (a corrupted or partly copied shard)."""
+
+
+def damaged_file_error(
+    spec_name: str, filenames: Sequence[str], error: tf.errors.DataLossError
+) -> DamagedFileError:
+  """The error naming which of `filenames` is damaged (each is read to its end to find it;
+  this runs only once a read has failed)."""
+  bad = []
+  for filename in dict.fromkeys(filenames):
+    try:
+      for _ in tf.data.TFRecordDataset(filename):
+        pass
+    except tf.errors.DataLossError:
+      bad.append(filename)
+  where = ', '.join(bad) if bad else f'one of {len(set(filenames))} record files'
+  return DamagedFileError(
+      f'{where}: damaged record file of {spec_name} ({error.message.splitlines()[0]}); '
+      f'rebuild it with ddep.prepare (or restore the file): skip_bad_examples skips bad '
+      'images and labels, not damaged files'
+  )
+
+
 def _read_records(chunks: Sequence[_Chunk]) -> tf.data.Dataset:
   """Serialized records of `chunks`, in order."""
   if not chunks:
@@ -223,7 +247,10 @@ class Source:
     chunks = chunks_of(layout)
     self.in_memory = bool(in_memory)
     if self.in_memory:
-      records = list(_read_records(chunks).as_numpy_iterator())
+      try:
+        records = list(_read_records(chunks).as_numpy_iterator())
+      except tf.errors.DataLossError as e:
+        raise damaged_file_error(spec.name, [c.filename for c in chunks], e) from None
       if subset_ids is not None:
         wanted = set(subset_ids)
         ids = self.parse_ids(records)
@@ -235,6 +262,7 @@ class Source:
     else:
       self._chunks = chunks
       self.chunk_sizes = [c.take for c in chunks]
+    self.filenames = [c.filename for c in chunks]
     self.num_examples = int(sum(self.chunk_sizes))
     # Examples per epoch over all processes: the same number on every process.
     self.global_num_examples = self.num_examples * (1 if self.is_global else process_count)
