@@ -102,10 +102,6 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Optional[dict] = None) -> None:
     """Saves `state` and, as a second item of the same step, every process's `data_state`."""
-    # A periodic checkpoint must never be newer than an unfinished best/ save: a resume
-    # from it would not repeat that evaluation (run_evaluators waits too; this also
-    # covers callers that save best asynchronously).
-    self._best.wait_until_finished()
     items = dict(state=ocp.args.StandardSave(state))
     if data_state is not None:
       items['data'] = ocp.args.JsonSave(_gather_data_states(data_state))

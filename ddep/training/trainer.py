@@ -453,11 +453,12 @@ def finish(config, task, spec, workdir, evaluate, evaluators, train_iter, start_
   if not evaluators:
     return {}
   if start_step == total_steps:
-    evaluated = sharding.allgather_json(workdir_lib.MetricsLog(workdir).evaluated(total_steps))[0]
+    log = workdir_lib.MetricsLog(workdir)
+    evaluated = sharding.allgather_json(log.evaluated(total_steps))[0]
     if evaluated and (not task.writes_results or done.exists()):
       return workdir_lib.read_results(done) if task.writes_results else {}
     # Killed during the final evaluation, its best/ save or results.json: do it again.
-    workdir_lib.MetricsLog(workdir).drop_evaluations(total_steps)
+    log.drop_evaluations(total_steps)
   evaluate(total_steps)
   if not task.writes_results:
     return {}
