@@ -55,8 +55,13 @@ _FRACTIONS = flags.DEFINE_list('fractions', [], "Label fractions (empty: the bud
 _SEEDS = flags.DEFINE_integer(
     'seeds',
     0,
-    'Runs per method at the lowest fraction and at 100% (subset seeds 0..n-1; at 100% the '
-    "seed varies initialisation and data order only); 0: the budget's.",
+    "Runs per method at the lowest fraction (subset seeds 0..n-1); 0: the budget's.",
+)
+_FULL_SEEDS = flags.DEFINE_integer(
+    'full_seeds',
+    0,
+    'Runs per method at 100% of the labels, where the seed varies initialisation and data '
+    "order only (0: the budget's).",
 )
 _MIDDLE_SEEDS = flags.DEFINE_integer(
     'middle_seeds', 0, "Runs per method at the fractions in between (0: the budget's)."
@@ -98,9 +103,10 @@ BUDGETS = {
     'default': dict(
         pretrain_steps=2000,
         finetune_steps=200,
-        fractions=['0.02', '0.1', '1.0'],
-        seeds=5,
-        middle_seeds=1,
+        fractions=['0.005', '0.1', '1.0'],
+        seeds=10,
+        middle_seeds=3,
+        full_seeds=5,
     ),
     'long': dict(
         pretrain_steps=12000,
@@ -108,6 +114,7 @@ BUDGETS = {
         fractions=['0.02', '0.05', '0.1', '0.25', '1.0'],
         seeds=10,
         middle_seeds=5,
+        full_seeds=10,
     ),
     'quick': dict(
         pretrain_steps=6,
@@ -115,6 +122,7 @@ BUDGETS = {
         fractions=['0.5'],
         seeds=2,
         middle_seeds=1,
+        full_seeds=2,
     ),
 }
 # Supervised pretraining (the ImageNet-21k stand-in) learns its image labels in a fraction
@@ -178,6 +186,7 @@ def stage_configs(
     fractions,
     seeds: int,
     middle_seeds: int = 0,
+    full_seeds: int = 0,
     finetune_lr: float = 0.0,
     methods=METHODS,
     eval_split: str = 'validation',
@@ -186,8 +195,8 @@ def stage_configs(
   """[(name, workdir, config)] in run order: the pretraining stages `methods` need, then
   each method's fine-tunes per fraction and seed.
 
-  `seeds` runs per method at the lowest fraction and at 100%, `middle_seeds` (default
-  `seeds`) at the fractions in between. Fine-tune i at a fraction uses subset seed i, the
+  `seeds` runs per method at the lowest fraction, `full_seeds` (default `seeds`) at 100%
+  and `middle_seeds` (default `seeds`) at the fractions in between. Fine-tune i at a fraction uses subset seed i, the
   same labelled images for every method (a paired design), and initialisation/data-order
   seed `1000 * base_seed + i`. `finetune_lr` > 0 replaces every method's FINETUNE_LRS.
   """
@@ -228,8 +237,13 @@ def stage_configs(
 
   values = sorted({float(f) for f in fractions})
   for fraction in fractions:
-    ends = float(fraction) in (values[0], 1.0)
-    for seed in range(seeds if ends else (middle_seeds or seeds)):
+    if float(fraction) == 1.0:
+      count = full_seeds or seeds
+    elif float(fraction) == values[0]:
+      count = seeds
+    else:
+      count = middle_seeds or seeds
+    for seed in range(count):
       for method in [m for m in METHODS if m in methods]:
         ft = _base(quick, 1000 * base_seed + seed)
         ft.task, ft.method = 'segment', method
@@ -642,6 +656,7 @@ def main(argv):
       fractions=_FRACTIONS.value or budget['fractions'],
       seeds=_SEEDS.value or budget['seeds'],
       middle_seeds=_MIDDLE_SEEDS.value or budget['middle_seeds'],
+      full_seeds=_FULL_SEEDS.value or budget['full_seeds'],
       finetune_lr=_FINETUNE_LR.value,
       methods=_METHODS.value or METHODS,
       eval_split=_EVAL_SPLIT.value,

@@ -2,6 +2,7 @@
 evaluation example once, across all hosts, under the config's protocol; and the evaluator
 the train loop runs (scalars, TensorBoard previews, the line it prints)."""
 
+import functools
 from typing import Optional
 
 import jax
@@ -21,16 +22,22 @@ def _fetch(x) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
+@functools.lru_cache(maxsize=8)
+def _whole_image_eval_step(model, num_classes: int, ignore_label: int, flip: bool, mesh):
+  # One compiled step per model for every evaluation of every run in this process.
+  return jax.jit(
+      steps_lib.make_segmentation_eval_step(model, num_classes, ignore_label, flip=flip),
+      out_shardings=sharding.replicated(mesh),
+  )
+
+
 def evaluate_segmentation(config, model, state, mesh, spec, *, eval_iter) -> dict:
   """Dataset-level confusion matrix over every eval example once, across all hosts."""
   num_classes = spec.num_classes
   acc = metrics_lib.ConfusionMatrixAccumulator(num_classes)
   if config.eval.protocol == 'whole':
-    eval_step = jax.jit(
-        steps_lib.make_segmentation_eval_step(
-            model, num_classes, spec.ignore_label, flip=bool(config.eval.flip)
-        ),
-        out_shardings=sharding.replicated(mesh),
+    eval_step = _whole_image_eval_step(
+        model, num_classes, spec.ignore_label, bool(config.eval.flip), mesh
     )
     for batch in progress.track(eval_iter, desc='eval whole', unit='batches'):
       batch = sharding.global_batch({k: batch[k] for k in ('image', 'label', '_mask')}, mesh)

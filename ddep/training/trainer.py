@@ -32,6 +32,7 @@ from ddep.runs import lock as lock_lib
 from ddep.runs import storage
 from ddep.runs import summaries
 from ddep.runs import workdir as workdir_lib
+from ddep.training import compiled
 from ddep.training import optimizer as optimizer_lib
 from ddep.training import sharding
 from ddep.training import steps as steps_lib
@@ -144,7 +145,9 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
 
   model = task.build_model(config, spec)
   schedule, tx = create_optimizer(config, total_steps)
-  state, shardings, counts = create_train_state(config, task, model, tx, mesh)
+  # Another run of this process with an equal key reuses its compiled steps.
+  steps_key = (task.name, model, compiled.config_key(config), total_steps, mesh)
+  state, shardings, counts = create_train_state(config, task, model, tx, mesh, key=steps_key)
   logging.info(
       'params: %d trainable, %d frozen; %d steps of global batch %d (%d examples)',
       *counts,
@@ -172,7 +175,9 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
   if start_step == 0:
     summaries.write_start(writer, config, model, num_trainable=counts[0], num_frozen=counts[1])
 
-  train_step = compile_train_step(config, task, model, tx, schedule, shardings, mesh)
+  train_step = compile_train_step(
+      config, task, model, tx, schedule, shardings, mesh, key=steps_key
+  )
   evaluators = task.evaluators(config, spec, model, mesh, writer)
 
   def evaluate(step):
@@ -311,16 +316,30 @@ def create_optimizer(config, total_steps: int):
   return schedule, tx
 
 
-def create_train_state(config, task: tasks.Task, model, tx, mesh):
+def _memo(key, build):
+  return build() if key is None else compiled.cached(key, build)
+
+
+def _tree_key(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(leaves)
+
+
+def create_train_state(config, task: tasks.Task, model, tx, mesh, *, key=None):
   """(state, its shardings, (trainable, frozen) parameter counts) at step 0.
 
   Parameters are initialised, then replaced by pretrained or `init_from` ones
   (ddep.models.initialization), split into trainable and frozen by `config.frozen`, and
-  placed with explicit shardings (data parallel, or FSDP with config.mesh.fsdp).
+  placed with explicit shardings (data parallel, or FSDP with config.mesh.fsdp). `key`
+  (see ddep.training.compiled) lets runs of one process share the compiled init.
   """
   init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
   image_hw = tuple(config.data.image_size)
-  params = jax.jit(lambda k: task.init_params(model, k, image_hw))(init_rng)
+  init = _memo(
+      key and ('init', task.name, model, image_hw),
+      lambda: jax.jit(lambda k: task.init_params(model, k, image_hw)),
+  )
+  params = init(init_rng)
   params = initialization.initial_params(config, jax.device_get(params))
   mask = optimizer_lib.trainable_mask(params, tuple(config.frozen))
   trainable, frozen = optimizer_lib.split_trainable(params, mask)
@@ -329,7 +348,11 @@ def create_train_state(config, task: tasks.Task, model, tx, mesh):
   train_rng = np.asarray(jax.random.key_data(train_rng))
   abstract = jax.eval_shape(make_state, trainable, frozen, train_rng)
   shardings = sharding.state_shardings(abstract, mesh, fsdp=bool(config.mesh.fsdp))
-  state = jax.jit(make_state, out_shardings=shardings)(
+  place = _memo(
+      key and ('state', key, _tree_key(shardings), _tree_key(abstract)),
+      lambda: jax.jit(make_state, out_shardings=shardings),
+  )
+  state = place(
       _to_global(trainable, shardings['params']),
       _to_global(frozen, shardings['frozen']),
       _to_global(train_rng, shardings['rng']),
@@ -370,14 +393,18 @@ def restore(ckpt, state, shardings, train_iter) -> tuple[dict, int]:
   return state, step
 
 
-def compile_train_step(config, task: tasks.Task, model, tx, schedule, shardings, mesh):
-  """The task's loss in one jitted, sharded step that donates the old state."""
+def compile_train_step(config, task: tasks.Task, model, tx, schedule, shardings, mesh, *, key=None):
+  """The task's loss in one jitted, sharded step that donates the old state; runs of one
+  process with an equal `key` (ddep.training.compiled) share it."""
   accum = int(config.optim.accumulation_steps)
-  return jax.jit(
-      steps_lib.make_train_step(task.loss_fn(model, config), tx, schedule, accum),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,),
+  return _memo(
+      key and ('train', key, _tree_key(shardings)),
+      lambda: jax.jit(
+          steps_lib.make_train_step(task.loss_fn(model, config), tx, schedule, accum),
+          in_shardings=(shardings, sharding.batch_sharding(mesh)),
+          out_shardings=(shardings, sharding.replicated(mesh)),
+          donate_argnums=(0,),
+      ),
   )
 
 
