@@ -175,9 +175,7 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
   if start_step == 0:
     summaries.write_start(writer, config, model, num_trainable=counts[0], num_frozen=counts[1])
 
-  train_step = compile_train_step(
-      config, task, model, tx, schedule, shardings, mesh, key=steps_key
-  )
+  train_step = compile_train_step(config, task, model, tx, schedule, shardings, mesh, key=steps_key)
   evaluators = task.evaluators(config, spec, model, mesh, writer)
 
   def evaluate(step):
