@@ -104,7 +104,7 @@ BUDGETS = {
         pretrain_steps=2000,
         finetune_steps=200,
         fractions=['0.005', '0.1', '1.0'],
-        seeds=10,
+        seeds=20,
         middle_seeds=3,
         full_seeds=5,
     ),
