@@ -4,49 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common
 from ddep.training import compiled
 from ddep.training import trainer as train
+import tiny_runs
 
 
 def _config(**kw):
-  c = common.base_config()
-  c.task = 'denoise'
-  c.model.preset = 'tiny'
-  c.data.dataset = 'demo_tiny'
-  c.data.prepare = False
-  c.data.batch_size = 4
-  c.data.image_size = (32, 32)
-  c.total_steps = 2
-  c.log_every = 1
-  c.checkpoint_every = 2
-  c.checkpoint_async = False
-  c.optim.lr = 1e-3
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
-class _Batches:
-  num_examples = 64
-
-  def __init__(self):
-    self._step = 0
-
-  def get_state(self):
-    return {'step': self._step}
-
-  def set_state(self, state):
-    self._step = int(state['step'])
-
-  def __next__(self):
-    rng = np.random.default_rng(self._step)
-    self._step += 1
-    return {'image': rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)}
+  return tiny_runs.config(**{'checkpoint_every': 2, 'checkpoint_async': False, **kw})
 
 
 def test_the_key_ignores_value_only_fields_and_nothing_else():
@@ -99,18 +63,18 @@ def runs(tmp_path_factory):
     out = {}
     for name, seed in (('first', 0), ('shared', 1)):
       out[name] = train.train_and_evaluate(
-          _config(seed=seed), str(tmp_path_factory.mktemp(name)), train_iter=_Batches()
+          _config(seed=seed), str(tmp_path_factory.mktemp(name)), train_iter=tiny_runs.Batches()
       )
     out['shared_builds'] = len(traced)
     out['other_lr'] = train.train_and_evaluate(
         _config(seed=1, **{'optim.lr': 2e-3}),
         str(tmp_path_factory.mktemp('lr')),
-        train_iter=_Batches(),
+        train_iter=tiny_runs.Batches(),
     )
     out['other_lr_builds'] = len(traced)
     compiled.clear()
     out['fresh'] = train.train_and_evaluate(
-        _config(seed=1), str(tmp_path_factory.mktemp('fresh')), train_iter=_Batches()
+        _config(seed=1), str(tmp_path_factory.mktemp('fresh')), train_iter=tiny_runs.Batches()
     )
   finally:
     train.steps_lib.make_train_step = real

@@ -1,0 +1,54 @@
+"""A tiny denoise config and deterministic batches, for tests that train in-process."""
+
+import numpy as np
+
+from configs import common
+
+
+class Batches:
+  """Deterministic synthetic batches with the iterator interface the trainer needs."""
+
+  def __init__(self, batch_size=4, hw=(32, 32), nan_at_step=None, labels=None):
+    self._step, self._b, self._hw = 0, batch_size, hw
+    self._nan_at = nan_at_step
+    self._labels = labels
+    self.num_examples = 64
+
+  def get_state(self):
+    return {'step': self._step}
+
+  def set_state(self, state):
+    self._step = int(state['step'])
+
+  def __next__(self):
+    rng = np.random.default_rng(self._step)
+    self._step += 1
+    image = rng.uniform(-1, 1, (self._b, *self._hw, 3)).astype(np.float32)
+    if self._nan_at == self._step:
+      image[0, 0, 0, 0] = np.nan
+    batch = {'image': image}
+    if self._labels:
+      batch['label'] = rng.integers(0, self._labels, (self._b, *self._hw)).astype(np.int32)
+    return batch
+
+
+def config(**kw):
+  """The tiny denoise config; keyword 'a.b' sets config.a.b."""
+  c = common.base_config()
+  c.task = 'denoise'
+  c.model.preset = 'tiny'
+  c.data.dataset = 'demo_tiny'
+  c.data.prepare = False
+  c.data.batch_size = 4
+  c.data.image_size = (32, 32)
+  c.total_steps = 2
+  c.log_every = 1
+  c.checkpoint_every = 1
+  c.optim.lr = 1e-3
+  for k, v in kw.items():
+    node = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
