@@ -591,9 +591,12 @@ def test_a_configs_area_range_reaches_the_pretraining_pipeline(data_dir, task):
   assert next(it)['image'].shape == (2, 16, 16, 3)
 
 
-def test_a_damaged_record_file_is_named(data_dir, tmp_path):
-  """A byte-corrupted shard read into memory: the file and the dataset are named.
-  (A streamed one is not covered yet: its read does not end on the error.)"""
+@pytest.mark.parametrize('in_memory', [True, False], ids=['in_memory', 'streamed'])
+@pytest.mark.parametrize('skip_bad_examples', [False, True])
+def test_a_damaged_record_file_is_named(data_dir, tmp_path, in_memory, skip_bad_examples):
+  """A byte-corrupted shard, read into memory or streamed, with or without skipping bad
+  examples: the read fails (a streamed one once hung, its error retried forever by the
+  ignore_errors meant for undecodable images) and the file and the dataset are named."""
   import shutil  # pylint: disable=g-import-not-at-top
 
   copy = tmp_path / 'tfds'
@@ -610,11 +613,13 @@ def test_a_damaged_record_file_is_named(data_dir, tmp_path):
         image_size=(20, 24),
         seed=0,
         data_dir=str(copy),
-        in_memory=True,
+        in_memory=in_memory,
+        skip_bad_examples=skip_bad_examples,
         **SINGLE,
     )
     for _ in range(20):
       next(it)
   message = str(e.value)
   assert message.startswith(f'{shard}: damaged record file of demo_tiny'), message
+  assert '(corrupted record at ' in message and 'function_node' not in message, message
   assert 'ddep.prepare' in message

@@ -176,11 +176,14 @@ class Examples:
       out['_pos'] = ex['_pos']
       return out
 
-    ds = self.plan.dataset(start_position, source.chunk_records, slots)
-    ds = ds.map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    # Undecodable images raise inside `decode`; they are dropped here and the
-    # Python side notices the gap in stream positions and names the example.
-    ds = ds.ignore_errors(log_warning=True)
+    def decode_chunk(records):
+      records = records.map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
+      # Undecodable images raise inside `decode`; they are dropped here and the Python
+      # side notices the gap in stream positions and names the example. Per chunk, so
+      # that a damaged record file fails the read (DamagedFileError) instead of hanging.
+      return records.ignore_errors(log_warning=True)
+
+    ds = self.plan.dataset(start_position, source.chunk_records, slots, per_chunk=decode_chunk)
     if self.skip_bad:
       ds = ds.filter(is_good)
     else:

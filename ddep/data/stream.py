@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -122,6 +123,13 @@ class DamagedFileError(ValueError):
   """A record file whose bytes fail their checksum (a corrupted or partly copied shard)."""
 
 
+def _reader_message(error: tf.errors.OpError) -> str:
+  """The reader's own words ('corrupted record at 68593'), without TF's op decorations."""
+  line = error.message.splitlines()[0]
+  line = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', line)
+  return re.sub(r'\s*\[Op:\w+\].*$', '', line).strip()
+
+
 def damaged_file_error(
     spec_name: str, filenames: Sequence[str], error: tf.errors.DataLossError
 ) -> DamagedFileError:
@@ -136,7 +144,7 @@ def damaged_file_error(
       bad.append(filename)
   where = ', '.join(bad) if bad else f'one of {len(set(filenames))} record files'
   return DamagedFileError(
-      f'{where}: damaged record file of {spec_name} ({error.message.splitlines()[0]}); '
+      f'{where}: damaged record file of {spec_name} ({_reader_message(error)}); '
       f'rebuild it with ddep.prepare (or restore the file): skip_bad_examples skips bad '
       'images and labels, not damaged files'
   )
@@ -395,11 +403,19 @@ class Plan:
     return _permutation(size, fold(fold(self._key, epoch), tf.cast(chunk_id, tf.int64) + (1 << 40)))
 
   def dataset(
-      self, start_position: int, read_chunk: Callable, slots: Slots | None = None
+      self,
+      start_position: int,
+      read_chunk: Callable,
+      slots: Slots | None = None,
+      per_chunk: Callable | None = None,
   ) -> tf.data.Dataset:
     """{'record', '_pos'} from `start_position` on; `read_chunk(id)` yields a chunk's records once.
 
     With `slots`, only the positions that process reads (the others are never decoded).
+    `per_chunk(records)`, if given, maps the dataset of each chunk's picked records
+    apart from the chunk's read, so errors it ignores (undecodable images) are never a
+    failed read's: ignore_errors() downstream of a damaged record file would retry the
+    failing read forever.
     """
     slots = slots or Slots(1)
     start_epoch, start_offset = divmod(start_position, self.n)
@@ -426,7 +442,12 @@ class Plan:
         def pick(records):
           return {'record': tf.gather(records, records_order), '_pos': positions}
 
-        return read_chunk(chunk_id).map(pick).unbatch()
+        picked = read_chunk(chunk_id).map(pick)
+        if per_chunk is None:
+          return picked.unbatch()
+        return picked.flat_map(
+            lambda records: per_chunk(tf.data.Dataset.from_tensor_slices(records))
+        )
 
       chunks = tf.data.Dataset.from_tensor_slices((order[keep], (ends - sizes)[keep]))
       return chunks.flat_map(chunk_stream)
