@@ -80,3 +80,49 @@ def test_a_garbled_lock_file_is_stale_once_it_is_not_being_written(tmp_path):
   lock = lock_lib.WorkdirLock(tmp_path).acquire()
   assert 'unreadable' in lock.took_over
   lock.release()
+
+
+_RACER = """
+import sys, time
+from ddep.runs import lock as lock_lib
+workdir, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+try:
+  held = lock_lib.WorkdirLock(workdir).acquire()
+except lock_lib.WorkdirLockedError as e:
+  print('refused', e)
+else:
+  print('won', held.took_over or '')
+  time.sleep(1.5)  # Held past every other start.
+  held.release()
+"""
+
+
+@pytest.mark.parametrize('stale', [False, True], ids=['free', 'stale'])
+def test_of_starts_racing_for_one_workdir_exactly_one_wins(tmp_path, stale):
+  """Six processes start at the same instant, on a free workdir or one whose lock a
+  killed run left (each would take it over): the kernel lets exactly one hold it."""
+  if stale:
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    record = lock_lib.WorkdirLock(tmp_path).record
+    _write(tmp_path, **{**record, 'pid': dead.pid, 'process_start': None, 'token': 'old'})
+  start = time.time() + 2.0  # After every interpreter has started.
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  racers = [
+      subprocess.Popen(
+          [sys.executable, '-c', _RACER, str(tmp_path), str(start)],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+          env=env,
+      )
+      for _ in range(6)
+  ]
+  outs = [p.communicate(timeout=60)[0] for p in racers]
+  said = [o.splitlines()[-1] for o in outs]  # After absl's warning of a takeover, if any.
+  won = [s for s in said if s.startswith('won')]
+  assert len(won) == 1, outs
+  assert all(s.startswith('refused') and 'one run per workdir' in s for s in said if s not in won)
+  assert ('took over the stale lock' in won[0]) == stale, won
+  assert not (tmp_path / 'LOCK').exists()  # Released by the winner.
