@@ -2,13 +2,13 @@
 
 import os
 
+import xla_flags
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Tests check values, not speed; fewer optimizations compile much faster on CPU.
+# Tests check values, not speed; fewer optimizations compile much faster on CPU (xla_flags).
 # Two host devices, so shardings (data parallel, FSDP) are exercised for real.
-os.environ.setdefault(
-    'XLA_FLAGS', '--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=2'
-)
+os.environ.setdefault('XLA_FLAGS', xla_flags.with_devices(2))
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
 # Many tests (and their subprocesses, which inherit these) compile the same tiny
 # train step; the persistent cache turns the repeats into cache hits.

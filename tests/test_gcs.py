@@ -19,6 +19,7 @@ import pytest
 
 from ddep.training import trainer as train
 import gcs_emulator
+import xla_flags
 from test_multihost import _finetune_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def _env(emulator):
       **emulator.env,
       PYTHONPATH=REPO,
       JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-      XLA_FLAGS='--xla_backend_optimization_level=0 ' '--xla_force_host_platform_device_count=2',
+      XLA_FLAGS=xla_flags.with_devices(2),
   )
 
 

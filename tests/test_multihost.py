@@ -18,6 +18,7 @@ import pytest
 
 from ddep.runs import checkpointing
 from ddep.training import trainer as train
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,8 +45,7 @@ def _launch(workdir, data_dir, *, processes, config='tests/configs/tiny_finetune
         os.environ,
         PYTHONPATH=REPO,
         JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-        XLA_FLAGS='--xla_backend_optimization_level=0 '
-        f'--xla_force_host_platform_device_count={4 // processes}',
+        XLA_FLAGS=xla_flags.with_devices(4 // processes),
     )
     if processes > 1:
       env.update(

@@ -15,6 +15,7 @@ from ddep.evaluators import protocol as protocol_eval
 from ddep.training import sharding
 import protocol_eval_worker as worker
 from test_multihost import _free_port
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +88,7 @@ def test_two_processes_with_unequal_windows_equal_one_process(tmp_path):
         JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
         JAX_NUM_PROCESSES='2',
         JAX_PROCESS_ID=str(i),
-        XLA_FLAGS='--xla_force_host_platform_device_count=1',
+        XLA_FLAGS=xla_flags.with_devices(1),
     )
     procs.append(
         subprocess.Popen(

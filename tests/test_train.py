@@ -24,6 +24,7 @@ from ddep.runs import checkpointing
 from ddep.runs import lock as lock_lib
 from ddep.training import trainer as train
 import tiny_runs
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,7 +207,7 @@ def _main(workdir, data_dir, extra=(), **popen_kw):
   env = dict(
       os.environ,
       PYTHONPATH=REPO,
-      XLA_FLAGS='--xla_backend_optimization_level=0',
+      XLA_FLAGS=xla_flags.FAST_COMPILE,
       JAX_DISABLE_MOST_OPTIMIZATIONS='true',
   )
   return subprocess.Popen(
