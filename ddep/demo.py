@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -327,11 +328,14 @@ def _worker_cores() -> list[int]:
     return []
 
 
-def run_stages(runs, *, output: str, workers: int = 1, log=print) -> dict[str, float]:
+def run_stages(
+    runs, *, output: str, workers: int = 1, log=print, run_one: Callable = run_stage
+) -> dict[str, float]:
   """Runs each stage not yet DONE, each once the stages it initialises from are done;
   returns {name: seconds} as each run recorded it.
 
   workers > 1: a pool of that many processes, one core each; 1: in this process.
+  `run_one(name, workdir, config) -> summary` runs a stage (module-level, for the pool).
   """
   t_start = time.time()
   costs = {name: stage_cost(c) for name, _, c in runs}
@@ -377,7 +381,7 @@ def run_stages(runs, *, output: str, workers: int = 1, log=print) -> dict[str, f
       log(
           f'[demo] ({index[name]}/{len(runs)}) {name}: {config.task}, {config.total_steps} steps ...'
       )
-      finished(name, run_stage(name, workdir, config), time.time())
+      finished(name, run_one(name, workdir, config), time.time())
     return seconds
 
   context = multiprocessing.get_context('spawn')
@@ -399,7 +403,7 @@ def run_stages(runs, *, output: str, workers: int = 1, log=print) -> dict[str, f
               f'[demo] ({index[name]}/{len(runs)}) {name}: {config.task}, '
               f'{config.total_steps} steps ...'
           )
-          futures[pool.submit(run_stage, name, workdir, config)] = (name, time.time())
+          futures[pool.submit(run_one, name, workdir, config)] = (name, time.time())
           running[name] = True
         if not futures:
           raise RuntimeError(f'stages wait on stages that cannot run: {[n for n, _, _ in pending]}')

@@ -8,6 +8,7 @@ import sys
 from ddep import demo
 from ddep.config import validation as config_validation
 from ddep.reporting import paired_stats
+import tiny_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,9 +106,39 @@ def test_a_method_subset_runs_only_the_pretraining_it_needs_and_can_score_on_hol
     raise AssertionError('an unknown method was accepted')
 
 
-def test_quick_demo_runs_every_stage_on_two_workers_and_reuses_them(tmp_path):
+def test_two_workers_run_each_stage_once_after_the_stages_it_starts_from(tmp_path):
+  """The pool of worker processes, on stand-in stages that only record when and where they
+  ran (the real stages run in the end-to-end test below, in one process)."""
+  runs = demo.stage_configs(str(tmp_path), quick=True, **demo.BUDGETS['quick'])
+  lines = []
+  demo.run_stages(
+      runs, output=str(tmp_path), workers=2, log=lines.append, run_one=tiny_runs.stub_stage
+  )
+  ran = {name: json.loads((tmp_path / 'runs' / name / 'DONE').read_text()) for name, _, _ in runs}
+  assert len({r['pid'] for r in ran.values()}) == 2  # Two worker processes, not this one.
+  assert os.getpid() not in {r['pid'] for r in ran.values()}
+  for name, needs in demo.dependencies(runs).items():
+    for need in needs:
+      assert ran[need]['ended'] <= ran[name]['started'], (need, name)
+  events = sorted(
+      [(r['started'], 1) for r in ran.values()] + [(r['ended'], -1) for r in ran.values()]
+  )
+  running = [sum(d for _, d in events[: i + 1]) for i in range(len(events))]
+  assert max(running) == 2  # Stages ran side by side, never more than the workers.
+  assert sum('done in' in line for line in lines) == len(runs) == 11
+
+  lines.clear()  # A rerun runs nothing: every stage says DONE.
+  demo.run_stages(
+      runs, output=str(tmp_path), workers=2, log=lines.append, run_one=tiny_runs.stub_stage
+  )
+  assert sum('already done' in line for line in lines) == len(runs)
+  assert not any('done in' in line for line in lines)
+
+
+def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
-  cmd = [sys.executable, '-m', 'ddep.demo', '--quick', '--workers=2', f'--output={tmp_path}']
+  # One worker: the stages share compiled steps in one process (the pool is tested above).
+  cmd = [sys.executable, '-m', 'ddep.demo', '--quick', '--workers=1', f'--output={tmp_path}']
   first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   for name in (
@@ -126,7 +157,7 @@ def test_quick_demo_runs_every_stage_on_two_workers_and_reuses_them(tmp_path):
   stages = 3 + 2 * 4  # 2 seeds at one fraction
   assert f'| all | {stages} |' in table
   assert '(job: elapsed' in first.stdout and 'ETA' in first.stdout
-  assert '2 worker process(es)' in first.stdout
+  assert '1 worker process(es)' in first.stdout
 
   results = json.loads((tmp_path / 'results.json').read_text())
   entries = results['finetunes']

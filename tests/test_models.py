@@ -221,9 +221,9 @@ def test_plain_resnet_unet():
 def test_classify_head_for_supervised_pretraining():
   model = create_model('tiny', num_outputs=3, num_image_classes=5)
   x = jnp.zeros((2, 32, 32, 3))
-  v = model.init(jax.random.key(0), x, method=TransUNet.classify)
+  v = _jit(model.init, method=TransUNet.classify)(jax.random.key(0), x)
   assert set(v['params']) == {'encoder', 'classifier'}
-  assert model.apply(v, x, method=TransUNet.classify).shape == (2, 5)
+  assert _jit(model.apply, method=TransUNet.classify)(v, x).shape == (2, 5)
 
 
 def test_attention_implementation_per_backend(monkeypatch):

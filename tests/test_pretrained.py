@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from ddep.models import pretrained
 from ddep.models import TransUNet, create_model, load_pretrained_encoder
+import tiny_runs
 
 
 def _flat(tree):
@@ -26,13 +27,8 @@ def _flat(tree):
 def source():
   """A 'published' encoder: a tiny model with random (non-init) weights at a 4x4 grid."""
   model = create_model('tiny', num_outputs=3)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))['params']
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(42), len(leaves))
-  params = jax.tree.unflatten(
-      treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
-  )
-  return params['encoder']
+  params = tiny_runs.init_params(model, (1, 64, 64, 3))
+  return tiny_runs.normal_like(params, 42)['encoder']
 
 
 def _published_npz(encoder, path, *, linen_names=False):
@@ -120,8 +116,7 @@ def _timm_safetensors(encoder, path):
 
 @pytest.fixture(scope='module')
 def target():
-  model = create_model('tiny', num_outputs=3)
-  return model.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))['params']
+  return tiny_runs.init_params(create_model('tiny', num_outputs=3), (1, 64, 64, 3), seed=1)
 
 
 def test_npz_round_trip_is_exact_and_leaves_decoder_untouched(source, target, tmp_path):
@@ -184,7 +179,7 @@ def test_position_embeddings_drop_class_row_and_resize_bilinearly(source, tmp_pa
   path = str(tmp_path / 'ckpt.npz')
   _published_npz(source, path)
   model = create_model('tiny', num_outputs=3)
-  target = model.init(jax.random.key(1), jnp.zeros((1, 48, 112, 3)))['params']  # 3x7 grid
+  target = tiny_runs.init_params(model, (1, 48, 112, 3), seed=1)  # 3x7 grid
   got = load_pretrained_encoder(target, path)
   pos = got['encoder']['Transformer']['posembed_input']['pos_embedding']
   assert pos.shape == (1, 3, 7, 64)
@@ -192,7 +187,8 @@ def test_position_embeddings_drop_class_row_and_resize_bilinearly(source, tmp_pa
   want = tf.image.resize(np.asarray(src), (3, 7), method='bilinear', antialias=False)
   np.testing.assert_allclose(pos, want.numpy(), atol=1e-5)
   # The loaded model runs at that size.
-  y = model.apply({'params': got}, jnp.zeros((1, 48, 112, 3)), method=TransUNet.encode)[0]
+  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=TransUNet.encode))
+  y = encode(got, jnp.zeros((1, 48, 112, 3)))[0]
   assert y.shape == (1, 3, 7, 64)
 
 

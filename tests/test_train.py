@@ -10,7 +10,6 @@ import types
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -44,12 +43,8 @@ _config = tiny_runs.config
 def encoder_npz(tmp_path_factory):
   """A 'supervised' encoder in the published npz layout."""
   model = create_model('tiny', num_outputs=3)
-  params = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))['params']
-  leaves, treedef = jax.tree.flatten(params['encoder'])
-  keys = jax.random.split(jax.random.key(8), len(leaves))
-  enc = jax.tree.unflatten(
-      treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
-  )
+  params = tiny_runs.init_params(model, (1, 32, 32, 3), seed=7)
+  enc = jax.tree.map(lambda x: 0.05 * x, tiny_runs.normal_like(params['encoder'], 8))
   path = str(tmp_path_factory.mktemp('enc') / 'encoder.npz')
   np.savez(path, **pretrained.encoder_to_vit_layout(enc))
   return path, _flat(enc)
@@ -71,9 +66,7 @@ def test_ddep_trains_decoder_only_with_no_encoder_optimizer_state(encoder_npz, d
   for k, v in enc.items():
     np.testing.assert_array_equal(got[k], v, err_msg=k)  # Frozen: bit-identical.
   fresh = _flat(
-      create_model('tiny', num_outputs=3).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))[
-          'params'
-      ]['decoder']
+      tiny_runs.init_params(create_model('tiny', num_outputs=3), (1, 32, 32, 3))['decoder']
   )
   moved = [k for k, v in _flat(result.params['decoder']).items() if not np.allclose(v, fresh[k])]
   assert moved, 'decoder did not train'
@@ -115,7 +108,7 @@ def test_handoff_takes_encoder_and_decoder_and_reinitialises_head(ddep_run):
   model = create_model('tiny', num_outputs=6)
   # Fine-tuning crops (48) differ from pretraining crops (32): the 2x2 position grid
   # is resized to 3x3 like a published encoder's would be.
-  fresh = model.init(jax.random.key(3), jnp.zeros((1, 48, 48, 3)))['params']
+  fresh = tiny_runs.init_params(model, (1, 48, 48, 3), seed=3)
   params = _flat(initialization.initial_params(config, fresh))
   src = _flat(result.params)
   for k, v in params.items():
@@ -138,7 +131,7 @@ def test_handoff_errors_are_clear(ddep_run, tmp_path):
   with pytest.raises(FileNotFoundError, match='no finished checkpoint'):
     checkpointing.load_params(str(tmp_path))
   wide = create_model('tiny', num_outputs=6, decoder_width_multiplier=2)
-  fresh = wide.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))['params']
+  fresh = tiny_runs.init_params(wide, (1, 32, 32, 3), seed=3)
   with pytest.raises(ValueError, match=r'differ in shape: .*decoder/block0/conv1/kernel'):
     initialization.initial_params(_config(task='segment', init_from=workdir), fresh)
 

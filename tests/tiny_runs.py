@@ -1,5 +1,12 @@
-"""A tiny denoise config and deterministic batches, for tests that train in-process."""
+"""A tiny denoise config, deterministic batches and jitted initialisation, for tests."""
 
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import common
@@ -52,3 +59,34 @@ def config(**kw):
       node = node[p]
     node[leaf] = v
   return c
+
+
+def init_params(model, shape, seed=0, **init_kw):
+  """model.init's params at a zero batch of `shape`, compiled as one program: run eagerly,
+  every op of init compiles on its own (measured: 9.1 s against 2.9 s for the tiny model)."""
+  init = jax.jit(functools.partial(model.init, **init_kw))
+  return init(jax.random.key(seed), jnp.zeros(shape))['params']
+
+
+@jax.jit
+def _normal_like(tree, key):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def normal_like(tree, seed):
+  """A tree of standard normal values shaped like `tree` (one compiled program)."""
+  return _normal_like(tree, jax.random.key(seed))
+
+
+def stub_stage(name, workdir, config):
+  """A demo stage that only records when and where it ran (ddep.demo.run_stages' `stage`)."""
+  started = time.time()
+  time.sleep(0.3)
+  os.makedirs(workdir, exist_ok=True)
+  summary = {'seconds': 0.3, 'pid': os.getpid(), 'started': started, 'ended': time.time()}
+  with open(os.path.join(workdir, 'DONE'), 'w') as f:
+    json.dump(summary, f)
+  del name, config
+  return summary
