@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 from absl import app
 import pytest
@@ -112,6 +113,44 @@ def test_a_batch_fits_unless_xla_recomputes_much():
   assert fits({'xla_auto_remat': 9, 'xla_auto_remat_share': 0.001})
   assert not fits({'xla_auto_remat': 900, 'xla_auto_remat_share': 0.05})
   assert not fits({'xla_auto_remat': 9, 'xla_auto_remat_share': None})  # No roofline (CPU).
+
+
+def _flops_program(attention_flops=0.0):
+  attention = types.SimpleNamespace(
+      part='transformer: attention',
+      flops=attention_flops,
+      backward_flops=lambda trained: 2 * attention_flops,
+  )
+  return types.SimpleNamespace(analytic=100.0, ops=[attention], trained=True)
+
+
+@pytest.mark.parametrize(
+    'platform,lowered,roofline,fused,want',
+    [
+        # CPU: the compiled program's own count.
+        ('cpu', 95.0, None, False, (40.0, 'xla_cost_analysis', 100.0)),
+        # GPU: cuDNN/cuBLAS custom calls count 0 once compiled; the lowered HLO counts them.
+        ('gpu', 95.0, None, False, (95.0, 'xla_lowered_cost_analysis', 100.0)),
+        # ... and fused attention is a custom call there too: compared without it.
+        ('gpu', 95.0, None, True, (95.0, 'xla_lowered_cost_analysis', 70.0)),
+        # No lowered count: the compiled HLO's, else nothing.
+        ('gpu', 0.0, {'flops': 97.0}, False, (97.0, 'hlo_roofline', 100.0)),
+        ('gpu', 0.0, None, False, (None, 'unavailable', 100.0)),
+    ],
+)
+def test_xla_flops_on_gpu_come_from_the_lowered_hlo(platform, lowered, roofline, fused, want):
+  notes = []
+  got = benchmark.xla_flops_against_analytic(
+      _flops_program(attention_flops=10.0),
+      {'flops': 40.0},
+      {'roofline': roofline, 'fused_attention': fused},
+      notes,
+      xla_lowered={'flops': lowered},
+      platform=platform,
+  )
+  assert got == want
+  says_why = want[1] in ('xla_lowered_cost_analysis', 'unavailable')
+  assert says_why == any('custom calls' in n for n in notes), notes
 
 
 def test_time_steps_syncs_once_per_trial():

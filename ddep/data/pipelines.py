@@ -402,7 +402,7 @@ def finetune_dataset(
   if subset is not None:
     subset_ids = subsets.resolve_subset(
         subset,
-        stream_lib.read_split_ids(spec, builder, split),
+        stream_lib.read_split_ids(builder, split),
         seed=subset_seed,
         dataset=spec.name,
         split=split,

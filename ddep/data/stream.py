@@ -311,7 +311,7 @@ class Source:
     return next(ds.as_numpy_iterator())
 
 
-def read_split_ids(spec: specs.DatasetSpec, builder, split: str) -> list[str]:
+def read_split_ids(builder, split: str) -> list[str]:
   """Every image id of `split`, in storage order."""
   n = builder.info.splits[split].num_examples
   return _read_ids(_read_records(_file_chunks(builder, split, 0, n, max_take=n)))
