@@ -199,7 +199,8 @@ def stage_configs(
   `seeds` runs per method at the lowest fraction, `full_seeds` (default `seeds`) at 100%
   and `middle_seeds` (default `seeds`) at the fractions in between. Fine-tune i at a
   fraction uses subset seed i, the same labelled images for every method (a paired
-  design), and initialisation/data-order seed `1000 * base_seed + i`. `finetune_lr` > 0 replaces every method's FINETUNE_LRS.
+  design), and initialisation/data-order seed `1000 * base_seed + i`. `finetune_lr` > 0
+  replaces every method's FINETUNE_LRS.
   """
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:

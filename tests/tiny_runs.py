@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from ddep import demo
 
 
 class Batches:
@@ -81,12 +82,14 @@ def normal_like(tree, seed):
 
 
 def stub_stage(name, workdir, config):
-  """A demo stage that only records when and where it ran (ddep.demo.run_stages' `stage`)."""
+  """A demo stage that only records when and where it ran (ddep.demo.run_stages' `run_one`),
+  in the DONE marker a real stage writes."""
   started = time.time()
   time.sleep(0.3)
+  ended = time.time()
   os.makedirs(workdir, exist_ok=True)
-  summary = {'seconds': 0.3, 'pid': os.getpid(), 'started': started, 'ended': time.time()}
-  with open(os.path.join(workdir, 'DONE'), 'w') as f:
+  summary = {'seconds': ended - started, 'pid': os.getpid(), 'started': started, 'ended': ended}
+  with open(demo._done_marker(workdir), 'w') as f:  # pylint: disable=protected-access
     json.dump(summary, f)
   del name, config
   return summary

@@ -137,6 +137,9 @@ class WorkdirLock:
         'Wait for it to finish, stop it, or use another --workdir'
     )
 
+  def _racing_error(self) -> WorkdirLockedError:
+    return WorkdirLockedError(f'{self.path}: could not take the lock (other starts keep racing)')
+
   def _take_over(self, holder: dict, reason: str) -> None:
     self.took_over = f'took over the stale lock {self.path} ({describe(holder)}): {reason}'
     logging.warning('%s', self.took_over)
@@ -157,7 +160,7 @@ class WorkdirLock:
         raise self._held_error(holder)
       self._take_over(holder, reason)
       self._remove_if(holder)
-    raise WorkdirLockedError(f'{self.path}: could not take the lock (other starts keep racing)')
+    raise self._racing_error()
 
   def _acquire_local(self) -> 'WorkdirLock':
     for _ in range(3):
@@ -189,7 +192,7 @@ class WorkdirLock:
       self._write_local()
       self._start_heartbeat()
       return self
-    raise WorkdirLockedError(f'{self.path}: could not take the lock (other starts keep racing)')
+    raise self._racing_error()
 
   def _write_local(self) -> None:
     data = self._encoded().encode().ljust(_LOCAL_RECORD_BYTES)
