@@ -2,6 +2,10 @@
 
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from ddep.data import subsets
 from ddep.datasets import specs
 from ddep.runs import workdir as workdir_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINGLE = dict(process_index=0, process_count=1)
 TINY = specs.get('demo_tiny')
 
@@ -591,14 +596,8 @@ def test_a_configs_area_range_reaches_the_pretraining_pipeline(data_dir, task):
   assert next(it)['image'].shape == (2, 16, 16, 3)
 
 
-@pytest.mark.parametrize('in_memory', [True, False], ids=['in_memory', 'streamed'])
-@pytest.mark.parametrize('skip_bad_examples', [False, True])
-def test_a_damaged_record_file_is_named(data_dir, tmp_path, in_memory, skip_bad_examples):
-  """A byte-corrupted shard, read into memory or streamed, with or without skipping bad
-  examples: the read fails (a streamed one once hung, its error retried forever by the
-  ignore_errors meant for undecodable images) and the file and the dataset are named."""
-  import shutil  # pylint: disable=g-import-not-at-top
-
+def _damaged_copy(data_dir, tmp_path):
+  """(a copy of `data_dir`, its pretraining shard with 64 bytes flipped mid-file)."""
   copy = tmp_path / 'tfds'
   shutil.copytree(data_dir, copy)
   shard = sorted(copy.rglob(f'*-{TINY.pretrain_splits[0]}.tfrecord*'))[0]
@@ -606,6 +605,16 @@ def test_a_damaged_record_file_is_named(data_dir, tmp_path, in_memory, skip_bad_
   for i in range(len(data) // 2, len(data) // 2 + 64):
     data[i] ^= 0xFF
   shard.write_bytes(bytes(data))
+  return copy, shard
+
+
+@pytest.mark.parametrize('in_memory', [True, False], ids=['in_memory', 'streamed'])
+@pytest.mark.parametrize('skip_bad_examples', [False, True])
+def test_a_damaged_record_file_is_named(data_dir, tmp_path, in_memory, skip_bad_examples):
+  """A byte-corrupted shard, read into memory or streamed, with or without skipping bad
+  examples: the read fails (a streamed one once hung, its error retried forever by the
+  ignore_errors meant for undecodable images) and the file and the dataset are named."""
+  copy, shard = _damaged_copy(data_dir, tmp_path)
   with pytest.raises(stream.DamagedFileError) as e:
     it = pipelines.pretrain_dataset(
         TINY,
@@ -623,3 +632,30 @@ def test_a_damaged_record_file_is_named(data_dir, tmp_path, in_memory, skip_bad_
   assert message.startswith(f'{shard}: damaged record file of demo_tiny'), message
   assert '(corrupted record at ' in message and 'function_node' not in message, message
   assert 'ddep.prepare' in message
+
+
+def test_a_run_on_a_damaged_record_file_stops_with_one_line_naming_it(data_dir, tmp_path):
+  """Through the CLI: exit 2 and one line naming the shard, no traceback, nothing saved."""
+  copy, shard = _damaged_copy(data_dir, tmp_path)
+  workdir = tmp_path / 'run'
+  p = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'ddep.main',
+          '--config=tests/configs/tiny_denoise.py',
+          f'--workdir={workdir}',
+          f'--config.data.data_dir={copy}',
+      ],
+      cwd=REPO,
+      env=dict(os.environ, PYTHONPATH=REPO),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert p.returncode == 2, p.stderr[-3000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('ddep.main: error:')]
+  assert len(errors) == 1, p.stderr[-3000:]
+  assert f'{shard}: damaged record file of demo_tiny (corrupted record at ' in errors[0]
+  assert 'Traceback' not in p.stderr + p.stdout
+  assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
