@@ -19,15 +19,20 @@ This module imports no TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 IGNORE_LABEL = 255
 
 
+# Compiled as one program per shape: eager, its dozen ops would each compile and dispatch
+# on their own, per image size of a protocol's per-image evaluation.
+@functools.partial(jax.jit, static_argnames=('num_classes', 'ignore_label', 'unmatched_column'))
 def confusion_matrix(
     labels,
     predictions,
