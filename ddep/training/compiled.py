@@ -18,6 +18,8 @@ from typing import Any, Callable, Hashable
 # step (the seed lives in the train state, pretrained weights are arguments) or when the
 # host does something. Everything else in the config is part of the key.
 VALUE_ONLY_FIELDS = (
+    # A label: the recipes turn it into the fields that do matter (frozen, optim.lr, ...).
+    'method',
     'seed',
     'init_from',
     'init_encoder_from',
