@@ -16,6 +16,8 @@ Every stage is an ordinary `ddep.training.trainer` run of an ordinary config in 
 run by a pool of worker processes (one core each: two 1-thread processes train 1.45x
 the steps of one 2-thread process on this model, docs/demo_study.md); a stage starts once
 the pretraining it needs is done. A rerun skips the stages whose workdir says DONE.
+Compiled programs go to a persistent cache, `<output>/.jax_cache`, unless
+JAX_COMPILATION_CACHE_DIR names another.
 """
 
 import concurrent.futures
