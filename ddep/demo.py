@@ -21,7 +21,6 @@ JAX_COMPILATION_CACHE_DIR names another.
 """
 
 import concurrent.futures
-import functools
 import json
 import multiprocessing
 import os
@@ -448,16 +447,6 @@ def _validation_images(config, count: int):
   return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(model, params, images):
-  """The model's output for a batch: one compiled program per model and image shape.
-
-  Applied eagerly, every op of the network would compile and dispatch on its own
-  (about 20 s for the quick demo's figures against 2 s compiled).
-  """
-  return model.apply({'params': params}, images)
-
-
 def _pad_for(model, image):
   s = model.output_stride
   h, w = image.shape[:2]
@@ -469,6 +458,7 @@ def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
   clean / noisy / predicted ε / denoised, for the image `clean`."""
   from ddep.reporting import plots  # pylint: disable=g-import-not-at-top
   from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddep.runs import summaries  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
   from ddep.training import tasks  # pylint: disable=g-import-not-at-top
 
@@ -487,7 +477,8 @@ def denoising_figures(runs, output: str, clean: np.ndarray) -> list[str]:
     h, w = clean.shape[:2]
     eps = np.random.default_rng(0).standard_normal(clean.shape).astype(np.float32)
     x = clean + sigma * eps
-    pred = np.asarray(_forward(model, params, _pad_for(model, x)[None]))[0, :h, :w]
+    pred = np.asarray(summaries.jitted_apply(model)(params, _pad_for(model, x)[None]))
+    pred = pred[0, :h, :w]
     # The network predicts eps (Eq. 4) or, for Table 7's x target, the clean image.
     e = (x - pred) / sigma if config.denoise.target == 'x' else pred
     path = os.path.join(output, filename)
@@ -510,6 +501,7 @@ def segmentation_figure(runs, output: str, images) -> str:
   # report selects matplotlib's headless backend before pyplot is imported.
   from ddep.reporting import plots  # pylint: disable=g-import-not-at-top
   from ddep.runs import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddep.runs import summaries  # pylint: disable=g-import-not-at-top
   from ddep.training import tasks  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from ddep.datasets import specs  # pylint: disable=g-import-not-at-top
@@ -528,9 +520,10 @@ def segmentation_figure(runs, output: str, images) -> str:
     workdir, config = chosen[method]
     model = tasks.get(config.task).build_model(config, spec)
     params = checkpointing.load_params(workdir)
+    apply = summaries.jitted_apply(model)
     predictions[method] = []
     for image, label in images:
-      logits = np.asarray(_forward(model, params, _pad_for(model, image)[None]))[0]
+      logits = np.asarray(apply(params, _pad_for(model, image)[None]))[0]
       predictions[method].append(np.argmax(logits[: label.shape[0], : label.shape[1]], -1))
   palette = np.asarray(spec.palette, np.uint8)
   titles = ['image', 'ground truth'] + [METHOD_TITLES[m] for m in methods]

@@ -38,7 +38,6 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
-import jax
 import numpy as np
 from PIL import Image
 
@@ -189,11 +188,6 @@ def _read_ids(path: Path, lut: np.ndarray, what: str) -> np.ndarray:
 _BUCKET = 1 << 18
 
 
-_confusion_matrix = jax.jit(
-    metrics.confusion_matrix, static_argnums=2, static_argnames='unmatched_column'
-)
-
-
 def score_pairs(layout: Layout, pairs: Sequence[tuple[Path, Path]]) -> dict:
   """Metrics over all pairs, plus the summed confusion matrix."""
   accumulator = metrics.ConfusionMatrixAccumulator(layout.num_classes)
@@ -212,7 +206,9 @@ def score_pairs(layout: Layout, pairs: Sequence[tuple[Path, Path]]) -> dict:
     size = -(-gt.size // _BUCKET) * _BUCKET
     gt = np.pad(gt.ravel(), (0, size - gt.size), constant_values=IGNORE).astype(np.int32)
     prediction = np.pad(prediction.ravel(), (0, size - prediction.size)).astype(np.int32)
-    accumulator.update(_confusion_matrix(gt, prediction, layout.num_classes, unmatched_column=True))
+    accumulator.update(
+        metrics.confusion_matrix(gt, prediction, layout.num_classes, unmatched_column=True)
+    )
   cm = accumulator.result()
   result = metrics.segmentation_metrics(cm, layout.class_names)
   result.update(dataset=layout.name, num_images=len(pairs), confusion_matrix=cm.tolist())

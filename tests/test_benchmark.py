@@ -482,7 +482,8 @@ def test_every_row_of_the_tool_run_is_complete_and_its_flops_agree(tool_run):
     assert r['xla_memory']['total_bytes'] > 0
     # No peak for a CPU: MFU is omitted, with a note saying why.
     assert r['mfu'] is None and any('no peak' in n for n in r['notes'])
-    # With the eval's flip, whose second forward the analytic count must see.
+    # The eval row is run with the flip (Sec. 4.3): its second forward must be in the
+    # analytic count too.
     bound = MAX_XLA_OVER_ANALYTIC.get(r['phase'], 1.15)
     assert 1.0 < r['xla_over_analytic'] < bound, (r['phase'], r['xla_over_analytic'])
 

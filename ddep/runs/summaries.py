@@ -143,9 +143,10 @@ def write_segmentation(writer, step: int, result: Mapping[str, Any], panels=None
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_apply(model):
-  # One compiled forward per model for the whole run, not one per evaluation. Params go in
-  # as an argument: closed over, they would be baked in as constants.
+def jitted_apply(model):
+  """`(params, images) -> outputs`, compiled: one forward per model (and image shape) for
+  the whole process, not one per evaluation; eager, each op would compile on its own."""
+  # Params go in as an argument: closed over, they would be baked in as constants.
   return jax.jit(lambda p, x: model.apply({'params': p}, x))
 
 
@@ -153,7 +154,7 @@ def preview_panels(config, model, params, spec, previews) -> Optional[list[np.nd
   """The previews predicted by host `params` under the config's eval protocol, as panels."""
   if previews is None or not _is_main():
     return None
-  apply = _jitted_apply(model)
+  apply = jitted_apply(model)
   protocol = inference.make_protocol(
       config.eval.protocol,
       lambda x: apply(params, x),
