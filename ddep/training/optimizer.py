@@ -117,13 +117,16 @@ def make_schedule(
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    if decay == 'cosine':
-      shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    elif decay == 'linear':
-      shape = 1.0 - progress
+    if decay == 'constant':
+      # No progress term: the compiled step then does not depend on total_steps, so runs
+      # of other lengths share one program (and its persistent-cache entry).
+      shape = jnp.ones_like(step)
     else:
-      shape = jnp.ones_like(progress)
+      progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+      if decay == 'cosine':
+        shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+      else:
+        shape = 1.0 - progress
     lr = end_lr + (base_lr - end_lr) * shape
     if warmup_steps:
       lr = lr * jnp.minimum(1.0, step / warmup_steps)
