@@ -257,21 +257,32 @@ def resolve_checkpoint(path: str) -> str:
   )
 
 
-def _restore_on_one_device(path: str) -> Any:
-  """A saved tree as host arrays, whatever the device topology it was saved from."""
-  checkpointer = ocp.StandardCheckpointer()
+def _restore_on_one_device(path: str, keys: Optional[tuple[str, ...]] = None) -> Any:
+  """A saved tree as host arrays, whatever the device topology it was saved from.
+
+  `keys` restores only those top-level entries (the rest is not read at all).
+  """
+  checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
+  if keys is not None:
+    tree = {k: v for k, v in tree.items() if k in keys}
   # Without a target orbax rebuilds the saved shardings, which needs the saving topology.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return jax.device_get(checkpointer.restore(path, target))
+  args = ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=keys is not None,
+  )
+  return jax.device_get(checkpointer.restore(path, args=args))
 
 
 def load_params(path: str) -> dict:
   """Host (numpy) params of a saved run: trainable and frozen parts merged."""
   ckpt = resolve_checkpoint(path)
   try:
-    state = _restore_on_one_device(storage.path(ckpt) / 'state')
+    # Not the optimizer state: for Adam that is two thirds of the bytes.
+    state = _restore_on_one_device(storage.path(ckpt) / 'state', keys=('params', 'frozen'))
   except Exception as e:  # Orbax raises many kinds for unreadable data.
     raise CheckpointError(f'cannot read checkpoint {ckpt}: {describe_damage(ckpt, e)}') from e
   return optimizer.merge(state.get('params') or {}, state.get('frozen') or {})
