@@ -17,10 +17,27 @@ from typing import Any, Optional
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store  # No public path.
 
 from ddep.runs import storage
 from ddep.training import optimizer
 from ddep.training import sharding
+
+# Orbax splits every replicated array among its replicas so that hosts share the writing
+# ("replica-parallel"); each split is an eager device slice. For a bias or a norm scale
+# that costs more than it saves, and it is half of a ViT's leaves. Arrays whose
+# per-replica part is smaller than this are written whole by one replica. Measured on a
+# tiny fine-tuning run (all arrays below it): a save took 0.61-0.64 s, against 0.76-0.84 s.
+MIN_REPLICA_SLICE_BYTES = 256 * 1024
+ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(
+        # As orbax's default handler: the per-array metadata files are still written.
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+    ),
+    override=True,
+)
 
 
 class CheckpointError(ValueError):
