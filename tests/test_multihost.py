@@ -4,7 +4,6 @@ Each process gets its own CPU devices and joins the run through JAX_COORDINATOR_
 JAX_NUM_PROCESSES and JAX_PROCESS_ID on 127.0.0.1, as on a cluster.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import pytest
 
 from ddep.runs import checkpointing
 from ddep.training import trainer as train
+import tiny_runs
 import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,13 +75,7 @@ def _finish(procs, timeout=400):
 
 
 def _finetune_config(data_dir):
-  path = os.path.join(REPO, 'tests', 'configs', 'tiny_finetune.py')
-  module_spec = importlib.util.spec_from_file_location('tiny_finetune', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.data_dir = data_dir
-  return config
+  return tiny_runs.cli_config('tiny_finetune', data_dir)
 
 
 @pytest.fixture(scope='module')

@@ -200,7 +200,8 @@ def _main(workdir, data_dir, extra=(), **popen_kw):
   env = dict(
       os.environ,
       PYTHONPATH=REPO,
-      XLA_FLAGS=xla_flags.FAST_COMPILE,
+      # The devices of this process, so that its runs equal those run here.
+      XLA_FLAGS=xla_flags.with_devices(2),
       JAX_DISABLE_MOST_OPTIMIZATIONS='true',
   )
   return subprocess.Popen(
@@ -217,9 +218,8 @@ def _main(workdir, data_dir, extra=(), **popen_kw):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
   data_dir = str(tmp_path / 'data')
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-  p = _main(straight, data_dir)
-  out = p.communicate(timeout=300)[0]
-  assert p.returncode == 0, out[-3000:]
+  # The uninterrupted reference, here: what matters is its result, not its launcher.
+  train.train_and_evaluate(tiny_runs.cli_config('tiny_denoise', data_dir), straight)
 
   # Kill -9 after step 3, between the checkpoints at steps 2 and 4.
   p = _main(killed, data_dir)

@@ -1,6 +1,7 @@
 """A tiny denoise config, deterministic batches and jitted initialisation, for tests."""
 
 import functools
+import importlib.util
 import json
 import os
 import time
@@ -63,6 +64,18 @@ def config(**kw):
     for p in parents:
       node = node[p]
     node[leaf] = v
+  return c
+
+
+def cli_config(name: str, data_dir: str):
+  """tests/configs/<name>.py's config, as `--config=` gives it to ddep.main, on `data_dir`:
+  for running in-process what a launched test runs through the CLI."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', f'{name}.py')
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  c = module.get_config()
+  c.data.data_dir = data_dir
   return c
 
 
