@@ -25,7 +25,7 @@ jax.config.update('jax_disable_most_optimizations', True)
 # The files that take longest (by `--durations`: test_train ~9 min of one worker, the
 # others 3-7 min, test_evaluate_predict 1.5 min, test_folder_dataset 1 min; the rest well
 # under a minute), scheduled
-# first so that with `-n 2 --dist loadfile` the short files fill in at the end instead of
+# first so that with `-n 3 --dist loadfile` the short files fill in at the end instead of
 # one long file running alone on one worker while the other idles.
 _SLOW_FILES_FIRST = (
     'test_train.py',
