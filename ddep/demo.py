@@ -38,6 +38,7 @@ from ddep.reporting import paired_stats
 from ddep.reporting import records
 from ddep.reporting import tables
 from ddep.reporting import visualisation
+from ddep.runs import process
 
 FLAGS = flags.FLAGS
 _OUTPUT = flags.DEFINE_string('output', 'out/demo', 'Where runs, tables and figures go.')
@@ -303,6 +304,7 @@ def _init_worker(output: str, cores) -> None:
       + ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
   )
   logging.set_verbosity(logging.WARNING)
+  process.configure_gc()
   _configure_jax(output)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -651,6 +653,7 @@ def write_report(runs, output: str, seconds: dict[str, float]) -> str:
 
 def main(argv):
   del argv
+  process.configure_gc()
   # Progress lines are printed; library INFO logs (orbax, TFDS) would drown them.
   logging.set_verbosity(logging.WARNING)
   output = os.path.abspath(_OUTPUT.value)

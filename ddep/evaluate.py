@@ -32,6 +32,7 @@ from ddep.data import preparation
 from ddep.datasets import specs
 from ddep.evaluators import metrics as metrics_lib
 from ddep.evaluators import segmentation
+from ddep.runs import process
 from ddep.runs import storage
 from ddep.runs import workdir as workdir_lib
 from ddep.training import sharding
@@ -110,6 +111,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  process.configure_gc()
   # Before anything touches a JAX backend; ddep.data.stream already keeps TF off accelerators.
   sharding.maybe_initialize_distributed()
   f = flags.FLAGS

@@ -11,6 +11,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ddep.runs import process
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True
 )
@@ -52,6 +54,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _DRY_RUN.value:
     return dry_run(_CONFIG.value, _WORKDIR.value)
+  process.configure_gc()
   # Import after flag parsing so `--help` stays fast and TF never sees the accelerator.
   from ddep.training import sharding  # pylint: disable=g-import-not-at-top
 

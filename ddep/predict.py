@@ -46,6 +46,7 @@ from ddep.config import validation as config_validation
 from ddep.datasets import specs
 from ddep.evaluators import inference
 from ddep.reporting import visualisation
+from ddep.runs import process
 from ddep.runs import progress
 from ddep.runs import workdir as workdir_lib
 
@@ -258,6 +259,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  process.configure_gc()
   f = flags.FLAGS
   try:
     errors = predict(

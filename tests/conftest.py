@@ -19,7 +19,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 
+from ddep.runs import process  # noqa: E402
+
 jax.config.update('jax_disable_most_optimizations', True)
+# As the programs do (ddep.runs.process): the in-process runs trace as they would.
+process.configure_gc()
 
 
 # The files that take longest (by `--durations`: test_train ~9 min of one worker, the

@@ -49,6 +49,8 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 
+from ddep.runs import process
+
 TASKS = ('denoise', 'ddep', 'segment', 'classify')
 # DDeP freezes the encoder (configs: frozen=('encoder/.*',)).
 DDEP_FROZEN = ('encoder/.*',)
@@ -1431,6 +1433,7 @@ def _app_main(argv: Sequence[str]) -> None:
   """app.run's main: flags.FLAGS is parsed; children re-run this process's command line."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  process.configure_gc()
   run(args_from_flags(flags.FLAGS), sys.argv[1:])  # Returns None: exit status 0.
 
 

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 from absl import app
 from absl import flags
 
+from ddep.runs import process
 from ddep.tools import benchmark
 from ddep.tools import hlo_roofline
 
@@ -247,6 +248,7 @@ def main(argv: Sequence[str]) -> dict:
 def _app_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  process.configure_gc()
   run(flags.FLAGS)
 
 
