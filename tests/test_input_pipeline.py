@@ -522,6 +522,10 @@ def test_bad_examples_can_be_skipped_and_counted(data_dir, kind, caplog):
       and ev.num_bad_examples == 1
   )
   assert ev.bad_example_ids == [_BAD_ID]
+  # A run evaluates again and again with one EvalDataset: each pass is the whole split.
+  again = list(ev)
+  assert len(again) == len(batches) and all(map(_all_equal, again, batches))
+  assert ev.num_bad_examples == 1 and ev.bad_example_ids == [_BAD_ID]
 
 
 def test_ignored_raw_ids_are_not_bad(data_dir):
