@@ -86,16 +86,11 @@ def init_params(model, shape, seed=0, **init_kw):
   return init(jax.random.key(seed), jnp.zeros(shape))['params']
 
 
-@jax.jit
-def _normal_like(tree, key):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-
-
 def normal_like(tree, seed):
-  """A tree of standard normal values shaped like `tree` (one compiled program)."""
-  return _normal_like(tree, jax.random.key(seed))
+  """A tree of standard normal float32 values shaped like `tree`, drawn by numpy: as one
+  jitted program of jax.random.normal it took 2.5-4.4 s to compile, per shape of tree."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.standard_normal(x.shape, dtype=np.float32), tree)
 
 
 def stub_stage(name, workdir, config):
