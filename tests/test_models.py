@@ -249,3 +249,22 @@ def test_attention_implementation_per_backend(monkeypatch):
   assert tried == ['xla']
   with pytest.raises(ValueError, match='choose from'):
     vit.dot_product_attention(q, k, v, 'flash')
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pointwise_convolutions_are_dots_on_cpus_and_convolutions_elsewhere(stride):
+  """The 1x1 rewrite is for XLA:CPU only: XLA:GPU's Triton GEMM rewriter aborts on these
+  dots (jax 0.10.2, H100), and GPUs and TPUs take the convolution as it is. The choice
+  follows the platform lowered for, so a program exported for CUDA here is a GPU's."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((1, 1, 4, 6)), jnp.float32)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+  conv = lambda x, w: resnet.conv_general_dilated(x, w, (stride,) * 2, 'SAME', dimension_numbers=dn)  # noqa: E731
+  want = jax.lax.conv_general_dilated(x, w, (stride,) * 2, 'SAME', dimension_numbers=dn)
+  np.testing.assert_allclose(conv(x, w), want, atol=1e-5)
+  train = jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1))  # noqa: E731
+  for platform, op, not_op in [('cpu', 'dot_general', 'convolution'), ('cuda', 'convolution', 'dot_general'), ('tpu', 'convolution', 'dot_general')]:  # fmt: skip
+    for fn in (conv, train):
+      text = jax.export.export(jax.jit(fn), platforms=[platform])(x, w).mlir_module()
+      assert f'stablehlo.{op}' in text and f'stablehlo.{not_op}' not in text, (platform, fn)

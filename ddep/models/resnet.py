@@ -30,13 +30,19 @@ def conv_general_dilated(
     feature_group_count=1,
     precision=None,
 ):
-  """`jax.lax.conv_general_dilated`, with 1x1 NHWC convolutions as a strided slice and a dot.
+  """`jax.lax.conv_general_dilated`, with 1x1 NHWC convolutions on CPUs as a strided slice
+  and a dot.
 
   The same contraction, but XLA:CPU computes a 1x1 convolution's kernel gradient as a
   convolution over transposed activations (a window of the whole feature map), several
   times slower than the matrix product a dot's gradient is (docs/performance_cpu.md).
   A 1x1 kernel with 'SAME' or 'VALID' padding and stride s reads input pixel s*i for
-  output i, hence the slice.
+  output i, hence the slice. Other platforms keep the convolution: cuDNN takes 1x1
+  convolutions as they are, and XLA:GPU's Triton GEMM rewriter aborts the process on
+  these dots (jax 0.10.2, compiled for an H100: 'Check failed: subdim_size_accumulator
+  == dim_size (4096 vs. 128)' in the DeP and DDeP train steps). The choice is by the
+  platform lowered for (`lax.platform_dependent`), so a GPU program compiled on a CPU
+  host (`ddep.tools.benchmark --target`) is the one a GPU would run.
   """
   pointwise = (
       lhs.ndim == 4
@@ -49,7 +55,8 @@ def conv_general_dilated(
       )
       and _nhwc_hwio(dimension_numbers, lhs.ndim)
   )
-  if not pointwise:
+
+  def as_convolution(lhs, rhs):
     return jax.lax.conv_general_dilated(
         lhs,
         rhs,
@@ -61,9 +68,15 @@ def conv_general_dilated(
         feature_group_count=feature_group_count,
         precision=precision,
     )
-  sh, sw = window_strides
-  x = lhs if (sh, sw) == (1, 1) else lhs[:, ::sh, ::sw, :]
-  return jax.lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+
+  def as_dot(lhs, rhs):
+    sh, sw = window_strides
+    x = lhs if (sh, sw) == (1, 1) else lhs[:, ::sh, ::sw, :]
+    return jax.lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+
+  if not pointwise:
+    return as_convolution(lhs, rhs)
+  return jax.lax.platform_dependent(lhs, rhs, cpu=as_dot, default=as_convolution)
 
 
 def weight_standardize(w: jnp.ndarray, axis: Sequence[int], eps: float) -> jnp.ndarray:
