@@ -80,6 +80,18 @@ def test_ddep_trains_decoder_only_with_no_encoder_optimizer_state(encoder_npz, d
   assert set(state['frozen']) == {'encoder'} and 'encoder' not in state['params']
 
 
+def test_param_norm_is_logged_at_each_log_step_as_the_trained_parameters_norm(ddep_run):
+  """The train step leaves it out (docs/performance.md); the loop logs it from the state."""
+  workdir, result = ddep_run
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    logged = [row for row in map(json.loads, f) if 'train/loss' in row]
+  assert logged and all({'train/grad_norm', 'train/param_norm'} <= set(row) for row in logged)
+  assert logged[-1]['step'] == result.step
+  trained = [x for k, v in result.params.items() if k != 'encoder' for x in jax.tree.leaves(v)]
+  want = np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in trained))
+  np.testing.assert_allclose(logged[-1]['train/param_norm'], want, rtol=1e-5)
+
+
 def test_fsdp_shards_params_and_matches_data_parallel(tmp_path):
   assert jax.device_count() == 2
   config = _config()

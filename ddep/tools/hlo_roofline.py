@@ -13,7 +13,8 @@ time from below and says whether the gap to peak is math or memory traffic.
 What is counted, per top-level instruction of ENTRY (and of while bodies, times
 their known trip count):
 - bytes: its operands plus its result(s), read and written once from HBM (an
-  estimate: caches, partial reads and in-place updates are ignored);
+  estimate: caches and in-place updates are ignored; of a fusion operand that the
+  fusion only slices, the slices);
 - flops: cuDNN convolutions (2 * MACs of the forward conv, the backward ones
   through the forward shapes), dots inside gemm fusions (Triton or cuDNN) and
   cuBLAS calls, cuDNN flash attention (forward: QK^T and PV, 4*B*N*T*S*H;
@@ -366,13 +367,40 @@ class _Analyzer:
       return 'copy/transpose', 0
     return 'other', 0
 
+  def operand_bytes(self, instr):
+    """Bytes the kernel reads: each operand once, or, for a fusion operand that its body
+    only slices, what the slices cover (XLA:GPU splits a fused QKV matmul's output into
+    q, k and v by three fusions that each read their third of it)."""
+    sliced = {}
+    if instr.op == 'fusion':
+      for callee in called_computations(instr):
+        sliced.update(self.sliced_parameters(callee))
+    return sum(
+        sliced.get(i, type_bytes(self.shapes.get(o, ''))) for i, o in enumerate(instr.operands)
+    )
+
+  def sliced_parameters(self, comp):
+    """{parameter number: bytes of its slices} for the parameters of a fused computation
+    whose only users are slices."""
+    instrs = self.comps.get(comp, ())
+    users = collections.defaultdict(list)
+    for i in instrs:
+      for o in i.operands:
+        users[o].append(i)
+    out = {}
+    for i in instrs:
+      if i.op != 'parameter' or not i.operands or not users[i.name]:
+        continue
+      if all(u.op == 'slice' for u in users[i.name]):
+        out[int(i.operands[0])] = min(
+            sum(type_bytes(u.type) for u in users[i.name]), type_bytes(i.type)
+        )
+    return out
+
   def kernel(self, instr):
     """(category, flops, bytes) of one kernel."""
     category, flops = self.classify(instr)
-    nbytes = type_bytes(instr.type) + sum(
-        type_bytes(self.shapes.get(o, '')) for o in instr.operands
-    )
-    return category, flops, nbytes
+    return category, flops, type_bytes(instr.type) + self.operand_bytes(instr)
 
   def walk(self, comp, multiplier, out, _depth=0):
     """Appends (name, category, flops, bytes, multiplier) for each kernel of comp."""

@@ -206,7 +206,16 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
         hook(step)
       if step % int(config.log_every) == 0 or step == total_steps:
         check_finite(state, ckpt)
-        log_train_metrics(config, pending, step, total_steps, rate, writer=writer, log=log)
+        log_train_metrics(
+            config,
+            pending,
+            step,
+            total_steps,
+            rate,
+            writer=writer,
+            log=log,
+            latest={'train/param_norm': steps_lib.param_norm(state['params'])},
+        )
         pending = []
       saved = step % int(config.checkpoint_every) == 0 or step == total_steps
       if saved:
@@ -427,9 +436,13 @@ class _Rate:
     return (step - self._start) / max(time.time() - self._t0, 1e-9)
 
 
-def log_train_metrics(config, pending, step, total_steps, rate, *, writer, log) -> None:
-  """The means of the steps since the last log, to TensorBoard and metrics.jsonl, and a line."""
+def log_train_metrics(
+    config, pending, step, total_steps, rate, *, writer, log, latest=None
+) -> None:
+  """The means of the steps since the last log and the `latest` values (those of this
+  step alone), to TensorBoard and metrics.jsonl, and a line."""
   scalars = {k: float(np.mean([_fetch(m[k]) for m in pending])) for k in pending[0]}
+  scalars.update({k: float(_fetch(v)) for k, v in (latest or {}).items()})
   writer.write_scalars(step, scalars)
   log.write(step, scalars)
   if jax.process_index() == 0:
