@@ -205,6 +205,50 @@ def test_bound_is_max_of_compute_and_memory_per_kernel():
   assert r['lower_bound_s'] == pytest.approx((conv_bytes + ADD_BYTES) / bw)
 
 
+# The fused q/k/v matmul's output split by three fusions, each slicing its third
+# (and one fusion that also reads the whole of it, which counts whole).
+SLICED = """HloModule m
+
+%fused_q (param_0.1: bf16[64,24], param_1.1: bf16[8]) -> bf16[64,8] {
+  %param_0.1 = bf16[64,24]{1,0} parameter(0)
+  %slice.1 = bf16[64,8]{1,0} slice(%param_0.1), slice={[0:64], [0:8]}
+  %param_1.1 = bf16[8]{0} parameter(1)
+  %broadcast.1 = bf16[64,8]{1,0} broadcast(%param_1.1), dimensions={1}
+  ROOT %add.1 = bf16[64,8]{1,0} add(%slice.1, %broadcast.1)
+}
+
+%fused_k (param_0.2: bf16[64,24]) -> bf16[64,8] {
+  %param_0.2 = bf16[64,24]{1,0} parameter(0)
+  %slice.2 = bf16[64,8]{1,0} slice(%param_0.2), slice={[0:64], [8:16]}
+  %slice.3 = bf16[64,8]{1,0} slice(%param_0.2), slice={[0:64], [16:24]}
+  ROOT %add.2 = bf16[64,8]{1,0} add(%slice.2, %slice.3)
+}
+
+%fused_v (param_0.3: bf16[64,24]) -> bf16[64,24] {
+  %param_0.3 = bf16[64,24]{1,0} parameter(0)
+  %slice.4 = bf16[64,24]{1,0} slice(%param_0.3), slice={[0:64], [0:24]}
+  ROOT %add.3 = bf16[64,24]{1,0} add(%slice.4, %param_0.3)
+}
+
+ENTRY %main (qkv: bf16[64,24], b: bf16[8]) -> bf16[64,8] {
+  %qkv = bf16[64,24]{1,0} parameter(0)
+  %b = bf16[8]{0} parameter(1)
+  %q = bf16[64,8]{1,0} fusion(%qkv, %b), kind=kLoop, calls=%fused_q
+  %k = bf16[64,8]{1,0} fusion(%qkv), kind=kLoop, calls=%fused_k
+  %v = bf16[64,24]{1,0} fusion(%qkv), kind=kLoop, calls=%fused_v
+  ROOT %t = (bf16[64,8]{1,0}, bf16[64,8]{1,0}, bf16[64,24]{1,0}) tuple(%q, %k, %v)
+}
+"""
+
+
+def test_a_fusion_operand_read_only_through_slices_counts_the_slices():
+  kernels = {k['name']: k['bytes'] for k in _analyze(SLICED)['top_kernels']}
+  third, whole = 64 * 8 * 2, 64 * 24 * 2
+  assert kernels['q'] == third + 8 * 2 + third  # its slice, the bias, its output
+  assert kernels['k'] == 2 * third + third  # two slices, the output
+  assert kernels['v'] == whole + whole  # read whole (not only sliced), the output
+
+
 def test_unknown_ops_and_garbage_lines_do_not_crash():
   text = LOOP.replace(
       '  %copy.1 = s32[] copy(%n.1)',
