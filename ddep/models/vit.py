@@ -159,9 +159,9 @@ def _bias_gelu_fwd(h, bias):
 def _bias_gelu_bwd(saved, g):
   h, bias = saved
   u = h.astype(jnp.float32) + bias.astype(jnp.float32)
-  inner = _SQRT_2_OVER_PI * (u + 0.044715 * u * u * u)
-  t = jnp.tanh(inner)
-  slope = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 0.134145 * u * u)
+  # gelu(u) = u / 2 * (1 + tanh(k * (u + c * u^3))), k = sqrt(2 / pi), c = 0.044715.
+  t = jnp.tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u * u * u))
+  slope = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * u * u)
   dh = (g.astype(jnp.float32) * slope).astype(h.dtype)
   # The bias gradient sums the rounded dh, which the weight gradients also read. Without
   # the barrier XLA folds the rounding away and writes a float32 dh for the sum, twice
