@@ -105,6 +105,15 @@ def test_two_processes_through_the_cli_plan_alike_and_match_one_process(cli_runs
   results = json.load(open(os.path.join(two, 'results.json')))
   assert results['label_fraction'] == pytest.approx(11 / 24)
   _assert_trained_alike(checkpointing.load_params(two), checkpointing.load_params(one))
+  # The parameters' norm, logged from the (sharded) state at each step, agrees too.
+  norms = [_train_rows(w, 'train/param_norm') for w in (two, one)]
+  assert len(norms[0]) == 6 and norms[0][0] != norms[0][-1]
+  np.testing.assert_allclose(norms[0], norms[1], rtol=1e-5)
+
+
+def _train_rows(workdir, key):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [row[key] for row in map(json.loads, f) if 'train/loss' in row]
 
 
 def _assert_trained_alike(a, b):
