@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from ddep.runs import checkpointing
+from ddep.training import compiled
+from ddep.training import layouts
 from ddep.training import trainer as train
+import test_layouts
 import tiny_runs
 import xla_flags
 
@@ -126,7 +129,7 @@ def _assert_trained_alike(a, b):
   assert d.mean() < 1e-6 and (d > 1e-4).mean() < 1e-3, (d.mean(), (d > 1e-4).mean())
 
 
-def test_sigterm_on_two_processes_saves_one_step_and_resumes_on_one(cli_runs):
+def test_sigterm_on_two_processes_saves_one_step_and_resumes_on_one(cli_runs, monkeypatch):
   workdir = str(cli_runs['root'] / 'preempted')
   procs = _launch(workdir, cli_runs['data_dir'], processes=2)
   seen = []
@@ -151,8 +154,26 @@ def test_sigterm_on_two_processes_saves_one_step_and_resumes_on_one(cli_runs):
     data_states = json.load(f)
   assert [data_states[f'process_{i}']['position'] for i in range(2)] == [4 * saved, 4 * saved + 2]
 
-  # One process (of 2 devices, not 4) continues the same global stream from there.
-  result = train.train_and_evaluate(_finetune_config(cli_runs['data_dir']), workdir)
+  # One process (of 2 devices, not 4) continues the same global stream from there, with
+  # its state in other layouts than the default ones, as a GPU may choose (the CPU's
+  # choice is the default): restored, moved into them, stepped, saved and evaluated.
+  compiled.clear()
+  monkeypatch.setattr(layouts, 'preferred_layout', test_layouts.reversed_axes)
+  placed, place = [], layouts.DonatingStep.place
+
+  def spy(self, state, batch):
+    state = place(self, state, batch)
+    placed.append(state['params']['encoder']['conv_root']['kernel'].format.layout)
+    return state
+
+  monkeypatch.setattr(layouts.DonatingStep, 'place', spy)
+  try:
+    result = train.train_and_evaluate(_finetune_config(cli_runs['data_dir']), workdir)
+  finally:
+    compiled.clear()
   assert result.step == 6
+  assert [layout.major_to_minor for layout in placed] == [(3, 2, 1, 0)]
   reference = checkpointing.load_params(cli_runs['one'])
   _assert_trained_alike(checkpointing.load_params(workdir), reference)
+  with open(os.path.join(cli_runs['one'], 'results.json')) as f:
+    assert result.metrics['miou'] == pytest.approx(json.load(f)['miou'], abs=1e-4)

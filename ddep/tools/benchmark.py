@@ -478,6 +478,7 @@ def _train_program(
   """(jitted train step, its arguments, XLA's FLOPs of the optimizer update alone)."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddep.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from ddep.training import layouts  # pylint: disable=g-import-not-at-top
   from ddep.training import sharding  # pylint: disable=g-import-not-at-top
   from ddep.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from ddep.training import tasks  # pylint: disable=g-import-not-at-top
@@ -500,14 +501,11 @@ def _train_program(
   else:
     state = jax.jit(make_state, out_shardings=state_shardings)(trainable, frozen, train_rng)
   optimizer_flops = _optimizer_flops(tx, state)
-  # Donated state, as in ddep.training.trainer: the update happens in place.
-  jitted = jax.jit(
-      train_step,
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,),
+  # As ddep.training.trainer compiles it: the state donated, in the layouts XLA picks.
+  step = layouts.DonatingStep(
+      train_step, state_shardings, sharding.batch_sharding(mesh), replicated
   )
-  return jitted, (state, batch), optimizer_flops
+  return step, (state, batch), optimizer_flops
 
 
 def build_phase(
@@ -604,12 +602,27 @@ def build_phase(
 
 
 def compile_program(program: Program) -> tuple[Any, float, dict, dict]:
-  """(executable, compile seconds, XLA's cost analysis compiled and as lowered)."""
+  """(executable, compile seconds, XLA's cost analysis compiled and as lowered).
+
+  A train program's state is then moved into the layouts its step was compiled for.
+  """
   t0 = time.perf_counter()
   lowered = program.jitted.lower(*program.call_args)
-  compiled = lowered.compile()
+  if program.is_eval:
+    compiled = lowered.compile()
+  else:
+    compiled, _ = program.jitted.compile(*program.call_args, lowered=lowered)
   compile_s = time.perf_counter() - t0
+  if not program.is_eval and not _is_abstract(program.call_args[0]):
+    program.call_args = (program.jitted.place(*program.call_args), program.call_args[1])
   return compiled, compile_s, _cost(compiled), _cost(lowered)
+
+
+def _is_abstract(tree) -> bool:
+  """Whether `tree` holds shapes only (--compile_only, --target), not arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
 def hlo_facts(compiled, device) -> dict:

@@ -33,6 +33,7 @@ from ddep.runs import storage
 from ddep.runs import summaries
 from ddep.runs import workdir as workdir_lib
 from ddep.training import compiled
+from ddep.training import layouts
 from ddep.training import optimizer as optimizer_lib
 from ddep.training import sharding
 from ddep.training import steps as steps_lib
@@ -200,6 +201,8 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding.global_batch(next(train_iter), mesh)
+        if step == start_step + 1:  # Compiles the step; the state moves into its layouts.
+          state = train_step.place(state, batch)
         state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
       for hook in hooks:
@@ -401,16 +404,17 @@ def restore(ckpt, state, shardings, train_iter) -> tuple[dict, int]:
 
 
 def compile_train_step(config, task: tasks.Task, model, tx, schedule, shardings, mesh, *, key=None):
-  """The task's loss in one jitted, sharded step that donates the old state; runs of one
-  process with an equal `key` (ddep.training.compiled) share it."""
+  """The task's loss in one sharded step that donates the old state, its state in the
+  layouts XLA picks (ddep.training.layouts); runs of one process with an equal `key`
+  (ddep.training.compiled) share it."""
   accum = int(config.optim.accumulation_steps)
   return _memo(
       key and ('train', key, _tree_key(shardings)),
-      lambda: jax.jit(
+      lambda: layouts.DonatingStep(
           steps_lib.make_train_step(task.loss_fn(model, config), tx, schedule, accum),
-          in_shardings=(shardings, sharding.batch_sharding(mesh)),
-          out_shardings=(shardings, sharding.replicated(mesh)),
-          donate_argnums=(0,),
+          shardings,
+          sharding.batch_sharding(mesh),
+          sharding.replicated(mesh),
       ),
   )
 

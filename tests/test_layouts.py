@@ -1,0 +1,58 @@
+"""A donating step with its state in layouts other than the default ones.
+
+XLA:CPU picks the default layouts for `Layout.AUTO`, so the tests fix a non-default one
+(the reversed axis order) for every leaf: the paths that a GPU's chosen layouts take then
+run here. A whole run in such layouts (placed, saved, killed, restored, evaluated) is in
+test_multihost.py, next to the run it must equal.
+"""
+
+import jax
+from jax.experimental.layout import Layout
+import numpy as np
+import pytest
+
+from ddep.training import compiled
+from ddep.training import layouts
+
+
+def reversed_axes(leaf):
+  """Every leaf fixed (XLA:CPU overrides fixed output layouts when AUTO ones are among
+  them), in the reverse of the default axis order."""
+  return Layout(major_to_minor=tuple(reversed(range(leaf.ndim))))
+
+
+@pytest.fixture
+def reversed_layouts(monkeypatch):
+  compiled.clear()  # No step compiled for the default layouts may be reused,
+  monkeypatch.setattr(layouts, 'preferred_layout', reversed_axes)
+  yield
+  compiled.clear()  # nor this one after.
+
+
+def _step(state, batch):
+  w, b, x = state['w'], state['b'], batch['x']
+  loss = jax.numpy.mean((x @ w + b) ** 2)
+  gw, gb = jax.grad(lambda w, b: jax.numpy.mean((x @ w + b) ** 2), argnums=(0, 1))(w, b)
+  return {'w': w - 0.1 * gw, 'b': b - 0.1 * gb}, loss
+
+
+def test_the_step_reads_and_writes_its_state_in_the_layouts_it_was_compiled_for(reversed_layouts):
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  rng = np.random.default_rng(0)
+  w, b = rng.normal(size=(3, 5)).astype(np.float32), np.zeros(5, np.float32)
+  batch = {'x': jax.device_put(rng.normal(size=(4, 3)).astype(np.float32), one)}
+  state = jax.device_put({'w': w, 'b': b}, one)
+  step = layouts.DonatingStep(_step, {'w': one, 'b': one}, one, one)
+
+  with pytest.raises(ValueError, match='layout'):  # Not placed: refused, not misread.
+    step(jax.device_put({'w': w, 'b': b}, one), batch)
+  state = step.place(state, batch)
+  assert state['w'].format.layout.major_to_minor == (1, 0)
+  assert step.place(state, batch) is state  # Already there: no copy.
+  expected = {'w': w, 'b': b}
+  for _ in range(3):
+    state, loss = step(state, batch)
+    expected, expected_loss = jax.jit(_step)(expected, batch)
+    assert state['w'].format.layout.major_to_minor == (1, 0)  # Stays, so no relayout.
+    np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state['w']), np.asarray(expected['w']), rtol=1e-6)
