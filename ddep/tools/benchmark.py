@@ -355,10 +355,12 @@ def _optimizer_flops(tx, state) -> float:
         optax.tree.norm(grads),
     )
 
-  # Counted on the host backend: a count of shapes, wherever the step itself runs.
+  # Counted in the lowered program, never compiled: the count of the compiled one is the
+  # same (15.00005 against 15.00007 FLOPs per parameter on the CPU), and compiling it
+  # took seconds per phase.
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   p = state['params']
-  return float(_cost(jax.jit(update).lower(p, state['opt'], p).compile()).get('flops', 0.0))
+  return float(_cost(jax.jit(update).lower(p, state['opt'], p)).get('flops', 0.0))
 
 
 @dataclasses.dataclass
