@@ -56,3 +56,15 @@ def test_the_step_reads_and_writes_its_state_in_the_layouts_it_was_compiled_for(
     assert state['w'].format.layout.major_to_minor == (1, 0)  # Stays, so no relayout.
     np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(state['w']), np.asarray(expected['w']), rtol=1e-6)
+
+
+def test_default_layouts_compile_the_state_row_major_and_a_typo_is_refused(reversed_layouts):
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = jax.device_put({'w': np.ones((3, 5), np.float32), 'b': np.zeros(5, np.float32)}, one)
+  batch = {'x': jax.device_put(np.ones((4, 3), np.float32), one)}
+  step = layouts.DonatingStep(_step, {'w': one, 'b': one}, one, one, layouts='default')
+  assert step.place(state, batch) is state  # preferred_layout is not asked.
+  state, _ = step(state, batch)
+  assert state['w'].format.layout.major_to_minor == (0, 1)
+  with pytest.raises(ValueError, match="layouts: 'tiled' is not one of"):
+    layouts.DonatingStep(_step, {'w': one, 'b': one}, one, one, layouts='tiled')

@@ -191,6 +191,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         ('eval.protocol', 'sliding', r"config\.eval\.protocol: unknown protocol 'sliding'"),
         ('optim.decay', 'exponential', r"config\.optim\.decay: unknown decay 'exponential'"),
         ('model.remat', ('encoder',), r"config\.model\.remat: unknown parts \['encoder'\]"),
+        ('mesh.state_layouts', 'tiled', r"config\.mesh\.state_layouts: 'tiled'; choose from"),
         ('data.dataset', 'cityscape', r"config\.data\.dataset: unknown dataset 'cityscape'"),
     ],
 )

@@ -125,6 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_async = True  # saves overlap training; tests may want them synchronous
   c.profile = False
 
-  # Devices: a 1-D 'data' mesh over all devices; FSDP shards params along it.
-  c.mesh = ml_collections.ConfigDict(dict(fsdp=False))
+  # Devices: a 1-D 'data' mesh over all devices; FSDP shards params along it. The train
+  # state's memory layouts: 'auto' (XLA's choice for the train step, ddep.training.layouts)
+  # or 'default' (row-major).
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=False, state_layouts='auto'))
   return c

@@ -8,6 +8,7 @@ from ddep.evaluators import inference
 from ddep.models import presets
 from ddep.models import transunet
 from ddep.models import vit
+from ddep.training import layouts
 from ddep.training import optimizer
 
 TASKS = ('denoise', 'segment', 'classify')
@@ -55,6 +56,8 @@ def validate(config: Any, *, num_devices: int = 1) -> None:
         'model.attention_impl',
         f'unknown {config.model.attention_impl!r}; choose from ' f'{vit.ATTENTION_IMPLS}',
     )
+  if config.mesh.state_layouts not in layouts.LAYOUTS:
+    _fail('mesh.state_layouts', f'{config.mesh.state_layouts!r}; choose from {layouts.LAYOUTS}')
   unknown = sorted(set(config.model.remat) - set(transunet.REMAT_PARTS))
   if unknown:
     _fail('model.remat', f'unknown parts {unknown}; choose from {transunet.REMAT_PARTS}')

@@ -205,6 +205,7 @@ def apply_config(args: types.SimpleNamespace, config, explicit: set[str]) -> lis
       dtype=m.dtype,
       remat=tuple(m.remat),
       attention_impl=m.attention_impl or '',
+      state_layouts=config.mesh.state_layouts,
       noise_conditioning=bool(m.noise_conditioning) and task == 'denoise',
       task=('ddep' if task == 'denoise' and frozen else task,),
       image_size=tuple(d.image_size),
@@ -505,7 +506,11 @@ def _train_program(
   optimizer_flops = _optimizer_flops(tx, state)
   # As ddep.training.trainer compiles it: the state donated, in the layouts XLA picks.
   step = layouts.DonatingStep(
-      train_step, state_shardings, sharding.batch_sharding(mesh), replicated
+      train_step,
+      state_shardings,
+      sharding.batch_sharding(mesh),
+      replicated,
+      layouts=args.state_layouts,
   )
   return step, (state, batch), optimizer_flops
 
@@ -832,6 +837,7 @@ def report_row(
       'dtype': args.dtype,
       'remat': list(args.remat),
       'attention_impl': args.attention_impl or None,
+      'state_layouts': args.state_layouts,
       'fused_attention': facts['fused_attention'],
       'noise_conditioning': program.noise_cond,
       'num_classes': args.num_classes if program.task in ('segment', 'classify') else None,
@@ -1200,6 +1206,7 @@ _FLAG_NAMES = (
     'dtype',
     'remat',
     'attention_impl',
+    'state_layouts',
     'decoder_width',
     'num_classes',
     'noise_conditioning',
@@ -1265,6 +1272,13 @@ def define_flags(
       '',
       ['', 'auto', 'xla', 'cudnn'],
       "'' or auto: cuDNN flash attention on GPUs in bf16, else XLA.",
+      **fv,
+  )
+  flags.DEFINE_enum(
+      'state_layouts',
+      'auto',
+      ['auto', 'default'],
+      "The train state's memory layouts: XLA's choice (as the trainer) or row-major.",
       **fv,
   )
   flags.DEFINE_integer('decoder_width', 1, '1x, 2x or 3x decoder.', **fv)

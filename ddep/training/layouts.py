@@ -19,6 +19,10 @@ import jax
 from jax.experimental.layout import Format
 from jax.experimental.layout import Layout
 
+# 'auto': the layouts XLA picks; 'default': row-major, as every array outside the step (a
+# way back, should a platform mishandle the chosen ones, and the benchmark's baseline).
+LAYOUTS = ('auto', 'default')
+
 
 def preferred_layout(leaf: jax.ShapeDtypeStruct) -> Any:
   """What the step is compiled with for one state leaf: XLA's choice. (Tests put a
@@ -46,8 +50,13 @@ class DonatingStep:
   returns the state in the layouts that program reads and writes.
   """
 
-  def __init__(self, fn: Callable, state_shardings, batch_sharding, out_sharding):
+  def __init__(
+      self, fn: Callable, state_shardings, batch_sharding, out_sharding, *, layouts: str = 'auto'
+  ):
+    if layouts not in LAYOUTS:
+      raise ValueError(f'layouts: {layouts!r} is not one of {LAYOUTS}')
     self._fn = fn
+    self._auto = layouts == 'auto'
     self._state_shardings = state_shardings
     self._batch_sharding = batch_sharding
     self._out_sharding = out_sharding
@@ -56,9 +65,11 @@ class DonatingStep:
   def lower(self, state, batch) -> jax.stages.Lowered:
     """The step lowered for `state`'s shapes (arrays or ShapeDtypeStructs) and `batch`."""
     abstract = _abstract(state, self._state_shardings)
-    formats = jax.tree.map(
-        lambda x, s: Format(preferred_layout(x), s), abstract, self._state_shardings
-    )
+    formats = self._state_shardings
+    if self._auto:
+      formats = jax.tree.map(
+          lambda x, s: Format(preferred_layout(x), s), abstract, self._state_shardings
+      )
     jitted = jax.jit(
         self._fn,
         in_shardings=(formats, self._batch_sharding),

@@ -415,6 +415,7 @@ def compile_train_step(config, task: tasks.Task, model, tx, schedule, shardings,
           shardings,
           sharding.batch_sharding(mesh),
           sharding.replicated(mesh),
+          layouts=config.mesh.state_layouts,
       ),
   )
 
