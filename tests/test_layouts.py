@@ -68,3 +68,33 @@ def test_default_layouts_compile_the_state_row_major_and_a_typo_is_refused(rever
   assert state['w'].format.layout.major_to_minor == (0, 1)
   with pytest.raises(ValueError, match="layouts: 'tiled' is not one of"):
     layouts.DonatingStep(_step, {'w': one, 'b': one}, one, one, layouts='tiled')
+
+
+def test_a_state_returned_in_other_layouts_than_donated_is_compiled_again_to_match(
+    reversed_layouts, monkeypatch
+):
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = jax.device_put({'w': np.ones((3, 5), np.float32), 'b': np.zeros(5, np.float32)}, one)
+  batch = {'x': jax.device_put(np.ones((4, 3), np.float32), one)}
+  step = layouts.DonatingStep(_step, {'w': one, 'b': one}, one, one)
+  reversed_exe = step.lower(state, batch).compile()
+  row_major = layouts.DonatingStep(_step, {'w': one, 'b': one}, one, one, layouts='default')
+  default_out = row_major.lower(state, batch).compile().output_formats
+
+  class Mismatched:  # What XLA would hand back had it laid the returned state out apart.
+    input_formats, output_formats = reversed_exe.input_formats, default_out
+
+    def compile(self):
+      return self
+
+  lower = layouts.DonatingStep.lower
+
+  def first_lowering_mismatched(self, state, batch, formats=None):
+    return lower(self, state, batch, formats=formats) if formats else Mismatched()
+
+  monkeypatch.setattr(layouts.DonatingStep, 'lower', first_lowering_mismatched)
+  executable, formats = step.compile(state, batch)
+  assert formats['w'].layout.major_to_minor == (1, 0)
+  assert executable.output_formats[0]['w'].layout.major_to_minor == (1, 0)  # Recompiled.
+  state, _ = step(step.place(state, batch), batch)
+  assert state['w'].format.layout.major_to_minor == (1, 0)

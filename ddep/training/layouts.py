@@ -62,14 +62,16 @@ class DonatingStep:
     self._out_sharding = out_sharding
     self._compiled = {}  # batch signature -> (executable, the state's formats)
 
-  def lower(self, state, batch) -> jax.stages.Lowered:
-    """The step lowered for `state`'s shapes (arrays or ShapeDtypeStructs) and `batch`."""
+  def lower(self, state, batch, *, formats=None) -> jax.stages.Lowered:
+    """The step lowered for `state`'s shapes (arrays or ShapeDtypeStructs) and `batch`,
+    its state in and out in `formats` (by default as the constructor's `layouts` say)."""
     abstract = _abstract(state, self._state_shardings)
-    formats = self._state_shardings
-    if self._auto:
-      formats = jax.tree.map(
-          lambda x, s: Format(preferred_layout(x), s), abstract, self._state_shardings
-      )
+    if formats is None:
+      formats = self._state_shardings
+      if self._auto:
+        formats = jax.tree.map(
+            lambda x, s: Format(preferred_layout(x), s), abstract, self._state_shardings
+        )
     jitted = jax.jit(
         self._fn,
         in_shardings=(formats, self._batch_sharding),
@@ -87,10 +89,11 @@ class DonatingStep:
     if key not in self._compiled:
       executable = (lowered or self.lower(state, batch)).compile()
       formats = executable.input_formats[0][0]
-      out_formats = executable.output_formats[0]
-      if jax.tree.map(lambda f: f.layout, formats) != jax.tree.map(lambda f: f.layout, out_formats):
-        # A donated leaf that came back in another layout would need a relayout per step.
-        raise AssertionError('the compiled step returns its state in other layouts')
+      layouts_of = lambda tree: [f.layout for f in jax.tree.leaves(tree)]  # noqa: E731
+      if layouts_of(formats) != layouts_of(executable.output_formats[0]):
+        # XLA chose the returned state's layouts apart from the donated one's: each step
+        # would have to move its state back. Compiled again with the input's for both.
+        executable = self.lower(state, batch, formats=formats).compile()
       self._compiled[key] = executable, formats
     return self._compiled[key]
 
