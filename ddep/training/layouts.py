@@ -15,6 +15,7 @@ and every other jitted function read such an array as they would any other.
 
 from typing import Any, Callable
 
+from absl import logging
 import jax
 from jax.experimental.layout import Format
 from jax.experimental.layout import Layout
@@ -101,8 +102,10 @@ class DonatingStep:
     """`state` in the layouts the step compiled for `batch` reads (itself when it is)."""
     _, formats = self.compile(state, batch)
     leaves, want = jax.tree.leaves(state), jax.tree.leaves(formats)
-    if all(x.format.layout == f.layout for x, f in zip(leaves, want)):
+    moved = sum(x.format.layout != f.layout for x, f in zip(leaves, want))
+    if not moved:
       return state
+    logging.info("moving %d of the %d state arrays into the step's layouts", moved, len(leaves))
     # A jitted identity rather than device_put: it relayouts global arrays of any number
     # of processes, and donating frees the old copies as it goes.
     return jax.jit(
