@@ -480,8 +480,8 @@ def _train_program(
 ):
   """(jitted train step, its arguments, XLA's FLOPs of the optimizer update alone)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddep.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from ddep.training import layouts  # pylint: disable=g-import-not-at-top
+  from ddep.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from ddep.training import sharding  # pylint: disable=g-import-not-at-top
   from ddep.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from ddep.training import tasks  # pylint: disable=g-import-not-at-top
