@@ -20,6 +20,8 @@ import jax
 from jax.experimental.layout import Format
 from jax.experimental.layout import Layout
 
+from ddep.training import sharding
+
 # 'auto': the layouts XLA picks; 'default': row-major, as every array outside the step (a
 # way back, should a platform mishandle the chosen ones, and the benchmark's baseline).
 LAYOUTS = ('auto', 'default')
@@ -30,12 +32,6 @@ def preferred_layout(leaf: jax.ShapeDtypeStruct) -> Any:
   fixed non-default layout here to run the rest of the trainer on one.)"""
   del leaf
   return Layout.AUTO
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-  )
 
 
 def _signature(batch) -> tuple:
@@ -66,7 +62,7 @@ class DonatingStep:
   def lower(self, state, batch, *, formats=None) -> jax.stages.Lowered:
     """The step lowered for `state`'s shapes (arrays or ShapeDtypeStructs) and `batch`,
     its state in and out in `formats` (by default as the constructor's `layouts` say)."""
-    abstract = _abstract(state, self._state_shardings)
+    abstract = sharding.abstract(state, self._state_shardings)
     if formats is None:
       formats = self._state_shardings
       if self._auto:

@@ -70,6 +70,13 @@ def state_shardings(abstract_state, mesh: Mesh, *, fsdp: bool):
   return jax.tree.map(one, abstract_state)
 
 
+def abstract(tree, shardings):
+  """`tree`'s shapes and dtypes (of arrays or ShapeDtypeStructs) with `shardings`."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Assembles global arrays, sharded over 'data', from this process's local batch."""
   sharding = batch_sharding(mesh)

@@ -377,10 +377,7 @@ def restore(ckpt, state, shardings, train_iter) -> tuple[dict, int]:
   latest = ckpt.latest_step()
   if latest is None:
     return state, 0
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-  )
-  state, data_state = ckpt.restore(latest, abstract)
+  state, data_state = ckpt.restore(latest, sharding.abstract(state, shardings))
   step = int(_fetch(state['step']))
   where = ckpt.directory / str(latest) / 'data'
   if data_state is None:
