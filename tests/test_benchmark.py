@@ -281,6 +281,7 @@ def test_config_run_times_its_steps_and_input_pipeline(tmp_path):
   step, data = rows['denoise'], rows['input']
   assert step['config'].startswith('configs/pretrain_cityscapes.py')
   assert step['preset'] == 'tiny' and step['global_batch'] == 4 and step['frozen'] == []
+  assert step['state_layouts'] == 'auto'  # config.mesh.state_layouts, as the trainer's.
   assert step['config_overrides'] == data['config_overrides'] == {'data.batch_size': 4}
   assert step['loss_finite'] and 1.0 < step['xla_over_analytic'] < 1.15
   assert data['dataset'] == 'demo_tiny' and data['per_host_batch'] == 4
@@ -461,6 +462,8 @@ def tool_run(blocked_env, tmp_path_factory):
       '--num_classes',
       '5',
       '--eval_flip',
+      '--state_layouts',
+      'default',
       '--no_isolate',
   ]
   proc = subprocess.run(
@@ -476,6 +479,7 @@ def test_every_row_of_the_tool_run_is_complete_and_its_flops_agree(tool_run):
   assert list(rows) == ['denoise', 'ddep', 'segment', 'classify', 'eval']
   for r in rows.values():
     assert r['device_kind'] and r['platform'] == 'cpu'
+    assert r['state_layouts'] == 'default'  # The flag, not the config's or the default.
     assert r['step_time_s'] > 0 and len(r['trial_step_times_s']) == 2
     assert r['images_per_s'] == pytest.approx(r['global_batch'] / r['step_time_s'])
     assert r['xla_flops'] > 0 and r['analytic_flops'] > 0
