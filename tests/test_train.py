@@ -318,7 +318,7 @@ class _SigtermAt(Batches):
     return super().__next__()
 
 
-def test_sigterm_on_one_process_saves_that_step_and_a_rerun_resumes_exactly(tmp_path):
+def test_sigterm_on_one_process_saves_that_step_and_a_rerun_resumes_exactly(tmp_path, monkeypatch):
   config = _config(total_steps=5, checkpoint_every=4)
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'), train_iter=Batches())
   workdir = str(tmp_path / 'preempted')
@@ -328,7 +328,13 @@ def test_sigterm_on_one_process_saves_that_step_and_a_rerun_resumes_exactly(tmp_
   assert sorted(
       int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()
   ) == [3]
+  # The rerun takes its whole state from the checkpoint: no fresh state is made, so no
+  # initialisation and no read of init_from/init_encoder_from (initial_params).
+  fresh = []
+  for module, name in ((train, 'create_train_state'), (initialization, 'initial_params')):
+    monkeypatch.setattr(module, name, lambda *a, name=name, **k: fresh.append(name))
   resumed = train.train_and_evaluate(config, workdir, train_iter=Batches())
+  assert fresh == []
   a, b = _flat(straight.params), _flat(resumed.params)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -9,6 +9,7 @@ What differs between denoise, segment and classify runs lives in `ddep.training.
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -148,7 +149,7 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
   schedule, tx = create_optimizer(config, total_steps)
   # Another run of this process with an equal key reuses its compiled steps.
   steps_key = (task.name, model, compiled.config_key(config), total_steps, mesh)
-  state, shardings, counts = create_train_state(config, task, model, tx, mesh, key=steps_key)
+  abstract, shardings, counts = abstract_train_state(config, task, model, tx, mesh, key=steps_key)
   logging.info(
       'params: %d trainable, %d frozen; %d steps of global batch %d (%d examples)',
       *counts,
@@ -163,7 +164,11 @@ def _train_and_evaluate(config, task, spec, workdir, train_iter) -> TrainResult:
       async_save=bool(config.get('checkpoint_async', True)),
       best_metric=task.best_metric,
   )
-  state, start_step = restore(ckpt, state, shardings, train_iter)
+  # A resumed run takes its whole state from the checkpoint: it neither initialises nor
+  # reads init_from (on a pod restarted after preemption, a compile and a read saved).
+  state, start_step = restore(ckpt, abstract, shardings, train_iter)
+  if state is None:
+    state = create_train_state(config, task, model, tx, abstract, shardings, key=steps_key)
   if start_step > total_steps:
     raise ResumeError(
         f'{ckpt.directory} holds step {start_step}, past config.total_steps={total_steps} '
@@ -335,8 +340,37 @@ def _tree_key(tree):
   return treedef, tuple(leaves)
 
 
-def create_train_state(config, task: tasks.Task, model, tx, mesh, *, key=None):
-  """(state, its shardings, (trainable, frozen) parameter counts) at step 0.
+def _init_params_fn(config, task: tasks.Task, model, key):
+  image_hw = tuple(config.data.image_size)
+  return _memo(
+      key and ('init', task.name, model, image_hw),
+      lambda: jax.jit(lambda k: task.init_params(model, k, image_hw)),
+  )
+
+
+def _split(config, params):
+  return optimizer_lib.split_trainable(
+      params, optimizer_lib.trainable_mask(params, tuple(config.frozen))
+  )
+
+
+def abstract_train_state(config, task: tasks.Task, model, tx, mesh, *, key=None):
+  """(the state's shapes and dtypes, their shardings, (trainable, frozen) parameter
+  counts), traced but not computed: what a checkpoint is restored into, or a fresh state
+  is made like (create_train_state, whose init reuses this trace)."""
+  params = jax.eval_shape(_init_params_fn(config, task, model, key), jax.random.key(0))
+  trainable, frozen = _split(config, params)
+  rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  abstract = jax.eval_shape(
+      functools.partial(steps_lib.init_train_state, tx), trainable, frozen, rng
+  )
+  shardings = sharding.state_shardings(abstract, mesh, fsdp=bool(config.mesh.fsdp))
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+  return abstract, shardings, (count(trainable), count(frozen))
+
+
+def create_train_state(config, task: tasks.Task, model, tx, abstract, shardings, *, key=None):
+  """A fresh state at step 0, like `abstract` and placed with `shardings`.
 
   Parameters are initialised, then replaced by pretrained or `init_from` ones
   (ddep.models.initialization), split into trainable and frozen by `config.frozen`, and
@@ -344,40 +378,30 @@ def create_train_state(config, task: tasks.Task, model, tx, mesh, *, key=None):
   (see ddep.training.compiled) lets runs of one process share the compiled init.
   """
   init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
-  image_hw = tuple(config.data.image_size)
-  init = _memo(
-      key and ('init', task.name, model, image_hw),
-      lambda: jax.jit(lambda k: task.init_params(model, k, image_hw)),
-  )
-  params = init(init_rng)
+  params = _init_params_fn(config, task, model, key)(init_rng)
   params = initialization.initial_params(config, jax.device_get(params))
-  mask = optimizer_lib.trainable_mask(params, tuple(config.frozen))
-  trainable, frozen = optimizer_lib.split_trainable(params, mask)
-  make_state = lambda *a: steps_lib.init_train_state(tx, *a)  # noqa: E731
-  # Raw uint32 key data: checkpointable as a plain array.
-  train_rng = np.asarray(jax.random.key_data(train_rng))
-  abstract = jax.eval_shape(make_state, trainable, frozen, train_rng)
-  shardings = sharding.state_shardings(abstract, mesh, fsdp=bool(config.mesh.fsdp))
+  trainable, frozen = _split(config, params)
+  make_state = functools.partial(steps_lib.init_train_state, tx)
   place = _memo(
       key and ('state', key, _tree_key(shardings), _tree_key(abstract)),
       lambda: jax.jit(make_state, out_shardings=shardings),
   )
-  state = place(
+  # Raw uint32 key data: checkpointable as a plain array.
+  train_rng = np.asarray(jax.random.key_data(train_rng))
+  return place(
       _to_global(trainable, shardings['params']),
       _to_global(frozen, shardings['frozen']),
       _to_global(train_rng, shardings['rng']),
   )
-  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
-  return state, shardings, (count(trainable), count(frozen))
 
 
-def restore(ckpt, state, shardings, train_iter) -> tuple[dict, int]:
+def restore(ckpt, abstract, shardings, train_iter) -> tuple[Optional[dict], int]:
   """(state, step) from the latest checkpoint with the input position it saved, or
-  (state, 0) when there is none."""
+  (None, 0) when there is none."""
   latest = ckpt.latest_step()
   if latest is None:
-    return state, 0
-  state, data_state = ckpt.restore(latest, sharding.abstract(state, shardings))
+    return None, 0
+  state, data_state = ckpt.restore(latest, sharding.abstract(abstract, shardings))
   step = int(_fetch(state['step']))
   where = ckpt.directory / str(latest) / 'data'
   if data_state is None:
