@@ -16,6 +16,7 @@ from ddep.data import eval_data
 from ddep.data import examples
 from ddep.data import pipelines
 from ddep.data import preparation
+from ddep.data import preprocess
 from ddep.data import stream
 from ddep.data import subsets
 from ddep.datasets import specs
@@ -564,7 +565,7 @@ def test_decoding_only_the_crop_window_gives_the_crop(encode):
   # 45 x 61: neither side a multiple of the 16 px JPEG MCU, so partial blocks at the edges occur.
   encoded = encode(_scene(45, 61))
   full = examples._decode_image(encoded)
-  window = pipelines._inception_window((0.05, 1.0))
+  window = preprocess.inception_window((0.05, 1.0))
   sizes = set()
   for s in range(6):
     seed = tf.constant([s, 0], tf.int64)

@@ -287,28 +287,6 @@ def _train_iterator(
 
 # Inception-style crop + left-right flip, scaled to [-1, 1] (Sec. 5.1): the
 # augmentation of both encoder pretraining pipelines, denoising and supervised.
-# In two parts, so that the decoder decodes only the crop's window.
-
-
-def _inception_window(area_range):
-  """window(image_shape, seed): the crop, drawn from the first of the seed's two parts."""
-
-  def window(image_shape, seed):
-    s_crop, _ = pp.split_seed(seed, 2)
-    return pp.inception_crop_window(image_shape, s_crop, area_range=area_range)
-
-  return window
-
-
-def _inception_augment(crop, seed, out_hw):
-  """The decoded window flipped by the seed's second part, then resized to `out_hw`."""
-  _, s_flip = pp.split_seed(seed, 2)
-  # Flipping commutes with the (mirror-symmetric) resize: flip the uint8 crop, 1 byte per
-  # value and on average smaller than the float32 output.
-  image = pp.resize_crop(pp.random_flip(crop, s_flip), out_hw)
-  return tf.clip_by_value(pp.scale_to_minus1_1(image), -1.0, 1.0)
-
-
 def pretrain_dataset(
     spec: specs.DatasetSpec,
     *,
@@ -342,7 +320,7 @@ def pretrain_dataset(
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    return {'image': _inception_augment(ex['image'], seed, out_hw)}
+    return {'image': pp.inception_augment(ex['image'], seed, out_hw)}
 
   return _train_iterator(
       'pretrain',
@@ -360,7 +338,7 @@ def pretrain_dataset(
       skip_bad_examples=skip_bad_examples,
       in_memory=in_memory,
       shuffle_chunk=shuffle_chunk,
-      window=_inception_window(area_range),
+      window=pp.inception_window(area_range),
       extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
   )
 
@@ -478,7 +456,7 @@ def supervised_dataset(
   out_hw = tuple(int(s) for s in image_size)
 
   def transform(ex, seed):
-    return {'image': _inception_augment(ex['image'], seed, out_hw), 'labels': ex['labels']}
+    return {'image': pp.inception_augment(ex['image'], seed, out_hw), 'labels': ex['labels']}
 
   return _train_iterator(
       'supervised',
@@ -496,6 +474,6 @@ def supervised_dataset(
       skip_bad_examples=skip_bad_examples,
       in_memory=in_memory,
       shuffle_chunk=shuffle_chunk,
-      window=_inception_window(area_range),
+      window=pp.inception_window(area_range),
       extra_config=dict(image_size=list(out_hw), area_range=list(area_range)),
   )

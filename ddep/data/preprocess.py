@@ -112,6 +112,29 @@ def inception_crop(
   return resize_crop(tf.slice(image, begin, size), out_hw, method)
 
 
+def inception_window(area_range):
+  """window(image_shape, seed): the crop, drawn from the first of the seed's two parts.
+
+  The inception crop in two parts (inception_augment is the second), so that the
+  decoder decodes only the crop's window.
+  """
+
+  def window(image_shape, seed):
+    s_crop, _ = split_seed(seed, 2)
+    return inception_crop_window(image_shape, s_crop, area_range=area_range)
+
+  return window
+
+
+def inception_augment(crop, seed, out_hw):
+  """The decoded window flipped by the seed's second part, then resized to `out_hw`."""
+  _, s_flip = split_seed(seed, 2)
+  # Flipping commutes with the (mirror-symmetric) resize: flip the uint8 crop, 1 byte per
+  # value and on average smaller than the float32 output.
+  image = resize_crop(random_flip(crop, s_flip), out_hw)
+  return tf.clip_by_value(scale_to_minus1_1(image), -1.0, 1.0)
+
+
 def _resize_hw(image, hw, method):
   out = tf.image.resize(image, hw, method=method, antialias=method not in ('nearest',))
   return out if method == 'nearest' else tf.cast(out, tf.float32)
